@@ -1,0 +1,39 @@
+"""prism-jax: PRISM distributed Transformer inference (arXiv 2507.12145) in JAX/Flax.
+
+Public API (DESIGN.md section 2)::
+
+    import prism_jax as pj
+    model = pj.load_pretrained(path)
+    mesh = pj.edge_mesh(4)
+    out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
+"""
+
+from prism_jax.configs import (
+    PRESETS,
+    BertConfig,
+    GPT2Config,
+    ModelConfig,
+    Plan,
+    ViTConfig,
+)
+from prism_jax.errors import PrismError
+from prism_jax.exchange import segment_means
+from prism_jax.hf import load_pretrained
+from prism_jax.models import Model, init
+from prism_jax.partition import edge_mesh, infer
+
+__all__ = [
+    "PRESETS",
+    "BertConfig",
+    "GPT2Config",
+    "Model",
+    "ModelConfig",
+    "Plan",
+    "PrismError",
+    "ViTConfig",
+    "edge_mesh",
+    "infer",
+    "init",
+    "load_pretrained",
+    "segment_means",
+]

@@ -1,0 +1,371 @@
+"""Typed, frozen configs: one per architecture family, the execution `Plan`, and presets.
+
+Shape vocabulary used across the package (einsum strings and `# [B, L, D]` comments):
+B batch, T tokens (padded to N*L), N devices, L local tokens, S segments per device,
+D width, H heads, K head dim (D/H), F MLP width, V vocabulary, C classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from prism_jax.errors import PrismError
+
+STRATEGIES = ("single", "voltage", "prism")
+LOGIT_BIASES = ("log_count", "none")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
+HEADS = ("base", "classifier", "lm")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """How one inference is spread over the edge devices (DESIGN.md section 1).
+
+    Attributes:
+      strategy: `single` (one device, the reference), `voltage` (full attention inputs
+        exchanged) or `prism` (segment means exchanged).
+      cr: compression rate, the segment length in tokens (prism only).
+      logit_bias: `log_count` adds log(c) to a remote mean's logit, `none` adds nothing.
+    """
+
+    strategy: str = "prism"
+    cr: int = 1
+    logit_bias: str = "log_count"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise PrismError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if not isinstance(self.cr, int) or isinstance(self.cr, bool) or self.cr < 1:
+            raise PrismError(f"compression rate must be an integer >= 1, got {self.cr!r}")
+        if self.logit_bias not in LOGIT_BIASES:
+            raise PrismError(
+                f"unknown logit_bias {self.logit_bias!r}; choose one of {LOGIT_BIASES}"
+            )
+
+    def segments(self, local_len: int) -> int:
+        """S = ceil(L / CR), the number of segment means one device sends per layer."""
+        return math.ceil(local_len / self.cr)
+
+
+# HF config keys that carry no meaning for inference (training knobs, bookkeeping, generation).
+_GENERIC_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "return_dict",
+        "output_attentions",
+        "output_hidden_states",
+        "use_cache",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "initializer_range",
+        "initializer_factor",
+        "gradient_checkpointing",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "tie_word_embeddings",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "finetuning_task",
+        "classifier_dropout",
+        "attention_probs_dropout_prob",
+        "hidden_dropout_prob",
+        "attn_pdrop",
+        "embd_pdrop",
+        "resid_pdrop",
+        "summary_activation",
+        "summary_first_dropout",
+        "summary_proj_to_labels",
+        "summary_type",
+        "summary_use_proj",
+        "n_ctx",
+        "encoder_stride",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "use_return_dict",
+        "torchscript",
+        "pruned_heads",
+        "output_scores",
+        "return_dict_in_generate",
+        "decoder_start_token_id",
+        "max_length",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every family shares; `layers.Block` reads only these."""
+
+    family: ClassVar[str]
+    norm_first: ClassVar[bool]
+    causal: ClassVar[bool]
+
+    width: int  # D
+    depth: int
+    heads: int  # H
+    mlp_width: int  # F
+    act: str
+    ln_eps: float
+    max_positions: int
+    head: str = "base"  # base | classifier | lm
+    num_labels: int = 0  # C
+    pooler: bool = False
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise PrismError(f"hidden size {self.width} is not divisible by {self.heads} heads")
+        if self.act not in ACTIVATIONS:
+            raise PrismError(f"unsupported activation {self.act!r}; supported: {ACTIVATIONS}")
+        if self.head not in HEADS:
+            raise PrismError(f"unknown head {self.head!r}")
+        if self.head == "classifier" and self.num_labels < 1:
+            raise PrismError("a classifier head needs num_labels >= 1")
+
+
+def _check_keys(hf: dict, consumed: set[str], rules: dict[str, Any]) -> None:
+    """Reject HF config fields this code does not implement, naming them."""
+    unknown = sorted(set(hf) - consumed - set(rules) - _GENERIC_KEYS)
+    if unknown:
+        raise PrismError(f"unsupported config fields for {hf.get('model_type')}: {unknown}")
+    bad = [f"{k}={hf[k]!r}" for k, ok in rules.items() if k in hf and not ok(hf[k])]
+    if bad:
+        raise PrismError(f"unsupported config values for {hf.get('model_type')}: {bad}")
+
+
+def _num_labels(hf: dict) -> int:
+    return len(hf["id2label"]) if "id2label" in hf else int(hf.get("num_labels", 2))
+
+
+_NOT_SET = (None, False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig(ModelConfig):
+    """BERT: post-LN encoder, word + position + token-type embeddings."""
+
+    family: ClassVar[str] = "bert"
+    norm_first: ClassVar[bool] = False
+    causal: ClassVar[bool] = False
+    vocab_size: int
+    type_vocab_size: int = 2
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, *, head: str, pooler: bool) -> BertConfig:
+        keys = {
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "max_position_embeddings",
+            "type_vocab_size",
+        }
+        _check_keys(
+            hf,
+            keys,
+            {
+                "position_embedding_type": lambda v: v == "absolute",
+                "is_decoder": lambda v: v in _NOT_SET,
+                "add_cross_attention": lambda v: v in _NOT_SET,
+            },
+        )
+        return cls(
+            vocab_size=hf["vocab_size"],
+            width=hf["hidden_size"],
+            depth=hf["num_hidden_layers"],
+            heads=hf["num_attention_heads"],
+            mlp_width=hf["intermediate_size"],
+            act=hf.get("hidden_act", "gelu"),
+            ln_eps=hf.get("layer_norm_eps", 1e-12),
+            max_positions=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            head=head,
+            pooler=pooler,
+            num_labels=_num_labels(hf) if head == "classifier" else 0,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPT2Config(ModelConfig):
+    """GPT-2: pre-LN causal decoder with a final LayerNorm and a tied LM head."""
+
+    family: ClassVar[str] = "gpt2"
+    norm_first: ClassVar[bool] = True
+    causal: ClassVar[bool] = True
+    vocab_size: int
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, *, head: str, pooler: bool = False) -> GPT2Config:
+        keys = {
+            "vocab_size",
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "n_inner",
+            "activation_function",
+            "layer_norm_epsilon",
+            "n_positions",
+            "reorder_and_upcast_attn",
+        }
+        _check_keys(
+            hf,
+            keys,
+            {
+                "scale_attn_by_inverse_layer_idx": lambda v: v in _NOT_SET,
+                "scale_attn_weights": lambda v: v is True,
+                "add_cross_attention": lambda v: v in _NOT_SET,
+            },
+        )
+        width = hf.get("n_embd", 768)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            width=width,
+            depth=hf.get("n_layer", 12),
+            heads=hf.get("n_head", 12),
+            mlp_width=hf.get("n_inner") or 4 * width,
+            act=hf.get("activation_function", "gelu_new"),
+            ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+            max_positions=hf.get("n_positions", 1024),
+            head=head,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTConfig(ModelConfig):
+    """ViT: patch embedding + CLS token, pre-LN encoder, final LayerNorm."""
+
+    family: ClassVar[str] = "vit"
+    norm_first: ClassVar[bool] = True
+    causal: ClassVar[bool] = False
+    image_size: int
+    patch_size: int
+    channels: int = 3
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, *, head: str, pooler: bool) -> ViTConfig:
+        keys = {
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "layer_norm_eps",
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "qkv_bias",
+        }
+        _check_keys(
+            hf,
+            keys,
+            {
+                "pooler_act": lambda v: v == "tanh",
+                "pooler_output_size": lambda v: v in (None, hf.get("hidden_size")),
+            },
+        )
+        image, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
+        if image % patch:
+            raise PrismError(f"image_size {image} is not a multiple of patch_size {patch}")
+        return cls(
+            width=hf.get("hidden_size", 768),
+            depth=hf.get("num_hidden_layers", 12),
+            heads=hf.get("num_attention_heads", 12),
+            mlp_width=hf.get("intermediate_size", 3072),
+            act=hf.get("hidden_act", "gelu"),
+            ln_eps=hf.get("layer_norm_eps", 1e-12),
+            max_positions=(image // patch) ** 2 + 1,
+            image_size=image,
+            patch_size=patch,
+            channels=hf.get("num_channels", 3),
+            qkv_bias=hf.get("qkv_bias", True),
+            head=head,
+            pooler=pooler,
+            num_labels=_num_labels(hf) if head == "classifier" else 0,
+        )
+
+
+# HF architecture name -> (config class, head, pooler: True / False / None = "if weights exist").
+ARCHITECTURES: dict[str, tuple[type[ModelConfig], str, bool | None]] = {
+    "BertModel": (BertConfig, "base", None),
+    "BertForSequenceClassification": (BertConfig, "classifier", True),
+    "GPT2Model": (GPT2Config, "base", False),
+    "GPT2LMHeadModel": (GPT2Config, "lm", False),
+    "ViTModel": (ViTConfig, "base", None),
+    "ViTForImageClassification": (ViTConfig, "classifier", False),
+}
+_BASE_BY_MODEL_TYPE = {"bert": "BertModel", "gpt2": "GPT2Model", "vit": "ViTModel"}
+
+
+def resolve_architecture(hf: dict) -> tuple[type[ModelConfig], str, bool | None]:
+    """The config class, head and pooler rule named by `architectures` / `model_type`."""
+    names = hf.get("architectures") or [_BASE_BY_MODEL_TYPE.get(hf.get("model_type"), "")]
+    if len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise PrismError(
+            f"unknown architecture {names or hf.get('model_type')!r}; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[names[0]]
+
+
+def _preset(cls, **kw):
+    return lambda head="base": cls(head=head, **kw)
+
+
+# Random-weight presets at the paper's sizes (DESIGN.md section 3; the cost issue).
+PRESETS = {
+    "bert-base": _preset(
+        BertConfig,
+        vocab_size=30522,
+        width=768,
+        depth=12,
+        heads=12,
+        mlp_width=3072,
+        act="gelu",
+        ln_eps=1e-12,
+        max_positions=512,
+    ),
+    "gpt2": _preset(
+        GPT2Config,
+        vocab_size=50257,
+        width=768,
+        depth=12,
+        heads=12,
+        mlp_width=3072,
+        act="gelu_new",
+        ln_eps=1e-5,
+        max_positions=1024,
+    ),
+    "vit-base-patch16-224": _preset(
+        ViTConfig,
+        width=768,
+        depth=12,
+        heads=12,
+        mlp_width=3072,
+        act="gelu",
+        ln_eps=1e-12,
+        max_positions=197,
+        image_size=224,
+        patch_size=16,
+    ),
+}

@@ -1,0 +1,58 @@
+"""The three model families and the `Model` handle that the rest of the package passes around."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from prism_jax.configs import ModelConfig
+from prism_jax.models import bert, gpt2, vit
+
+FAMILIES = {
+    "bert": (bert.Bert, bert.prepare),
+    "gpt2": (gpt2.GPT2, gpt2.prepare),
+    "vit": (vit.ViT, vit.prepare),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A model split for the functional core: static graph, explicit params, preprocessors.
+
+    Attributes:
+      config: the family config.
+      graphdef: the NNX graph (static; hashable, so compiled programs are cached on it).
+      params: the NNX state, passed explicitly into every compiled call.
+      tokenizer: a `preprocess.Tokenizer` when the checkpoint has one.
+      image_processor: a `preprocess.ImageProcessor` when the checkpoint has one.
+    """
+
+    config: ModelConfig
+    graphdef: Any
+    params: Any
+    tokenizer: Any = None
+    image_processor: Any = None
+    placed: dict = dataclasses.field(default_factory=dict, repr=False)  # mesh -> params
+
+    def prepare(self, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """HF batch -> (model inputs with the token axis second, validity `[B, T]`)."""
+        return FAMILIES[self.config.family][1](self.config, batch)
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def abstract(cfg: ModelConfig) -> Model:
+    """The model's graph and parameter shapes, with no parameter memory allocated."""
+    cls = FAMILIES[cfg.family][0]
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+    return Model(cfg, graphdef, state)
+
+
+def init(cfg: ModelConfig, *, seed: int = 0) -> Model:
+    """A model with random weights (the presets, tests, training from scratch)."""
+    graphdef, state = nnx.split(FAMILIES[cfg.family][0](cfg, rngs=nnx.Rngs(seed)))
+    return Model(cfg, graphdef, state)

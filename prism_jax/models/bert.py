@@ -1,0 +1,54 @@
+"""BERT (HF `BertModel`, `BertForSequenceClassification`): embeddings and heads."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prism_jax.configs import BertConfig
+from prism_jax.errors import PrismError
+from prism_jax.exchange import Exchange
+from prism_jax.layers import Encoder, embed_lookup, layer_norm
+from prism_jax.models.batch import token_batch
+
+
+class Bert(nnx.Module):
+    """Word + position + token-type embeddings, post-LN encoder, pooler, classifier."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        d = cfg.width
+        self.word = nnx.Embed(cfg.vocab_size, d, rngs=rngs)
+        self.pos = nnx.Embed(cfg.max_positions, d, rngs=rngs)
+        self.type = nnx.Embed(cfg.type_vocab_size, d, rngs=rngs)
+        self.ln_embed = layer_norm(d, cfg.ln_eps, rngs)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.pooler = nnx.Linear(d, d, rngs=rngs) if cfg.pooler else None
+        self.head = nnx.Linear(d, cfg.num_labels, rngs=rngs) if cfg.head == "classifier" else None
+
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+        """Local tokens in, `(per-token outputs, outputs read from the CLS row)` out."""
+        x = (
+            embed_lookup(self.word, inputs["input_ids"])
+            + embed_lookup(self.pos, ex.positions())[None]
+            + embed_lookup(self.type, inputs["token_type_ids"])
+        )  # [B, L, D]
+        x = self.encoder(self.ln_embed(x), ex)
+        cls = {}
+        if self.pooler is not None:
+            cls["pooler_output"] = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
+        if self.head is not None:
+            cls["logits"] = self.head(cls["pooler_output"])  # [B, C]
+        return {"last_hidden_state": x}, cls
+
+
+def prepare(cfg: BertConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """HF batch -> (inputs with the token axis second, validity `[B, T]`)."""
+    inputs, valid = token_batch(cfg, batch)
+    types = batch.get("token_type_ids")
+    types = np.zeros_like(inputs["input_ids"]) if types is None else np.asarray(types, np.int32)
+    if types.shape != valid.shape:
+        raise PrismError(f"token_type_ids has shape {types.shape}, input_ids {valid.shape}")
+    inputs["token_type_ids"] = types
+    return inputs, valid

@@ -1,0 +1,33 @@
+"""GPT-2 (HF `GPT2Model`, `GPT2LMHeadModel`): embeddings and the tied LM head."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from prism_jax.configs import GPT2Config
+from prism_jax.exchange import Exchange
+from prism_jax.layers import Encoder, embed_lookup
+from prism_jax.models.batch import token_batch
+
+
+class GPT2(nnx.Module):
+    """Token + position embeddings, pre-LN causal decoder, LM head tied to `wte`."""
+
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.width, rngs=rngs)
+        self.wpe = nnx.Embed(cfg.max_positions, cfg.width, rngs=rngs)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.lm_head = cfg.head == "lm"
+
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+        """Local tokens in; logits stay with their device (DESIGN.md section 1)."""
+        x = embed_lookup(self.wte, inputs["input_ids"]) + embed_lookup(self.wpe, ex.positions())
+        x = self.encoder(x, ex)  # [B, L, D]
+        tokens = {"last_hidden_state": x}
+        if self.lm_head:
+            tokens["logits"] = x @ self.wte.embedding[...].T  # [B, L, V]
+        return tokens, {}
+
+
+prepare = token_batch

@@ -1,0 +1,65 @@
+"""ViT (HF `ViTModel`, `ViTForImageClassification`): patch embedding, CLS token, heads.
+
+Token 0 is the CLS token, tokens 1..P the patches in row-major order. Patchifying is a
+reshape done before partitioning; each device embeds only its own tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prism_jax.configs import ViTConfig
+from prism_jax.errors import PrismError
+from prism_jax.exchange import Exchange
+from prism_jax.layers import Encoder
+
+
+class ViT(nnx.Module):
+    """Patch projection + CLS + positions, pre-LN encoder with final LN, pooler, classifier."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        d = cfg.width
+        self.patch = nnx.Linear(cfg.channels * cfg.patch_size**2, d, rngs=rngs)
+        self.cls = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.patches + 1, d)))
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.pooler = nnx.Linear(d, d, rngs=rngs) if cfg.pooler else None
+        self.head = nnx.Linear(d, cfg.num_labels, rngs=rngs) if cfg.head == "classifier" else None
+
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+        positions = ex.positions()  # [L]
+        x = self.patch(inputs["patches"])  # [B, L, D]
+        x = jnp.where((positions == 0)[None, :, None], self.cls[...], x)
+        x = x + jnp.take(self.pos[...], positions, axis=0, mode="clip")[None]
+        x = self.encoder(x, ex)
+        cls = {}
+        if self.pooler is not None:
+            cls["pooler_output"] = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
+        if self.head is not None:
+            cls["logits"] = self.head(x[:, 0])  # [B, C]
+        return {"last_hidden_state": x}, cls
+
+
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """`[B, C, H, W]` -> `[B, P, C*p*p]`, patches row-major, each flattened as (C, p, p)."""
+    b, c, h, w = pixels.shape
+    x = pixels.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def prepare(cfg: ViTConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`pixel_values` `[B, C, H, W]` -> (`patches` `[B, 1+P, C*p*p]` with a CLS slot, validity)."""
+    if "pixel_values" not in batch:
+        raise PrismError(f"a vit batch needs pixel_values; got {sorted(batch)}")
+    pixels = np.asarray(batch["pixel_values"], np.float32)
+    want = (cfg.channels, cfg.image_size, cfg.image_size)
+    if pixels.ndim != 4 or pixels.shape[1:] != want:
+        raise PrismError(
+            f"pixel_values must be [batch, {', '.join(map(str, want))}], got {list(pixels.shape)}"
+        )
+    patches = patchify(pixels, cfg.patch_size)
+    patches = np.concatenate([np.zeros_like(patches[:, :1]), patches], axis=1)
+    return {"patches": patches}, np.ones(patches.shape[:2], bool)

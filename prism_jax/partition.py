@@ -1,0 +1,141 @@
+"""Position-wise partitioning: the mesh, placing arrays, and the one `jax.shard_map` site.
+
+Device p of the `"edge"` axis owns global positions [p*L, (p+1)*L). Inputs are padded at the
+end to N*L tokens; the padding is masked (validity False) and dropped from the outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from prism_jax import exchange
+from prism_jax.configs import ModelConfig, Plan
+from prism_jax.errors import PrismError
+from prism_jax.models import Model
+
+AXIS = "edge"
+
+
+def edge_mesh(n: int) -> Mesh:
+    """A 1-D mesh of the first `n` JAX devices, axis `"edge"` (Explicit).
+
+    On CPU, emulate devices with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
+    set before JAX starts (the CLI does this itself).
+    """
+    available = jax.devices()
+    if not isinstance(n, int) or n < 1:
+        raise PrismError(f"the number of devices must be >= 1, got {n!r}")
+    if n > len(available):
+        raise PrismError(
+            f"asked for {n} devices but JAX sees {len(available)}; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts"
+        )
+    return jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Explicit,), devices=available[:n])
+
+
+def _forward(
+    graphdef,
+    params,
+    inputs,
+    valid,
+    *,
+    cfg: ModelConfig,
+    plan: Plan,
+    axis_name: str | None,
+    devices: int,
+):
+    """One device's forward pass: merge the module, build its Exchange, run it."""
+    module = nnx.merge(graphdef, params)
+    ex = exchange.make_exchange(
+        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices
+    )
+    return module(inputs, ex)
+
+
+@functools.cache
+def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
+    """The compiled inference program `(params, inputs, valid) -> (tokens, cls)`.
+
+    Without a mesh: the single-device reference. With one: a `jax.jit(jax.shard_map(...))`
+    whose per-device outputs come back as tokens `[B, N*L, ...]` and cls rows `[N, B, ...]`.
+    """
+    if mesh is None:
+        fn = functools.partial(_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1)
+        return jax.jit(fn)
+    n = mesh.shape[AXIS]
+
+    def per_device(params, inputs, valid):
+        tokens, cls = _forward(
+            graphdef, params, inputs, valid, cfg=cfg, plan=plan, axis_name=AXIS, devices=n
+        )
+        return tokens, jax.tree.map(lambda x: x[None], cls)
+
+    return jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P(None, AXIS), P()),
+            out_specs=(P(None, AXIS), P(AXIS)),
+        )
+    )
+
+
+def place(model: Model, mesh: Mesh):
+    """The model's params replicated on every device of the mesh (cached per mesh)."""
+    if mesh not in model.placed:
+        model.placed[mesh] = jax.device_put(model.params, NamedSharding(mesh, P()))
+    return model.placed[mesh]
+
+
+def shard_inputs(inputs: dict, valid: np.ndarray, mesh: Mesh):
+    """Pad the token axis to N*L and place: inputs split over `"edge"`, validity replicated."""
+    n = mesh.shape[AXIS]
+    t = valid.shape[1]
+    if n > t:
+        raise PrismError(f"{n} devices but only {t} tokens: each device needs at least one")
+    pad = -(-t // n) * n - t
+
+    def pad_tokens(x):
+        return np.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    inputs = {
+        k: jax.device_put(pad_tokens(v), NamedSharding(mesh, P(None, AXIS)))
+        for k, v in inputs.items()
+    }
+    return inputs, jax.device_put(pad_tokens(valid), NamedSharding(mesh, P()))
+
+
+def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | None = None):
+    """Run one inference (DESIGN.md section 2).
+
+    Args:
+      model: from `load_pretrained` (or `models.init`).
+      batch: HF names and layouts: `input_ids`, `attention_mask`, `token_type_ids` (BERT),
+        `pixel_values` `[B, C, H, W]` (ViT).
+      mesh: an `edge_mesh(n)`; None runs the single-device reference.
+      plan: strategy, CR and logit bias; defaults to `Plan()` (prism at CR = 1). The
+        `single` strategy, or no mesh, runs the reference on one device.
+
+    Returns:
+      NumPy arrays, gathered to the host: `last_hidden_state` `[B, T, D]` in token
+      order, padding dropped; `logits` when the checkpoint has a head (`[B, C]` classifier,
+      `[B, T, V]` LM); `pooler_output` when it has a pooler.
+    """
+    plan = plan or Plan()
+    inputs, valid = model.prepare(batch)
+    if mesh is None or plan.strategy == "single":
+        tokens, cls = program(model.graphdef, model.config, plan, None)(model.params, inputs, valid)
+        return jax.tree.map(np.asarray, {**tokens, **cls})
+    t = valid.shape[1]
+    inputs, valid = shard_inputs(inputs, valid, mesh)
+    fn = program(model.graphdef, model.config, plan, mesh)
+    tokens, cls = fn(place(model, mesh), inputs, valid)
+    # The caller gathers: token outputs in order without the padding, cls rows from device 0.
+    tokens = {k: np.asarray(v)[:, :t] for k, v in tokens.items()}
+    return {**tokens, **{k: np.asarray(v)[0] for k, v in cls.items()}}

@@ -1,0 +1,129 @@
+"""Tokenizers and image processors read from a checkpoint directory (HF file formats)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prism_jax.errors import PrismError
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A `tokenizers` tokenizer that returns HF-style NumPy batches, right-padded."""
+
+    backend: object  # tokenizers.Tokenizer
+    pad_id: int
+    max_length: int
+
+    def __call__(
+        self, texts: list[str], *, max_length: int | None = None, pad_to: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Encode, truncate to `max_length` and pad to the longest text (or to `pad_to`).
+
+        Returns `input_ids`, `attention_mask`, `token_type_ids`, each `[B, T]` int32.
+        """
+        limit = min(max_length or self.max_length, self.max_length)
+        encodings = [e for e in self.backend.encode_batch(list(texts))]
+        rows = [(e.ids[:limit], e.type_ids[:limit]) for e in encodings]
+        t = max(pad_to or 0, max(len(ids) for ids, _ in rows))
+        out = {
+            k: np.zeros((len(rows), t), np.int32)
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        out["input_ids"][:] = self.pad_id
+        for i, (ids, types) in enumerate(rows):
+            out["input_ids"][i, : len(ids)] = ids
+            out["attention_mask"][i, : len(ids)] = 1
+            out["token_type_ids"][i, : len(ids)] = types
+        return out
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    """The directory's `tokenizer.json` (or a WordPiece `vocab.txt`), or None."""
+    import tokenizers
+
+    settings = _json(directory / "tokenizer_config.json")
+    config = _json(directory / "config.json")
+    if (directory / "tokenizer.json").exists():
+        backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.txt").exists():
+        backend = tokenizers.BertWordPieceTokenizer(
+            str(directory / "vocab.txt"), lowercase=settings.get("do_lower_case", True)
+        )
+    else:
+        return None
+    backend.no_padding()
+    backend.no_truncation()
+    pad = settings.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    pad_id = backend.token_to_id(pad) if pad else None
+    if pad_id is None:
+        pad_id = config.get("pad_token_id") or 0
+    limit = settings.get("model_max_length", 0)
+    positions = config.get("max_position_embeddings") or config.get("n_positions") or 512
+    max_length = limit if 0 < limit <= positions else positions
+    return Tokenizer(backend, int(pad_id), int(max_length))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    """HF `ViTImageProcessor` semantics: RGB, resize, rescale, normalize, `[B, C, H, W]`."""
+
+    size: tuple[int, int]  # (height, width)
+    resample: int = 2  # PIL bilinear
+    rescale: float | None = 1 / 255
+    mean: tuple[float, ...] | None = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] | None = (0.5, 0.5, 0.5)
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        """PIL images (or paths) -> `{"pixel_values": [B, C, H, W] float32}`."""
+        from PIL import Image
+
+        arrays = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                try:
+                    image = Image.open(image)
+                except (OSError, ValueError) as e:
+                    raise PrismError(f"cannot read image {image}: {e}") from None
+            image = image.convert("RGB").resize(self.size[::-1], resample=self.resample)
+            x = np.asarray(image, np.float32)
+            if self.rescale is not None:
+                x = x * np.float32(self.rescale)
+            if self.mean is not None:
+                x = (x - np.float32(self.mean)) / np.float32(self.std)
+            arrays.append(x.transpose(2, 0, 1))
+        return {"pixel_values": np.stack(arrays)}
+
+
+def load_image_processor(directory: Path) -> ImageProcessor | None:
+    """The directory's `preprocessor_config.json` as an `ImageProcessor`, or None."""
+    cfg = _json(directory / "preprocessor_config.json")
+    if not cfg:
+        return None
+    size = cfg.get("size", 224)
+    if isinstance(size, dict):
+        size = (
+            size.get("height", size.get("shortest_edge")),
+            size.get("width", size.get("shortest_edge")),
+        )
+    elif isinstance(size, int):
+        size = (size, size)
+    return ImageProcessor(
+        size=tuple(size),
+        resample=cfg.get("resample", 2),
+        rescale=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else None,
+        mean=tuple(cfg.get("image_mean", (0.5,) * 3)) if cfg.get("do_normalize", True) else None,
+        std=tuple(cfg.get("image_std", (0.5,) * 3)) if cfg.get("do_normalize", True) else None,
+    )
