@@ -10,7 +10,6 @@ from safetensors.numpy import load_file, save_file
 
 import prism_jax as pj
 from prism_jax import hf
-from tests import tiny
 
 
 @pytest.fixture
