@@ -22,11 +22,14 @@ class Tokenizer:
     def __call__(
         self, texts: list[str], *, max_length: int | None = None, pad_to: int | None = None
     ) -> dict[str, np.ndarray]:
-        """Encode, truncate to `max_length` and pad to the longest text (or to `pad_to`).
+        """Encode, truncate to `max_length` if given, pad to the longest text (or `pad_to`).
+
+        Without `max_length` nothing is truncated (as with HF's default `truncation=False`):
+        a text longer than the model's positions is then an error at inference.
 
         Returns `input_ids`, `attention_mask`, `token_type_ids`, each `[B, T]` int32.
         """
-        limit = min(max_length or self.max_length, self.max_length)
+        limit = max_length or None
         encodings = [e for e in self.backend.encode_batch(list(texts))]
         rows = [(e.ids[:limit], e.type_ids[:limit]) for e in encodings]
         t = max(pad_to or 0, max(len(ids) for ids, _ in rows))

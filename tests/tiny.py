@@ -44,7 +44,18 @@ SPECS = {
             num_labels=3,
         ),
     ),
-    "gpt2": ("GPT2Model", dict(vocab_size=97, n_embd=30, n_layer=2, n_head=5, n_positions=64)),
+    "gpt2": (
+        "GPT2Model",
+        dict(
+            vocab_size=97,
+            n_embd=30,
+            n_layer=2,
+            n_head=5,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
     "gpt2_lm": (
         "GPT2LMHeadModel",
         dict(
@@ -54,6 +65,8 @@ SPECS = {
             n_head=3,
             n_inner=50,
             n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
             activation_function="gelu",
         ),
     ),

@@ -1,0 +1,129 @@
+"""Agreement of distributed inference with the exact model, on real text.
+
+Sentence embeddings are the mean of the last hidden states over valid tokens, L2-normalised
+(how all-MiniLM-L6-v2 is used). Texts are sorted by length and padded per batch to a multiple
+of `bucket` tokens, so that few shapes are compiled and little padding is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from prism_jax import cost
+from prism_jax.configs import Plan
+from prism_jax.models import Model
+from prism_jax.partition import edge_mesh, infer
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`[B, T, D]`, `[B, T]` -> L2-normalised `[B, D]` means over the valid tokens."""
+    m = mask[..., None].astype(hidden.dtype)
+    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1)
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def text_batches(model: Model, texts: list[str], *, batch_size: int, max_length: int, bucket: int):
+    """(indices, batch) pairs: length-sorted, each batch padded to a multiple of `bucket`."""
+    lengths = model.tokenizer(texts, max_length=max_length)["attention_mask"].sum(1)
+    order = np.argsort(lengths, kind="stable")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        pad_to = min(-(-int(lengths[idx].max()) // bucket) * bucket, max_length)
+        out.append(
+            (idx, model.tokenizer([texts[i] for i in idx], max_length=max_length, pad_to=pad_to))
+        )
+    return out
+
+
+def embed(model: Model, batches, *, mesh=None, plan: Plan | None = None) -> np.ndarray:
+    """Sentence embeddings `[n, D]` in the original text order."""
+    n = sum(len(idx) for idx, _ in batches)
+    out = np.zeros((n, model.config.width), np.float32)
+    for idx, batch in batches:
+        hidden = infer(model, batch, mesh=mesh, plan=plan)["last_hidden_state"]
+        out[idx] = mean_pool(hidden, batch["attention_mask"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AgreementRow:
+    """One plan of an agreement sweep."""
+
+    strategy: str
+    cr: int
+    cosine_mean: float
+    cosine_min: float
+    bytes_per_device: int
+    bytes_voltage: int
+    seconds: float
+    compile_seconds: float
+
+    @property
+    def comm_reduction(self) -> float:
+        return 1 - self.bytes_per_device / self.bytes_voltage
+
+
+def agreement_sweep(
+    model: Model,
+    texts: list[str],
+    *,
+    devices: int,
+    crs: list[int],
+    logit_bias: str = "log_count",
+    batch_size: int = 8,
+    max_length: int = 128,
+    bucket: int = 64,
+    progress: bool = True,
+) -> list[AgreementRow]:
+    """Cosine of prism sentence embeddings with the exact ones, per CR, at N devices; the
+    first row is `voltage` (exact, full exchange), the reference for bytes and time.
+
+    Bytes are the closed form of DESIGN.md section 3 per inference of one batch, averaged
+    over the batches; seconds are a second (compiled) pass over all texts.
+    """
+    batches = text_batches(
+        model, texts, batch_size=batch_size, max_length=max_length, bucket=bucket
+    )
+    exact = embed(model, batches)
+    mesh = edge_mesh(devices)
+    rows = []
+    plans = [Plan(strategy="voltage")]
+    plans += [Plan(strategy="prism", cr=cr, logit_bias=logit_bias) for cr in crs]
+    for plan in tqdm(plans, desc=f"N={devices}", disable=not progress):
+        start = time.perf_counter()
+        embed(model, batches, mesh=mesh, plan=plan)  # compiles each shape once
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        got = embed(model, batches, mesh=mesh, plan=plan)
+        seconds = time.perf_counter() - start
+        cos = (got * exact).sum(-1)
+        sizes = [(b["input_ids"].shape[0], b["input_ids"].shape[1]) for _, b in batches]
+
+        def sent(p, sizes=sizes):
+            return int(
+                np.mean(
+                    [
+                        cost.bytes_closed_form(model.config, p, devices=devices, seq_len=t, batch=b)
+                        for b, t in sizes
+                    ]
+                )
+            )
+
+        rows.append(
+            AgreementRow(
+                plan.strategy,
+                plan.cr,
+                float(cos.mean()),
+                float(cos.min()),
+                sent(plan),
+                sent(Plan(strategy="voltage")),
+                seconds,
+                max(first - seconds, 0.0),
+            )
+        )
+    return rows

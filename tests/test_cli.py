@@ -1,0 +1,181 @@
+"""The prism-jax command: outputs, --json, and one-line errors with exit code 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prism_jax import cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_infer_text_json_and_compare(hf_models, capsys):
+    directory = hf_models("bert_cls")[1]
+    code, out, err = run(
+        capsys,
+        "infer",
+        "--model",
+        str(directory),
+        "--devices",
+        "3",
+        "--cr",
+        "1",
+        "--text",
+        "the tea was good",
+        "--text",
+        "bad food",
+        "--compare",
+        "--json",
+    )
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["devices"] == 3 and r["batch"] == 2 and len(r["rows"]) == 2
+    assert r["compare"]["cosine_min"] > 1 - 1e-6 and r["compare"]["top1_agreement"] == 1.0
+    # closed form at CR = 1: depth x B x L x (D + 1) x 4 bytes, L = ceil(6 / 3)
+    assert r["bytes_per_device"] == 3 * 2 * 2 * 36 * 4
+
+
+def test_infer_gpt2_prints_next_tokens(hf_models, capsys):
+    directory = hf_models("gpt2_lm")[1]
+    code, out, _ = run(
+        capsys,
+        "infer",
+        "--model",
+        str(directory),
+        "--devices",
+        "2",
+        "--cr",
+        "2",
+        "--text",
+        "the cat was very good and the dog",
+        "--compare",
+    )
+    assert code == 0
+    assert "next_tokens=" in out and "agreement with the exact model" in out
+
+
+def test_infer_image(hf_models, tmp_path, capsys):
+    directory = hf_models("vit")[1]
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 16, 3), np.uint8)).save(path)
+    code, out, err = run(
+        capsys,
+        "infer",
+        "--model",
+        str(directory),
+        "--devices",
+        "4",
+        "--cr",
+        "2",
+        "--image",
+        str(path),
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == 17
+
+
+@pytest.fixture
+def broken(hf_models, tmp_path):
+    target = tmp_path / "broken"
+    shutil.copytree(hf_models("bert")[1], target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cr0", "compression rate must be an integer >= 1"),
+        ("too_many_devices", "8 devices but only 4 tokens"),
+        ("too_long", "longer than the model's 64 positions"),
+        ("unknown_arch", "unknown architecture"),
+        ("missing", "no checkpoint directory"),
+        ("corrupt", "corrupt safetensors file"),
+        ("mismatch", "checkpoint does not fit its config"),
+        ("image_for_bert", "give --text, not --image"),
+        ("bad_flag", "argument --cr: invalid int value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(case, message, broken, capsys):
+    args = ["infer", "--model", str(broken), "--devices", "2", "--text", "good food"]
+    if case == "cr0":
+        args += ["--cr", "0"]
+    elif case == "too_many_devices":
+        args[4] = "8"
+    elif case == "too_long":
+        args[-1] = " ".join(["good"] * 70)
+    elif case == "unknown_arch":
+        cfg = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**cfg, "architectures": ["Foo"]}))
+    elif case == "missing":
+        args[2] = str(broken / "nope")
+    elif case == "corrupt":
+        (broken / "model.safetensors").write_bytes(b"\xff" * 20)
+    elif case == "mismatch":
+        cfg = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    elif case == "image_for_bert":
+        args[-2:] = ["--image", "x.png"]
+    elif case == "bad_flag":
+        args += ["--cr", "two"]
+    with pytest.raises(SystemExit) if case == "bad_flag" else _nothing() as exit_info:
+        code, _, err = run(capsys, *args)
+    if case == "bad_flag":
+        code, err = exit_info.value.code, capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_console_script_sets_up_devices(hf_models):
+    """A fresh process: --devices 5 works because the CLI sets XLA_FLAGS before JAX starts."""
+    directory = hf_models("gpt2")[1]
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_jax.cli",
+            "infer",
+            "--model",
+            str(directory),
+            "--devices",
+            "5",
+            "--cr",
+            "2",
+            "--text",
+            "the good cat and the bad dog",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["devices"] == 5
+    helped = subprocess.run(
+        [sys.executable, "-m", "prism_jax.cli", "infer", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert helped.returncode == 0 and "--logit-bias" in helped.stdout
