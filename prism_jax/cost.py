@@ -5,7 +5,9 @@ Closed forms live beside the measurements so that tests can hold one to the othe
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 from prism_jax.configs import ModelConfig, Plan
 
@@ -32,3 +34,215 @@ def bytes_closed_form(
     width = cfg.width if plan.strategy == "voltage" else cfg.width + 1
     rows = l if plan.strategy == "voltage" else plan.segments(l)
     return cfg.depth * batch * rows * width * dtype_bytes
+
+
+# --- measured from the program that actually runs ------------------------------------------
+
+_COLLECTIVES = re.compile(
+    r'"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|collective_permute|'
+    r'collective_broadcast)"'
+)
+_SIGNATURE = re.compile(r":\s*\((tensor<[^>]*>(?:,\s*tensor<[^>]*>)*)\)\s*->")
+_TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]+\d*)>")
+_DTYPE_BYTES = {
+    "f64": 8,
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "i64": 8,
+    "i32": 4,
+    "i16": 2,
+    "i8": 1,
+    "ui8": 1,
+    "i1": 1,
+}
+
+
+def collective_bytes(stablehlo: str) -> tuple[int, list[tuple[str, int]]]:
+    """Bytes one device sends through the collectives of a lowered (per-device) program:
+    the operand of each collective, in its logical dtype. Returns (total, [(op, bytes)])."""
+    ops = []
+    for match in _COLLECTIVES.finditer(stablehlo):
+        signature = _SIGNATURE.search(stablehlo, match.end())
+        size = 0
+        for dims, dtype in _TENSOR.findall(signature.group(1)):
+            count = math.prod(int(d) for d in dims.split("x") if d)
+            size += count * _DTYPE_BYTES[dtype]
+        ops.append((match.group(1), size))
+    return sum(size for _, size in ops), ops
+
+
+def abstract_inputs(cfg: ModelConfig, *, batch: int, seq_len: int, dtype) -> tuple[dict, tuple]:
+    """ShapeDtypeStructs of a batch's model inputs (token axis second) and validity shape."""
+    import jax
+    import jax.numpy as jnp
+
+    if cfg.family == "vit":
+        width = cfg.channels * cfg.patch_size**2
+        inputs = {"patches": jax.ShapeDtypeStruct((batch, seq_len, width), dtype)}
+    else:
+        ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+        inputs = {"input_ids": ids, **({"token_type_ids": ids} if cfg.family == "bert" else {})}
+    return inputs, (batch, seq_len)
+
+
+def lower(
+    cfg: ModelConfig, plan: Plan, *, devices: int, seq_len: int, batch: int = 1, dtype="float32"
+):
+    """Lower the inference program for abstract weights and inputs (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from prism_jax import models
+    from prism_jax.partition import AXIS, edge_mesh, program
+
+    dtype = jnp.dtype(dtype)
+    model = models.abstract(cfg)
+    single = plan.strategy == "single"
+    mesh = None if single else edge_mesh(devices)
+    t = seq_len if single else local_len(seq_len, devices) * devices
+
+    def placed(s, spec):
+        return jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=None if single else NamedSharding(mesh, spec)
+        )
+
+    params = jax.tree.map(lambda s: placed(jax.ShapeDtypeStruct(s.shape, dtype), P()), model.params)
+    inputs, valid_shape = abstract_inputs(cfg, batch=batch, seq_len=t, dtype=dtype)
+    inputs = {k: placed(v, P(None, AXIS)) for k, v in inputs.items()}
+    valid = placed(jax.ShapeDtypeStruct(valid_shape, jnp.bool_), P())
+    return program(model.graphdef, cfg, plan, mesh).lower(params, inputs, valid)
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per program
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+@dataclasses.dataclass(frozen=True)
+class CostReport:
+    """Per-device cost of one inference, measured from the compiled program.
+
+    Attributes:
+      bytes_sent: bytes one device sends (collective operands of the lowered program).
+      bytes_closed_form: the same from DESIGN.md section 3's closed form.
+      bytes_voltage: bytes_sent of `voltage` at the same N (the full-exchange baseline).
+      flops: FLOPs of one device's program (XLA cost analysis).
+      flops_single: FLOPs of `single` on the whole sequence.
+    """
+
+    model: str
+    strategy: str
+    cr: int
+    logit_bias: str
+    devices: int
+    seq_len: int
+    batch: int
+    dtype: str
+    bytes_sent: int
+    bytes_closed_form: int
+    bytes_voltage: int
+    flops: float
+    flops_single: float
+
+    @property
+    def comm_reduction(self) -> float:
+        """1 - bytes / voltage bytes (0 when nothing is exchanged at all)."""
+        return 1 - self.bytes_sent / self.bytes_voltage if self.bytes_voltage else 0.0
+
+    @property
+    def compute_reduction(self) -> float:
+        """1 - per-device FLOPs / FLOPs of one device running the whole sequence."""
+        return 1 - self.flops / self.flops_single
+
+    def as_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "comm_reduction": self.comm_reduction,
+            "compute_reduction": self.compute_reduction,
+        }
+
+
+def resolve_config(model) -> tuple[str, ModelConfig]:
+    """A preset name, checkpoint directory, `Model` or `ModelConfig` -> (name, config)."""
+    from pathlib import Path
+
+    from prism_jax import hf
+    from prism_jax.configs import PRESETS
+    from prism_jax.errors import PrismError
+
+    if isinstance(model, ModelConfig):
+        return model.family, model
+    if hasattr(model, "config") and isinstance(model.config, ModelConfig):
+        return model.config.family, model.config
+    if str(model) in PRESETS:
+        return str(model), PRESETS[str(model)]()
+    directory = Path(model)
+    if not directory.is_dir():
+        raise PrismError(
+            f"{model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
+        )
+    config = hf.read_config(directory)
+    return str(model), hf.make_config(config, set(hf.read_checkpoint_tensors(directory)))
+
+
+def measure(
+    model,
+    plan: Plan,
+    *,
+    devices: int,
+    seq_len: int | None = None,
+    batch: int = 1,
+    dtype: str = "float32",
+) -> CostReport:
+    """Bytes and FLOPs per device for one inference, from the compiled programs.
+
+    Args:
+      model: a preset name (`bert-base`, `gpt2`, `vit-base-patch16-224`), a checkpoint
+        directory, a `Model` or a `ModelConfig`. Weights are never needed: the program is
+        lowered for abstract arrays.
+      plan: the plan to cost.
+      devices: N.
+      seq_len: T; a ViT's is fixed by its image and patch size (1 + P).
+      batch: B.
+      dtype: `float32` or `bfloat16`, for weights and activations.
+    """
+    from prism_jax.errors import PrismError
+
+    name, cfg = resolve_config(model)
+    if cfg.family == "vit":
+        if seq_len not in (None, cfg.max_positions):
+            raise PrismError(f"a ViT sees {cfg.max_positions} tokens, not {seq_len}")
+        seq_len = cfg.max_positions
+    if seq_len is None or seq_len < 1 or seq_len > cfg.max_positions:
+        raise PrismError(f"--seq-len must be in [1, {cfg.max_positions}], got {seq_len}")
+    if devices > seq_len:
+        raise PrismError(f"{devices} devices but only {seq_len} tokens")
+    if dtype not in ("float32", "bfloat16"):
+        raise PrismError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
+    lowered = lower(cfg, plan, **shape)
+    voltage = lower(cfg, Plan(strategy="voltage"), **shape) if devices > 1 else None
+    single = lowered if plan.strategy == "single" else lower(cfg, Plan(strategy="single"), **shape)
+    dtype_bytes = 2 if dtype == "bfloat16" else 4
+    return CostReport(
+        model=name,
+        strategy=plan.strategy,
+        cr=plan.cr,
+        logit_bias=plan.logit_bias,
+        devices=devices,
+        seq_len=seq_len,
+        batch=batch,
+        dtype=dtype,
+        bytes_sent=collective_bytes(lowered.as_text())[0],
+        bytes_closed_form=bytes_closed_form(
+            cfg, plan, devices=devices, seq_len=seq_len, batch=batch, dtype_bytes=dtype_bytes
+        ),
+        bytes_voltage=collective_bytes(voltage.as_text())[0] if voltage else 0,
+        flops=_flops(lowered.compile()),
+        flops_single=_flops(single.compile()),
+    )

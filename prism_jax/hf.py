@@ -14,6 +14,7 @@ import re
 import struct
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -230,7 +231,7 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
         )
     state = nnx.from_flat_state(
         [
-            (p, v.replace(np.asarray(values[".".join(map(str, p))], dtype)))
+            (p, v.replace(jnp.asarray(values[".".join(map(str, p))], dtype)))
             for p, v in nnx.to_flat_state(model.params)
         ]
     )
