@@ -98,6 +98,25 @@ def build_parser() -> Parser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per review (default 128)")
     _plan_args(p, crs=True)
     p.set_defaults(run=_run_demo)
+
+    p = sub.add_parser(
+        "cost",
+        help="bytes sent and FLOPs per device, from the compiled program",
+        description="Lower and compile the inference program for abstract "
+        "weights and report, per device and inference, the bytes its "
+        "collectives send (with the closed form beside them) and its FLOPs "
+        "against one device running the whole sequence.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset (bert-base, gpt2, vit-base-patch16-224) or checkpoint directory",
+    )
+    p.add_argument("--seq-len", type=int, default=None, help="tokens T (ViT: fixed, 1 + P)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _plan_args(p)
+    p.set_defaults(run=_run_cost)
     return parser
 
 
@@ -263,7 +282,41 @@ def _print_demo(r: dict) -> None:
     )
 
 
-PRINTERS = {"infer": _print_infer, "demo": _print_demo}
+def _run_cost(args) -> dict:
+    import prism_jax as pj
+    from prism_jax import cost
+
+    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    if args.batch < 1:
+        raise pj.PrismError("--batch must be >= 1")
+    report = cost.measure(
+        args.model,
+        plan,
+        devices=args.devices,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        dtype=args.dtype,
+    )
+    return report.as_dict()
+
+
+def _print_cost(r: dict) -> None:
+    print(
+        f"{r['model']}: {r['strategy']} CR={r['cr']} on {r['devices']} devices, batch "
+        f"{r['batch']} x {r['seq_len']} tokens, {r['dtype']}"
+    )
+    print(
+        f"bytes sent per device: {r['bytes_sent']:,} measured, {r['bytes_closed_form']:,} "
+        f"closed form; voltage {r['bytes_voltage']:,} -> communication "
+        f"{-100 * r['comm_reduction']:+.2f}%"
+    )
+    print(
+        f"FLOPs per device: {r['flops']:.4g}; single device, whole sequence "
+        f"{r['flops_single']:.4g} -> computation {-100 * r['compute_reduction']:+.2f}%"
+    )
+
+
+PRINTERS = {"infer": _print_infer, "demo": _print_demo, "cost": _print_cost}
 
 
 def main(argv: list[str] | None = None) -> int:

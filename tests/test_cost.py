@@ -1,0 +1,107 @@
+"""Bytes measured from the lowered program equal the closed form; FLOPs fall with CR."""
+
+import json
+
+import pytest
+
+import prism_jax as pj
+from prism_jax import cli, cost
+
+SMALL = {
+    "bert": pj.BertConfig(
+        vocab_size=100,
+        width=30,
+        depth=2,
+        heads=3,
+        mlp_width=40,
+        act="gelu",
+        ln_eps=1e-12,
+        max_positions=128,
+    ),
+    "gpt2": pj.GPT2Config(
+        vocab_size=100,
+        width=24,
+        depth=3,
+        heads=2,
+        mlp_width=48,
+        act="gelu_new",
+        ln_eps=1e-5,
+        max_positions=128,
+        head="lm",
+    ),
+    "vit": pj.ViTConfig(
+        width=20,
+        depth=2,
+        heads=4,
+        mlp_width=40,
+        act="gelu",
+        ln_eps=1e-12,
+        max_positions=50,
+        image_size=14,
+        patch_size=2,
+        head="classifier",
+        num_labels=3,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+@pytest.mark.parametrize(("t", "n", "cr"), [(48, 4, 4), (50, 3, 5), (37, 8, 2), (20, 2, 128)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("strategy", ["voltage", "prism"])
+def test_measured_bytes_equal_closed_form(family, t, n, cr, dtype, strategy):
+    cfg = SMALL[family]
+    t = cfg.max_positions if family == "vit" else t
+    plan = pj.Plan(strategy=strategy, cr=cr)
+    lowered = cost.lower(cfg, plan, devices=n, seq_len=t, batch=2, dtype=dtype)
+    measured, ops = cost.collective_bytes(lowered.as_text())
+    want = cost.bytes_closed_form(
+        cfg, plan, devices=n, seq_len=t, batch=2, dtype_bytes=2 if dtype == "bfloat16" else 4
+    )
+    assert measured == want > 0
+    assert [op for op, _ in ops] == ["all_gather"] * cfg.depth  # one collective per layer
+
+
+def test_single_and_one_device_send_nothing():
+    cfg = SMALL["bert"]
+    for plan, n in [(pj.Plan(strategy="single"), 4), (pj.Plan(cr=2), 1)]:
+        lowered = cost.lower(cfg, plan, devices=n, seq_len=16)
+        assert cost.collective_bytes(lowered.as_text())[0] == 0
+        assert cost.bytes_closed_form(cfg, plan, devices=n, seq_len=16) == 0
+
+
+def test_prism_flops_fall_with_cr_and_stay_below_voltage():
+    cfg = SMALL["bert"]
+    reports = [cost.measure(cfg, pj.Plan(cr=cr), devices=4, seq_len=128) for cr in (1, 4, 32)]
+    voltage = cost.measure(cfg, pj.Plan(strategy="voltage"), devices=4, seq_len=128)
+    flops = [r.flops for r in reports]
+    assert flops[0] > flops[1] > flops[2]
+    assert all(f < voltage.flops for f in flops[1:])
+    assert reports[0].flops_single == voltage.flops_single > voltage.flops
+    assert all(r.bytes_sent == r.bytes_closed_form for r in reports)
+    assert reports[2].comm_reduction == pytest.approx(1 - 31 / (32 * 30))  # L = 32: S = 1
+
+
+def test_cost_cli_json_and_errors(capsys, tmp_path, hf_models):
+    directory = hf_models("bert")[1]
+    code = cli.main(
+        [
+            "cost",
+            "--model",
+            str(directory),
+            "--seq-len",
+            "40",
+            "--devices",
+            "4",
+            "--cr",
+            "4",
+            "--json",
+        ]
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["bytes_sent"] == r["bytes_closed_form"] == 2 * 3 * 31 * 4
+    assert 0 < r["compute_reduction"] < 1
+    assert cli.main(["cost", "--model", "bert-huge", "--seq-len", "8"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert cli.main(["cost", "--model", "bert-base", "--seq-len", "513"]) == 2
+    assert "--seq-len must be in [1, 512]" in capsys.readouterr().err
