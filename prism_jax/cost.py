@@ -6,6 +6,7 @@ Closed forms live beside the measurements so that tests can hold one to the othe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -226,8 +227,6 @@ def measure(
         raise PrismError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
     lowered = lower(cfg, plan, **shape)
-    voltage = lower(cfg, Plan(strategy="voltage"), **shape) if devices > 1 else None
-    single = lowered if plan.strategy == "single" else lower(cfg, Plan(strategy="single"), **shape)
     dtype_bytes = 2 if dtype == "bfloat16" else 4
     return CostReport(
         model=name,
@@ -242,7 +241,19 @@ def measure(
         bytes_closed_form=bytes_closed_form(
             cfg, plan, devices=devices, seq_len=seq_len, batch=batch, dtype_bytes=dtype_bytes
         ),
-        bytes_voltage=collective_bytes(voltage.as_text())[0] if voltage else 0,
+        bytes_voltage=_voltage_bytes(cfg, **shape),
         flops=_flops(lowered.compile()),
-        flops_single=_flops(single.compile()),
+        flops_single=_single_flops(cfg, seq_len=seq_len, batch=batch, dtype=dtype),
     )
+
+
+@functools.cache
+def _voltage_bytes(cfg: ModelConfig, **shape) -> int:
+    if shape["devices"] == 1:
+        return 0
+    return collective_bytes(lower(cfg, Plan(strategy="voltage"), **shape).as_text())[0]
+
+
+@functools.cache
+def _single_flops(cfg: ModelConfig, **shape) -> float:
+    return _flops(lower(cfg, Plan(strategy="single"), devices=1, **shape).compile())
