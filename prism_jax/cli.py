@@ -29,12 +29,13 @@ def _crs(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
 
 
-def emulate_devices(n: int) -> None:
-    """Ask XLA for at least `n` CPU devices (effective only before JAX's backend starts)."""
+def emulate_devices(n: int, *, exact: bool = False) -> None:
+    """Ask XLA for at least (`exact`: exactly) `n` CPU devices; effective only before JAX's
+    backend starts."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-    if found and int(found.group(1)) >= n:
+    if found and (int(found.group(1)) == n or (int(found.group(1)) > n and not exact)):
         return
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
@@ -84,6 +85,7 @@ def build_parser() -> Parser:
     p.add_argument(
         "--compare", action="store_true", help="also run the exact model and print the agreement"
     )
+    p.add_argument("--save", default=None, help="write every output array to this .npz file")
     _plan_args(p)
     p.set_defaults(run=_run_infer)
 
@@ -117,6 +119,42 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _plan_args(p)
     p.set_defaults(run=_run_cost)
+
+    for name, text in [
+        ("node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"),
+        ("launch", "start a cluster of N local node processes and show node 0's result"),
+    ]:
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text + ". The command after the "
+            "options (infer or cost with their arguments) runs on the mesh that "
+            "spans the nodes; --devices is set to the number of nodes.",
+        )
+        if name == "node":
+            p.add_argument("--rank", type=int, required=True, help="this node's index")
+            p.add_argument("--coordinator", required=True, help="HOST:PORT of node 0")
+            p.add_argument(
+                "--bind",
+                default="127.0.0.1",
+                help="address node 0's coordinator binds to (default loopback)",
+            )
+        else:
+            p.add_argument(
+                "--port", type=int, default=None, help="coordinator port (default: a free one)"
+            )
+        p.add_argument("--nodes", type=int, required=True, help="number of nodes N")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=120,
+            help="seconds for the cluster to "
+            "form and the command to finish before every node gives up (default 120)",
+        )
+        p.add_argument(
+            "rest", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="infer ... | cost ..."
+        )
+        p.set_defaults(run=_run_node if name == "node" else _run_launch, json=False)
     return parser
 
 
@@ -186,6 +224,14 @@ def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
     return result
 
 
+def _save(path: str, arrays: dict) -> None:
+    import jax
+    import numpy as np
+
+    if jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
+        np.savez(path, **arrays)
+
+
 def _run_infer(args) -> dict:
     import prism_jax as pj
     from prism_jax import cost
@@ -195,6 +241,8 @@ def _run_infer(args) -> dict:
     batch = _make_batch(model, args)
     mesh = pj.edge_mesh(args.devices)
     out = pj.infer(model, batch, mesh=mesh, plan=plan)
+    if args.save:
+        _save(args.save, out)
     b, t = out["last_hidden_state"].shape[:2]
     sent = cost.bytes_closed_form(model.config, plan, devices=args.devices, seq_len=t, batch=b)
     full = cost.bytes_closed_form(
@@ -312,8 +360,50 @@ def _print_cost(r: dict) -> None:
     )
     print(
         f"FLOPs per device: {r['flops']:.4g}; single device, whole sequence "
-        f"{r['flops_single']:.4g} -> computation {-100 * r['compute_reduction']:+.2f}%"
+        f"{r['flops_single']:.4g} -> computation {-100 * r['compute_reduction']:+.2f}% "
+        f"(matmul closed form {-100 * r['matmul_reduction']:+.2f}%)"
     )
+
+
+def _rest(args) -> list[str]:
+    return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+
+
+def _inner(args) -> argparse.Namespace:
+    """The command a node runs, with --devices set to the number of nodes."""
+    from prism_jax.errors import PrismError
+
+    rest = _rest(args)
+    if not rest or rest[0] not in ("infer", "cost"):
+        raise PrismError("give the command to run after the options: infer ... or cost ...")
+    inner = build_parser().parse_args(rest)
+    if "--devices" in rest and inner.devices != args.nodes:
+        raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
+    inner.devices = args.nodes
+    return inner
+
+
+def _run_node(args):
+    from prism_jax import cluster
+
+    inner = _inner(args)
+    timer = cluster.watchdog(args.rank, args.timeout)
+    cluster.initialize(
+        args.rank, args.nodes, args.coordinator, bind=args.bind, timeout_s=args.timeout
+    )
+    cluster.check_consistent(args.rank, {k: v for k, v in vars(inner).items() if k != "run"})
+    result = inner.run(inner)
+    timer.cancel()
+    if args.rank == 0:
+        (print(json.dumps(result, indent=2)) if inner.json else PRINTERS[inner.command](result))
+    return None
+
+
+def _run_launch(args):
+    from prism_jax import cluster
+
+    _inner(args)  # check the command here, before starting any process
+    return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
 
 
 PRINTERS = {"infer": _print_infer, "demo": _print_demo, "cost": _print_cost}
@@ -321,14 +411,20 @@ PRINTERS = {"infer": _print_infer, "demo": _print_demo, "cost": _print_cost}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    emulate_devices(max(getattr(args, "devices", 1) or 1, 1))
+    command = args.command
+    if command == "node":
+        emulate_devices(1, exact=True)  # one device per process
+    else:
+        emulate_devices(max(getattr(args, "devices", 1) or 1, 1))
     from prism_jax.errors import PrismError
 
     try:
         result = args.run(args)
     except PrismError as e:
-        print(f"prism-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"prism-jax {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(result, int) or result is None:  # launch, node: already reported
+        return result or 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:

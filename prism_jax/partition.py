@@ -137,5 +137,14 @@ def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | N
     fn = program(model.graphdef, model.config, plan, mesh)
     tokens, cls = fn(place(model, mesh), inputs, valid)
     # The caller gathers: token outputs in order without the padding, cls rows from device 0.
-    tokens = {k: np.asarray(v)[:, :t] for k, v in tokens.items()}
-    return {**tokens, **{k: np.asarray(v)[0] for k, v in cls.items()}}
+    tokens = {k: to_host(v)[:, :t] for k, v in tokens.items()}
+    return {**tokens, **{k: to_host(v)[0] for k, v in cls.items()}}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A whole array on the host, gathered from other processes when the mesh spans them."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

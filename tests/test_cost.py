@@ -105,3 +105,14 @@ def test_cost_cli_json_and_errors(capsys, tmp_path, hf_models):
     assert "neither a preset" in capsys.readouterr().err
     assert cli.main(["cost", "--model", "bert-base", "--seq-len", "513"]) == 2
     assert "--seq-len must be in [1, 512]" in capsys.readouterr().err
+
+
+def test_matmul_closed_form_gives_the_papers_headline():
+    """BERT-base, T = 256, N = 2, CR = 128: the paper's -51.24 % is the matmul count."""
+    cfg = pj.PRESETS["bert-base"]()
+    prism = cost.flops_closed_form(cfg, pj.Plan(cr=128), devices=2, seq_len=256)
+    single = cost.flops_closed_form(cfg, pj.Plan(strategy="single"), devices=1, seq_len=256)
+    assert round(100 * (1 - prism / single), 2) == 51.24
+    comm = cost.bytes_closed_form(cfg, pj.Plan(cr=128), devices=2, seq_len=256)
+    full = cost.bytes_closed_form(cfg, pj.Plan(strategy="voltage"), devices=2, seq_len=256)
+    assert round(100 * (1 - comm / full), 1) == 99.2

@@ -1,0 +1,217 @@
+"""Real multi-process clusters on loopback: same outputs as emulated devices; bounded failures."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import cli, cluster
+from tests.conftest import ATOL_MODEL
+
+TEXT = "the tea was good and the food was very good but the box was bad again"
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "strategy", "cr"),
+    [("bert_cls", 2, "prism", 3), ("gpt2_lm", 4, "prism", 2), ("gpt2_lm", 2, "voltage", 1)],
+)
+def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, tmp_path):
+    directory = hf_models(name)[1]
+    saved = tmp_path / "out.npz"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_jax.cli",
+            "launch",
+            "--nodes",
+            str(nodes),
+            "--timeout",
+            "90",
+            "--",
+            "infer",
+            "--model",
+            str(directory),
+            "--strategy",
+            strategy,
+            "--cr",
+            str(cr),
+            "--text",
+            TEXT,
+            "--save",
+            str(saved),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"on {nodes} devices" in done.stdout  # node 0 printed the result
+    model = pj.load_pretrained(directory)
+    want = pj.infer(
+        model,
+        model.tokenizer([TEXT]),
+        mesh=pj.edge_mesh(nodes),
+        plan=pj.Plan(strategy=strategy, cr=cr),
+    )
+    with np.load(saved, allow_pickle=False) as got:
+        assert set(got.files) == set(want)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=ATOL_MODEL, rtol=0)
+
+
+def _nodes(directory, nodes, ranks, timeout, **env):
+    port = cluster.free_port()
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prism_jax.cli",
+                "node",
+                "--rank",
+                str(r),
+                "--nodes",
+                str(nodes),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--timeout",
+                str(timeout),
+                "infer",
+                "--model",
+                str(directory),
+                "--cr",
+                "2",
+                "--text",
+                TEXT,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(**env),
+        )
+        for r in ranks
+    ]
+
+
+def test_node_that_never_starts(hf_models):
+    start = time.monotonic()
+    procs = _nodes(hf_models("gpt2_lm")[1], 3, [0, 1], timeout=10)  # rank 2 never comes
+    errors = [p.communicate(timeout=90)[1] for p in procs]
+    assert time.monotonic() - start < 60
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode != 0
+        assert "did not form within 10 s" in err or "no result within 10 s" in err, err[-500:]
+
+
+def test_node_killed_mid_run(hf_models):
+    start = time.monotonic()
+    procs = _nodes(
+        hf_models("gpt2_lm")[1], 3, [0, 1, 2], timeout=15, **{cluster.DIE_AFTER_JOIN: "1"}
+    )
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[1].returncode == -9  # the node that was killed
+    for p in (procs[0], procs[2]):  # the survivors
+        assert p.returncode != 0
+    assert time.monotonic() - start < 90
+    assert any("error" in e.lower() for e in (errors[0], errors[2]))
+
+
+def test_launch_reports_the_failed_node(hf_models, capsys):
+    directory = hf_models("gpt2_lm")[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_jax.cli",
+            "launch",
+            "--nodes",
+            "2",
+            "--timeout",
+            "20",
+            "--",
+            "infer",
+            "--model",
+            str(directory),
+            "--text",
+            TEXT,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(**{cluster.DIE_AFTER_JOIN: "1"}),
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "node 1 failed" in done.stderr
+
+
+def test_inconsistent_arguments_are_named(hf_models):
+    directory = hf_models("gpt2_lm")[1]
+    port = cluster.free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prism_jax.cli",
+                "node",
+                "--rank",
+                str(r),
+                "--nodes",
+                "2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--timeout",
+                "30",
+                "infer",
+                "--model",
+                str(directory),
+                "--cr",
+                str(cr),
+                "--text",
+                TEXT,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for r, cr in [(0, 2), (1, 4)]
+    ]
+    errors = [p.communicate(timeout=90)[1] for p in procs]
+    assert all(p.returncode == 2 for p in procs)
+    assert "node 1 differs from node 0 in cr" in errors[0]
+
+
+def test_node_usage_errors(capsys, hf_models):
+    assert cli.main(["launch", "--nodes", "2", "--", "demo"]) == 2
+    assert "infer ... or cost" in capsys.readouterr().err
+    directory = str(hf_models("bert")[1])
+    assert (
+        cli.main(
+            [
+                "launch",
+                "--nodes",
+                "2",
+                "infer",
+                "--model",
+                directory,
+                "--devices",
+                "3",
+                "--text",
+                "x",
+            ]
+        )
+        == 2
+    )
+    assert "--devices 3 differs from --nodes 2" in capsys.readouterr().err
