@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
+# The network testbed builds namespaces (root): slow, kept out of CI.
+SLOW = {"edge_testbed.py"}
+SCRIPTS = [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+    for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

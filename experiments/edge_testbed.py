@@ -1,0 +1,363 @@
+"""A bandwidth-limited edge network on one machine: latency and bytes on the wire.
+
+Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 30 minutes)
+Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: a tiny model, 2 nodes,
+          one bandwidth; without root it says so and exits 0, as the test suite expects)
+
+Each edge node is one OS process in its own Linux network namespace, joined to the others by
+a bridge (in a namespace of its own, so the host's network is never touched) and rate-limited
+on its uplink with `tc qdisc tbf`. The nodes form a `jax.distributed` cluster (gloo over TCP)
+and run `single`, `voltage` and `prism` (CR in {1, 4, 16, 64}) for the bert-base (T = 256)
+and vit-base (T = 197) presets with N in {2, 4}, at 10, 50 and 100 Mbit/s and unlimited.
+
+Latency: wall time on node 0 of one compiled inference (inputs placed, outputs left on their
+devices), median of `--repeats` after a warm-up, all nodes released together by a barrier.
+Wire bytes: each node's `tx_bytes` counter over the timed repeats, per inference, beside the
+bytes the program's collectives send (cost.collective_bytes). The machine has 2 cores: with
+N = 4 the nodes share them, so compute is slower than on N real devices.
+Namespaces are torn down even when a run fails. Writes experiments/results/edge_testbed.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBNET = "10.213.0"
+BRIDGE_NS = "prism-bridge"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    models: tuple[tuple[str, int], ...] = (("bert-base", 256), ("vit-base-patch16-224", 197))
+    nodes: tuple[int, ...] = (2, 4)
+    rates_mbit: tuple[int | None, ...] = (10, 50, 100, None)  # None: unlimited
+    crs: tuple[int, ...] = (1, 4, 16, 64)
+    repeats: int = 3
+    timeout: float = 900
+    out: str = str(ROOT / "experiments" / "results")
+
+
+SMOKE = Config(
+    models=(("tiny", 32),), nodes=(2,), rates_mbit=(50,), crs=(4,), repeats=1, timeout=180, out=""
+)
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def network(nodes: int, rate_mbit: int | None):
+    """N node namespaces on a bridge; each uplink limited to `rate_mbit` (None: no limit)."""
+    names = [f"prism-n{i}" for i in range(nodes)]
+    host = socket.gethostname()
+    try:
+        sh("ip", "netns", "add", BRIDGE_NS)
+        sh("ip", "-n", BRIDGE_NS, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", BRIDGE_NS, "link", "set", "br0", "up")
+        for i, ns in enumerate(names):
+            sh("ip", "netns", "add", ns)
+            # gloo finds its own address by resolving the hostname: inside the namespace it
+            # must resolve to the node's address (`ip netns exec` mounts /etc/netns/NS/hosts).
+            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
+            Path(f"/etc/netns/{ns}/hosts").write_text(
+                f"127.0.0.1 localhost\n{SUBNET}.{i + 1} {host}\n"
+            )
+            sh(
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"p{i}",
+                "netns",
+                BRIDGE_NS,
+            )
+            sh("ip", "-n", BRIDGE_NS, "link", "set", f"p{i}", "master", "br0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            if rate_mbit:
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{rate_mbit}mbit",
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "100ms",
+                )
+        yield names
+    finally:
+        for ns in [*names, BRIDGE_NS]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+
+def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | None) -> dict:
+    """One cluster: every plan for one (model, N, rate); node 0 writes the results."""
+    result = Path(f"/tmp/prism-testbed-{os.getpid()}.json")
+    result.unlink(missing_ok=True)
+    with network(nodes, rate) as names:
+        procs = [
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    sys.executable,
+                    __file__,
+                    "--node",
+                    "--rank",
+                    str(i),
+                    "--nodes",
+                    str(nodes),
+                    "--model",
+                    model,
+                    "--seq-len",
+                    str(seq_len),
+                    "--crs",
+                    ",".join(map(str, cfg.crs)),
+                    "--repeats",
+                    str(cfg.repeats),
+                    "--timeout",
+                    str(cfg.timeout),
+                    "--result",
+                    str(result),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={
+                    **os.environ,
+                    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                    "JAX_PLATFORMS": "cpu",
+                    "PYTHONPATH": str(ROOT),
+                },
+            )
+            for i, ns in enumerate(names)
+        ]
+        errors = [p.communicate(timeout=cfg.timeout + 60)[1] for p in procs]
+    if any(p.returncode for p in procs):
+        bad = next(i for i, p in enumerate(procs) if p.returncode)
+        raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
+    rows = json.loads(result.read_text())
+    result.unlink()
+    return [
+        {"model": model, "seq_len": seq_len, "nodes": nodes, "rate_mbit": rate, **r} for r in rows
+    ]
+
+
+def _model(name: str):
+    import prism_jax as pj
+
+    if name == "tiny":
+        cfg = pj.BertConfig(
+            vocab_size=64,
+            width=32,
+            depth=2,
+            heads=2,
+            mlp_width=64,
+            act="gelu",
+            ln_eps=1e-12,
+            max_positions=64,
+        )
+    else:
+        cfg = pj.PRESETS[name]()
+    return pj.init(cfg, seed=0)  # the same weights on every node
+
+
+def node_main(args) -> None:
+    """One node: join, then time every plan; node 0 writes the rows."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import prism_jax as pj
+    from prism_jax import cluster, cost
+    from prism_jax.partition import place, program, shard_inputs
+
+    cluster.watchdog(args.rank, args.timeout)
+    cluster.initialize(
+        args.rank, args.nodes, f"{SUBNET}.1:29517", bind=f"{SUBNET}.1", timeout_s=120
+    )
+    model = _model(args.model)
+    cfg = model.config
+    if cfg.family == "vit":
+        s = cfg.image_size
+        batch = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, s, s))}
+    else:
+        batch = {
+            "input_ids": np.random.default_rng(0).integers(1, cfg.vocab_size, (1, args.seq_len))
+        }
+    inputs, valid = model.prepare(batch)
+    mesh = pj.edge_mesh(args.nodes)
+    plans = [pj.Plan(strategy="single"), pj.Plan(strategy="voltage")]
+    plans += [pj.Plan(cr=cr) for cr in args.crs]
+    counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
+    rows = []
+    for plan in plans:
+        if plan.strategy == "single":
+            fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
+        else:
+            fn = program(model.graphdef, cfg, plan, mesh)
+            call_args = (place(model, mesh), *shard_inputs(inputs, valid, mesh))
+        jax.block_until_ready(fn(*call_args))  # compile + warm-up
+        times = []
+        multihost_utils.sync_global_devices("before")
+        sent = int(counter.read_text())
+        for i in range(args.repeats):
+            multihost_utils.sync_global_devices(f"go{i}")
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*call_args))
+            times.append(time.perf_counter() - start)
+        sent = (int(counter.read_text()) - sent) / args.repeats
+        wire = multihost_utils.process_allgather(np.array([sent]))
+        lowered = cost.lower(cfg, plan, devices=args.nodes, seq_len=valid.shape[1])
+        rows.append(
+            {
+                "strategy": plan.strategy,
+                "cr": plan.cr,
+                "latency_s": float(np.median(times)),
+                "wire_bytes_per_node": float(np.mean(wire)),
+                "collective_bytes_per_node": cost.collective_bytes(lowered.as_text())[0],
+            }
+        )
+    if args.rank == 0:
+        Path(args.result).write_text(json.dumps(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | N | Mbit/s | plan | latency (s) | wire bytes/node | collective bytes/node "
+        "| wire / collective | latency vs voltage |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        voltage = next(
+            v
+            for v in rows
+            if (v["model"], v["nodes"], v["rate_mbit"]) == (r["model"], r["nodes"], r["rate_mbit"])
+            and v["strategy"] == "voltage"
+        )
+        plan = r["strategy"] if r["strategy"] != "prism" else f"prism CR={r['cr']}"
+        ratio = (
+            r["wire_bytes_per_node"] / r["collective_bytes_per_node"]
+            if r["collective_bytes_per_node"]
+            else float("nan")
+        )
+        lines.append(
+            f"| {r['model']} | {r['nodes']} | {r['rate_mbit'] or 'unlimited'} | {plan} "
+            f"| {r['latency_s']:.3f} | {r['wire_bytes_per_node']:,.0f} | "
+            f"{r['collective_bytes_per_node']:,} | {ratio:.2f} | "
+            f"{r['latency_s'] / voltage['latency_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["nodes"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
+    for ax, (model, n) in zip(axes[0], groups, strict=True):
+        sel = [r for r in rows if (r["model"], r["nodes"]) == (model, n)]
+        rates = sorted({r["rate_mbit"] or 10**4 for r in sel})
+        for plan in sorted({(r["strategy"], r["cr"]) for r in sel}):
+            ys = [
+                next(
+                    r["latency_s"]
+                    for r in sel
+                    if (r["strategy"], r["cr"]) == plan and (r["rate_mbit"] or 10**4) == rate
+                )
+                for rate in rates
+            ]
+            label = plan[0] if plan[0] != "prism" else f"prism CR={plan[1]}"
+            ax.plot(rates, ys, "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(rates, [str(r) if r < 10**4 else "unl." for r in rates])
+        ax.set_title(f"{model}, N={n}")
+        ax.set_xlabel("uplink (Mbit/s)")
+        ax.set_ylabel("latency per inference (s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
+    for flag, kind in [
+        ("--rank", int),
+        ("--nodes", int),
+        ("--model", str),
+        ("--seq-len", int),
+        ("--repeats", int),
+        ("--timeout", float),
+        ("--result", str),
+    ]:
+        parser.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--crs", type=lambda s: [int(x) for x in s.split(",")], help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.node:
+        return node_main(args)
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print(
+            "| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces; skipped |"
+        )
+        return 0 if args.smoke else 2
+    cfg = SMOKE if args.smoke else Config()
+    from tqdm.auto import tqdm
+
+    jobs = [(m, t, n, r) for m, t in cfg.models for n in cfg.nodes for r in cfg.rates_mbit]
+    rows = []
+    for model, t, n, rate in tqdm(jobs, desc="clusters"):
+        rows += run_cluster(cfg, model, t, n, rate)
+    text = markdown(rows)
+    print(text)
+    if cfg.out:
+        out = Path(cfg.out)
+        (out / "edge_testbed.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "edge_testbed.md").write_text(
+            "# Edge testbed: namespaces, tbf-limited uplinks, one process per node\n\n"
+            "`sudo .venv/bin/python experiments/edge_testbed.py`\n\n" + text
+        )
+        plot(rows, out / "edge_testbed.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
