@@ -31,7 +31,7 @@ class ViT(nnx.Module):
 
     def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
         positions = ex.positions()  # [L]
-        x = self.patch(inputs["patches"])  # [B, L, D]
+        x = self.patch(inputs["patches"].astype(self.patch.kernel.dtype))  # [B, L, D], param dtype
         x = jnp.where((positions == 0)[None, :, None], self.cls[...], x)
         x = x + jnp.take(self.pos[...], positions, axis=0, mode="clip")[None]
         x = self.encoder(x, ex)
