@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -341,6 +342,7 @@ def main(argv=None):
         )
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     from tqdm.auto import tqdm
 
     jobs = [(m, t, n, r) for m, t in cfg.models for n in cfg.nodes for r in cfg.rates_mbit]

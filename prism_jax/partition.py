@@ -89,8 +89,15 @@ def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
 def place(model: Model, mesh: Mesh):
     """The model's params replicated on every device of the mesh (cached per mesh)."""
     if mesh not in model.placed:
-        model.placed[mesh] = jax.device_put(model.params, NamedSharding(mesh, P()))
+        model.placed[mesh] = jax.tree.map(lambda x: put(x, mesh, P()), model.params)
     return model.placed[mesh]
+
+
+def put(x, mesh: Mesh, spec: P) -> jax.Array:
+    """Place a host or local array on the mesh, each process filling its own devices from its
+    own copy: nothing crosses the network, also when the mesh spans several processes."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 def shard_inputs(inputs: dict, valid: np.ndarray, mesh: Mesh):
@@ -104,11 +111,8 @@ def shard_inputs(inputs: dict, valid: np.ndarray, mesh: Mesh):
     def pad_tokens(x):
         return np.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-    inputs = {
-        k: jax.device_put(pad_tokens(v), NamedSharding(mesh, P(None, AXIS)))
-        for k, v in inputs.items()
-    }
-    return inputs, jax.device_put(pad_tokens(valid), NamedSharding(mesh, P()))
+    inputs = {k: put(pad_tokens(v), mesh, P(None, AXIS)) for k, v in inputs.items()}
+    return inputs, put(pad_tokens(valid), mesh, P())
 
 
 def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | None = None):
