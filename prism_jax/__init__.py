@@ -6,8 +6,10 @@ Public API (DESIGN.md section 2)::
     model = pj.load_pretrained(path)
     mesh = pj.edge_mesh(4)
     out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
+    report = pj.cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
 """
 
+from prism_jax import cost
 from prism_jax.configs import (
     PRESETS,
     BertConfig,
@@ -31,6 +33,7 @@ __all__ = [
     "Plan",
     "PrismError",
     "ViTConfig",
+    "cost",
     "edge_mesh",
     "infer",
     "init",

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 
 from prism_jax.configs import ModelConfig, Plan
 
@@ -289,3 +290,13 @@ def _voltage_bytes(cfg: ModelConfig, **shape) -> int:
 @functools.cache
 def _single_flops(cfg: ModelConfig, **shape) -> float:
     return _flops(lower(cfg, Plan(strategy="single"), devices=1, **shape).compile())
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """`pj.cost(...)` is `measure(...)`, while `prism_jax.cost` stays this module."""
+
+    def __call__(self, *args, **kwargs) -> CostReport:
+        return measure(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,190 @@
+"""Fine-tuning with optax under any plan: `single`, or `prism` at (N, CR) with gradients through
+the `shard_map` and the exchange, so that a model learns to work at a compression rate.
+
+Deterministic for a seed: the batch of step s is a pure function of (seed, s), so a run
+resumed from a checkpoint at step s continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from prism_jax.checkpoint import Checkpoints
+from prism_jax.configs import Plan
+from prism_jax.errors import PrismError
+from prism_jax.models import Model
+from prism_jax.partition import place, program, put, shard_inputs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """AdamW with linear warm-up and cosine decay, global-norm clipping."""
+
+    steps: int
+    batch_size: int = 16
+    lr: float = 5e-5
+    warmup: int = 0
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep: int = 3
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise PrismError("steps and batch_size must be >= 1 and lr > 0")
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), end_value=0.1 * cfg.lr
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    )
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Examples of step `step`: a stream of per-epoch permutations, cut into batches."""
+    start = step * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs = {
+        int(e): np.random.default_rng([seed, int(e)]).permutation(n)
+        for e in np.unique(positions // n)
+    }
+    return np.array([epochs[int(p // n)][p % n] for p in positions])
+
+
+def loss(head: str, tokens: dict, cls: dict, targets: jax.Array, weights: jax.Array):
+    """Cross-entropy of the CLS logits against `targets` `[B]` (classifier), or of every
+    position's logits against the next token `targets` `[B, T]`, weighted by `weights`."""
+    if head == "classifier":
+        return optax.softmax_cross_entropy_with_integer_labels(cls["logits"], targets).mean()
+    if head == "lm":
+        ce = optax.softmax_cross_entropy_with_integer_labels(tokens["logits"], targets)
+        return (ce * weights).sum() / jnp.maximum(weights.sum(), 1)
+    raise PrismError("fine-tuning needs a classifier or LM head")
+
+
+def next_token_targets(ids: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`[B, T]` next-token targets and weights (1 where both tokens are valid)."""
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    weights = np.zeros(ids.shape, np.float32)
+    weights[:, :-1] = valid[:, 1:] & valid[:, :-1]
+    return targets, weights
+
+
+@dataclasses.dataclass
+class Run:
+    """What `train` returns: the trained model and the loss after each step."""
+
+    model: Model
+    losses: list[float]
+    resumed_from: int | None
+
+
+def train(
+    model: Model,
+    examples: dict,
+    cfg: TrainConfig,
+    *,
+    plan: Plan | None = None,
+    mesh=None,
+    checkpoint_dir=None,
+    restart: bool = False,
+    progress: bool = True,
+    on_checkpoint=None,
+) -> Run:
+    """Fine-tune `model` on `examples` under `plan`.
+
+    Args:
+      model: a model with a classifier or LM head.
+      examples: an HF-style batch of the whole training set (`input_ids`, ..., padded to one
+        length, or `pixel_values`), plus `labels` `[n]` for classifiers.
+      cfg: optimisation settings.
+      plan, mesh: the execution plan; `prism` with a mesh trains through the exchange.
+      checkpoint_dir: where orbax keeps the last `cfg.keep` states; an existing run resumes.
+      restart: delete the directory's checkpoints and start over.
+      progress: show a progress bar with loss and throughput.
+      on_checkpoint: called with the step number after each checkpoint is written.
+    """
+    plan = plan or Plan(strategy="single")
+    distributed = mesh is not None and plan.strategy != "single"
+    forward = program(model.graphdef, model.config, plan, mesh if distributed else None)
+    head = model.config.head
+    labels_all = np.asarray(examples.get("labels", np.zeros(1, np.int32)), np.int32)
+    hf = {k: np.asarray(v) for k, v in examples.items() if k != "labels"}
+    n = len(next(iter(hf.values())))
+    opt = optimizer(cfg)
+
+    def step_fn(params, opt_state, inputs, valid, targets, weights):
+        def objective(p):
+            tokens, cls = forward(p, inputs, valid)
+            if distributed:  # one CLS row per device: replicate them, read device 0's
+                cls = {k: jax.reshard(v, NamedSharding(mesh, P()))[0] for k, v in cls.items()}
+            return loss(head, tokens, cls, targets, weights)
+
+        value, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step_fn = jax.jit(step_fn)
+    params = place(model, mesh) if distributed else model.params
+    state = {"params": params, "opt": opt.init(params)}
+    start, resumed = 0, None
+    ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep) if checkpoint_dir else None
+    if ckpt and restart:
+        ckpt.clear()
+    if ckpt and ckpt.latest_step() is not None:
+        start, state = ckpt.restore(state)
+        resumed = start
+    losses = []
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="fine-tuning",
+        disable=not progress,
+        initial=start,
+        total=cfg.steps,
+    )
+    for step in bar:
+        idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+        inputs, valid = model.prepare({k: v[idx] for k, v in hf.items()})
+        if head == "classifier":
+            targets, weights = labels_all[idx], np.ones(len(idx), np.float32)
+        else:
+            targets, weights = next_token_targets(inputs["input_ids"], valid)
+        if distributed:
+            if head == "classifier":
+                targets, weights = put(targets, mesh, P()), put(weights, mesh, P())
+            else:
+                per_token, _ = shard_inputs({"t": targets, "w": weights}, valid, mesh)
+                targets, weights = per_token["t"], per_token["w"]
+            inputs, valid = shard_inputs(inputs, valid, mesh)
+        tic = time.perf_counter()
+        params, opt_state, value = step_fn(
+            state["params"], state["opt"], inputs, valid, targets, weights
+        )
+        state = {"params": params, "opt": opt_state}
+        losses.append(float(value))
+        bar.set_postfix(
+            loss=f"{losses[-1]:.4f}", ex_per_s=f"{len(idx) / (time.perf_counter() - tic):.1f}"
+        )
+        if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            ckpt.save(step + 1, state)
+            if on_checkpoint:
+                on_checkpoint(step + 1)
+    if ckpt:
+        ckpt.close()
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
+    trained = Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
+    return Run(trained, losses, resumed)

@@ -1,0 +1,131 @@
+"""Fine-tuning: the loss falls (single, prism); kill and resume gives the same result."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import train
+from tests import tiny
+
+
+def _examples(name, rng, n=8, tokens=12):
+    batch = tiny.random_batch(name, rng, batch=n, tokens=tokens)
+    batch["attention_mask"][:] = 1
+    batch["attention_mask"][::3, tokens - 4 :] = 0  # some padding
+    if name == "bert_cls":
+        batch["labels"] = rng.integers(0, 3, n)
+    return batch
+
+
+def _params(model):
+    return [np.asarray(x) for x in jax.tree.leaves(model.params)]
+
+
+@pytest.mark.parametrize(
+    ("name", "plan", "n"),
+    [
+        ("bert_cls", pj.Plan(strategy="single"), None),
+        ("bert_cls", pj.Plan(cr=2), 4),
+        ("gpt2_lm", pj.Plan(cr=3), 4),
+    ],
+)
+def test_a_few_steps_lower_the_loss(name, plan, n, hf_models, rng):
+    model = pj.load_pretrained(hf_models(name)[1])
+    examples = _examples(name, rng)
+    cfg = train.TrainConfig(steps=6, batch_size=8, lr=3e-3)  # full batch: the same data each step
+    run = train.train(
+        model, examples, cfg, plan=plan, mesh=pj.edge_mesh(n) if n else None, progress=False
+    )
+    assert run.losses[-1] < 0.8 * run.losses[0]
+    # the trained model serves inference as any other
+    out = pj.infer(run.model, {k: v for k, v in examples.items() if k != "labels"})
+    assert np.isfinite(out["logits"]).all()
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = [train.batch_indices(10, 4, 7, s) for s in range(5)]
+    b = [train.batch_indices(10, 4, 7, s) for s in range(5)]
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    first_epoch = np.concatenate(a)[:10]
+    assert sorted(first_epoch) == list(range(10))  # each example once per epoch
+
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import prism_jax as pj
+    from prism_jax import train
+    from tests import tiny
+    directory, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model = pj.load_pretrained(sys.argv[4])
+    rng = np.random.default_rng(0)
+    examples = tiny.random_batch("bert_cls", rng, batch=12, tokens=10)
+    examples["labels"] = rng.integers(0, 3, 12)
+    def die(step):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    cfg = train.TrainConfig(steps=9, batch_size=4, lr=1e-3, checkpoint_every=3)
+    run = train.train(model, examples, cfg, checkpoint_dir=directory, progress=False,
+                      on_checkpoint=die)
+    np.savez(out, *[np.asarray(x) for x in __import__("jax").tree.leaves(run.model.params)],
+             resumed=-1 if run.resumed_from is None else run.resumed_from)
+""")
+
+
+def _train_process(tmp_path, hf_models, directory, out, kill_at):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(directory),
+            str(out),
+            str(kill_at),
+            str(hf_models("bert_cls")[1]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path.parent),
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, hf_models):
+    whole = _train_process(tmp_path, hf_models, tmp_path / "a", tmp_path / "a.npz", kill_at=-1)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = _train_process(tmp_path, hf_models, tmp_path / "b", tmp_path / "b.npz", kill_at=6)
+    assert killed.returncode == -9  # SIGKILL right after the step-6 checkpoint
+    assert not (tmp_path / "b.npz").exists()
+    resumed = _train_process(tmp_path, hf_models, tmp_path / "b", tmp_path / "b.npz", kill_at=-1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert int(b["resumed"]) == 6 and int(a["resumed"]) == -1
+        leaves = [k for k in a.files if k != "resumed"]
+        assert leaves and all(np.array_equal(a[k], b[k]) for k in leaves)
+
+
+def test_corrupt_checkpoint_is_an_error_and_restart_starts_over(tmp_path, hf_models, rng):
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    examples = _examples("bert_cls", rng)
+    cfg = train.TrainConfig(steps=2, batch_size=4, lr=1e-3, checkpoint_every=1)
+    train.train(model, examples, cfg, checkpoint_dir=tmp_path, progress=False)
+    for f in (tmp_path / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0garbage")
+    longer = train.TrainConfig(steps=3, batch_size=4, lr=1e-3, checkpoint_every=1)
+    with pytest.raises(pj.PrismError, match="corrupt or partial"):
+        train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)
+    run = train.train(
+        model, examples, longer, checkpoint_dir=tmp_path, restart=True, progress=False
+    )
+    assert run.resumed_from is None and len(run.losses) == 3
