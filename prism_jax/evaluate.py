@@ -127,3 +127,22 @@ def agreement_sweep(
             )
         )
     return rows
+
+
+def accuracy(
+    model: Model,
+    examples: dict,
+    labels: np.ndarray,
+    *,
+    mesh=None,
+    plan: Plan | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Top-1 accuracy of a classifier on an HF-style batch of examples."""
+    n = len(labels)
+    correct = 0
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in examples.items()}
+        logits = infer(model, batch, mesh=mesh, plan=plan)["logits"]
+        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    return correct / n

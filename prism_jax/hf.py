@@ -179,11 +179,18 @@ def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray]:
     raise PrismError(f"no model.safetensors in {directory}")
 
 
-def _entries(cfg: ModelConfig, keys: set[str]):
-    """(HF key, our dotted path, transform) for every tensor the family's tables name."""
-    prefix, top, layer, heads, _ = _TABLES[cfg.family]
-    if not any(k.startswith(prefix) for k in keys):
-        prefix = ""  # a base model saved on its own carries no prefix
+def base_prefix(cfg: ModelConfig, keys: set[str] | None = None) -> str:
+    """The HF prefix of base-model keys (`bert.`, ...): present in task checkpoints; a base
+    model saved on its own has none. With `keys`, whatever the checkpoint uses."""
+    prefix = _TABLES[cfg.family][0]
+    if keys is None:
+        return prefix if cfg.head != "base" else ""
+    return prefix if any(k.startswith(prefix) for k in keys) else ""
+
+
+def entries(cfg: ModelConfig, prefix: str):
+    """(HF key, our dotted path, transform, kind) for every tensor the family's tables name."""
+    _, top, layer, heads, _ = _TABLES[cfg.family]
     tables = [(prefix, top, ""), ("", heads, "")]
     tables += [
         (prefix + _LAYER_PREFIX[cfg.family].format(i=i), layer, f"encoder.blocks.{i}.")
@@ -192,7 +199,7 @@ def _entries(cfg: ModelConfig, keys: set[str]):
     for hf_prefix, table, ours in tables:
         for hf_name, (our_name, kind) in table.items():
             for hf_suffix, our_suffix, fn in _KINDS[kind]:
-                yield hf_prefix + hf_name + hf_suffix, ours + our_name + our_suffix, fn
+                yield hf_prefix + hf_name + hf_suffix, ours + our_name + our_suffix, fn, kind
 
 
 def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) -> models.Model:
@@ -201,7 +208,7 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.params)}
     ignored = [re.compile(p) for p in _TABLES[cfg.family][4]]
     values, consumed, mismatched = {}, set(), []
-    for hf_key, ours, fn in _entries(cfg, set(tensors)):
+    for hf_key, ours, fn, _ in entries(cfg, base_prefix(cfg, set(tensors))):
         if hf_key not in tensors or ours not in flat:
             continue
         consumed.add(hf_key)

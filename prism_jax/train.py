@@ -8,6 +8,7 @@ resumed from a checkpoint at step s continues exactly as if it had never stopped
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
@@ -91,6 +92,7 @@ class Run:
     model: Model
     losses: list[float]
     resumed_from: int | None
+    evals: list[dict] = dataclasses.field(default_factory=list)
 
 
 def train(
@@ -104,6 +106,7 @@ def train(
     restart: bool = False,
     progress: bool = True,
     on_checkpoint=None,
+    evaluate=None,
 ) -> Run:
     """Fine-tune `model` on `examples` under `plan`.
 
@@ -117,6 +120,8 @@ def train(
       restart: delete the directory's checkpoints and start over.
       progress: show a progress bar with loss and throughput.
       on_checkpoint: called with the step number after each checkpoint is written.
+      evaluate: called with the model at the end of each epoch and of training; returns a
+        dict of metrics, kept in `Run.evals` and shown beside the progress bar.
     """
     plan = plan or Plan(strategy="single")
     distributed = mesh is not None and plan.strategy != "single"
@@ -148,7 +153,12 @@ def train(
     if ckpt and ckpt.latest_step() is not None:
         start, state = ckpt.restore(state)
         resumed = start
-    losses = []
+    losses, evals = [], []
+
+    def current_model():
+        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
+        return Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
+
     bar = tqdm(
         range(start, cfg.steps),
         desc="fine-tuning",
@@ -183,8 +193,17 @@ def train(
             ckpt.save(step + 1, state)
             if on_checkpoint:
                 on_checkpoint(step + 1)
+        epoch_end = (step + 1) * cfg.batch_size // n > step * cfg.batch_size // n
+        if evaluate and (epoch_end or step + 1 == cfg.steps):
+            evals.append({"step": step + 1, **evaluate(current_model())})
+            if progress:
+                bar.write(
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in evals[-1].items()
+                    ),
+                    file=sys.stderr,
+                )
     if ckpt:
         ckpt.close()
-    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
-    trained = Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
-    return Run(trained, losses, resumed)
+    return Run(current_model(), losses, resumed, evals)

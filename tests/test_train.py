@@ -129,3 +129,83 @@ def test_corrupt_checkpoint_is_an_error_and_restart_starts_over(tmp_path, hf_mod
         model, examples, longer, checkpoint_dir=tmp_path, restart=True, progress=False
     )
     assert run.resumed_from is None and len(run.losses) == 3
+
+
+def test_with_classifier_keeps_the_encoder(hf_models):
+    from prism_jax import models
+
+    base = pj.load_pretrained(hf_models("bert")[1])
+    cls = models.with_classifier(base, 4, seed=1)
+    assert (cls.config.head, cls.config.num_labels, cls.config.pooler) == ("classifier", 4, True)
+    np.testing.assert_array_equal(
+        np.asarray(cls.params["word"]["embedding"][...]),
+        np.asarray(base.params["word"]["embedding"][...]),
+    )
+    assert cls.params["head"]["kernel"][...].shape == (30, 4)
+
+
+def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
+    import json
+
+    from prism_jax import cli
+
+    out = tmp_path / "exported"
+    code = cli.main(
+        [
+            "finetune",
+            "--model",
+            str(hf_models("bert")[1]),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "24",
+            "--eval-limit",
+            "8",
+            "--strategy",
+            "prism",
+            "--devices",
+            "2",
+            "--cr",
+            "4",
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["evals"][-1]["step"] == 3
+    assert 0 <= r["evals"][-1]["test_accuracy"] <= 1
+    assert pj.load_pretrained(out).config.head == "classifier"
+    # a second call resumes from the last checkpoint: nothing left to do
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(hf_models("bert")[1]),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "24",
+                "--eval-limit",
+                "8",
+                "--checkpoint-dir",
+                str(tmp_path / "ck"),
+                "--strategy",
+                "prism",
+                "--devices",
+                "2",
+                "--cr",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 3

@@ -56,3 +56,23 @@ def init(cfg: ModelConfig, *, seed: int = 0) -> Model:
     """A model with random weights (the presets, tests, training from scratch)."""
     graphdef, state = nnx.split(FAMILIES[cfg.family][0](cfg, rngs=nnx.Rngs(seed)))
     return Model(cfg, graphdef, state)
+
+
+def with_classifier(model: Model, num_labels: int, *, seed: int = 0) -> Model:
+    """`model` with a fresh classification head of `num_labels` classes (BERT: on the pooler,
+    which is initialised too if the checkpoint had none; ViT: on the CLS row). Every
+    parameter the model already has is kept."""
+    from flax import nnx
+
+    cfg = dataclasses.replace(
+        model.config, head="classifier", num_labels=num_labels, pooler=model.config.family == "bert"
+    )
+    fresh = init(cfg, seed=seed)
+    old = {p: v for p, v in nnx.to_flat_state(model.params)}
+    state = nnx.from_flat_state(
+        [
+            (p, old[p] if p in old and old[p].get_value().shape == v.get_value().shape else v)
+            for p, v in nnx.to_flat_state(fresh.params)
+        ]
+    )
+    return Model(cfg, fresh.graphdef, state, model.tokenizer, model.image_processor)

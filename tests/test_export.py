@@ -1,0 +1,36 @@
+"""Export round trip: transformers and pj.load_pretrained load what save_pretrained writes."""
+
+import jax
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import export
+from tests import tiny
+from tests.conftest import ATOL_MODEL
+
+
+@pytest.mark.parametrize("name", sorted(tiny.SPECS))
+def test_export_round_trip(name, hf_models, tmp_path, rng):
+    import transformers
+
+    model = pj.load_pretrained(hf_models(name)[1])
+    directory = export.save_pretrained(model, tmp_path / name)
+    again = pj.load_pretrained(directory)
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    arch = tiny.SPECS[name][0]
+    torch_model = getattr(transformers, arch).from_pretrained(directory).eval()
+    batch = tiny.random_batch(name, rng)
+    want = tiny.torch_outputs(torch_model, batch)
+    got = pj.infer(model, batch)
+    key = "logits" if "logits" in want else "last_hidden_state"
+    if key == "last_hidden_state" and want[key] is None:
+        return
+    rows = np.asarray(batch["attention_mask"]).astype(bool) if name.startswith("gpt2") else ...
+    np.testing.assert_allclose(got[key][rows], want[key][rows], atol=ATOL_MODEL, rtol=0)
+    if model.tokenizer is not None:
+        texts = ["the good tea", "a bad box"]
+        np.testing.assert_array_equal(
+            again.tokenizer(texts)["input_ids"], model.tokenizer(texts)["input_ids"]
+        )
