@@ -150,62 +150,15 @@ def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
     from prism_jax import cli
 
     out = tmp_path / "exported"
-    code = cli.main(
-        [
-            "finetune",
-            "--model",
-            str(hf_models("bert")[1]),
-            "--steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--max-length",
-            "24",
-            "--eval-limit",
-            "8",
-            "--strategy",
-            "prism",
-            "--devices",
-            "2",
-            "--cr",
-            "4",
-            "--checkpoint-dir",
-            str(tmp_path / "ck"),
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
+    argv = (
+        f"finetune --model {hf_models('bert')[1]} --steps 3 --batch-size 4 --max-length 24 "
+        f"--eval-limit 8 --strategy prism --devices 2 --cr 4 "
+        f"--checkpoint-dir {tmp_path / 'ck'} --json"
+    ).split()
+    assert cli.main([*argv, "--out", str(out)]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert code == 0 and r["evals"][-1]["step"] == 3
-    assert 0 <= r["evals"][-1]["test_accuracy"] <= 1
+    assert r["evals"][-1]["step"] == 3 and 0 <= r["evals"][-1]["test_accuracy"] <= 1
     assert pj.load_pretrained(out).config.head == "classifier"
-    # a second call resumes from the last checkpoint: nothing left to do
-    assert (
-        cli.main(
-            [
-                "finetune",
-                "--model",
-                str(hf_models("bert")[1]),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--max-length",
-                "24",
-                "--eval-limit",
-                "8",
-                "--checkpoint-dir",
-                str(tmp_path / "ck"),
-                "--strategy",
-                "prism",
-                "--devices",
-                "2",
-                "--cr",
-                "4",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    # the same command again resumes from the last checkpoint: nothing left to do
+    assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
