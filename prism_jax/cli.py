@@ -121,6 +121,25 @@ def build_parser() -> Parser:
     p.set_defaults(run=_run_cost)
 
     p = sub.add_parser(
+        "eval",
+        help="task accuracy at each CR, beside the measured savings",
+        description="Accuracy of a classifier on the fine-food test reviews at each "
+        "compression rate on N emulated devices, with the communication and per-device compute "
+        "reductions measured from the compiled programs.",
+    )
+    p.add_argument("--model", required=True, help="a classifier checkpoint directory")
+    p.add_argument("--dataset", default="fine-food", choices=["fine-food"])
+    p.add_argument("--limit", type=int, default=1000, help="test examples (default 1000)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens per example; each is padded to this length (default 128)",
+    )
+    _plan_args(p, crs=True)
+    p.set_defaults(run=_run_eval)
+
+    p = sub.add_parser(
         "finetune",
         help="fine-tune a classifier under a plan (robust to a CR)",
         description="Fine-tune on the fine-food reviews (great / other) under "
@@ -357,6 +376,52 @@ def _print_demo(r: dict) -> None:
     )
 
 
+def _run_eval(args) -> dict:
+    import prism_jax as pj
+    from prism_jax import data, evaluate
+
+    model = pj.load_pretrained(args.model)
+    if model.config.head != "classifier" or model.tokenizer is None:
+        raise pj.PrismError("eval on fine-food needs a text classifier with a tokenizer")
+    if args.limit < 1:
+        raise pj.PrismError("--limit must be >= 1")
+    test, labels = data.fine_food_examples(
+        model.tokenizer, "test", max_length=args.max_length, limit=args.limit
+    )
+    rows = evaluate.accuracy_sweep(
+        model,
+        test,
+        labels,
+        devices=args.devices,
+        crs=args.cr,
+        logit_bias=args.logit_bias,
+        progress=not args.json,
+    )
+    return {
+        "model": args.model,
+        "dataset": args.dataset,
+        "examples": len(labels),
+        "devices": args.devices,
+        "max_length": args.max_length,
+        "rows": rows,
+    }
+
+
+def _print_eval(r: dict) -> None:
+    print(
+        f"{r['model']} on {r['examples']} {r['dataset']} test examples (padded to "
+        f"{r['max_length']}), N = {r['devices']}"
+    )
+    print(f"{'CR':>4} {'accuracy':>9} {'vs CR=1':>8} {'comm':>8} {'compute':>8}")
+    base = next((row["accuracy"] for row in r["rows"] if row["cr"] == 1), None)
+    for row in r["rows"]:
+        delta = f"{100 * (row['accuracy'] - base):+.1f}" if base is not None else "-"
+        print(
+            f"{row['cr']:>4} {100 * row['accuracy']:>8.1f}% {delta:>8} "
+            f"{-100 * row['comm_reduction']:>+7.1f}% {-100 * row['compute_reduction']:>+7.1f}%"
+        )
+
+
 def _run_finetune(args) -> dict:
     import prism_jax as pj
     from prism_jax import data, evaluate, export, models, train
@@ -504,6 +569,7 @@ PRINTERS = {
     "demo": _print_demo,
     "cost": _print_cost,
     "finetune": _print_finetune,
+    "eval": _print_eval,
 }
 
 
