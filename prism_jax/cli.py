@@ -1,4 +1,4 @@
-"""The `prism-jax` command: parsing and printing, nothing else.
+"""The `prism-jax` command line: parsing and dispatch (`commands.py` runs and prints).
 
 Bad input gets one line on stderr and exit code 2. Emulated CPU devices are set up here,
 before JAX initialises its backend.
@@ -87,7 +87,6 @@ def build_parser() -> Parser:
     )
     p.add_argument("--save", default=None, help="write every output array to this .npz file")
     _plan_args(p)
-    p.set_defaults(run=_run_infer)
 
     p = sub.add_parser(
         "demo",
@@ -99,7 +98,6 @@ def build_parser() -> Parser:
     p.add_argument("--samples", type=int, default=64, help="number of reviews (default 64)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per review (default 128)")
     _plan_args(p, crs=True)
-    p.set_defaults(run=_run_demo)
 
     p = sub.add_parser(
         "cost",
@@ -118,7 +116,6 @@ def build_parser() -> Parser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _plan_args(p)
-    p.set_defaults(run=_run_cost)
 
     p = sub.add_parser(
         "eval",
@@ -137,7 +134,6 @@ def build_parser() -> Parser:
         help="tokens per example; each is padded to this length (default 128)",
     )
     _plan_args(p, crs=True)
-    p.set_defaults(run=_run_eval)
 
     p = sub.add_parser(
         "finetune",
@@ -164,7 +160,7 @@ def build_parser() -> Parser:
     p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
     p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
     _plan_args(p)
-    p.set_defaults(run=_run_finetune, strategy="single")
+    p.set_defaults(strategy="single")
 
     for name, text in [
         ("node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"),
@@ -200,377 +196,8 @@ def build_parser() -> Parser:
         p.add_argument(
             "rest", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="infer ... | cost ..."
         )
-        p.set_defaults(run=_run_node if name == "node" else _run_launch, json=False)
+        p.set_defaults(json=False)
     return parser
-
-
-def _outputs_summary(model, out: dict, batch: dict) -> dict:
-    """What a person wants to read of each output row."""
-    import numpy as np
-
-    cfg = model.config
-    rows = []
-    for i in range(len(out["last_hidden_state"])):
-        row = {}
-        if cfg.head == "classifier":
-            logits = out["logits"][i]
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            row["label"] = int(probs.argmax())
-            row["probability"] = round(float(probs.max()), 4)
-        elif cfg.head == "lm":
-            last = int(batch["attention_mask"][i].sum()) - 1
-            top = np.argsort(out["logits"][i, last])[::-1][:5]
-            decode = model.tokenizer.backend.decode if model.tokenizer else str
-            row["next_tokens"] = [decode([int(t)]) if model.tokenizer else int(t) for t in top]
-        else:
-            emb = out["last_hidden_state"][i, 0]
-            row["cls_norm"] = round(float(np.linalg.norm(emb)), 4)
-        rows.append(row)
-    return {"rows": rows}
-
-
-def _make_batch(model, args) -> dict:
-    from prism_jax.errors import PrismError
-
-    family = model.config.family
-    if args.text is not None:
-        if family == "vit":
-            raise PrismError("this is a ViT checkpoint: give --image, not --text")
-        if model.tokenizer is None:
-            raise PrismError("the checkpoint has no tokenizer (tokenizer.json or vocab.txt)")
-        return model.tokenizer(args.text, max_length=args.max_length)
-    if family != "vit":
-        raise PrismError(f"this is a {family} checkpoint: give --text, not --image")
-    if model.image_processor is None:
-        raise PrismError("the checkpoint has no preprocessor_config.json")
-    return model.image_processor(args.image)
-
-
-def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
-    import numpy as np
-
-    from prism_jax.evaluate import mean_pool
-
-    mask = batch.get("attention_mask", np.ones(out["last_hidden_state"].shape[:2]))
-    cos = (
-        mean_pool(out["last_hidden_state"], mask) * mean_pool(exact["last_hidden_state"], mask)
-    ).sum(-1)
-    result = {
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "max_abs_diff": float(np.abs(out["last_hidden_state"] - exact["last_hidden_state"]).max()),
-    }
-    if "logits" in out:
-        a, b = out["logits"].argmax(-1), exact["logits"].argmax(-1)
-        if a.ndim == 2:  # LM: agreement on valid tokens
-            valid = np.asarray(mask).astype(bool)
-            a, b = a[valid], b[valid]
-        result["top1_agreement"] = float((a == b).mean())
-    return result
-
-
-def _save(path: str, arrays: dict) -> None:
-    import jax
-    import numpy as np
-
-    if jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
-        np.savez(path, **arrays)
-
-
-def _run_infer(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import cost
-
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
-    model = pj.load_pretrained(args.model)
-    batch = _make_batch(model, args)
-    mesh = pj.edge_mesh(args.devices)
-    out = pj.infer(model, batch, mesh=mesh, plan=plan)
-    if args.save:
-        _save(args.save, out)
-    b, t = out["last_hidden_state"].shape[:2]
-    sent = cost.bytes_closed_form(model.config, plan, devices=args.devices, seq_len=t, batch=b)
-    full = cost.bytes_closed_form(
-        model.config, pj.Plan(strategy="voltage"), devices=args.devices, seq_len=t, batch=b
-    )
-    result = {
-        "model": str(args.model),
-        "family": model.config.family,
-        "head": model.config.head,
-        "devices": args.devices,
-        "plan": {"strategy": plan.strategy, "cr": plan.cr, "logit_bias": plan.logit_bias},
-        "batch": b,
-        "tokens": t,
-        "bytes_per_device": sent,
-        "bytes_voltage": full,
-        **_outputs_summary(model, out, batch),
-    }
-    if args.compare:
-        result["compare"] = _agreement(model, out, pj.infer(model, batch), batch)
-    return result
-
-
-def _print_infer(r: dict) -> None:
-    p = r["plan"]
-    print(
-        f"{r['family']} ({r['head']}) on {r['devices']} devices, {p['strategy']} CR={p['cr']} "
-        f"logit_bias={p['logit_bias']}: batch {r['batch']} x {r['tokens']} tokens"
-    )
-    print(f"bytes sent per device: {r['bytes_per_device']:,} (voltage: {r['bytes_voltage']:,})")
-    for i, row in enumerate(r["rows"]):
-        print(f"  [{i}] " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    if "compare" in r:
-        print(
-            "agreement with the exact model: "
-            + ", ".join(f"{k}={v:.6g}" for k, v in r["compare"].items())
-        )
-
-
-def _run_demo(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import data, evaluate
-
-    if args.samples < 1:
-        raise pj.PrismError("--samples must be >= 1")
-    texts = data.fine_food_reviews("test")[0][: args.samples]
-    model = pj.load_pretrained(data.minilm_dir())
-    rows = evaluate.agreement_sweep(
-        model,
-        texts,
-        devices=args.devices,
-        crs=args.cr,
-        logit_bias=args.logit_bias,
-        max_length=args.max_length,
-        progress=not args.json,
-    )
-    return {
-        "model": "all-MiniLM-L6-v2",
-        "data": f"{len(texts)} fine-food test reviews",
-        "devices": args.devices,
-        "max_length": args.max_length,
-        "logit_bias": args.logit_bias,
-        "rows": [{**vars(r), "comm_reduction": r.comm_reduction} for r in rows],
-    }
-
-
-def _print_demo(r: dict) -> None:
-    print(
-        f"{r['model']} on {r['data']} (<= {r['max_length']} tokens), N = {r['devices']} "
-        f"emulated devices, prism, logit_bias={r['logit_bias']}"
-    )
-    print(
-        f"{'plan':>11} {'cos mean':>9} {'cos min':>9} {'bytes/device':>13} {'comm':>8} "
-        f"{'time (s)':>9}"
-    )
-    for row in r["rows"]:
-        name = "voltage" if row["strategy"] == "voltage" else f"prism CR={row['cr']}"
-        change = 100 * (row["bytes_per_device"] / row["bytes_voltage"] - 1)
-        print(
-            f"{name:>11} {row['cosine_mean']:>9.5f} {row['cosine_min']:>9.5f} "
-            f"{row['bytes_per_device']:>13,} {change:>+7.1f}% {row['seconds']:>9.2f}"
-        )
-    print(
-        "cos: cosine of mean-pooled embeddings with the exact model; comm: bytes sent per "
-        "device against voltage (exact, full exchange); time: one compiled pass"
-    )
-
-
-def _run_eval(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import data, evaluate
-
-    model = pj.load_pretrained(args.model)
-    if model.config.head != "classifier" or model.tokenizer is None:
-        raise pj.PrismError("eval on fine-food needs a text classifier with a tokenizer")
-    if args.limit < 1:
-        raise pj.PrismError("--limit must be >= 1")
-    test, labels = data.fine_food_examples(
-        model.tokenizer, "test", max_length=args.max_length, limit=args.limit
-    )
-    rows = evaluate.accuracy_sweep(
-        model,
-        test,
-        labels,
-        devices=args.devices,
-        crs=args.cr,
-        logit_bias=args.logit_bias,
-        progress=not args.json,
-    )
-    return {
-        "model": args.model,
-        "dataset": args.dataset,
-        "examples": len(labels),
-        "devices": args.devices,
-        "max_length": args.max_length,
-        "rows": rows,
-    }
-
-
-def _print_eval(r: dict) -> None:
-    print(
-        f"{r['model']} on {r['examples']} {r['dataset']} test examples (padded to "
-        f"{r['max_length']}), N = {r['devices']}"
-    )
-    print(f"{'CR':>4} {'accuracy':>9} {'vs CR=1':>8} {'comm':>8} {'compute':>8}")
-    base = next((row["accuracy"] for row in r["rows"] if row["cr"] == 1), None)
-    for row in r["rows"]:
-        delta = f"{100 * (row['accuracy'] - base):+.1f}" if base is not None else "-"
-        print(
-            f"{row['cr']:>4} {100 * row['accuracy']:>8.1f}% {delta:>8} "
-            f"{-100 * row['comm_reduction']:>+7.1f}% {-100 * row['compute_reduction']:>+7.1f}%"
-        )
-
-
-def _run_finetune(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import data, evaluate, export, models, train
-
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
-    model = pj.load_pretrained(args.model)
-    if model.config.family != "bert" or model.tokenizer is None:
-        raise pj.PrismError("fine-food fine-tuning needs a BERT checkpoint with a tokenizer")
-    if model.config.head != "classifier":
-        model = models.with_classifier(model, 2, seed=args.seed)
-    examples, labels = data.fine_food_examples(model.tokenizer, "train", max_length=args.max_length)
-    test, test_labels = data.fine_food_examples(
-        model.tokenizer, "test", max_length=args.max_length, limit=args.eval_limit
-    )
-    mesh = pj.edge_mesh(args.devices) if plan.strategy != "single" else None
-
-    def accuracy(m):
-        return {"test_accuracy": evaluate.accuracy(m, test, test_labels, mesh=mesh, plan=plan)}
-
-    cfg = train.TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
-    run = train.train(
-        model,
-        {**examples, "labels": labels},
-        cfg,
-        plan=plan,
-        mesh=mesh,
-        checkpoint_dir=args.checkpoint_dir,
-        restart=args.restart,
-        progress=not args.json,
-        evaluate=accuracy,
-    )
-    if args.out:
-        export.save_pretrained(run.model, args.out)
-    return {
-        "model": args.model,
-        "plan": vars(plan) | {},
-        "devices": args.devices,
-        "steps": args.steps,
-        "resumed_from": run.resumed_from,
-        "loss_first": run.losses[0] if run.losses else None,
-        "loss_last": run.losses[-1] if run.losses else None,
-        "evals": run.evals,
-        "out": args.out,
-    }
-
-
-def _print_finetune(r: dict) -> None:
-    print(
-        f"fine-tuned {r['model']} for {r['steps']} steps under {r['plan']}"
-        + (f" (resumed from step {r['resumed_from']})" if r["resumed_from"] else "")
-    )
-    if r["loss_first"] is not None:
-        print(f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
-    for e in r["evals"]:
-        print(f"  step {e['step']}: test accuracy {e['test_accuracy']:.4f}")
-    if r["out"]:
-        print(f"exported to {r['out']}")
-
-
-def _run_cost(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import cost
-
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
-    if args.batch < 1:
-        raise pj.PrismError("--batch must be >= 1")
-    report = cost.measure(
-        args.model,
-        plan,
-        devices=args.devices,
-        seq_len=args.seq_len,
-        batch=args.batch,
-        dtype=args.dtype,
-    )
-    return report.as_dict()
-
-
-def _print_cost(r: dict) -> None:
-    print(
-        f"{r['model']}: {r['strategy']} CR={r['cr']} on {r['devices']} devices, batch "
-        f"{r['batch']} x {r['seq_len']} tokens, {r['dtype']}"
-    )
-    print(
-        f"bytes sent per device: {r['bytes_sent']:,} measured, {r['bytes_closed_form']:,} "
-        f"closed form; voltage {r['bytes_voltage']:,} -> communication "
-        f"{-100 * r['comm_reduction']:+.2f}%"
-    )
-    print(
-        f"FLOPs per device: {r['flops']:.4g}; single device, whole sequence "
-        f"{r['flops_single']:.4g} -> computation {-100 * r['compute_reduction']:+.2f}% "
-        f"(matmul closed form {-100 * r['matmul_reduction']:+.2f}%)"
-    )
-
-
-def _rest(args) -> list[str]:
-    return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-
-
-def _inner(args) -> argparse.Namespace:
-    """The command a node runs, with --devices set to the number of nodes."""
-    from prism_jax.errors import PrismError
-
-    rest = _rest(args)
-    if not rest or rest[0] not in ("infer", "cost"):
-        raise PrismError("give the command to run after the options: infer ... or cost ...")
-    inner = build_parser().parse_args(rest)
-    if "--devices" in rest and inner.devices != args.nodes:
-        raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
-    inner.devices = args.nodes
-    return inner
-
-
-def _run_node(args):
-    from prism_jax import cluster
-
-    inner = _inner(args)
-    timer = cluster.watchdog(args.rank, args.timeout)
-    cluster.initialize(
-        args.rank, args.nodes, args.coordinator, bind=args.bind, timeout_s=args.timeout
-    )
-    cluster.check_consistent(args.rank, {k: v for k, v in vars(inner).items() if k != "run"})
-    result = inner.run(inner)
-    timer.cancel()
-    if args.rank == 0:
-        (print(json.dumps(result, indent=2)) if inner.json else PRINTERS[inner.command](result))
-    return None
-
-
-def _run_launch(args):
-    from prism_jax import cluster
-
-    _inner(args)  # check the command here, before starting any process
-    return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
-
-
-PRINTERS = {
-    "infer": _print_infer,
-    "demo": _print_demo,
-    "cost": _print_cost,
-    "finetune": _print_finetune,
-    "eval": _print_eval,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         emulate_devices(1, exact=True)  # one device per process
     else:
         emulate_devices(max(getattr(args, "devices", 1) or 1, 1))
+    from prism_jax import commands
     from prism_jax.errors import PrismError
 
     try:
-        result = args.run(args)
+        result = commands.RUNNERS[command](args)
     except PrismError as e:
         print(f"prism-jax {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -592,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        PRINTERS[args.command](result)
+        commands.PRINTERS[command](result)
     return 0
 
 
