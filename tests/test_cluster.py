@@ -70,31 +70,15 @@ def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, 
             np.testing.assert_allclose(got[key], want[key], atol=ATOL_MODEL, rtol=0)
 
 
-def _nodes(directory, nodes, ranks, timeout, **env):
+def _nodes(directory, nodes, ranks, timeout, crs=None, **env):
+    """Start the given ranks of a cluster on loopback, each running `infer` (rank r at crs[r])."""
     port = cluster.free_port()
+    crs = crs or [2] * nodes
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prism_jax.cli",
-                "node",
-                "--rank",
-                str(r),
-                "--nodes",
-                str(nodes),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--timeout",
-                str(timeout),
-                "infer",
-                "--model",
-                str(directory),
-                "--cr",
-                "2",
-                "--text",
-                TEXT,
-            ],
+            f"{sys.executable} -m prism_jax.cli node --rank {r} --nodes {nodes} --coordinator "
+            f"127.0.0.1:{port} --timeout {timeout} infer --model {directory} --cr {crs[r]}".split()
+            + ["--text", TEXT],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -156,38 +140,7 @@ def test_launch_reports_the_failed_node(hf_models, capsys):
 
 
 def test_inconsistent_arguments_are_named(hf_models):
-    directory = hf_models("gpt2_lm")[1]
-    port = cluster.free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prism_jax.cli",
-                "node",
-                "--rank",
-                str(r),
-                "--nodes",
-                "2",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--timeout",
-                "30",
-                "infer",
-                "--model",
-                str(directory),
-                "--cr",
-                str(cr),
-                "--text",
-                TEXT,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        for r, cr in [(0, 2), (1, 4)]
-    ]
+    procs = _nodes(hf_models("gpt2_lm")[1], 2, [0, 1], timeout=30, crs=[2, 4])
     errors = [p.communicate(timeout=90)[1] for p in procs]
     assert all(p.returncode == 2 for p in procs)
     assert "node 1 differs from node 0 in cr" in errors[0]
