@@ -15,6 +15,23 @@ from tests.conftest import ATOL_MODEL
 TEXT = "the tea was good and the food was very good but the box was bad again"
 
 
+def _launch(nodes, timeout, *command, **env):
+    """`prism-jax launch --nodes N --timeout S -- COMMAND` in a fresh process."""
+    argv = [
+        sys.executable,
+        "-m",
+        "prism_jax.cli",
+        "launch",
+        "--nodes",
+        str(nodes),
+        "--timeout",
+        str(timeout),
+        "--",
+        *map(str, command),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(**env), timeout=180)
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return {**env, "HF_HUB_OFFLINE": "1", **extra}
@@ -27,33 +44,20 @@ def _env(**extra):
 def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, tmp_path):
     directory = hf_models(name)[1]
     saved = tmp_path / "out.npz"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prism_jax.cli",
-            "launch",
-            "--nodes",
-            str(nodes),
-            "--timeout",
-            "90",
-            "--",
-            "infer",
-            "--model",
-            str(directory),
-            "--strategy",
-            strategy,
-            "--cr",
-            str(cr),
-            "--text",
-            TEXT,
-            "--save",
-            str(saved),
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=180,
+    done = _launch(
+        nodes,
+        90,
+        "infer",
+        "--model",
+        directory,
+        "--strategy",
+        strategy,
+        "--cr",
+        cr,
+        "--text",
+        TEXT,
+        "--save",
+        saved,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"on {nodes} devices" in done.stdout  # node 0 printed the result
@@ -113,27 +117,8 @@ def test_node_killed_mid_run(hf_models):
 
 def test_launch_reports_the_failed_node(hf_models, capsys):
     directory = hf_models("gpt2_lm")[1]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prism_jax.cli",
-            "launch",
-            "--nodes",
-            "2",
-            "--timeout",
-            "20",
-            "--",
-            "infer",
-            "--model",
-            str(directory),
-            "--text",
-            TEXT,
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(**{cluster.DIE_AFTER_JOIN: "1"}),
-        timeout=120,
+    done = _launch(
+        2, 20, "infer", "--model", directory, "--text", TEXT, **{cluster.DIE_AFTER_JOIN: "1"}
     )
     assert done.returncode == 1
     assert "node 1 failed" in done.stderr
