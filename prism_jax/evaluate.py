@@ -148,6 +148,21 @@ def accuracy(
     return correct / n
 
 
+def perplexity(
+    model: Model, ids: np.ndarray, *, mesh=None, plan: Plan | None = None, batch_size: int = 16
+) -> float:
+    """exp of the mean next-token cross-entropy over packed rows `[n, T]` (no padding)."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start : start + batch_size]
+        logits = infer(model, {"input_ids": rows}, mesh=mesh, plan=plan)["logits"]
+        logits = logits[:, :-1].astype(np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        nll -= float(np.take_along_axis(logp, rows[:, 1:, None], axis=-1).sum())
+        count += rows[:, 1:].size
+    return float(np.exp(nll / max(count, 1)))
+
+
 def accuracy_sweep(
     model: Model,
     examples: dict,

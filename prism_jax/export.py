@@ -127,8 +127,8 @@ def save_pretrained(model: Model, directory: str | Path) -> Path:
                     "do_rescale": p.rescale is not None,
                     "rescale_factor": p.rescale or 1.0,
                     "do_normalize": p.mean is not None,
-                    "image_mean": list(p.mean or ()),
-                    "image_std": list(p.std or ()),
+                    "image_mean": list(p.mean or (0.5,) * p.channels),
+                    "image_std": list(p.std or (0.5,) * p.channels),
                 },
                 indent=2,
             )

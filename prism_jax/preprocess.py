@@ -44,6 +44,10 @@ class Tokenizer:
             out["token_type_ids"][i, : len(ids)] = types
         return out
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens or truncation (for packing LM text)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
 
 def _json(path: Path) -> dict:
     try:
@@ -88,6 +92,7 @@ class ImageProcessor:
     rescale: float | None = 1 / 255
     mean: tuple[float, ...] | None = (0.5, 0.5, 0.5)
     std: tuple[float, ...] | None = (0.5, 0.5, 0.5)
+    channels: int = 3  # 1: greyscale (a Fashion-MNIST model), 3: RGB
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         """PIL images (or paths) -> `{"pixel_values": [B, C, H, W] float32}`."""
@@ -100,8 +105,9 @@ class ImageProcessor:
                     image = Image.open(image)
                 except (OSError, ValueError) as e:
                     raise PrismError(f"cannot read image {image}: {e}") from None
-            image = image.convert("RGB").resize(self.size[::-1], resample=self.resample)
-            x = np.asarray(image, np.float32)
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            image = image.resize(self.size[::-1], resample=self.resample)
+            x = np.asarray(image, np.float32).reshape(*self.size, self.channels)
             if self.rescale is not None:
                 x = x * np.float32(self.rescale)
             if self.mean is not None:
@@ -123,8 +129,10 @@ def load_image_processor(directory: Path) -> ImageProcessor | None:
         )
     elif isinstance(size, int):
         size = (size, size)
+    mean = cfg.get("image_mean", (0.5,) * 3)
     return ImageProcessor(
         size=tuple(size),
+        channels=1 if len(mean) == 1 else 3,
         resample=cfg.get("resample", 2),
         rescale=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else None,
         mean=tuple(cfg.get("image_mean", (0.5,) * 3)) if cfg.get("do_normalize", True) else None,

