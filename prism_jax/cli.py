@@ -119,42 +119,54 @@ def build_parser() -> Parser:
 
     p = sub.add_parser(
         "eval",
-        help="task accuracy at each CR, beside the measured savings",
-        description="Accuracy of a classifier on the fine-food test reviews at each "
-        "compression rate on N emulated devices, with the communication and per-device compute "
-        "reductions measured from the compiled programs.",
+        help="task metric at each CR, beside the measured savings",
+        description="The task metric of a model on a dataset at each compression rate on N "
+        "emulated devices: accuracy (classifiers on text or images), perplexity (an LM on "
+        "text), cloze accuracy (an LM on a cloze set), with the communication and per-device "
+        "compute reductions measured from the compiled programs. Datasets come through TFDS: "
+        "the local builders (fine_food_reviews, fashion_mnist_local, wikipedia_leads, "
+        "wikipedia_cloze, shakespeare_texts) or, online, any TFDS name (glue/sst2, cifar10).",
     )
-    p.add_argument("--model", required=True, help="a classifier checkpoint directory")
-    p.add_argument("--dataset", default="fine-food", choices=["fine-food"])
-    p.add_argument("--limit", type=int, default=1000, help="test examples (default 1000)")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--dataset", default="fine_food_reviews", help="TFDS name")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first examples (rows) only")
     p.add_argument(
         "--max-length",
         type=int,
-        default=128,
-        help="tokens per example; each is padded to this length (default 128)",
+        default=None,
+        help="tokens per example (text classification: padded to it, default 256; LM: row "
+        "length, default the model's positions)",
+    )
+    p.add_argument(
+        "--layout",
+        default="padded",
+        choices=["padded", "unpadded"],
+        help="text classification: split the padded sequence, or each input at its own length",
     )
     _plan_args(p, crs=True)
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a classifier under a plan (robust to a CR)",
-        description="Fine-tune on the fine-food reviews (great / other) under "
-        "single, or prism at N devices and a CR so that the model learns to work "
-        "with compression. Resumable: orbax checkpoints in --checkpoint-dir.",
+        help="fine-tune a classifier or LM under a plan (robust to a CR)",
+        description="Fine-tune on a TFDS dataset (a classifier on labelled text or images, an "
+        "LM on text) under single, or prism at N devices and a CR so that the model learns to "
+        "work with compression. Resumable: orbax checkpoints in --checkpoint-dir.",
     )
     p.add_argument(
         "--model",
         required=True,
-        help="checkpoint directory (a base BERT gets a fresh 2-class head)",
+        help="checkpoint directory (a base model gets a fresh head for a labelled dataset)",
     )
-    p.add_argument("--dataset", default="fine-food", choices=["fine-food"])
+    p.add_argument("--dataset", default="fine_food_reviews", help="TFDS name")
+    p.add_argument("--eval-split", default="test")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--eval-limit", type=int, default=1000, help="test reviews per evaluation")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example / LM row")
+    p.add_argument("--eval-limit", type=int, default=1000, help="examples per evaluation")
     p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")

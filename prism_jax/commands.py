@@ -184,20 +184,20 @@ def _print_demo(r: dict) -> None:
 
 def _run_eval(args) -> dict:
     import prism_jax as pj
-    from prism_jax import data, evaluate
+    from prism_jax import tasks
 
     model = pj.load_pretrained(args.model)
-    if model.config.head != "classifier" or model.tokenizer is None:
-        raise pj.PrismError("eval on fine-food needs a text classifier with a tokenizer")
-    if args.limit < 1:
-        raise pj.PrismError("--limit must be >= 1")
-    test, labels = data.fine_food_examples(
-        model.tokenizer, "test", max_length=args.max_length, limit=args.limit
-    )
-    rows = evaluate.accuracy_sweep(
+    task = tasks.load(
         model,
-        test,
-        labels,
+        args.dataset,
+        split=args.split,
+        limit=args.limit,
+        max_length=args.max_length,
+        layout=args.layout,
+    )
+    rows = tasks.sweep(
+        model,
+        task,
         devices=args.devices,
         crs=args.cr,
         logit_bias=args.logit_bias,
@@ -206,46 +206,63 @@ def _run_eval(args) -> dict:
     return {
         "model": args.model,
         "dataset": args.dataset,
-        "examples": len(labels),
+        "split": args.split,
+        "metric": task.metric,
+        "examples": task.examples,
+        "seq_len": task.seq_len,
+        "layout": args.layout,
         "devices": args.devices,
-        "max_length": args.max_length,
         "rows": rows,
     }
 
 
 def _print_eval(r: dict) -> None:
+    metric = r["metric"]
     print(
-        f"{r['model']} on {r['examples']} {r['dataset']} test examples (padded to "
-        f"{r['max_length']}), N = {r['devices']}"
+        f"{r['model']} on {r['examples']} {r['dataset']} {r['split']} examples "
+        f"(T = {r['seq_len']}, {r['layout']}), N = {r['devices']}, {metric}"
     )
-    print(f"{'CR':>4} {'accuracy':>9} {'vs CR=1':>8} {'comm':>8} {'compute':>8}")
-    base = next((row["accuracy"] for row in r["rows"] if row["cr"] == 1), None)
+    print(f"{'CR':>4} {metric:>15} {'vs CR=1':>8} {'comm':>8} {'compute':>8}")
+    base = next((row[metric] for row in r["rows"] if row["cr"] == 1), None)
+    percent = metric != "perplexity"
     for row in r["rows"]:
-        delta = f"{100 * (row['accuracy'] - base):+.1f}" if base is not None else "-"
+        value, scale = row[metric], 100 if percent else 1
+        delta = f"{scale * (value - base):+.2f}" if base is not None else "-"
+        shown = f"{100 * value:.2f}%" if percent else f"{value:.3f}"
         print(
-            f"{row['cr']:>4} {100 * row['accuracy']:>8.1f}% {delta:>8} "
+            f"{row['cr']:>4} {shown:>15} {delta:>8} "
             f"{-100 * row['comm_reduction']:>+7.1f}% {-100 * row['compute_reduction']:>+7.1f}%"
         )
 
 
 def _run_finetune(args) -> dict:
     import prism_jax as pj
-    from prism_jax import data, evaluate, export, models, train
+    from prism_jax import datasets, export, models, tasks, train
 
     plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
     model = pj.load_pretrained(args.model)
-    if model.config.family != "bert" or model.tokenizer is None:
-        raise pj.PrismError("fine-food fine-tuning needs a BERT checkpoint with a tokenizer")
-    if model.config.head != "classifier":
-        model = models.with_classifier(model, 2, seed=args.seed)
-    examples, labels = data.fine_food_examples(model.tokenizer, "train", max_length=args.max_length)
-    test, test_labels = data.fine_food_examples(
-        model.tokenizer, "test", max_length=args.max_length, limit=args.eval_limit
+    features = datasets.builder(args.dataset).info.features
+    if "label" in features and model.config.head != "classifier":
+        model = models.with_classifier(model, features["label"].num_classes, seed=args.seed)
+    train_task = tasks.load(model, args.dataset, split="train", max_length=args.max_length)
+    test_task = tasks.load(
+        model,
+        args.dataset,
+        split=args.eval_split,
+        limit=args.eval_limit,
+        max_length=args.max_length,
     )
     mesh = pj.edge_mesh(args.devices) if plan.strategy != "single" else None
 
-    def accuracy(m):
-        return {"test_accuracy": evaluate.accuracy(m, test, test_labels, mesh=mesh, plan=plan)}
+    def evaluate(m):
+        scored = tasks.load(
+            m,
+            args.dataset,
+            split=args.eval_split,
+            limit=args.eval_limit,
+            max_length=args.max_length,
+        )
+        return {f"{args.eval_split}_{test_task.metric}": scored.score(mesh, plan)}
 
     cfg = train.TrainConfig(
         steps=args.steps,
@@ -257,19 +274,20 @@ def _run_finetune(args) -> dict:
     )
     run = train.train(
         model,
-        {**examples, "labels": labels},
+        train_task.train_examples,
         cfg,
         plan=plan,
         mesh=mesh,
         checkpoint_dir=args.checkpoint_dir,
         restart=args.restart,
         progress=not args.json,
-        evaluate=accuracy,
+        evaluate=evaluate,
     )
     if args.out:
         export.save_pretrained(run.model, args.out)
     return {
         "model": args.model,
+        "dataset": args.dataset,
         "plan": vars(plan) | {},
         "devices": args.devices,
         "steps": args.steps,
@@ -289,7 +307,9 @@ def _print_finetune(r: dict) -> None:
     if r["loss_first"] is not None:
         print(f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
     for e in r["evals"]:
-        print(f"  step {e['step']}: test accuracy {e['test_accuracy']:.4f}")
+        print(
+            f"  step {e['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step")
+        )
     if r["out"]:
         print(f"exported to {r['out']}")
 

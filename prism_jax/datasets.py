@@ -10,7 +10,9 @@ no TensorFlow). Any other name goes to TFDS's own catalogue (`glue/sst2`, `cifar
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import zlib
 from pathlib import Path
 
@@ -19,7 +21,12 @@ import numpy as np
 from prism_jax import data
 from prism_jax.errors import PrismError
 
-DEFAULT_DATA_DIR = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+
+def default_data_dir() -> Path:
+    """TFDS's own default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+
+
 TEXT_KEYS = ("text", "sentence", "content")
 IMAGE_KEYS = ("image", "img")
 
@@ -156,7 +163,7 @@ LOCAL = (
 def builder(name: str, data_dir: str | Path | None = None):
     """The prepared TFDS builder of `name` (a local source, or any TFDS catalogue name)."""
     tfds = _tfds()
-    data_dir = str(data_dir or DEFAULT_DATA_DIR)
+    data_dir = str(data_dir or default_data_dir())
     if name in LOCAL:
         b = _builders()[name](data_dir=data_dir, file_format="array_record")
     else:
@@ -166,7 +173,8 @@ def builder(name: str, data_dir: str | Path | None = None):
             raise PrismError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
     if not b.is_prepared():
         try:
-            b.download_and_prepare()
+            with contextlib.redirect_stdout(sys.stderr):  # TFDS prints; stdout may be --json
+                b.download_and_prepare()
         except PrismError:
             raise
         except Exception as e:  # offline: the download fails

@@ -161,36 +161,3 @@ def perplexity(
         nll -= float(np.take_along_axis(logp, rows[:, 1:, None], axis=-1).sum())
         count += rows[:, 1:].size
     return float(np.exp(nll / max(count, 1)))
-
-
-def accuracy_sweep(
-    model: Model,
-    examples: dict,
-    labels: np.ndarray,
-    *,
-    devices: int,
-    crs: list[int],
-    logit_bias: str = "log_count",
-    batch_size: int = 64,
-    progress: bool = True,
-) -> list[dict]:
-    """Classifier accuracy per CR at N devices, beside the communication and per-device compute
-    reductions measured from the compiled programs (`cost.measure`, batch 1, T = padded
-    length of the examples)."""
-    mesh = edge_mesh(devices)
-    t = next(iter(examples.values())).shape[1]
-    rows = []
-    for cr in tqdm(crs, desc=f"accuracy N={devices}", disable=not progress):
-        plan = Plan(strategy="prism", cr=cr, logit_bias=logit_bias)
-        acc = accuracy(model, examples, labels, mesh=mesh, plan=plan, batch_size=batch_size)
-        report = cost.measure(model.config, plan, devices=devices, seq_len=t)
-        rows.append(
-            {
-                "cr": cr,
-                "logit_bias": logit_bias,
-                "accuracy": acc,
-                "comm_reduction": report.comm_reduction,
-                "compute_reduction": report.compute_reduction,
-            }
-        )
-    return rows

@@ -44,3 +44,11 @@ def hf_models(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tfds_dir(tmp_path_factory):
+    """TFDS prepares the local builders once per session, away from ~/tensorflow_datasets."""
+    path = tmp_path_factory.mktemp("tfds")
+    os.environ["TFDS_DATA_DIR"] = str(path)
+    return path

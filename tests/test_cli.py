@@ -184,7 +184,7 @@ def test_console_script_sets_up_devices(hf_models):
 def test_eval_reports_accuracy_per_cr(hf_models, tmp_path, capsys):
     """A tiny classifier: CR = 1 equals the exact model's accuracy; savings grow with CR."""
     import prism_jax as pj
-    from prism_jax import data, evaluate, export, models
+    from prism_jax import datasets, evaluate, export, models
 
     model = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 2, seed=3)
     directory = export.save_pretrained(model, tmp_path / "clf")
@@ -207,9 +207,11 @@ def test_eval_reports_accuracy_per_cr(hf_models, tmp_path, capsys):
     assert code == 0
     r = json.loads(capsys.readouterr().out)
     cr1, cr4 = r["rows"]
-    test, labels = data.fine_food_examples(model.tokenizer, "test", max_length=24, limit=12)
+    texts, labels = datasets.texts("fine_food_reviews", "test", 12)
+    test = model.tokenizer(texts, max_length=24, pad_to=24)
+    assert r["examples"] == 12 and r["metric"] == "accuracy"
     assert cr1["accuracy"] == evaluate.accuracy(model, test, labels)
     assert cr4["comm_reduction"] > cr1["comm_reduction"]
     assert cr4["compute_reduction"] > cr1["compute_reduction"] > 0
     assert cli.main(["eval", "--model", str(hf_models("bert")[1]), "--limit", "4"]) == 2
-    assert "needs a text classifier" in capsys.readouterr().err
+    assert "no classifier head" in capsys.readouterr().err

@@ -10,11 +10,6 @@ from prism_jax import cloze, data, datasets
 from prism_jax.errors import PrismError
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
 def test_fine_food_reviews(tfds_dir):
     b = datasets.builder("fine_food_reviews", tfds_dir)
     assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 4000, "test": 1000}

@@ -29,9 +29,11 @@ class Bert(nnx.Module):
 
     def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
         """Local tokens in, `(per-token outputs, outputs read from the CLS row)` out."""
+        # HF's optional position_ids (a relaid batch, `tasks.unpadded`); else the global index.
+        pos = inputs["position_ids"] if "position_ids" in inputs else ex.positions()[None]
         x = (
             embed_lookup(self.word, inputs["input_ids"])
-            + embed_lookup(self.pos, ex.positions())[None]
+            + embed_lookup(self.pos, pos)
             + embed_lookup(self.type, inputs["token_type_ids"])
         )  # [B, L, D]
         x = self.encoder(self.ln_embed(x), ex)
@@ -51,4 +53,9 @@ def prepare(cfg: BertConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.nda
     if types.shape != valid.shape:
         raise PrismError(f"token_type_ids has shape {types.shape}, input_ids {valid.shape}")
     inputs["token_type_ids"] = types
+    if "position_ids" in batch:
+        pos = np.asarray(batch["position_ids"], np.int32)
+        if pos.shape != valid.shape or pos.min() < 0 or pos.max() >= cfg.max_positions:
+            raise PrismError(f"position_ids must be [batch, tokens] in [0, {cfg.max_positions})")
+        inputs["position_ids"] = pos
     return inputs, valid

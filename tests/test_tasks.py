@@ -1,0 +1,127 @@
+"""Tasks: the unpadded layout, perplexity, cloze scoring and image classification."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import cloze, datasets, evaluate, models, tasks, text
+from prism_jax.configs import GPT2Config, ViTConfig
+from prism_jax.preprocess import ImageProcessor
+from tests.conftest import ATOL_MODEL
+
+
+@pytest.mark.parametrize("devices,cr", [(4, 3), (3, 2)])
+def test_unpadded_layout_equals_each_input_alone(hf_models, devices, cr):
+    """Relaid rows give what each input gives run alone at its own length."""
+    model = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 3, seed=1)
+    texts, _ = datasets.texts("fine_food_reviews", "test", 5)
+    t_pad = 12 * devices
+    batch = model.tokenizer(texts, max_length=t_pad, pad_to=t_pad)
+    batch["attention_mask"][0, 7:] = 0  # a short one
+    mesh, plan = pj.edge_mesh(devices), pj.Plan(cr=cr)
+    relaid = pj.infer(model, tasks.unpadded(batch, devices), mesh=mesh, plan=plan)["logits"]
+    padded = pj.infer(model, batch, mesh=mesh, plan=plan)["logits"]
+    for i, t in enumerate(batch["attention_mask"].sum(1)):
+        alone = {k: v[i : i + 1, :t] for k, v in batch.items()}
+        want = pj.infer(model, alone, mesh=mesh, plan=plan)["logits"][0]
+        np.testing.assert_allclose(relaid[i], want, atol=ATOL_MODEL)
+    assert np.abs(padded[0] - relaid[0]).max() > 1e-3  # padding changed the short input
+
+
+def _lm(vocab=300, seed=0):
+    texts, _ = datasets.texts("wikipedia_leads", "train", 60)
+    tokenizer = text.train_bpe(texts, vocab, max_length=64)
+    cfg = GPT2Config(
+        vocab_size=tokenizer.backend.get_vocab_size(),
+        width=32,
+        depth=2,
+        heads=2,
+        mlp_width=64,
+        act="gelu_new",
+        ln_eps=1e-5,
+        max_positions=64,
+        head="lm",
+    )
+    m = models.init(cfg, seed=seed)
+    return models.Model(cfg, m.graphdef, m.params, tokenizer)
+
+
+def test_bpe_and_packing():
+    model = _lm()
+    tok = model.tokenizer
+    sample = "The Eiffel Tower is in Paris."
+    assert tok.backend.decode(tok.encode_plain(sample)) == sample
+    rows = text.pack(tok, ["one two three", "four five"], 4)
+    stream = tok.encode_plain("one two three") + [tok.pad_id] + tok.encode_plain("four five")
+    assert rows.shape[1] == 4 and rows.ravel().tolist() == (stream + [tok.pad_id])[: rows.size]
+
+
+def test_perplexity_task():
+    model = _lm()
+    task = tasks.load(model, "wikipedia_leads", split="validation", limit=6, max_length=64)
+    assert task.metric == "perplexity" and task.examples == 6 and not task.higher_is_better
+    single = task.score(None, None)
+    prism = task.score(pj.edge_mesh(4), pj.Plan(cr=1))
+    assert single == pytest.approx(prism, rel=1e-5)
+    # A model with zero embeddings predicts uniformly: perplexity = vocabulary size.
+    zero = jax.tree.map(np.zeros_like, model.params)
+    uniform = dataclasses.replace(model, params=zero)
+    rows = task.train_examples["input_ids"]
+    v = model.config.vocab_size
+    assert evaluate.perplexity(uniform, rows) == pytest.approx(v, rel=1e-5)
+
+
+def test_cloze_candidates_and_scores():
+    model = _lm()
+    q = {
+        "context": "Alice went to the market. " * 30,
+        "question": "Then XXXXX came home.",
+        "options": [f"Name{i}" for i in range(10)],
+        "answer": "Name3",
+    }
+    batch, target = cloze.candidates(q, model.tokenizer, 40)
+    ids = batch["input_ids"]
+    assert ids.shape[0] == 10 and batch["attention_mask"].sum(1).max() == 40  # left-truncated
+    for i, option in enumerate(q["options"]):
+        sentence = model.tokenizer.encode_plain(" Then " + option + " came home.")
+        n = batch["attention_mask"][i].sum()
+        assert ids[i, :n][target[i, :n]].tolist() == sentence
+    logits = np.random.default_rng(0).normal(size=(*ids.shape, model.config.vocab_size))
+    scores = cloze.sequence_scores(logits, ids, target)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    row = 2
+    want = sum(logp[row, j - 1, ids[row, j]] for j in range(1, ids.shape[1]) if target[row, j])
+    assert scores[row] == pytest.approx(want)
+
+
+def test_cloze_task_prism_cr1_equals_single():
+    model = _lm()
+    task = tasks.load(model, "wikipedia_cloze", limit=5, max_length=64)
+    assert task.metric == "cloze_accuracy" and task.examples == 5
+    assert task.score(None, None) == task.score(pj.edge_mesh(2), pj.Plan(cr=1))
+
+
+def test_image_classification_task(hf_models):
+    cfg = ViTConfig(
+        width=16, depth=1, heads=2, mlp_width=32, act="gelu", ln_eps=1e-6, max_positions=197,
+        image_size=28, patch_size=2, channels=1, head="classifier", num_labels=10,
+    )  # fmt: skip
+    m = models.init(cfg, seed=0)
+    processor = ImageProcessor(size=(28, 28), mean=(0.5,), std=(0.5,), channels=1)
+    model = models.Model(cfg, m.graphdef, m.params, None, processor)
+    task = tasks.load(model, "fashion_mnist_local", limit=16)
+    assert task.metric == "accuracy" and task.seq_len == 197
+    images, labels = datasets.arrays("fashion_mnist_local", "test", 16)
+    x = task.train_examples["pixel_values"]
+    assert x.shape == (16, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    want = evaluate.accuracy(model, {"pixel_values": x}, labels)
+    assert task.score(None, None) == want == task.score(pj.edge_mesh(4), pj.Plan(cr=1))
+    # colour images of another size go through the image processor
+    colour = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    assert tasks.image_pixels(model, colour).shape == (2, 1, 28, 28)
+    with pytest.raises(pj.PrismError, match="holds images"):
+        bert = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 2)
+        tasks.load(bert, "fashion_mnist_local")
