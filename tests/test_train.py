@@ -162,3 +162,40 @@ def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
     # the same command again resumes from the last checkpoint: nothing left to do
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
+
+
+def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
+    """`finetune` trains an LM on text (perplexity) and a ViT on images (accuracy) under prism."""
+    import json
+
+    from prism_jax import cli, export, models
+    from prism_jax.configs import ViTConfig
+    from prism_jax.preprocess import ImageProcessor
+
+    argv = (
+        f"finetune --model {hf_models('gpt2_lm')[1]} --dataset wikipedia_leads --steps 2 "
+        "--batch-size 2 --max-length 32 --eval-split validation --eval-limit 2 "
+        "--strategy prism --devices 4 --cr 2 --json"
+    ).split()
+    assert cli.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["evals"][-1]["validation_perplexity"] > 1 and r["loss_first"] > 0
+
+    cfg = ViTConfig(
+        width=16, depth=1, heads=2, mlp_width=32, act="gelu", ln_eps=1e-6, max_positions=197,
+        image_size=28, patch_size=2, channels=1, head="classifier", num_labels=10,
+    )  # fmt: skip
+    m = models.init(cfg)
+    processor = ImageProcessor(size=(28, 28), mean=(0.5,), std=(0.5,), channels=1)
+    vit = export.save_pretrained(
+        models.Model(cfg, m.graphdef, m.params, None, processor), tmp_path / "vit"
+    )
+    argv = (
+        f"finetune --model {vit} --dataset fashion_mnist_local --steps 2 --batch-size 4 "
+        "--eval-limit 8 --strategy prism --devices 4 --cr 8 --json"
+    ).split()
+    assert cli.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 <= r["evals"][-1]["test_accuracy"] <= 1
+    assert cli.main([*argv[:2], str(hf_models("vit_cls")[1]), *argv[3:]]) == 2
+    assert "the classifier has 5 classes" in capsys.readouterr().err

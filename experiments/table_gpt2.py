@@ -1,0 +1,64 @@
+"""GPT-2 against compression: Wikipedia perplexity and the CBT-style cloze test.
+
+Command:  .venv/bin/python experiments/table_gpt2.py          (about 25 minutes on 2 cores)
+Smoke:    .venv/bin/python experiments/table_gpt2.py --smoke  (seconds; run by the tests)
+
+The GPT-2 task model (experiments/models/gpt2-wikipedia, `train_gpt2.py`) with the
+partition-aware causal mask, at N in {2, 4, 8}, CR from 1 up to the local length, training-free:
+held-out perplexity on packed 256-token rows of the test leads (both logit biases) and cloze
+accuracy on the `wikipedia_cloze` questions (10 options, chance 10 %). Writes
+experiments/results/table_gpt2.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+HERE = Path(__file__).parent
+MODEL = HERE / "models" / "gpt2-wikipedia"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few rows, N = 8, seconds")
+    parser.add_argument("--model", default=str(MODEL), help="a GPT-2 LM directory")
+    parser.add_argument("--rows", type=int, default=64, help="test rows of 256 tokens")
+    parser.add_argument("--questions", type=int, default=100, help="cloze questions")
+    parser.add_argument(
+        "--cloze-biases", default="log_count", help="logit biases for the cloze grid"
+    )
+    parser.add_argument("--out", default=None, help="results folder")
+    args = parser.parse_args(argv)
+
+    import prism_jax as pj
+    from prism_jax import report, tasks
+
+    model = pj.load_pretrained(args.model)
+    rows, questions, devices = (
+        (4, 3, (8,)) if args.smoke else (args.rows, args.questions, (2, 4, 8))
+    )
+    results = []
+    task = tasks.load(model, "wikipedia_leads", limit=rows)
+    results.append(("GPT-2 Wikipedia perplexity", report.grid(model, task, devices=devices)))
+    task = tasks.load(model, "wikipedia_cloze", limit=questions)
+    biases = tuple(args.cloze_biases.split(","))
+    results.append(("GPT-2 cloze", report.grid(model, task, devices=devices, biases=biases)))
+    text = "\n".join(report.markdown(r, title) for title, r in results)
+    print(text)
+    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table_gpt2.json").write_text(json.dumps(dict(results), indent=2) + "\n")
+        (out / "table_gpt2.md").write_text(text)
+        report.plot(results, out / "table_gpt2.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""ViT accuracy against compression on Fashion-MNIST (197 tokens), and real foolbox images.
+
+Command:  .venv/bin/python experiments/table_vit.py          (about 15 minutes on 2 cores)
+Smoke:    .venv/bin/python experiments/table_vit.py --smoke  (seconds; run by the tests)
+
+The ViT task model (experiments/models/vit-fashion-mnist, `train_vit.py`) at N in {2, 4, 8},
+CR from 1 up to the local length, both logit biases, training-free. Then the real CIFAR-10,
+CIFAR-100, ImageNet and Fashion-MNIST sample images shipped with `foolbox` through the ViT path
+end to end (PNG -> image processor -> prism on 4 devices): a smoke of real pixels, not a
+metric. Writes experiments/results/table_vit.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+HERE = Path(__file__).parent
+MODEL = HERE / "models" / "vit-fashion-mnist"
+
+
+def foolbox_images() -> dict[str, list[tuple[Path, int]]]:
+    """The sample PNGs shipped in foolbox/data, by set: (path, label from the file name)."""
+    spec = importlib.util.find_spec("foolbox")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    sets: dict[str, list] = {}
+    for path in sorted(folder.glob("*.png")):
+        name, _, label = path.stem.split("_")
+        sets.setdefault(name, []).append((path, int(label)))
+    return sets
+
+
+def real_pixels(model, devices: int = 4, cr: int = 4) -> list[dict]:
+    """Each foolbox set through the image processor and prism: CR = 1 against the exact model
+    (must agree), CR = `cr` (how many predictions stay), accuracy where labels mean ours."""
+    import numpy as np
+
+    import prism_jax as pj
+
+    rows, mesh = [], pj.edge_mesh(devices)
+    for name, items in foolbox_images().items():
+        batch = model.image_processor([p for p, _ in items])
+        exact = pj.infer(model, batch)["logits"]
+        cr1 = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=1))["logits"]
+        crn = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=cr))["logits"]
+        labels = np.array([label for _, label in items])
+        rows.append(
+            {
+                "set": name,
+                "images": len(items),
+                "size": list(batch["pixel_values"].shape[1:]),
+                "cr1_max_abs_diff": float(np.abs(cr1 - exact).max()),
+                f"cr{cr}_same_prediction": float((crn.argmax(-1) == exact.argmax(-1)).mean()),
+                "accuracy": float((exact.argmax(-1) == labels).mean())
+                if name == "fashionMNIST"
+                else None,
+            }
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a few images, N = 2, seconds")
+    parser.add_argument("--model", default=str(MODEL), help="a ViT classifier directory")
+    parser.add_argument("--limit", type=int, default=2000, help="test images (default 2000)")
+    parser.add_argument("--out", default=None, help="results folder")
+    args = parser.parse_args(argv)
+
+    import prism_jax as pj
+    from prism_jax import report, tasks
+
+    model = pj.load_pretrained(args.model)
+    limit, devices = (8, (8,)) if args.smoke else (args.limit, (2, 4, 8))
+    task = tasks.load(model, "fashion_mnist_local", limit=limit)
+    title = "ViT (patch 2, 197 tokens) Fashion-MNIST"
+    result = report.grid(model, task, devices=devices, biases=report.BIASES)
+    pixels = real_pixels(model)
+    text = report.markdown(result, title) + "\n### Real foolbox images through the ViT path\n\n"
+    text += "| set | images | pixel_values | CR=1 max abs diff | CR=4 same prediction | acc |\n"
+    text += "|---|---:|---|---:|---:|---:|\n"
+    for r in pixels:
+        acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.0f} %"
+        text += (
+            f"| {r['set']} | {r['images']} | {r['size']} | {r['cr1_max_abs_diff']:.1e} | "
+            f"{100 * r['cr4_same_prediction']:.0f} % | {acc} |\n"
+        )
+    print(text)
+    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"fashion_mnist": result, "foolbox": pixels}
+        (out / "table_vit.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "table_vit.md").write_text(text)
+        report.plot([(title, result)], out / "table_vit.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Accuracy-against-compression grids: the task metric at every (N, CR, logit bias), with the
+measured savings, as JSON, a paper-style Markdown table and a plot."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from prism_jax import cost
+from prism_jax.configs import Plan
+from prism_jax.partition import edge_mesh
+from prism_jax.tasks import Task
+
+BIASES = ("log_count", "none")
+
+
+def crs_up_to(local_len: int) -> list[int]:
+    """1, 2, 4, ... below the local length L, then L itself (one segment per device)."""
+    out, cr = [], 1
+    while cr < local_len:
+        out.append(cr)
+        cr *= 2
+    return [*out, local_len]
+
+
+def grid(
+    model,
+    task: Task,
+    *,
+    devices: tuple[int, ...] = (2, 4, 8),
+    biases: tuple[str, ...] = BIASES,
+    progress: bool = True,
+) -> dict:
+    """The metric of `task` at each N, every CR up to the local length, each logit bias;
+    bytes and FLOPs measured once per (N, CR) from the compiled programs."""
+    tic = time.perf_counter()
+    exact = task.score(None, None)
+    rows = []
+    cases = [(n, cr) for n in devices for cr in crs_up_to(-(-task.seq_len // n))]
+    for n, cr in tqdm(cases, desc=f"{task.dataset} {task.metric}", disable=not progress):
+        mesh = edge_mesh(n)
+        report = cost.measure(model.config, Plan(cr=cr), devices=n, seq_len=task.seq_len)
+        for bias in biases:
+            rows.append(
+                {
+                    "devices": n,
+                    "cr": cr,
+                    "logit_bias": bias,
+                    "value": task.score(mesh, Plan(cr=cr, logit_bias=bias)),
+                    "comm_reduction": report.comm_reduction,
+                    "compute_reduction": report.compute_reduction,
+                }
+            )
+    return {
+        "dataset": task.dataset,
+        "metric": task.metric,
+        "examples": task.examples,
+        "seq_len": task.seq_len,
+        "exact": exact,
+        "rows": rows,
+        "seconds": time.perf_counter() - tic,
+    }
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.2f}" if metric == "perplexity" else f"{100 * value:.1f}"
+
+
+def markdown(result: dict, title: str) -> str:
+    """Rows: CR; columns: N x logit bias; cells: the metric (accuracies in %), then the
+    measured communication / compute reduction at that (N, CR)."""
+    metric, rows = result["metric"], result["rows"]
+    devices = sorted({r["devices"] for r in rows})
+    biases = [b for b in BIASES if any(r["logit_bias"] == b for r in rows)]
+    crs = sorted({r["cr"] for r in rows})
+    cell = {(r["devices"], r["cr"], r["logit_bias"]): r for r in rows}
+    unit = "" if metric == "perplexity" else " (%)"
+    head = [f"N={n} {b}" for n in devices for b in biases]
+    head += [f"comm / compute N={n}" for n in devices]
+    lines = [
+        f"### {title}",
+        "",
+        f"{metric}{unit} on {result['examples']} {result['dataset']} examples, T = "
+        f"{result['seq_len']}; exact model (single device): {_fmt(metric, result['exact'])}.",
+        "",
+        "| CR | " + " | ".join(head) + " |",
+        "|---:|" + "---:|" * len(head),
+    ]
+    for cr in crs:
+        cells = [
+            _fmt(metric, cell[(n, cr, b)]["value"]) if (n, cr, b) in cell else ""
+            for n in devices
+            for b in biases
+        ]
+        for n in devices:
+            r = cell.get((n, cr, biases[0]))
+            cells.append(
+                f"{-100 * r['comm_reduction']:+.1f} / {-100 * r['compute_reduction']:+.1f} %"
+                if r
+                else ""
+            )
+        lines.append(f"| {cr} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[tuple[str, dict]], path) -> None:
+    """One panel per result: the metric against CR (log scale), a line per N; solid
+    log_count, dashed no bias; the exact model dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, (title, result) in zip(axes[0], results, strict=True):
+        metric = result["metric"]
+        scale = 1 if metric == "perplexity" else 100
+        for i, n in enumerate(sorted({r["devices"] for r in result["rows"]})):
+            for bias, style in (("log_count", "-"), ("none", "--")):
+                pts = [
+                    (r["cr"], scale * r["value"])
+                    for r in result["rows"]
+                    if r["devices"] == n and r["logit_bias"] == bias
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=f"C{i}",
+                            label=f"N={n} {bias}")  # fmt: skip
+        ax.axhline(scale * result["exact"], color="k", ls=":", lw=1, label="exact")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression rate CR")
+        ax.set_ylabel(metric + ("" if metric == "perplexity" else " (%)"))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
