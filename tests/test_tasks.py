@@ -125,3 +125,20 @@ def test_image_classification_task(hf_models):
     with pytest.raises(pj.PrismError, match="holds images"):
         bert = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 2)
         tasks.load(bert, "fashion_mnist_local")
+
+
+def test_grid_crs_and_markdown():
+    from prism_jax import report
+
+    assert report.crs_up_to(99) == [1, 2, 4, 8, 16, 32, 64, 99]
+    assert report.crs_up_to(64) == [1, 2, 4, 8, 16, 32, 64] and report.crs_up_to(1) == [1]
+    row = dict(comm_reduction=0.5, compute_reduction=0.25)
+    result = {
+        "dataset": "d", "metric": "accuracy", "examples": 3, "seq_len": 8, "exact": 0.5,
+        "rows": [
+            {"devices": 2, "cr": 1, "logit_bias": "log_count", "value": 0.5, **row},
+            {"devices": 2, "cr": 1, "logit_bias": "none", "value": 0.25, **row},
+        ],
+    }  # fmt: skip
+    table = report.markdown(result, "t")
+    assert "| 1 | 50.0 | 25.0 | -50.0 / -25.0 % |" in table
