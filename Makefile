@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-data demo test lint format slow bench finefood-model clean
+.PHONY: install system-data demo test lint format slow bench finefood-model vit-model gpt2-model \
+	tables clean
 
 install: $(STAMP)
 
@@ -50,6 +51,22 @@ MINILM = $$($(PY) -c "from prism_jax import data; print(data.minilm_dir())")
 finefood-model: install
 	$(VENV)/bin/prism-jax finetune --model $(MINILM) --steps 375 --batch-size 32 --lr 1e-4 \
 		--warmup 30 --checkpoint-dir artifacts/minilm-finefood-ckpt --out artifacts/minilm-finefood
+
+# The ViT and GPT-2 task models are committed (experiments/models, < 25 MB); these retrain
+# them (~45 and ~30 min), resuming from artifacts/ if interrupted.
+vit-model: system-data install
+	$(PY) experiments/train_vit.py --checkpoint-dir artifacts/vit-fmnist-ckpt
+
+gpt2-model: install
+	$(PY) experiments/train_gpt2.py --checkpoint-dir artifacts/gpt2-wiki-ckpt
+
+# Accuracy against compression and robust fine-tuning (issue #6; BERT needs finefood-model).
+tables: finefood-model system-data
+	$(PY) experiments/table_bert.py
+	$(PY) experiments/table_vit.py
+	$(PY) experiments/table_gpt2.py
+	$(PY) experiments/robust_finetune.py --family bert
+	$(PY) experiments/robust_finetune.py --family vit
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
