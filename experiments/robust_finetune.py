@@ -9,8 +9,8 @@ Two arms with the same recipe, data order and steps: one fine-tunes under `prism
 exact model, run as `single`). Both are then scored at that (N, CR) and at the other CRs.
 BERT: the whole recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food
 reviews, inputs padded to 128). ViT: further training of the Fashion-MNIST task model (from
-scratch would be another hour), 300 steps at batch 128. Writes
-experiments/results/robust_{family}.{json,md,png}.
+scratch would be another hour), 200 steps at batch 128. Writes
+experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ os.environ["XLA_FLAGS"] = (
 HERE = Path(__file__).parent
 RECIPES = {
     "bert": dict(steps=125, batch_size=32, lr=1e-4, warmup=12, limit=1000, max_length=128),
-    "vit": dict(steps=300, batch_size=128, lr=5e-4, warmup=20, limit=2000, max_length=None),
+    "vit": dict(steps=200, batch_size=128, lr=5e-4, warmup=20, limit=2000, max_length=None),
 }
 SMOKE = dict(steps=2, batch_size=4, lr=1e-4, warmup=1, limit=6, max_length=16)
 
@@ -49,6 +49,10 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--cr", type=int, default=16)
     parser.add_argument("--eval-crs", default="1,2,4,8,16,32")
+    parser.add_argument("--logit-bias", default="log_count", choices=["log_count", "none"])
+    parser.add_argument(
+        "--layout", default="padded", choices=["padded", "unpadded"], help="BERT inputs"
+    )
     parser.add_argument("--checkpoints", default=str(HERE.parent / "artifacts"))
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
@@ -76,26 +80,37 @@ def main(argv=None):
     arms = {
         "start (no extra training)": None,
         "trained at CR=1": pj.Plan(strategy="single"),
-        f"trained at N={args.devices} CR={args.cr}": pj.Plan(cr=args.cr),
+        f"trained at N={args.devices} CR={args.cr}": pj.Plan(
+            cr=args.cr, logit_bias=args.logit_bias
+        ),
     }
     results = {}
     for name, plan in arms.items():
         tic = time.perf_counter()
         model = base
         if plan is not None:
-            tag = "prism" if plan.strategy == "prism" else "cr1"
+            tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
+            tag = "cr1" if plan.strategy == "single" else f"prism-{tag}"
             ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
-            model = train.train(
-                base, examples, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt
-            ).model
+            data = examples
+            if args.layout == "unpadded" and plan.strategy == "prism":  # each input at its length
+                relaid = tasks.unpadded(
+                    {k: v for k, v in examples.items() if k != "labels"}, args.devices
+                )
+                data = {**relaid, "labels": examples["labels"]}
+            model = train.train(base, data, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt).model
         minutes = (time.perf_counter() - tic) / 60
-        task = tasks.load(model, dataset, limit=recipe["limit"], max_length=length)
-        scores = {cr: task.score(mesh, pj.Plan(cr=cr)) for cr in eval_crs}
+        task = tasks.load(
+            model, dataset, limit=recipe["limit"], max_length=length, layout=args.layout
+        )
+        plans = {cr: pj.Plan(cr=cr, logit_bias=args.logit_bias) for cr in eval_crs}
+        scores = {cr: task.score(mesh, plans[cr]) for cr in eval_crs}
         results[name] = {"train_minutes": minutes, "accuracy": scores}
         print(name, {cr: round(100 * v, 2) for cr, v in scores.items()}, flush=True)
 
     lines = [
-        f"### Robust fine-tuning, {args.family}: accuracy (%) at N = {args.devices}",
+        f"### Robust fine-tuning, {args.family}: accuracy (%) at N = {args.devices}, "
+        f"logit bias {args.logit_bias}, {args.layout}",
         "",
         f"{recipe['steps']} steps, batch {recipe['batch_size']}, lr {recipe['lr']}; "
         f"{task.examples} {dataset} test examples.",
@@ -109,13 +124,15 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
+    stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
     if out:
         out.mkdir(parents=True, exist_ok=True)
         record = {"family": args.family, "devices": args.devices, "cr": args.cr,
+                  "logit_bias": args.logit_bias, "layout": args.layout,
                   "recipe": recipe, "results": results}  # fmt: skip
-        (out / f"robust_{args.family}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / f"robust_{args.family}.md").write_text(text)
-        plot(results, eval_crs, args, out / f"robust_{args.family}.png")
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+        plot(results, eval_crs, args, out / f"{stem}.png")
 
 
 def plot(results, crs, args, path):

@@ -29,7 +29,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few reviews, N = 2, seconds")
     parser.add_argument("--model", default=str(MODEL), help="a BERT classifier directory")
-    parser.add_argument("--limit", type=int, default=500, help="test reviews (default 500)")
+    parser.add_argument("--limit", type=int, default=300, help="test reviews (default 300)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
 

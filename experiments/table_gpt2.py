@@ -29,8 +29,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few rows, N = 8, seconds")
     parser.add_argument("--model", default=str(MODEL), help="a GPT-2 LM directory")
-    parser.add_argument("--rows", type=int, default=64, help="test rows of 256 tokens")
-    parser.add_argument("--questions", type=int, default=100, help="cloze questions")
+    parser.add_argument("--rows", type=int, default=32, help="test rows of 256 tokens")
+    parser.add_argument("--questions", type=int, default=60, help="cloze questions")
     parser.add_argument(
         "--cloze-biases", default="log_count", help="logit biases for the cloze grid"
     )

@@ -31,13 +31,13 @@ def foolbox_images() -> dict[str, list[tuple[Path, int]]]:
     spec = importlib.util.find_spec("foolbox")
     folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     sets: dict[str, list] = {}
-    for path in sorted(folder.glob("*.png")):
+    for path in sorted([*folder.glob("*.png"), *folder.glob("*.jpg")]):
         name, _, label = path.stem.split("_")
         sets.setdefault(name, []).append((path, int(label)))
     return sets
 
 
-def real_pixels(model, devices: int = 4, cr: int = 4) -> list[dict]:
+def real_pixels(model, devices: int = 4, cr: int = 4, sets=None) -> list[dict]:
     """Each foolbox set through the image processor and prism: CR = 1 against the exact model
     (must agree), CR = `cr` (how many predictions stay), accuracy where labels mean ours."""
     import numpy as np
@@ -46,6 +46,8 @@ def real_pixels(model, devices: int = 4, cr: int = 4) -> list[dict]:
 
     rows, mesh = [], pj.edge_mesh(devices)
     for name, items in foolbox_images().items():
+        if sets and name not in sets:
+            continue
         batch = model.image_processor([p for p, _ in items])
         exact = pj.infer(model, batch)["logits"]
         cr1 = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=1))["logits"]
@@ -70,7 +72,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few images, N = 2, seconds")
     parser.add_argument("--model", default=str(MODEL), help="a ViT classifier directory")
-    parser.add_argument("--limit", type=int, default=2000, help="test images (default 2000)")
+    parser.add_argument("--limit", type=int, default=1000, help="test images (default 1000)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
 
@@ -83,6 +85,20 @@ def main(argv=None):
     title = "ViT (patch 2, 197 tokens) Fashion-MNIST"
     result = report.grid(model, task, devices=devices, biases=report.BIASES)
     pixels = real_pixels(model)
+    if not args.smoke:  # ImageNet at 224 px, RGB, through a ViT-B/16-shaped model (random weights)
+        import dataclasses
+
+        from prism_jax import models
+        from prism_jax.configs import PRESETS
+        from prism_jax.preprocess import ImageProcessor
+
+        cfg = PRESETS["vit-base-patch16-224"]()
+        base = models.init(dataclasses.replace(cfg, head="classifier", num_labels=1000))
+        base = models.Model(
+            base.config, base.graphdef, base.params, None, ImageProcessor((224, 224))
+        )
+        for r in real_pixels(base, sets={"imagenet"}):
+            pixels.append({**r, "set": "imagenet (ViT-B/16 shape, random weights)"})
     text = report.markdown(result, title) + "\n### Real foolbox images through the ViT path\n\n"
     text += "| set | images | pixel_values | CR=1 max abs diff | CR=4 same prediction | acc |\n"
     text += "|---|---:|---|---:|---:|---:|\n"
