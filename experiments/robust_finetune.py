@@ -78,7 +78,8 @@ def main(argv=None):
     )
     mesh = pj.edge_mesh(args.devices)
     arms = {
-        "start (no extra training)": None,
+        # BERT starts from a fresh random head: nothing to score before training.
+        **({"start (no extra training)": None} if args.family == "vit" else {}),
         "trained at CR=1": pj.Plan(strategy="single"),
         f"trained at N={args.devices} CR={args.cr}": pj.Plan(
             cr=args.cr, logit_bias=args.logit_bias

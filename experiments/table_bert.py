@@ -1,6 +1,6 @@
 """BERT accuracy against compression: fine-food reviews, padded to 256 and unpadded.
 
-Command:  .venv/bin/python experiments/table_bert.py          (about 25 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_bert.py          (about 22 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_bert.py --smoke  (seconds; run by the tests)
 
 The BERT task model (`make finefood-model`: all-MiniLM-L6-v2 fine-tuned on the fine-food
@@ -29,7 +29,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few reviews, N = 2, seconds")
     parser.add_argument("--model", default=str(MODEL), help="a BERT classifier directory")
-    parser.add_argument("--limit", type=int, default=300, help="test reviews (default 300)")
+    parser.add_argument("--limit", type=int, default=200, help="test reviews (default 200)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
 

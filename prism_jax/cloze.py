@@ -76,8 +76,10 @@ def build(texts: list[str], *, stride: int = 5, seed: int = 0) -> list[dict]:
 
 
 def candidates(question: dict, tokenizer, max_length: int) -> tuple[dict, np.ndarray]:
-    """The ten completed sequences of one question, left-truncated to `max_length` tokens and
-    right-padded, and a `[10, T]` mask of the question sentence's tokens (those scored)."""
+    """The ten completed sequences of one question, left-truncated and right-padded to
+    `max_length` tokens (one shape for every question: one compiled program; padding at the
+    end changes nothing for a causal model), and a `[10, T]` mask of the question sentence's
+    tokens (those scored)."""
     context = tokenizer.encode_plain(question["context"])
     rows, scored = [], []
     for option in question["options"]:
@@ -85,7 +87,7 @@ def candidates(question: dict, tokenizer, max_length: int) -> tuple[dict, np.nda
         ids = (context + sentence)[-max_length:]
         rows.append(ids)
         scored.append(min(len(sentence), len(ids)))
-    width = max(map(len, rows))
+    width = max_length
     ids = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     target = np.zeros((len(rows), width), bool)

@@ -84,7 +84,7 @@ def test_cloze_candidates_and_scores():
     }
     batch, target = cloze.candidates(q, model.tokenizer, 40)
     ids = batch["input_ids"]
-    assert ids.shape[0] == 10 and batch["attention_mask"].sum(1).max() == 40  # left-truncated
+    assert ids.shape == (10, 40) and batch["attention_mask"].sum(1).max() == 40  # left-truncated
     for i, option in enumerate(q["options"]):
         sentence = model.tokenizer.encode_plain(" Then " + option + " came home.")
         n = batch["attention_mask"][i].sum()
