@@ -9,7 +9,7 @@ Two arms with the same recipe, data order and steps: one fine-tunes under `prism
 exact model, run as `single`). Both are then scored at that (N, CR) and at the other CRs.
 BERT: the whole recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food
 reviews, inputs padded to 128). ViT: further training of the Fashion-MNIST task model (from
-scratch would be another hour), 200 steps at batch 128. Writes
+scratch would be another hour), 150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 """
 
@@ -28,7 +28,7 @@ os.environ["XLA_FLAGS"] = (
 HERE = Path(__file__).parent
 RECIPES = {
     "bert": dict(steps=125, batch_size=32, lr=1e-4, warmup=12, limit=1000, max_length=128),
-    "vit": dict(steps=200, batch_size=128, lr=5e-4, warmup=20, limit=2000, max_length=None),
+    "vit": dict(steps=150, batch_size=128, lr=5e-4, warmup=15, limit=1000, max_length=None),
 }
 SMOKE = dict(steps=2, batch_size=4, lr=1e-4, warmup=1, limit=6, max_length=16)
 

@@ -99,7 +99,11 @@ def candidates(question: dict, tokenizer, max_length: int) -> tuple[dict, np.nda
 
 
 def sequence_scores(logits: np.ndarray, ids: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Summed log-probabilities of the `target` tokens of each row, `[B]`."""
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    nxt = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
-    return (nxt * target[:, 1:]).sum(1)
+    """Summed log-probabilities of the `target` tokens of each row, `[B]` (the log-softmax is
+    taken only at the positions that predict a target token)."""
+    rows, cols = np.nonzero(target[:, 1:])
+    picked = logits[rows, cols].astype(np.float64)  # [K, V]: predicting ids[rows, cols + 1]
+    top = picked.max(-1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(picked - top).sum(-1))
+    logp = picked[np.arange(len(rows)), ids[rows, cols + 1]] - lse
+    return np.bincount(rows, weights=logp, minlength=len(ids))
