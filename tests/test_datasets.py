@@ -85,7 +85,13 @@ def test_cloze_construction():
     assert len(q["options"]) == 10 and set(q["options"]) <= set(kind)
 
 
-def test_catalogue_name_offline_is_one_clear_error(tfds_dir):
+def test_catalogue_name_offline_is_one_clear_error(tfds_dir, monkeypatch):
+    import socket
+
+    def offline(*args, **kwargs):  # no network, at once (name lookups can hang for minutes)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
     with pytest.raises(PrismError, match="cifar10") as e:
         datasets.builder("cifar10", tfds_dir)
     assert "\n" not in str(e.value)
