@@ -65,11 +65,6 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
         raise PrismError(f"{dataset} {split} is empty")
     first = records[0]
     labels = np.asarray([r["label"] for r in records], np.int32)
-    if labels.max() >= model.config.num_labels:
-        raise PrismError(
-            f"{dataset} has labels up to {labels.max()}; the classifier has "
-            f"{model.config.num_labels} classes"
-        )
     if any(k in first for k in datasets.IMAGE_KEYS):
         if model.config.family != "vit":
             raise PrismError(f"{dataset} holds images; the model is a {model.config.family}")
@@ -86,6 +81,11 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
         examples = model.tokenizer(strings, max_length=max_length, pad_to=max_length)
         seq_len = max_length
         relay = unpadded if layout == "unpadded" else None
+    if labels.max() >= model.config.num_labels:
+        raise PrismError(
+            f"{dataset} has labels up to {labels.max()}; the classifier has "
+            f"{model.config.num_labels} classes"
+        )
 
     def score(mesh, plan):
         batch = examples
