@@ -16,7 +16,6 @@ experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import prism_jax as pj
-    from prism_jax import tasks, train
+    from prism_jax import report, tasks, train
 
     recipe = SMOKE if args.smoke else RECIPES[args.family]
     dataset = {"bert": "fine_food_reviews", "vit": "fashion_mnist_local"}[args.family]
@@ -66,6 +65,7 @@ def main(argv=None):
     base = start_model(args.family, args.smoke)
     length = recipe["max_length"]
     train_task = tasks.load(base, dataset, split="train", max_length=length)
+    task = tasks.load(base, dataset, limit=recipe["limit"], max_length=length, layout=args.layout)
     examples = train_task.train_examples
     if args.smoke:
         examples = {k: v[:16] for k, v in examples.items()}
@@ -101,11 +101,8 @@ def main(argv=None):
                 data = {**relaid, "labels": examples["labels"]}
             model = train.train(base, data, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt).model
         minutes = (time.perf_counter() - tic) / 60
-        task = tasks.load(
-            model, dataset, limit=recipe["limit"], max_length=length, layout=args.layout
-        )
         plans = {cr: pj.Plan(cr=cr, logit_bias=args.logit_bias) for cr in eval_crs}
-        scores = {cr: task.score(mesh, plans[cr]) for cr in eval_crs}
+        scores = {cr: task.score(mesh, plans[cr], model) for cr in eval_crs}
         results[name] = {"train_minutes": minutes, "accuracy": scores}
         print(name, {cr: round(100 * v, 2) for cr, v in scores.items()}, flush=True)
 
@@ -124,16 +121,12 @@ def main(argv=None):
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_minutes']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
+    out = report.results_dir(args.out, args.smoke, HERE / "results")
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"family": args.family, "devices": args.devices, "cr": args.cr,
-                  "logit_bias": args.logit_bias, "layout": args.layout,
-                  "recipe": recipe, "results": results}  # fmt: skip
-        (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / f"{stem}.md").write_text(text)
-        plot(results, eval_crs, args, out / f"{stem}.png")
+    record = {"family": args.family, "devices": args.devices, "cr": args.cr,
+              "logit_bias": args.logit_bias, "layout": args.layout,
+              "recipe": recipe, "results": results}  # fmt: skip
+    report.save(out, stem, record, text, lambda png: plot(results, eval_crs, args, png))
 
 
 def plot(results, crs, args, path):

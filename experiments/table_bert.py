@@ -13,7 +13,6 @@ length, `tasks.unpadded`). Writes experiments/results/table_bert.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -48,12 +47,8 @@ def main(argv=None):
         results.append((title, report.grid(model, task, devices=devices)))
     text = "\n".join(report.markdown(r, title) for title, r in results)
     print(text)
-    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table_bert.json").write_text(json.dumps(dict(results), indent=2) + "\n")
-        (out / "table_bert.md").write_text(text)
-        report.plot(results, out / "table_bert.png")
+    out = report.results_dir(args.out, args.smoke, HERE / "results")
+    report.save(out, "table_bert", dict(results), text, lambda png: report.plot(results, png))
 
 
 if __name__ == "__main__":

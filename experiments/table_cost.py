@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -140,16 +139,14 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny model, seconds")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
+    from prism_jax import report
+
     cfg = smoke_config(args.out or "") if args.smoke else Config(out=args.out or Config.out)
     result = run(cfg)
     text = markdown(result)
     print(text)
-    if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "table_cost.md").write_text(text)
-        plot(result, out / "table_cost.png")
+    out = Path(cfg.out) if cfg.out else None
+    report.save(out, "table_cost", result, text, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

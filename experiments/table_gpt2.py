@@ -13,7 +13,6 @@ experiments/results/table_gpt2.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -30,9 +29,9 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a few rows, N = 8, seconds")
     parser.add_argument("--model", default=str(MODEL), help="a GPT-2 LM directory")
     parser.add_argument("--rows", type=int, default=32, help="test rows of 256 tokens")
-    parser.add_argument("--questions", type=int, default=60, help="cloze questions (0: none)")
+    parser.add_argument("--questions", type=int, default=136, help="cloze questions (0: none)")
     parser.add_argument(
-        "--cloze-biases", default="log_count", help="logit biases for the cloze grid"
+        "--cloze-biases", default="log_count,none", help="logit biases for the cloze grid"
     )
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
@@ -60,12 +59,8 @@ def save(results, args):
 
     text = "\n".join(report.markdown(r, title) for title, r in results)
     print(text)
-    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table_gpt2.json").write_text(json.dumps(dict(results), indent=2) + "\n")
-        (out / "table_gpt2.md").write_text(text)
-        report.plot(results, out / "table_gpt2.png")
+    out = report.results_dir(args.out, args.smoke, HERE / "results")
+    report.save(out, "table_gpt2", dict(results), text, lambda png: report.plot(results, png))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -109,13 +108,9 @@ def main(argv=None):
             f"{100 * r['cr4_same_prediction']:.0f} % | {acc} |\n"
         )
     print(text)
-    out = Path(args.out) if args.out else (None if args.smoke else HERE / "results")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"fashion_mnist": result, "foolbox": pixels}
-        (out / "table_vit.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "table_vit.md").write_text(text)
-        report.plot([(title, result)], out / "table_vit.png")
+    out = report.results_dir(args.out, args.smoke, HERE / "results")
+    record = {"fashion_mnist": result, "foolbox": pixels}
+    report.save(out, "table_vit", record, text, lambda png: report.plot([(title, result)], png))
 
 
 if __name__ == "__main__":

@@ -255,14 +255,7 @@ def _run_finetune(args) -> dict:
     mesh = pj.edge_mesh(args.devices) if plan.strategy != "single" else None
 
     def evaluate(m):
-        scored = tasks.load(
-            m,
-            args.dataset,
-            split=args.eval_split,
-            limit=args.eval_limit,
-            max_length=args.max_length,
-        )
-        return {f"{args.eval_split}_{test_task.metric}": scored.score(mesh, plan)}
+        return {f"{args.eval_split}_{test_task.metric}": test_task.score(mesh, plan, m)}
 
     cfg = train.TrainConfig(
         steps=args.steps,

@@ -29,7 +29,9 @@ class Task:
     metric: str  # accuracy | perplexity | cloze_accuracy
     examples: int
     seq_len: int  # T the programs run at (for the measured cost)
-    score: Callable  # (mesh, plan) -> float
+    # (mesh, plan, model=the one loaded with) -> float; pass a fine-tuned model that shares
+    # the tokenizer or image processor to score it on the same prepared examples
+    score: Callable
     train_examples: dict | None = None  # HF batch + labels, for fine-tuning
     higher_is_better: bool = True
 
@@ -87,7 +89,7 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
             f"{model.config.num_labels} classes"
         )
 
-    def score(mesh, plan):
+    def score(mesh, plan, model=model):
         batch = examples
         if relay is not None and mesh is not None and plan.strategy != "single":
             batch = relay(examples, mesh.shape["edge"])
@@ -120,7 +122,7 @@ def _perplexity(model, dataset, split, limit, max_length, data_dir) -> Task:
     if not len(rows):
         raise PrismError(f"{dataset} {split} fills no row of {length} tokens")
 
-    def score(mesh, plan):
+    def score(mesh, plan, model=model):
         return evaluate.perplexity(model, rows, mesh=mesh, plan=plan)
 
     return Task(dataset, "perplexity", len(rows), length, score, {"input_ids": rows}, False)
@@ -146,7 +148,7 @@ def _cloze(model, dataset, split, limit, max_length, data_dir) -> Task:
     length = max_length or model.config.max_positions
     batches = [cloze.candidates(q, model.tokenizer, length) for q in questions]
 
-    def score(mesh, plan):
+    def score(mesh, plan, model=model):
         correct = 0
         for q, (batch, target) in zip(questions, batches, strict=True):
             logits = infer(model, batch, mesh=mesh, plan=plan)["logits"].astype(np.float64)

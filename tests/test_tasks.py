@@ -1,6 +1,7 @@
 """Tasks: the unpadded layout, perplexity, cloze scoring and image classification."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -66,12 +67,16 @@ def test_perplexity_task():
     single = task.score(None, None)
     prism = task.score(pj.edge_mesh(4), pj.Plan(cr=1))
     assert single == pytest.approx(prism, rel=1e-5)
+    # at CR = 1 the logit biases coincide (log 1 = 0): `report.grid` scores that case once
+    none = task.score(pj.edge_mesh(4), pj.Plan(cr=1, logit_bias="none"))
+    assert none == pytest.approx(prism, rel=1e-6)
     # A model with zero embeddings predicts uniformly: perplexity = vocabulary size.
     zero = jax.tree.map(np.zeros_like, model.params)
     uniform = dataclasses.replace(model, params=zero)
     rows = task.train_examples["input_ids"]
     v = model.config.vocab_size
     assert evaluate.perplexity(uniform, rows) == pytest.approx(v, rel=1e-5)
+    assert task.score(None, None, uniform) == pytest.approx(v, rel=1e-5)  # another model
 
 
 def test_cloze_candidates_and_scores():
@@ -127,7 +132,7 @@ def test_image_classification_task(hf_models):
         tasks.load(bert, "fashion_mnist_local")
 
 
-def test_grid_crs_and_markdown():
+def test_grid_crs_and_markdown(tmp_path):
     from prism_jax import report
 
     assert report.crs_up_to(99) == [1, 2, 4, 8, 16, 32, 64, 99]
@@ -142,3 +147,8 @@ def test_grid_crs_and_markdown():
     }  # fmt: skip
     table = report.markdown(result, "t")
     assert "| 1 | 50.0 | 25.0 | -50.0 / -25.0 % |" in table
+    assert report.results_dir(None, True, tmp_path) is None  # a smoke writes nothing
+    out = report.results_dir(None, False, tmp_path / "results")
+    report.save(out, "t", result, table, lambda png: report.plot([("t", result)], png))
+    assert json.loads((out / "t.json").read_text()) == result
+    assert (out / "t.md").read_text() == table and (out / "t.png").stat().st_size > 1000
