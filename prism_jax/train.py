@@ -34,6 +34,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 5e-5
     warmup: int = 0
+    final_lr: float = 0.1  # the cosine decays to final_lr * lr
     weight_decay: float = 0.01
     clip: float = 1.0
     seed: int = 0
@@ -43,14 +44,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise PrismError("steps and batch_size must be >= 1 and lr > 0")
+        if not 0 <= self.final_lr <= 1:
+            raise PrismError(f"final_lr is a fraction of lr in [0, 1], not {self.final_lr}")
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to lr, then cosine decay to final_lr * lr at the last step."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), end_value=cfg.final_lr * cfg.lr
+    )
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), end_value=0.1 * cfg.lr
-    )
     return optax.chain(
-        optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        optax.clip_by_global_norm(cfg.clip),
+        optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
     )
 
 

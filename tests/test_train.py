@@ -47,6 +47,16 @@ def test_a_few_steps_lower_the_loss(name, plan, n, hf_models, rng):
     assert np.isfinite(out["logits"]).all()
 
 
+def test_schedule_warms_up_then_decays_to_final_lr():
+    cfg = train.TrainConfig(steps=100, lr=2e-3, warmup=10, final_lr=0.0)
+    lr = train.schedule(cfg)
+    assert lr(0) == 0 and lr(5) == pytest.approx(1e-3) and lr(10) == pytest.approx(2e-3)
+    assert lr(55) == pytest.approx(1e-3) and lr(100) == pytest.approx(0, abs=1e-12)
+    assert train.schedule(train.TrainConfig(steps=100, lr=2e-3))(100) == pytest.approx(2e-4)
+    with pytest.raises(pj.PrismError, match="final_lr"):
+        train.TrainConfig(steps=1, final_lr=1.5)
+
+
 def test_batches_are_a_function_of_seed_and_step():
     a = [train.batch_indices(10, 4, 7, s) for s in range(5)]
     b = [train.batch_indices(10, 4, 7, s) for s in range(5)]
