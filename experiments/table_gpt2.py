@@ -1,6 +1,6 @@
 """GPT-2 against compression: Wikipedia perplexity and the CBT-style cloze test.
 
-Command:  .venv/bin/python experiments/table_gpt2.py          (about 25 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_gpt2.py          (about 30 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_gpt2.py --smoke  (seconds; run by the tests)
 
 The GPT-2 task model (experiments/models/gpt2-wikipedia, `train_gpt2.py`) with the
