@@ -53,7 +53,7 @@ finefood-model: install
 		--warmup 30 --checkpoint-dir artifacts/minilm-finefood-ckpt --out artifacts/minilm-finefood
 
 # The ViT and GPT-2 task models are committed (experiments/models, < 25 MB); these retrain
-# them (~45 and ~30 min), resuming from artifacts/ if interrupted.
+# them (~52 and ~17 min), resuming from artifacts/ if interrupted.
 vit-model: system-data install
 	$(PY) experiments/train_vit.py --checkpoint-dir artifacts/vit-fmnist-ckpt
 
@@ -63,10 +63,12 @@ gpt2-model: install
 # Accuracy against compression and robust fine-tuning (issue #6; BERT needs finefood-model).
 tables: finefood-model system-data
 	$(PY) experiments/table_bert.py
-	$(PY) experiments/table_vit.py
+	$(PY) experiments/table_vit.py --limit 500
 	$(PY) experiments/table_gpt2.py
-	$(PY) experiments/robust_finetune.py --family bert
-	$(PY) experiments/robust_finetune.py --family vit
+	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16
+	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --layout unpadded \
+		--logit-bias none
+	$(PY) experiments/robust_finetune.py --family vit --devices 4 --cr 16
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
