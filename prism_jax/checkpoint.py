@@ -3,10 +3,13 @@
 A checkpoint holds the whole training state (params, optimizer state, step) as one pytree.
 Saves are synchronous so that a process killed after `save` returns loses nothing; orbax
 writes to a temporary directory and renames it, so a save cut short leaves no step behind.
+Beside the steps, `run.json` records what the run is (settings, start, data), so that a
+directory is only resumed by the run that wrote it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from prism_jax.errors import PrismError
+
+RUN_RECORD = "run.json"
 
 
 class Checkpoints:
@@ -53,6 +58,25 @@ class Checkpoints:
                 f"checkpoint at step {step} in {self.directory} is corrupt or partial "
                 f"({type(e).__name__}); remove it, or start over with restart=True (--restart)"
             ) from None
+
+    def check_run(self, record: dict) -> None:
+        """Raise unless `record` is the run these checkpoints belong to."""
+        path = self.directory / RUN_RECORD
+        if not path.exists():
+            raise PrismError(
+                f"{self.directory} holds checkpoints but no {RUN_RECORD} saying which run wrote "
+                "them; use another directory, or start over with restart=True (--restart)"
+            )
+        saved, record = json.loads(path.read_text()), json.loads(json.dumps(record))
+        differ = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
+        if differ:
+            raise PrismError(
+                f"{self.directory} holds the checkpoints of another run ({', '.join(differ)} "
+                "differ); use another directory, or start over with restart=True (--restart)"
+            )
+
+    def record_run(self, record: dict) -> None:
+        (self.directory / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
 
     def clear(self) -> None:
         """Delete every checkpoint of this run (starting over)."""

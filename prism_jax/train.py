@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,27 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(cfg.clip),
         optax.adamw(schedule(cfg), weight_decay=cfg.weight_decay),
     )
+
+
+def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh) -> dict:
+    """What a resumed run must share with the one that wrote the checkpoints: every setting
+    but the step count (a run may be extended) and checkpointing, the plan and device count,
+    and CRC-32 fingerprints of the starting parameters and of the training data."""
+
+    def crc(arrays) -> str:
+        value = 0
+        for a in arrays:
+            value = zlib.crc32(np.ascontiguousarray(np.asarray(a)).tobytes(), value)
+        return f"{value:08x}"
+
+    skip = {"steps", "checkpoint_every", "keep"}
+    return {
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
+        "plan": dataclasses.asdict(plan),
+        "devices": mesh.shape["edge"] if mesh is not None else 1,
+        "start": crc(jax.tree.leaves(model.params)),
+        "data": crc(examples[k] for k in sorted(examples)),
+    }
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -159,8 +181,11 @@ def train(
     if ckpt and restart:
         ckpt.clear()
     if ckpt and ckpt.latest_step() is not None:
+        ckpt.check_run(run_record(model, examples, cfg, plan, mesh if distributed else None))
         start, state = ckpt.restore(state)
         resumed = start
+    elif ckpt:
+        ckpt.record_run(run_record(model, examples, cfg, plan, mesh if distributed else None))
     losses, evals = [], []
 
     def current_model():

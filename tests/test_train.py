@@ -1,5 +1,6 @@
 """Fine-tuning: the loss falls (single, prism); kill and resume gives the same result."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import train
+from prism_jax import models, train
 from tests import tiny
 
 
@@ -141,8 +142,29 @@ def test_corrupt_checkpoint_is_an_error_and_restart_starts_over(tmp_path, hf_mod
     assert run.resumed_from is None and len(run.losses) == 3
 
 
+def test_checkpoints_resume_only_their_own_run(tmp_path, hf_models, rng):
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    examples = _examples("bert_cls", rng)
+    cfg = train.TrainConfig(steps=2, batch_size=4, lr=1e-3, checkpoint_every=1)
+    train.train(model, examples, cfg, checkpoint_dir=tmp_path, progress=False)
+    other_start = dataclasses.replace(model, params=jax.tree.map(lambda x: 0.5 * x, model.params))
+    other_data = {**examples, "labels": (examples["labels"] + 1) % 3}
+    for m, data, c, why in [
+        (model, examples, dataclasses.replace(cfg, lr=2e-3), "lr"),
+        (other_start, examples, cfg, "start"),
+        (model, other_data, cfg, "data"),
+    ]:
+        with pytest.raises(pj.PrismError, match=f"another run \\({why} differ"):
+            train.train(m, data, c, checkpoint_dir=tmp_path, progress=False)
+    longer = dataclasses.replace(cfg, steps=3, checkpoint_every=2)  # extending is resuming
+    run = train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)
+    assert run.resumed_from == 2 and len(run.losses) == 1
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(pj.PrismError, match="no run.json"):
+        train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)
+
+
 def test_with_classifier_keeps_the_encoder(hf_models):
-    from prism_jax import models
 
     base = pj.load_pretrained(hf_models("bert")[1])
     cls = models.with_classifier(base, 4, seed=1)
