@@ -53,6 +53,7 @@ def main(argv=None):
         "--layout", default="padded", choices=["padded", "unpadded"], help="BERT inputs"
     )
     parser.add_argument("--checkpoints", default=str(HERE.parent / "artifacts"))
+    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
 
@@ -99,7 +100,10 @@ def main(argv=None):
                     {k: v for k, v in examples.items() if k != "labels"}, args.devices
                 )
                 data = {**relaid, "labels": examples["labels"]}
-            model = train.train(base, data, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt).model
+            run = train.train(
+                base, data, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt, restart=args.restart
+            )
+            model = run.model
         minutes = (time.perf_counter() - tic) / 60
         plans = {cr: pj.Plan(cr=cr, logit_bias=args.logit_bias) for cr in eval_crs}
         scores = {cr: task.score(mesh, plans[cr], model) for cr in eval_crs}

@@ -30,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps")
     parser.add_argument("--out", default=None, help="model directory to write")
     parser.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (resumable)")
+    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
     parser.add_argument("--data-dir", default=None, help="where TFDS prepares its array_record")
     args = parser.parse_args(argv)
 
@@ -81,6 +82,7 @@ def main(argv=None):
         {"input_ids": rows["train"]},
         tc,
         checkpoint_dir=args.checkpoint_dir,
+        restart=args.restart,
         evaluate=score,
     )
     minutes = (time.perf_counter() - tic) / 60

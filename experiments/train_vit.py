@@ -51,6 +51,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps")
     parser.add_argument("--out", default=None, help="model directory to write")
     parser.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (resumable)")
+    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
     parser.add_argument("--data-dir", default=None, help="where TFDS prepares its array_record")
     args = parser.parse_args(argv)
 
@@ -75,6 +76,7 @@ def main(argv=None):
         {"pixel_values": datasets.pixels(x_train, processor), "labels": y_train},
         train.TrainConfig(**settings, checkpoint_every=200),
         checkpoint_dir=args.checkpoint_dir,
+        restart=args.restart,
         evaluate=score,
     )
     if not run.evals:  # resumed after its last step: score the restored model
