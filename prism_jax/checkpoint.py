@@ -71,8 +71,9 @@ class Checkpoints:
         differ = sorted(k for k in record.keys() | saved.keys() if record.get(k) != saved.get(k))
         if differ:
             raise PrismError(
-                f"{self.directory} holds the checkpoints of another run ({', '.join(differ)} "
-                "differ); use another directory, or start over with restart=True (--restart)"
+                f"{self.directory} holds the checkpoints of another run (differing: "
+                f"{', '.join(differ)}); use another directory, or start over with restart=True "
+                "(--restart)"
             )
 
     def record_run(self, record: dict) -> None:

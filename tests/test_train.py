@@ -154,7 +154,7 @@ def test_checkpoints_resume_only_their_own_run(tmp_path, hf_models, rng):
         (other_start, examples, cfg, "start"),
         (model, other_data, cfg, "data"),
     ]:
-        with pytest.raises(pj.PrismError, match=f"another run \\({why} differ"):
+        with pytest.raises(pj.PrismError, match=f"another run \\(differing: {why}\\)"):
             train.train(m, data, c, checkpoint_dir=tmp_path, progress=False)
     longer = dataclasses.replace(cfg, steps=3, checkpoint_every=2)  # extending is resuming
     run = train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)
