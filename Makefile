@@ -53,7 +53,7 @@ finefood-model: install
 		--warmup 30 --checkpoint-dir artifacts/minilm-finefood-ckpt --out artifacts/minilm-finefood
 
 # The ViT and GPT-2 task models are committed (experiments/models, < 25 MB); these retrain
-# them (~52 and ~17 min), resuming from artifacts/ if interrupted.
+# them (~50 and ~17 min), resuming from artifacts/ if interrupted.
 vit-model: system-data install
 	$(PY) experiments/train_vit.py --checkpoint-dir artifacts/vit-fmnist-ckpt
 

@@ -1,6 +1,6 @@
 """The ViT task model: a ViT trained from scratch on Fashion-MNIST with patch size 2.
 
-Command:  .venv/bin/python experiments/train_vit.py          (about 52 minutes on 2 cores)
+Command:  .venv/bin/python experiments/train_vit.py          (about 50 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/train_vit.py --smoke  (seconds; run by the tests)
 
 28 x 28 greyscale images in 2 x 2 patches: 196 patches + CLS = 197 tokens, the token count of

@@ -87,10 +87,9 @@ def candidates(question: dict, tokenizer, max_length: int) -> tuple[dict, np.nda
         ids = (context + sentence)[-max_length:]
         rows.append(ids)
         scored.append(min(len(sentence), len(ids)))
-    width = max_length
-    ids = np.zeros((len(rows), width), np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    target = np.zeros((len(rows), width), bool)
+    ids = np.zeros((len(rows), max_length), np.int32)
+    mask = np.zeros((len(rows), max_length), np.int32)
+    target = np.zeros((len(rows), max_length), bool)
     for i, (row, k) in enumerate(zip(rows, scored, strict=False)):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1

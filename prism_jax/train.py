@@ -180,12 +180,14 @@ def train(
     ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep) if checkpoint_dir else None
     if ckpt and restart:
         ckpt.clear()
-    if ckpt and ckpt.latest_step() is not None:
-        ckpt.check_run(run_record(model, examples, cfg, plan, mesh if distributed else None))
-        start, state = ckpt.restore(state)
-        resumed = start
-    elif ckpt:
-        ckpt.record_run(run_record(model, examples, cfg, plan, mesh if distributed else None))
+    if ckpt:
+        record = run_record(model, examples, cfg, plan, mesh if distributed else None)
+        if ckpt.latest_step() is None:
+            ckpt.record_run(record)
+        else:
+            ckpt.check_run(record)
+            start, state = ckpt.restore(state)
+            resumed = start
     losses, evals = [], []
 
     def current_model():

@@ -165,7 +165,6 @@ def test_checkpoints_resume_only_their_own_run(tmp_path, hf_models, rng):
 
 
 def test_with_classifier_keeps_the_encoder(hf_models):
-
     base = pj.load_pretrained(hf_models("bert")[1])
     cls = models.with_classifier(base, 4, seed=1)
     assert (cls.config.head, cls.config.num_labels, cls.config.pooler) == ("classifier", 4, True)
