@@ -7,6 +7,7 @@ ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,6 +87,76 @@ def check_consistent(rank: int, settings: dict) -> None:
         raise PrismError(f"node {rank}: inconsistent arguments across nodes: {'; '.join(differ)}")
 
 
+def keep_stdout_for_results():
+    """Point file descriptor 1 at stderr, so that what the runtime (gloo, XLA) prints from C++
+    cannot mix with the result, and return a text file on the original stdout for the result."""
+    sys.stdout.flush()
+    original = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(original, "w", closefd=True)
+
+
+@contextlib.contextmanager
+def fail_fast(rank: int, nodes: int, *, beat_s: float = 0.5, stale_s: float = 5.0):
+    """While the body runs, a peer that dies ends this node within seconds: one line naming
+    it on stderr and exit code 3, instead of a traceback and a wait for the runtime's
+    heartbeat timeout. Peers stamp a counter in the coordination service every `beat_s`; one
+    whose stamp stands still for `stale_s`, or a failed collective, means a lost peer."""
+    done = threading.Event()
+    thread = threading.Thread(
+        target=_watch_peers, args=(rank, nodes, beat_s, stale_s, done), daemon=True
+    )
+    thread.start()
+    try:
+        yield
+    except PrismError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime raises bare XlaRuntimeErrors
+        text = " ".join(str(e).split())
+        if "gloo" not in text.lower() and "distributed" not in text.lower():
+            raise
+        _lost(rank, f"a peer ({type(e).__name__}: {text[:160]})")
+    finally:
+        done.set()
+
+
+def _watch_peers(rank: int, nodes: int, beat_s: float, stale_s: float, done) -> None:
+    from jax._src import distributed  # the client of the running jax.distributed cluster
+
+    client = distributed.global_state.client
+    seen = {r: (None, time.monotonic()) for r in range(nodes) if r != rank}
+    count = 0
+    while not done.wait(beat_s):
+        count += 1
+        try:
+            client.key_value_set(f"prism_jax/alive/{rank}", str(count), allow_overwrite=True)
+            for r, (value, since) in seen.items():
+                now = _stamp(client, r)
+                if now != value:
+                    seen[r] = (now, time.monotonic())
+                elif time.monotonic() - since > stale_s and not done.is_set():
+                    _lost(rank, f"node {r} (silent for {stale_s:g} s)")
+        except Exception:  # noqa: BLE001 - the coordination service itself is gone
+            if not done.is_set():
+                _lost(rank, "node 0 (the coordinator)")
+
+
+def _stamp(client, rank: int) -> str | None:
+    try:
+        return client.key_value_try_get(f"prism_jax/alive/{rank}")
+    except Exception as e:  # noqa: BLE001 - NOT_FOUND until the peer's first beat
+        if "not_found" in str(e).lower().replace(" ", "_"):
+            return None
+        raise
+
+
+def _lost(rank: int, who: str) -> None:
+    print(f"prism-jax node {rank}: error: lost {who} during the run", file=sys.stderr, flush=True)
+    if rank == 0:  # the coordinator leaves last: its exit would abort the others' runtime
+        time.sleep(1.5)
+    os._exit(3)  # skip atexit: jax.distributed's shutdown would wait for the dead peer
+
+
 def watchdog(rank: int, timeout_s: float) -> threading.Timer:
     """End this process (exit 3) with a clear line if it is still running after `timeout_s`."""
 
@@ -113,49 +184,58 @@ def free_port() -> int:
 def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None = None) -> int:
     """Start `nodes` local node processes running `command`; rank 0's output is shown.
 
-    Returns 0 when every node succeeds; otherwise ends the others and returns 1, naming the
-    node that failed first.
+    Returns 0 when every node succeeds; otherwise ends the others and returns the first failed
+    node's exit code where it is a usage error (2) or a lost peer (3), else 1, naming the node.
+    SIGTERM (or Ctrl-C) to the launcher ends every node too.
     """
     coordinator = f"127.0.0.1:{port or free_port()}"
     procs, logs = [], []
-    for rank in range(nodes):
-        argv = [
-            sys.executable,
-            "-m",
-            "prism_jax.cli",
-            "node",
-            "--rank",
-            str(rank),
-            "--nodes",
-            str(nodes),
-            "--coordinator",
-            coordinator,
-            "--timeout",
-            str(timeout_s),
-            *command,
-        ]
-        logs.append(tempfile.TemporaryFile("w+"))  # a file, not a pipe: it never fills up
-        procs.append(
-            subprocess.Popen(
-                argv, stdout=None if rank == 0 else subprocess.DEVNULL, stderr=logs[-1], text=True
+
+    def stop(signum, frame):
+        _end(procs)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for rank in range(nodes):
+            logs.append(tempfile.TemporaryFile("w+"))  # a file, not a pipe: it never fills up
+            procs.append(
+                subprocess.Popen(
+                    _node_argv(rank, nodes, coordinator, timeout_s, command),
+                    stdout=None if rank == 0 else subprocess.DEVNULL,
+                    stderr=logs[-1],
+                    text=True,
+                )
             )
-        )
+        return _wait(procs, logs, timeout_s)
+    finally:
+        _end(procs)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _node_argv(rank: int, nodes: int, coordinator: str, timeout_s: float, command: list[str]):
+    return [
+        sys.executable, "-m", "prism_jax.cli", "node", "--rank", str(rank), "--nodes",
+        str(nodes), "--coordinator", coordinator, "--timeout", str(timeout_s), *command,
+    ]  # fmt: skip
+
+
+def _wait(procs, logs, timeout_s: float) -> int:
+    """Poll the nodes until all succeed, one fails, or the deadline passes."""
     deadline = time.monotonic() + timeout_s + 30
     while time.monotonic() < deadline:
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            rank = failed[0]
-            _end(procs)
+            rank = min(failed, key=lambda r: (codes[r] != -signal.SIGKILL, r))  # a killed one
             logs[rank].seek(0)
             last = [line for line in logs[rank].read().splitlines() if "error" in line.lower()]
             reason = last[-1] if last else f"exit code {codes[rank]}"
             print(f"prism-jax launch: error: node {rank} failed: {reason}", file=sys.stderr)
-            return 1
+            return codes[rank] if codes[rank] in (2, 3) else 1
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.05)
-    _end(procs)
     print(f"prism-jax launch: error: no result within {timeout_s:g} s", file=sys.stderr)
     return 1
 

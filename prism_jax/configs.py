@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, ClassVar
 
 from prism_jax.errors import PrismError
@@ -17,6 +18,16 @@ STRATEGIES = ("single", "voltage", "prism")
 LOGIT_BIASES = ("log_count", "none")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 HEADS = ("base", "classifier", "lm")
+
+
+def as_int(value) -> int | None:
+    """`value` as a Python int if it is an integer (NumPy integers too, bools not), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,8 +48,10 @@ class Plan:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise PrismError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        if not isinstance(self.cr, int) or isinstance(self.cr, bool) or self.cr < 1:
+        cr = as_int(self.cr)
+        if cr is None or cr < 1:
             raise PrismError(f"compression rate must be an integer >= 1, got {self.cr!r}")
+        object.__setattr__(self, "cr", cr)  # a NumPy integer becomes a plain, hashable int
         if self.logit_bias not in LOGIT_BIASES:
             raise PrismError(
                 f"unknown logit_bias {self.logit_bias!r}; choose one of {LOGIT_BIASES}"
@@ -127,6 +140,11 @@ class ModelConfig:
     qkv_bias: bool = True
 
     def __post_init__(self):
+        for name in ("width", "depth", "heads", "mlp_width", "max_positions"):
+            if not _positive_int(getattr(self, name)):
+                raise PrismError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not _positive_float(self.ln_eps):
+            raise PrismError(f"ln_eps must be a number > 0, got {self.ln_eps!r}")
         if self.width % self.heads:
             raise PrismError(f"hidden size {self.width} is not divisible by {self.heads} heads")
         if self.act not in ACTIVATIONS:
@@ -137,11 +155,34 @@ class ModelConfig:
             raise PrismError("a classifier head needs num_labels >= 1")
 
 
+# HF config keys whose values must be positive integers / positive finite numbers when given.
+_POSITIVE_INTS = frozenset(
+    "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size "
+    "max_position_embeddings type_vocab_size n_embd n_layer n_head n_positions image_size "
+    "patch_size num_channels".split()
+)
+_POSITIVE_FLOATS = frozenset({"layer_norm_eps", "layer_norm_epsilon"})
+
+
+def _positive_int(v) -> bool:
+    return as_int(v) is not None and v >= 1
+
+
+def _positive_float(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _check_keys(hf: dict, consumed: set[str], rules: dict[str, Any]) -> None:
-    """Reject HF config fields this code does not implement, naming them."""
+    """Reject HF config fields this code does not implement, and values it cannot use,
+    naming them."""
     unknown = sorted(set(hf) - consumed - set(rules) - _GENERIC_KEYS)
     if unknown:
         raise PrismError(f"unsupported config fields for {hf.get('model_type')}: {unknown}")
+    typed = [(k, _positive_int, "an integer >= 1") for k in sorted(_POSITIVE_INTS & set(hf))]
+    typed += [(k, _positive_float, "a number > 0") for k in sorted(_POSITIVE_FLOATS & set(hf))]
+    for key, ok, what in typed:
+        if not ok(hf[key]):
+            raise PrismError(f"config.json: {key} must be {what}, got {hf[key]!r}")
     bad = [f"{k}={hf[k]!r}" for k, ok in rules.items() if k in hf and not ok(hf[k])]
     if bad:
         raise PrismError(f"unsupported config values for {hf.get('model_type')}: {bad}")

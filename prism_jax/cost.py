@@ -28,14 +28,15 @@ def bytes_closed_form(
     batch: int = 1,
     dtype_bytes: int = 4,
 ) -> int:
-    """Bytes one device sends per inference: per layer B*L*D (voltage) or B*S*(D+1) (prism:
-    means plus counts), times the depth; nothing for `single` or a single device."""
+    """Bytes one device sends per inference: per layer B*L*D*bytes (voltage) or
+    B*S*(D*bytes + 4) (prism: means, plus each count as an exact int32, which is D+1 values in
+    float32), times the depth; nothing for `single` or a single device."""
     if plan.strategy == "single" or devices == 1:
         return 0
     l = local_len(seq_len, devices)
-    width = cfg.width if plan.strategy == "voltage" else cfg.width + 1
-    rows = l if plan.strategy == "voltage" else plan.segments(l)
-    return cfg.depth * batch * rows * width * dtype_bytes
+    if plan.strategy == "voltage":
+        return cfg.depth * batch * l * cfg.width * dtype_bytes
+    return cfg.depth * batch * plan.segments(l) * (cfg.width * dtype_bytes + 4)
 
 
 def flops_closed_form(

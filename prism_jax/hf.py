@@ -9,6 +9,7 @@ filled, every shape is checked; a mismatch raises `PrismError` naming the keys.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -122,8 +123,14 @@ _DTYPES = {
 }
 
 
+_FLOAT_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)))
+_MAX_HEADER = 100_000_000  # bytes; the `safetensors` library's own limit
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a safetensors file into NumPy arrays (memory-mapped), checking its layout."""
+    """Read a safetensors file into NumPy arrays (memory-mapped), checking its layout as the
+    `safetensors` library does: a JSON object header, known dtypes, each tensor's byte range
+    the size of its shape, the ranges back to back from 0 to the end of the file."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -131,30 +138,58 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if len(head) < 8:
             raise PrismError(f"corrupt safetensors file {path}: shorter than its header")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
+        if n > min(size - 8, _MAX_HEADER):
             raise PrismError(f"corrupt safetensors file {path}: header runs past the end")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PrismError(f"corrupt safetensors file {path}: bad header ({e})") from None
-    data = (
-        np.memmap(path, np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.empty(0, np.uint8)
+    if not isinstance(header, dict):
+        raise PrismError(f"corrupt safetensors file {path}: the header is not a JSON object")
+    header.pop("__metadata__", None)
+    layout = {name: _tensor_layout(path, name, info) for name, info in header.items()}
+    end = 0
+    for name, (_, _, (start, stop)) in sorted(layout.items(), key=lambda kv: kv[1][2]):
+        if start != end:
+            raise PrismError(
+                f"corrupt safetensors file {path}: tensor {name!r} starts at byte {start}, "
+                f"not where the previous one ends ({end})"
+            )
+        end = stop
+    if end != size - 8 - n:
+        raise PrismError(
+            f"corrupt safetensors file {path}: tensors cover {end} bytes, the file holds "
+            f"{size - 8 - n}"
+        )
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if end else np.empty(0, np.uint8)
+    return {
+        name: data[start:stop].view(dtype).reshape(shape)
+        for name, (dtype, shape, (start, stop)) in layout.items()
+    }
+
+
+def _tensor_layout(path: Path, name: str, info) -> tuple[np.dtype, tuple, tuple[int, int]]:
+    """(dtype, shape, (start, stop)) of one header entry, or a PrismError naming it."""
+    bad = PrismError(f"corrupt safetensors file {path}: tensor {name!r} is malformed")
+    if not isinstance(info, dict):
+        raise bad
+    dtype, shape, offsets = (
+        _DTYPES.get(info.get("dtype")),
+        info.get("shape"),
+        info.get("data_offsets"),
     )
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        start, end = info.get("data_offsets", (0, -1))
-        shape = tuple(info.get("shape", ()))
-        if (
-            dtype is None
-            or end > data.size
-            or end - start != np.dtype(dtype).itemsize * int(np.prod(shape))
-        ):
-            raise PrismError(f"corrupt safetensors file {path}: tensor {name!r} is malformed")
-        out[name] = data[start:end].view(dtype).reshape(shape)
-    return out
+    ints = (list, tuple)
+    if (
+        dtype is None
+        or not isinstance(shape, ints)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or not isinstance(offsets, ints)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[1] - offsets[0] != np.dtype(dtype).itemsize * math.prod(shape)
+    ):
+        raise bad
+    return np.dtype(dtype), tuple(shape), tuple(offsets)
 
 
 def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -207,12 +242,18 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
     model = models.abstract(cfg)
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.params)}
     ignored = [re.compile(p) for p in _TABLES[cfg.family][4]]
-    values, consumed, mismatched = {}, set(), []
+    values, consumed, mismatched, not_float, not_finite = {}, set(), [], [], []
     for hf_key, ours, fn, _ in entries(cfg, base_prefix(cfg, set(tensors))):
         if hf_key not in tensors or ours not in flat:
             continue
         consumed.add(hf_key)
+        if tensors[hf_key].dtype not in _FLOAT_DTYPES:  # never cast integers into weights
+            not_float.append(f"{hf_key}: {tensors[hf_key].dtype}")
+            values[ours] = None  # present, unusable: reported below
+            continue
         w = np.asarray(tensors[hf_key], np.float32)
+        if not np.isfinite(w).all():
+            not_finite.append(hf_key)
         w = fn(w) if fn is not None else w
         want = flat[ours].get_value().shape
         if w.shape != want:
@@ -228,6 +269,8 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
             ("unused tensors", unused),
             ("missing parameters", missing),
             ("shape mismatches", mismatched),
+            ("tensors that are not floating point", not_float),
+            ("tensors with NaN or inf", not_finite),
         )
         if items
     ]

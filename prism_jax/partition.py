@@ -15,7 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prism_jax import exchange
-from prism_jax.configs import ModelConfig, Plan
+from prism_jax.configs import ModelConfig, Plan, as_int
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
 
@@ -29,8 +29,10 @@ def edge_mesh(n: int) -> Mesh:
     set before JAX starts (the CLI does this itself).
     """
     available = jax.devices()
-    if not isinstance(n, int) or n < 1:
-        raise PrismError(f"the number of devices must be >= 1, got {n!r}")
+    count = as_int(n)
+    if count is None or count < 1:
+        raise PrismError(f"the number of devices must be an integer >= 1, got {n!r}")
+    n = count
     if n > len(available):
         raise PrismError(
             f"asked for {n} devices but JAX sees {len(available)}; on CPU set "
@@ -68,6 +70,8 @@ def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
     if mesh is None:
         fn = functools.partial(_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1)
         return jax.jit(fn)
+    if plan.strategy == "single":  # split over a mesh, each device would see only its tokens
+        raise PrismError("strategy 'single' runs on one device: call it without a mesh")
     n = mesh.shape[AXIS]
 
     def per_device(params, inputs, valid):
@@ -87,10 +91,13 @@ def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
 
 
 def place(model: Model, mesh: Mesh):
-    """The model's params replicated on every device of the mesh (cached per mesh)."""
-    if mesh not in model.placed:
-        model.placed[mesh] = jax.tree.map(lambda x: put(x, mesh, P()), model.params)
-    return model.placed[mesh]
+    """The model's params replicated on every device of the mesh (cached per mesh, for these
+    very params: a model whose params were replaced is placed anew)."""
+    source, placed = model.placed.get(mesh, (None, None))
+    if source is not model.params:
+        placed = jax.tree.map(lambda x: put(x, mesh, P()), model.params)
+        model.placed[mesh] = (model.params, placed)
+    return placed
 
 
 def put(x, mesh: Mesh, spec: P) -> jax.Array:

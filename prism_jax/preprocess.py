@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+import tokenizers
+from PIL import Image
 
 from prism_jax.errors import PrismError
 
@@ -58,18 +61,20 @@ def _json(path: Path) -> dict:
 
 def load_tokenizer(directory: Path) -> Tokenizer | None:
     """The directory's `tokenizer.json` (or a WordPiece `vocab.txt`), or None."""
-    import tokenizers
-
     settings = _json(directory / "tokenizer_config.json")
     config = _json(directory / "config.json")
-    if (directory / "tokenizer.json").exists():
-        backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-    elif (directory / "vocab.txt").exists():
-        backend = tokenizers.BertWordPieceTokenizer(
-            str(directory / "vocab.txt"), lowercase=settings.get("do_lower_case", True)
-        )
-    else:
-        return None
+    try:
+        if (directory / "tokenizer.json").exists():
+            backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.txt").exists():
+            backend = tokenizers.BertWordPieceTokenizer(
+                str(directory / "vocab.txt"), lowercase=settings.get("do_lower_case", True)
+            )
+        else:
+            return None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrismError(f"corrupt tokenizer in {directory}: {first}") from None
     backend.no_padding()
     backend.no_truncation()
     pad = settings.get("pad_token")
@@ -96,15 +101,10 @@ class ImageProcessor:
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         """PIL images (or paths) -> `{"pixel_values": [B, C, H, W] float32}`."""
-        from PIL import Image
-
         arrays = []
         for image in images:
             if not isinstance(image, Image.Image):
-                try:
-                    image = Image.open(image)
-                except (OSError, ValueError) as e:
-                    raise PrismError(f"cannot read image {image}: {e}") from None
+                image = read_image(image)
             image = image.convert("L" if self.channels == 1 else "RGB")
             image = image.resize(self.size[::-1], resample=self.resample)
             x = np.asarray(image, np.float32).reshape(*self.size, self.channels)
@@ -114,6 +114,23 @@ class ImageProcessor:
                 x = (x - np.float32(self.mean)) / np.float32(self.std)
             arrays.append(x.transpose(2, 0, 1))
         return {"pixel_values": np.stack(arrays)}
+
+
+def read_image(path) -> Image.Image:
+    """An image file decoded in full, or a PrismError: unreadable, truncated, or larger than
+    PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, about 89 M pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decode now: a truncated file fails here, not later
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise PrismError(
+            f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise PrismError(f"cannot read image {path}: {e}") from None
+    return image
 
 
 def load_image_processor(directory: Path) -> ImageProcessor | None:

@@ -8,6 +8,7 @@ resumed from a checkpoint at step s continues exactly as if it had never stopped
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 import zlib
@@ -21,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from prism_jax.checkpoint import Checkpoints
-from prism_jax.configs import Plan
+from prism_jax.configs import Plan, as_int
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
 from prism_jax.partition import place, program, put, shard_inputs
@@ -43,10 +44,24 @@ class TrainConfig:
     keep: int = 3
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise PrismError("steps and batch_size must be >= 1 and lr > 0")
-        if not 0 <= self.final_lr <= 1:
-            raise PrismError(f"final_lr is a fraction of lr in [0, 1], not {self.final_lr}")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep"):
+            _check(self, name, lambda v: as_int(v) is not None and v >= 1, "an integer >= 1")
+        _check(self, "warmup", lambda v: as_int(v) is not None and v >= 0, "an integer >= 0")
+        _check(self, "seed", lambda v: as_int(v) is not None, "an integer")
+        _check(self, "lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+        _check(self, "final_lr", lambda v: 0 <= v <= 1, "a fraction of lr in [0, 1]")
+        _check(self, "weight_decay", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+        _check(self, "clip", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _check(cfg: TrainConfig, name: str, ok, what: str) -> None:
+    value = getattr(cfg, name)
+    try:
+        good = bool(ok(value))
+    except TypeError:
+        good = False
+    if not good:
+        raise PrismError(f"{name} must be {what}, got {value!r}")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -154,91 +169,122 @@ def train(
         dict of metrics, kept in `Run.evals` and shown beside the progress bar.
     """
     plan = plan or Plan(strategy="single")
-    distributed = mesh is not None and plan.strategy != "single"
-    forward = program(model.graphdef, model.config, plan, mesh if distributed else None)
-    head = model.config.head
-    labels_all = np.asarray(examples.get("labels", np.zeros(1, np.int32)), np.int32)
+    mesh = mesh if plan.strategy != "single" else None  # `single` runs on one device
+    labels = np.asarray(examples.get("labels", np.zeros(1, np.int32)), np.int32)
     hf = {k: np.asarray(v) for k, v in examples.items() if k != "labels"}
     n = len(next(iter(hf.values())))
     opt = optimizer(cfg)
+    step_fn = _step_function(model, opt, plan, mesh)
+    params = place(model, mesh) if mesh is not None else model.params
+    state = {"params": params, "opt": opt.init(params)}
+    if mesh is not None:  # all of the state on the mesh (the step count too), as restore puts it
+        state = jax.tree.map(lambda x: put(x, mesh, P()), state)
+    ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep) if checkpoint_dir else None
+    try:
+        start = 0
+        if ckpt:
+            start, state = _resume(
+                ckpt, run_record(model, examples, cfg, plan, mesh), state, restart
+            )
+        losses, evals = [], []
+        bar = tqdm(
+            range(start, cfg.steps), desc="fine-tuning", disable=not progress, initial=start,
+            total=cfg.steps,
+        )  # fmt: skip
+        for step in bar:
+            idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+            tic = time.perf_counter()
+            params, opt_state, value, finite = step_fn(
+                state["params"], state["opt"], *_step_inputs(model, hf, labels, idx, mesh)
+            )
+            if not finite:  # keep the last good state: never step or checkpoint into NaN
+                raise PrismError(_not_finite(step + 1, float(value), ckpt))
+            state = {"params": params, "opt": opt_state}
+            losses.append(float(value))
+            rate = len(idx) / (time.perf_counter() - tic)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{rate:.1f}")
+            if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                ckpt.save(step + 1, state)
+                if on_checkpoint:
+                    on_checkpoint(step + 1)
+            epoch_end = (step + 1) * cfg.batch_size // n > step * cfg.batch_size // n
+            if evaluate and (epoch_end or step + 1 == cfg.steps):
+                evals.append({"step": step + 1, **evaluate(_host_model(model, state))})
+                if progress:
+                    bar.write(_metrics_line(evals[-1]), file=sys.stderr)
+    finally:
+        if ckpt:
+            ckpt.close()
+    return Run(_host_model(model, state), losses, start or None, evals)
+
+
+def _step_function(model: Model, opt, plan: Plan, mesh):
+    """The jitted training step `(params, opt_state, inputs, valid, targets, weights) ->
+    (params, opt_state, loss, finite)`; `finite` is False when the loss or the update is not."""
+    forward = program(model.graphdef, model.config, plan, mesh)
+    head = model.config.head
 
     def step_fn(params, opt_state, inputs, valid, targets, weights):
         def objective(p):
             tokens, cls = forward(p, inputs, valid)
-            if distributed:  # one CLS row per device: replicate them, read device 0's
+            if mesh is not None:  # one CLS row per device: replicate them, read device 0's
                 cls = {k: jax.reshard(v, NamedSharding(mesh, P()))[0] for k, v in cls.items()}
             return loss(head, tokens, cls, targets, weights)
 
         value, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        finite = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(updates))
+        return optax.apply_updates(params, updates), opt_state, value, finite
 
-    step_fn = jax.jit(step_fn)
-    params = place(model, mesh) if distributed else model.params
-    state = {"params": params, "opt": opt.init(params)}
-    start, resumed = 0, None
-    ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep) if checkpoint_dir else None
-    if ckpt and restart:
+    return jax.jit(step_fn)
+
+
+def _step_inputs(model: Model, hf: dict, labels: np.ndarray, idx: np.ndarray, mesh):
+    """(inputs, valid, targets, weights) of the examples `idx`, placed on the mesh if any."""
+    inputs, valid = model.prepare({k: v[idx] for k, v in hf.items()})
+    if model.config.head == "classifier":
+        targets, weights = labels[idx], np.ones(len(idx), np.float32)
+    else:
+        targets, weights = next_token_targets(inputs["input_ids"], valid)
+    if mesh is None:
+        return inputs, valid, targets, weights
+    if model.config.head == "classifier":
+        targets, weights = put(targets, mesh, P()), put(weights, mesh, P())
+    else:
+        per_token, _ = shard_inputs({"t": targets, "w": weights}, valid, mesh)
+        targets, weights = per_token["t"], per_token["w"]
+    return *shard_inputs(inputs, valid, mesh), targets, weights
+
+
+def _resume(ckpt: Checkpoints, record: dict, state, restart: bool):
+    """(first step, state): the latest checkpoint of this run, or step 0 for a new one."""
+    if restart:
         ckpt.clear()
-    if ckpt:
-        record = run_record(model, examples, cfg, plan, mesh if distributed else None)
-        if ckpt.latest_step() is None:
-            ckpt.record_run(record)
-        else:
-            ckpt.check_run(record)
-            start, state = ckpt.restore(state)
-            resumed = start
-    losses, evals = [], []
+    if ckpt.latest_step() is None:
+        ckpt.record_run(record)
+        return 0, state
+    ckpt.check_run(record)
+    return ckpt.restore(state)
 
-    def current_model():
-        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
-        return Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
 
-    bar = tqdm(
-        range(start, cfg.steps),
-        desc="fine-tuning",
-        disable=not progress,
-        initial=start,
-        total=cfg.steps,
+def _host_model(model: Model, state) -> Model:
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
+    return Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
+
+
+def _metrics_line(metrics: dict) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
     )
-    for step in bar:
-        idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
-        inputs, valid = model.prepare({k: v[idx] for k, v in hf.items()})
-        if head == "classifier":
-            targets, weights = labels_all[idx], np.ones(len(idx), np.float32)
-        else:
-            targets, weights = next_token_targets(inputs["input_ids"], valid)
-        if distributed:
-            if head == "classifier":
-                targets, weights = put(targets, mesh, P()), put(weights, mesh, P())
-            else:
-                per_token, _ = shard_inputs({"t": targets, "w": weights}, valid, mesh)
-                targets, weights = per_token["t"], per_token["w"]
-            inputs, valid = shard_inputs(inputs, valid, mesh)
-        tic = time.perf_counter()
-        params, opt_state, value = step_fn(
-            state["params"], state["opt"], inputs, valid, targets, weights
-        )
-        state = {"params": params, "opt": opt_state}
-        losses.append(float(value))
-        bar.set_postfix(
-            loss=f"{losses[-1]:.4f}", ex_per_s=f"{len(idx) / (time.perf_counter() - tic):.1f}"
-        )
-        if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            ckpt.save(step + 1, state)
-            if on_checkpoint:
-                on_checkpoint(step + 1)
-        epoch_end = (step + 1) * cfg.batch_size // n > step * cfg.batch_size // n
-        if evaluate and (epoch_end or step + 1 == cfg.steps):
-            evals.append({"step": step + 1, **evaluate(current_model())})
-            if progress:
-                bar.write(
-                    " ".join(
-                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in evals[-1].items()
-                    ),
-                    file=sys.stderr,
-                )
-    if ckpt:
-        ckpt.close()
-    return Run(current_model(), losses, resumed, evals)
+
+
+def _not_finite(step: int, value: float, ckpt: Checkpoints | None) -> str:
+    kept = (
+        f"the last good checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}"
+        if ckpt and ckpt.latest_step() is not None
+        else "no checkpoint was written"
+    )
+    return (
+        f"training stopped at step {step}: the loss or its gradient is not finite (loss "
+        f"{value}); {kept}; try a lower learning rate"
+    )

@@ -82,3 +82,36 @@ def test_prism_mask_bias_and_collective_per_device():
     np.testing.assert_array_equal(mask[2], [1, 0, 0, 0, 1, 1, 1, 1])
     # Device 0 sees no remote means at all.
     assert not mask[0, l:].any()
+
+
+def test_segment_means_ignore_nan_and_inf_in_padding():
+    a = np.ones((1, 6, 3), np.float32)
+    a[0, 4] = np.inf
+    a[0, 5] = np.nan
+    valid = np.array([[True, True, True, True, False, False]])
+    means, counts = pj.segment_means(jnp.asarray(a), jnp.asarray(valid), 3)
+    np.testing.assert_array_equal(means, np.ones((1, 2, 3)))
+    np.testing.assert_array_equal(counts, [[3, 1]])
+    assert counts.dtype == jnp.int32
+
+
+def test_segment_means_allocate_nothing_for_a_cr_beyond_l(rng):
+    a = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
+    valid = jnp.ones((2, 5), bool)
+    for cr in (5, 6, 2**40):
+        means, counts = pj.segment_means(a, valid, cr)
+        assert means.shape == (2, 1, 4)
+        np.testing.assert_allclose(means[:, 0], a.mean(1), atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda x: pj.segment_means(x, valid, 2**40))(a))
+    assert "1099511627776" not in jaxpr and "f32[2,5,4]" in jaxpr
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_counts_travel_exactly_in_the_payload(dtype, rng):
+    means = jnp.asarray(rng.standard_normal((2, 3, 5)), dtype)
+    counts = jnp.asarray([[0, 1, 301], [255, 257, 2**20 + 1]], jnp.int32)
+    packed = exchange.pack_counts(means, counts)
+    assert packed.dtype == dtype and packed.shape[-1] == 5 + 4 // jnp.dtype(dtype).itemsize
+    got_means, got_counts = exchange.unpack_counts(packed, 5)
+    np.testing.assert_array_equal(got_counts, counts)
+    np.testing.assert_array_equal(np.asarray(got_means, np.float32), np.asarray(means, np.float32))

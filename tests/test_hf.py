@@ -96,7 +96,7 @@ def test_missing_and_corrupt_files(bert_dir, tmp_path):
 def test_truncated_tensor_data(bert_dir):
     path = bert_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(pj.PrismError, match="is malformed"):
+    with pytest.raises(pj.PrismError, match="corrupt safetensors file .*: tensors cover"):
         pj.load_pretrained(bert_dir)
 
 
@@ -150,3 +150,65 @@ def test_preprocessors_are_loaded(hf_models):
     assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"][0].sum() == 4
     vit = pj.load_pretrained(hf_models("vit")[1])
     assert vit.image_processor.size == (12, 12) and vit.tokenizer is None
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+_GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+         "b": {"dtype": "F16", "shape": [1, 2], "data_offsets": [8, 12]}}  # fmt: skip
+_TAMPERED = {
+    "overlapping offsets": {**_GOOD, "b": {"dtype": "F16", "shape": [2], "data_offsets": [4, 8]}},
+    "gap between tensors": {**_GOOD, "b": {"dtype": "F16", "shape": [2], "data_offsets": [10, 14]}},
+    "data past the last tensor": {"a": _GOOD["a"]},
+    "unknown dtype": {**_GOOD, "a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}},
+    "size differs from shape": {
+        **_GOOD,
+        "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
+    },
+    "negative dim": {**_GOOD, "a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+    "offsets reversed": {**_GOOD, "a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}},
+    "not an object": [1, 2],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TAMPERED))
+def test_safetensors_reader_rejects_what_the_library_rejects(case, tmp_path):
+    from safetensors import SafetensorError
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_safetensors_bytes(_TAMPERED[case], bytes(range(12))))
+    with pytest.raises((SafetensorError, ValueError, TypeError)):
+        load_file(path)  # the reference refuses it ...
+    with pytest.raises(pj.PrismError, match="corrupt safetensors file"):
+        hf.read_safetensors(path)  # ... and so do we, in one line
+
+
+def test_safetensors_reader_reads_what_the_library_reads(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_safetensors_bytes({**_GOOD, "__metadata__": {"k": "v"}}, bytes(range(12))))
+    want, got = load_file(path), hf.read_safetensors(path)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+_BIAS = r"encoder\.layer\.0\.output\.dense\.bias"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda w: w.astype(np.int64), rf"not floating point \[{_BIAS}: int64"),
+        (lambda w: np.where(np.arange(w.size) == 3, np.nan, w), rf"NaN or inf \[{_BIAS}"),
+        (lambda w: np.full_like(w, np.inf), rf"NaN or inf \[{_BIAS}"),
+    ],
+)
+def test_weights_must_be_finite_floats(bert_dir, edit, message):
+    key = "encoder.layer.0.output.dense.bias"
+    _edit_tensors(bert_dir, lambda t: t.update({key: edit(t[key])}))
+    with pytest.raises(pj.PrismError, match=message):
+        pj.load_pretrained(bert_dir)

@@ -168,3 +168,104 @@ def test_edge_mesh_checks_device_count():
     assert pj.edge_mesh(4).shape == {"edge": 4}
     with pytest.raises(pj.PrismError, match="xla_force_host_platform_device_count=9"):
         pj.edge_mesh(9)
+
+
+def test_replaced_params_are_used_on_a_mesh(hf_models, rng):
+    """`dataclasses.replace(model, params=...)` must not run the old weights from a cache."""
+    import dataclasses
+
+    import jax
+
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    batch = tiny.random_batch("bert_cls", rng, tokens=10)
+    mesh = pj.edge_mesh(2)
+    old = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=2))["logits"]
+    new_model = dataclasses.replace(model, params=jax.tree.map(lambda x: 0.5 * x, model.params))
+    new = pj.infer(new_model, batch, mesh=mesh, plan=pj.Plan(cr=2))["logits"]
+    want = pj.infer(new_model, batch, mesh=mesh, plan=pj.Plan(cr=1))["logits"]
+    assert np.abs(new - old).max() > 1e-3
+    np.testing.assert_allclose(want, pj.infer(new_model, batch)["logits"], atol=ATOL_MODEL, rtol=0)
+    # and the old model still runs its own weights
+    np.testing.assert_array_equal(
+        pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=2))["logits"], old
+    )
+
+
+def test_single_on_a_mesh_is_exact_or_refused(hf_models, rng):
+    """`single` through `pj.infer` ignores the mesh; the compiled program refuses a mesh
+    rather than run block-diagonal attention."""
+    from prism_jax import partition
+
+    model = pj.load_pretrained(hf_models("gpt2_lm")[1])
+    batch = tiny.random_batch("gpt2_lm", rng, tokens=12)
+    got = pj.infer(model, batch, mesh=pj.edge_mesh(3), plan=pj.Plan(strategy="single"))
+    np.testing.assert_array_equal(got["logits"], pj.infer(model, batch)["logits"])
+    with pytest.raises(pj.PrismError, match="strategy 'single' runs on one device"):
+        partition.program(model.graphdef, model.config, pj.Plan(strategy="single"), pj.edge_mesh(3))
+
+
+def test_cr_beyond_the_local_length_is_one_segment(hf_models, rng):
+    """A CR past L behaves as CR = L and compiles the same program size (no padding to CR)."""
+    from prism_jax import cost
+
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    batch = tiny.random_batch("bert_cls", rng, tokens=12)
+    mesh = pj.edge_mesh(2)  # L = 6
+    at_l = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=6))["logits"]
+    for cr in (7, 10**6, 2**31, 2**63):
+        got = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=cr))["logits"]
+        np.testing.assert_array_equal(got, at_l)
+    huge = cost.measure(model.config, pj.Plan(cr=2**31), devices=2, seq_len=12)
+    same = cost.measure(model.config, pj.Plan(cr=6), devices=2, seq_len=12)
+    assert huge.bytes_sent == same.bytes_sent == huge.bytes_closed_form
+    assert huge.flops == same.flops
+
+
+def test_bf16_counts_are_exact_and_outputs_near_float32(rng):
+    """301 valid tokens in one segment arrive as 301 in bf16 (which holds integers exactly
+    only to 256), and a bf16 model stays within bf16 rounding of the float32 one."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from prism_jax import exchange, models
+    from prism_jax.configs import BertConfig
+
+    n, l = 2, 320
+    valid = np.ones((1, n * l), bool)
+    valid[0, 301:l] = False  # device 0: 301 valid tokens
+    mesh = pj.edge_mesh(n)
+
+    def per_device(a, valid):
+        ex = exchange.make_exchange(pj.Plan(cr=l), valid, causal=False, axis_name="edge", devices=n)
+        return exchange.keys_and_mask(a, ex)[2]  # the log-count bias
+
+    a = jnp.asarray(rng.standard_normal((1, n * l, 8)), jnp.bfloat16)
+    bias = jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(None, "edge"), P()),
+            out_specs=P(None, None, None, "edge"),
+        )
+    )(jax.device_put(a, NamedSharding(mesh, P(None, "edge"))), valid)
+    bias = np.asarray(bias).reshape(n, l + 1)
+    assert bias.dtype == np.float32
+    np.testing.assert_allclose(np.exp(bias[1, l]), 301, rtol=1e-6)  # device 1 hears 301
+    np.testing.assert_allclose(np.exp(bias[0, l]), 320, rtol=1e-6)
+
+    cfg = BertConfig(
+        vocab_size=50, width=32, depth=2, heads=4, mlp_width=64, act="gelu", ln_eps=1e-12,
+        max_positions=700,
+    )  # fmt: skip
+    f32 = models.init(cfg)
+    bf16 = models.Model(
+        cfg, f32.graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32.params)
+    )
+    batch = {"input_ids": rng.integers(0, 50, (1, 640)), "attention_mask": valid.astype(np.int32)}
+    for plan in (pj.Plan(cr=400), pj.Plan(cr=8)):
+        want = pj.infer(f32, batch, mesh=mesh, plan=plan)["last_hidden_state"]
+        got = pj.infer(bf16, batch, mesh=mesh, plan=plan)["last_hidden_state"]
+        assert got.dtype == jnp.bfloat16 and np.isfinite(np.asarray(got, np.float32)).all()
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.1, rtol=0)

@@ -74,6 +74,9 @@ SCRIPT = textwrap.dedent("""
     from tests import tiny
     directory, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model = pj.load_pretrained(sys.argv[4])
+    devices = int(sys.argv[5])
+    plan = pj.Plan(strategy="prism", cr=2) if devices > 1 else pj.Plan(strategy="single")
+    mesh = pj.edge_mesh(devices) if devices > 1 else None
     rng = np.random.default_rng(0)
     examples = tiny.random_batch("bert_cls", rng, batch=12, tokens=10)
     examples["labels"] = rng.integers(0, 3, 12)
@@ -81,14 +84,14 @@ SCRIPT = textwrap.dedent("""
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     cfg = train.TrainConfig(steps=9, batch_size=4, lr=1e-3, checkpoint_every=3)
-    run = train.train(model, examples, cfg, checkpoint_dir=directory, progress=False,
-                      on_checkpoint=die)
+    run = train.train(model, examples, cfg, plan=plan, mesh=mesh, checkpoint_dir=directory,
+                      progress=False, on_checkpoint=die)
     np.savez(out, *[np.asarray(x) for x in __import__("jax").tree.leaves(run.model.params)],
              resumed=-1 if run.resumed_from is None else run.resumed_from)
 """)
 
 
-def _train_process(tmp_path, hf_models, directory, out, kill_at):
+def _train_process(tmp_path, hf_models, directory, out, kill_at, devices):
     return subprocess.run(
         [
             sys.executable,
@@ -98,6 +101,7 @@ def _train_process(tmp_path, hf_models, directory, out, kill_at):
             str(out),
             str(kill_at),
             str(hf_models("bert_cls")[1]),
+            str(devices),
         ],
         capture_output=True,
         text=True,
@@ -107,17 +111,25 @@ def _train_process(tmp_path, hf_models, directory, out, kill_at):
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
             "HF_HUB_OFFLINE": "1",
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         },
     )
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path, hf_models):
-    whole = _train_process(tmp_path, hf_models, tmp_path / "a", tmp_path / "a.npz", kill_at=-1)
+@pytest.mark.parametrize("devices", [1, 2])  # single, and prism over a mesh (the opt state too)
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, hf_models, devices):
+    def process(name, kill_at):
+        return _train_process(
+            tmp_path, hf_models, tmp_path / name, tmp_path / f"{name}.npz", kill_at, devices
+        )
+
+    whole = process("a", kill_at=-1)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _train_process(tmp_path, hf_models, tmp_path / "b", tmp_path / "b.npz", kill_at=6)
+    killed = process("b", kill_at=6)
     assert killed.returncode == -9  # SIGKILL right after the step-6 checkpoint
     assert not (tmp_path / "b.npz").exists()
-    resumed = _train_process(tmp_path, hf_models, tmp_path / "b", tmp_path / "b.npz", kill_at=-1)
+    resumed = process("b", kill_at=-1)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert int(b["resumed"]) == 6 and int(a["resumed"]) == -1

@@ -35,14 +35,14 @@ class Model:
     params: Any
     tokenizer: Any = None
     image_processor: Any = None
-    placed: dict = dataclasses.field(default_factory=dict, repr=False)  # mesh -> params
+    # mesh -> (the params placed, their copies on the mesh). Not an init field, so that
+    # `dataclasses.replace(model, params=...)` starts with no placements; each entry also names
+    # the params it was made from and is only used for those.
+    placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def prepare(self, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """HF batch -> (model inputs with the token axis second, validity `[B, T]`)."""
         return FAMILIES[self.config.family][1](self.config, batch)
-
-    def module(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params)
 
 
 def abstract(cfg: ModelConfig) -> Model:
@@ -62,8 +62,6 @@ def with_classifier(model: Model, num_labels: int, *, seed: int = 0) -> Model:
     """`model` with a fresh classification head of `num_labels` classes (BERT: on the pooler,
     which is initialised too if the checkpoint had none; ViT: on the CLS row). Every
     parameter the model already has is kept."""
-    from flax import nnx
-
     cfg = dataclasses.replace(
         model.config, head="classifier", num_labels=num_labels, pooler=model.config.family == "bert"
     )

@@ -1,6 +1,9 @@
-"""Checking HF-style batches before they reach a model."""
+"""Checking HF-style batches before they reach a model: every bad field is a PrismError that
+names it, never a NumPy error or a silent clamp, cast or NaN."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -8,22 +11,57 @@ from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 
 
+def field(batch, name: str, *, kinds: str, ndim: int) -> np.ndarray:
+    """`batch[name]` as a rectangular NumPy array of `ndim` dims, at least one row, whose dtype
+    kind is one of `kinds` (`b` bool, `i`/`u` integers, `f` floats)."""
+    if not isinstance(batch, Mapping):
+        raise PrismError(
+            f"a batch is a dict of HF names (input_ids, ...), got {type(batch).__name__}"
+        )
+    if name not in batch:
+        raise PrismError(f"the batch needs {name}; got {sorted(batch)}")
+    try:
+        x = np.asarray(batch[name])
+    except ValueError:
+        raise PrismError(f"{name} must be a rectangular array (ragged rows?)") from None
+    if x.dtype == object or x.dtype.kind not in kinds:
+        allowed = {"b": "bool", "i": "integers", "u": "integers", "f": "floats"}
+        want = " or ".join(dict.fromkeys(allowed[k] for k in kinds))
+        raise PrismError(f"{name} must hold {want}, got dtype {x.dtype}")
+    if x.ndim != ndim or x.shape[0] == 0 or (ndim > 1 and 0 in x.shape[1:]):
+        raise PrismError(f"{name} must be a non-empty {ndim}-d array, got shape {list(x.shape)}")
+    return x
+
+
+def ids_field(batch, name: str, upper: int, like: tuple[int, ...] | None = None) -> np.ndarray:
+    """An integer `[B, T]` field with values in [0, upper), int32."""
+    x = field(batch, name, kinds="iu", ndim=2)
+    if like is not None and x.shape != like:
+        raise PrismError(f"{name} has shape {list(x.shape)}, input_ids {list(like)}")
+    if x.min() < 0 or x.max() >= upper:
+        raise PrismError(f"{name} outside [0, {upper}): found {x.min()}..{x.max()}")
+    return x.astype(np.int32)
+
+
+def attention_mask(batch, shape: tuple[int, ...]) -> np.ndarray:
+    """The `[B, T]` validity from `attention_mask` (0/1 in any numeric dtype), all valid if
+    absent."""
+    if batch.get("attention_mask") is None:
+        return np.ones(shape, bool)
+    mask = field(batch, "attention_mask", kinds="biuf", ndim=2)
+    if mask.shape != shape:
+        raise PrismError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(shape)}")
+    if not np.isin(mask, (0, 1)).all():  # NaN included: it is neither
+        raise PrismError("attention_mask must hold only 0 and 1")
+    return mask.astype(bool)
+
+
 def token_batch(cfg: ModelConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`input_ids` and `attention_mask` `[B, T]` -> (inputs, validity), checked against cfg."""
-    if "input_ids" not in batch:
-        raise PrismError(f"a {cfg.family} batch needs input_ids; got {sorted(batch)}")
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise PrismError(f"input_ids must be [batch, tokens] with tokens > 0, got {ids.shape}")
+    ids = ids_field(batch, "input_ids", cfg.vocab_size)
     if ids.shape[1] > cfg.max_positions:
         raise PrismError(
             f"sequence of {ids.shape[1]} tokens is longer than the model's "
             f"{cfg.max_positions} positions"
         )
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise PrismError(f"input_ids outside the vocabulary [0, {cfg.vocab_size})")
-    mask = batch.get("attention_mask")
-    valid = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
-    if valid.shape != ids.shape:
-        raise PrismError(f"attention_mask has shape {valid.shape}, input_ids {ids.shape}")
-    return {"input_ids": ids.astype(np.int32)}, valid
+    return {"input_ids": ids}, attention_mask(batch, ids.shape)

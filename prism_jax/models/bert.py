@@ -8,10 +8,9 @@ import numpy as np
 from flax import nnx
 
 from prism_jax.configs import BertConfig
-from prism_jax.errors import PrismError
 from prism_jax.exchange import Exchange
 from prism_jax.layers import Encoder, embed_lookup, layer_norm
-from prism_jax.models.batch import token_batch
+from prism_jax.models.batch import ids_field, token_batch
 
 
 class Bert(nnx.Module):
@@ -48,14 +47,11 @@ class Bert(nnx.Module):
 def prepare(cfg: BertConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """HF batch -> (inputs with the token axis second, validity `[B, T]`)."""
     inputs, valid = token_batch(cfg, batch)
-    types = batch.get("token_type_ids")
-    types = np.zeros_like(inputs["input_ids"]) if types is None else np.asarray(types, np.int32)
-    if types.shape != valid.shape:
-        raise PrismError(f"token_type_ids has shape {types.shape}, input_ids {valid.shape}")
-    inputs["token_type_ids"] = types
-    if "position_ids" in batch:
-        pos = np.asarray(batch["position_ids"], np.int32)
-        if pos.shape != valid.shape or pos.min() < 0 or pos.max() >= cfg.max_positions:
-            raise PrismError(f"position_ids must be [batch, tokens] in [0, {cfg.max_positions})")
-        inputs["position_ids"] = pos
+    shape = valid.shape
+    if batch.get("token_type_ids") is None:
+        inputs["token_type_ids"] = np.zeros(shape, np.int32)
+    else:
+        inputs["token_type_ids"] = ids_field(batch, "token_type_ids", cfg.type_vocab_size, shape)
+    if batch.get("position_ids") is not None:
+        inputs["position_ids"] = ids_field(batch, "position_ids", cfg.max_positions, shape)
     return inputs, valid

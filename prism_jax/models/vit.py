@@ -15,6 +15,7 @@ from prism_jax.configs import ViTConfig
 from prism_jax.errors import PrismError
 from prism_jax.exchange import Exchange
 from prism_jax.layers import Encoder
+from prism_jax.models.batch import field
 
 
 class ViT(nnx.Module):
@@ -52,14 +53,15 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
 
 def prepare(cfg: ViTConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`pixel_values` `[B, C, H, W]` -> (`patches` `[B, 1+P, C*p*p]` with a CLS slot, validity)."""
-    if "pixel_values" not in batch:
-        raise PrismError(f"a vit batch needs pixel_values; got {sorted(batch)}")
-    pixels = np.asarray(batch["pixel_values"], np.float32)
+    pixels = field(batch, "pixel_values", kinds="iuf", ndim=4).astype(np.float32)
     want = (cfg.channels, cfg.image_size, cfg.image_size)
-    if pixels.ndim != 4 or pixels.shape[1:] != want:
+    if pixels.shape[1:] != want:
         raise PrismError(
             f"pixel_values must be [batch, {', '.join(map(str, want))}], got {list(pixels.shape)}"
         )
+    if not np.isfinite(pixels).all():
+        bad = np.argwhere(~np.isfinite(pixels))[0].tolist()
+        raise PrismError(f"pixel_values hold NaN or inf (first at index {bad})")
     patches = patchify(pixels, cfg.patch_size)
     patches = np.concatenate([np.zeros_like(patches[:, :1]), patches], axis=1)
     return {"patches": patches}, np.ones(patches.shape[:2], bool)

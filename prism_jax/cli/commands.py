@@ -1,4 +1,4 @@
-"""What each `prism-jax` subcommand does (`cli.py` parses; this runs and prints).
+"""What each `prism-jax` subcommand does (`parser` parses; this runs and prints).
 
 Each runner takes the parsed arguments and returns a JSON-able dict (printed as JSON with
 --json, else by the printer of the same name), or None when it reported by itself.
@@ -7,13 +7,23 @@ Each runner takes the parsed arguments and returns a JSON-able dict (printed as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import prism_jax as pj
+from prism_jax import cluster, cost, data, datasets, evaluate, export, models, tasks, train
+from prism_jax.checkpoint import usable_directory
+from prism_jax.cli.parser import build_parser
+from prism_jax.errors import PrismError
 
 
 def _outputs_summary(model, out: dict, batch: dict) -> dict:
     """What a person wants to read of each output row."""
-    import numpy as np
-
     cfg = model.config
     rows = []
     for i in range(len(out["last_hidden_state"])):
@@ -37,8 +47,6 @@ def _outputs_summary(model, out: dict, batch: dict) -> dict:
 
 
 def _make_batch(model, args) -> dict:
-    from prism_jax.errors import PrismError
-
     family = model.config.family
     if args.text is not None:
         if family == "vit":
@@ -54,13 +62,10 @@ def _make_batch(model, args) -> dict:
 
 
 def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
-    import numpy as np
-
-    from prism_jax.evaluate import mean_pool
-
     mask = batch.get("attention_mask", np.ones(out["last_hidden_state"].shape[:2]))
     cos = (
-        mean_pool(out["last_hidden_state"], mask) * mean_pool(exact["last_hidden_state"], mask)
+        evaluate.mean_pool(out["last_hidden_state"], mask)
+        * evaluate.mean_pool(exact["last_hidden_state"], mask)
     ).sum(-1)
     result = {
         "cosine_mean": float(cos.mean()),
@@ -76,25 +81,40 @@ def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
     return result
 
 
-def _save(path: str, arrays: dict) -> None:
-    import jax
-    import numpy as np
+def writable_file(path: str, suffix: str) -> Path:
+    """Where a file will be written (`suffix` added if missing, as `np.savez` does), checked
+    before any work: its directory exists and takes new files, and it is not a directory."""
+    target = Path(path if path.endswith(suffix) else path + suffix)
+    if target.is_dir():
+        raise PrismError(f"{target} is a directory, not a file")
+    if not target.parent.is_dir():
+        raise PrismError(f"cannot write {target}: no directory {target.parent}")
+    if not os.access(target.parent, os.W_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        raise PrismError(f"cannot write {target}: permission denied")
+    return target
 
-    if jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
-        np.savez(path, **arrays)
+
+def _check_finite(out: dict) -> dict:
+    bad = sorted(k for k, v in out.items() if not np.isfinite(v).all())
+    if bad:
+        raise PrismError(f"the model produced NaN or inf in {', '.join(bad)}")
+    return out
 
 
 def _run_infer(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import cost
-
     plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    save = writable_file(args.save, ".npz") if args.save else None
     model = pj.load_pretrained(args.model)
     batch = _make_batch(model, args)
     mesh = pj.edge_mesh(args.devices)
-    out = pj.infer(model, batch, mesh=mesh, plan=plan)
-    if args.save:
-        _save(args.save, out)
+    out = _check_finite(pj.infer(model, batch, mesh=mesh, plan=plan))
+    if save and jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
+        try:
+            np.savez(save, **out)
+        except OSError as e:
+            raise PrismError(f"cannot write {save}: {e.strerror or e}") from None
     b, t = out["last_hidden_state"].shape[:2]
     sent = cost.bytes_closed_form(model.config, plan, devices=args.devices, seq_len=t, batch=b)
     full = cost.bytes_closed_form(
@@ -134,11 +154,6 @@ def _print_infer(r: dict) -> None:
 
 
 def _run_demo(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import data, evaluate
-
-    if args.samples < 1:
-        raise pj.PrismError("--samples must be >= 1")
     texts = data.fine_food_reviews("test")[0][: args.samples]
     model = pj.load_pretrained(data.minilm_dir())
     rows = evaluate.agreement_sweep(
@@ -183,9 +198,6 @@ def _print_demo(r: dict) -> None:
 
 
 def _run_eval(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import tasks
-
     model = pj.load_pretrained(args.model)
     task = tasks.load(
         model,
@@ -235,11 +247,27 @@ def _print_eval(r: dict) -> None:
         )
 
 
-def _run_finetune(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import datasets, export, models, tasks, train
+def _check_out(out: str, source: str) -> Path:
+    """`--out` is checked before training: a directory that takes files, not the source model."""
+    target = Path(out).absolute()
+    if Path(source).exists() and target.resolve() == Path(source).resolve():
+        raise PrismError(f"--out {out} is the model being fine-tuned; export to another directory")
+    return usable_directory(target, "--out")
 
+
+def _run_finetune(args) -> dict:
     plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    cfg = train.TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if args.checkpoint_dir:
+        usable_directory(args.checkpoint_dir, "--checkpoint-dir")
+    out = _check_out(args.out, args.model) if args.out else None
     model = pj.load_pretrained(args.model)
     features = datasets.builder(args.dataset).info.features
     if "label" in features and model.config.head != "classifier":
@@ -257,14 +285,6 @@ def _run_finetune(args) -> dict:
     def evaluate(m):
         return {f"{args.eval_split}_{test_task.metric}": test_task.score(mesh, plan, m)}
 
-    cfg = train.TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
     run = train.train(
         model,
         train_task.train_examples,
@@ -276,8 +296,8 @@ def _run_finetune(args) -> dict:
         progress=not args.json,
         evaluate=evaluate,
     )
-    if args.out:
-        export.save_pretrained(run.model, args.out)
+    if out:
+        export.save_pretrained(run.model, out)
     return {
         "model": args.model,
         "dataset": args.dataset,
@@ -308,12 +328,7 @@ def _print_finetune(r: dict) -> None:
 
 
 def _run_cost(args) -> dict:
-    import prism_jax as pj
-    from prism_jax import cost
-
     plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
-    if args.batch < 1:
-        raise pj.PrismError("--batch must be >= 1")
     report = cost.measure(
         args.model,
         plan,
@@ -348,13 +363,9 @@ def _rest(args) -> list[str]:
 
 def _inner(args) -> argparse.Namespace:
     """The command a node runs, with --devices set to the number of nodes."""
-    from prism_jax.errors import PrismError
-
     rest = _rest(args)
     if not rest or rest[0] not in ("infer", "cost"):
         raise PrismError("give the command to run after the options: infer ... or cost ...")
-    from prism_jax.cli import build_parser
-
     inner = build_parser().parse_args(rest)
     if "--devices" in rest and inner.devices != args.nodes:
         raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
@@ -363,24 +374,24 @@ def _inner(args) -> argparse.Namespace:
 
 
 def _run_node(args):
-    from prism_jax import cluster
-
     inner = _inner(args)
+    result_out = cluster.keep_stdout_for_results()  # the runtime's own prints go to stderr
     timer = cluster.watchdog(args.rank, args.timeout)
     cluster.initialize(
         args.rank, args.nodes, args.coordinator, bind=args.bind, timeout_s=args.timeout
     )
-    cluster.check_consistent(args.rank, vars(inner))
-    result = RUNNERS[inner.command](inner)
+    with cluster.fail_fast(args.rank, args.nodes):
+        cluster.check_consistent(args.rank, vars(inner))
+        result = RUNNERS[inner.command](inner)
     timer.cancel()
     if args.rank == 0:
-        (print(json.dumps(result, indent=2)) if inner.json else PRINTERS[inner.command](result))
+        with contextlib.redirect_stdout(result_out):
+            print(to_json(result)) if inner.json else PRINTERS[inner.command](result)
+        result_out.flush()
     return None
 
 
 def _run_launch(args):
-    from prism_jax import cluster
-
     _inner(args)  # check the command here, before starting any process
     return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
 
@@ -394,6 +405,15 @@ RUNNERS = {
     "node": _run_node,
     "launch": _run_launch,
 }
+
+
+def to_json(result: dict) -> str:
+    """The result as strict JSON (NaN and inf are not JSON: an error, not a broken document)."""
+    try:
+        return json.dumps(result, indent=2, allow_nan=False)
+    except ValueError:
+        raise PrismError("the result holds NaN or inf, which JSON cannot carry") from None
+
 
 PRINTERS = {
     "infer": _print_infer,

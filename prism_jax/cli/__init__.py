@@ -1,0 +1,76 @@
+"""The `prism-jax` command line: `parser` parses, `commands` runs and prints, `main` dispatches.
+
+Bad input gets one line on stderr and exit code 2. Emulated CPU devices are set up here,
+before JAX initialises its backend (so `commands`, which starts it, is imported after).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+from prism_jax.cli.parser import EXIT_USAGE, build_parser
+from prism_jax.errors import PrismError
+
+__all__ = ["EXIT_USAGE", "build_parser", "emulate_devices", "main"]
+
+
+def emulate_devices(n: int, *, exact: bool = False) -> None:
+    """Ask XLA for at least (`exact`: exactly) `n` CPU devices; effective only before JAX's
+    backend starts."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if found and (int(found.group(1)) == n or (int(found.group(1)) > n and not exact)):
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
+
+
+def _quiet_runtime() -> None:
+    """Keep stderr to our one line: library log records (orbax logs through absl) stay out,
+    and a failed orbax restore's late callbacks into its closed event loop are dropped."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value
+        ):
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (argparse's 0 or 2 included)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    command = args.command
+    _quiet_runtime()
+    if command == "node":
+        emulate_devices(1, exact=True)  # one device per process
+    else:
+        emulate_devices(getattr(args, "devices", 1))
+    from prism_jax.cli import commands  # starts JAX: after the devices are set up
+
+    try:
+        result = commands.RUNNERS[command](args)
+        if isinstance(result, int) or result is None:  # launch, node: already reported
+            return result or 0
+        if args.json:
+            print(commands.to_json(result))
+        else:
+            commands.PRINTERS[command](result)
+    except PrismError as e:
+        print(f"prism-jax {command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"prism-jax {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,260 @@
+"""The `prism-jax` argument parser: one function per subcommand, argument types that refuse
+bad values at parse time (one line, exit code 2), before any model or data is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from prism_jax.configs import LOGIT_BIASES, STRATEGIES
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, text: str, what: str, ok) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} expected, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{what} expected, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, "an integer >= 1", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def port(text: str) -> int:
+    return _number(int, text, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
+
+
+def compression_rates(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4]; empty items, non-integers and values < 1 are refused."""
+    items = text.split(",")
+    if not all(item.strip() for item in items):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of integers >= 1, got {text!r}")
+    return [positive_int(item) for item in items]
+
+
+def utf8_text(text: str) -> str:
+    """Command-line text that is valid UTF-8 (undecodable bytes reach Python as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("text is not valid UTF-8") from None
+    return text
+
+
+def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
+    p.add_argument(
+        "--devices", type=positive_int, default=4, help="emulated edge devices N (default 4)"
+    )
+    if crs:
+        p.add_argument(
+            "--cr",
+            type=compression_rates,
+            default=[1, 2, 4, 8, 16],
+            help="compression rates, comma-separated (default 1,2,4,8,16)",
+        )
+    else:
+        p.add_argument(
+            "--cr", type=positive_int, default=1, help="compression rate (segment length)"
+        )
+        p.add_argument("--strategy", default="prism", choices=STRATEGIES)
+    p.add_argument("--logit-bias", default="log_count", choices=LOGIT_BIASES)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _infer(sub) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="run one model across N devices on text or images",
+        description="Run a HF checkpoint (BERT, GPT-2, ViT) across N emulated "
+        "devices and print its outputs.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--text", action="append", type=utf8_text, help="input text (repeat for a batch)"
+    )
+    source.add_argument("--image", action="append", help="input image file (repeat for a batch)")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="truncate texts to this many "
+        "tokens (default: no truncation; too long a text is an error)",
+    )
+    p.add_argument(
+        "--compare", action="store_true", help="also run the exact model and print the agreement"
+    )
+    p.add_argument("--save", default=None, help="write every output array to this .npz file")
+    _plan_args(p)
+
+
+def _demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job: all-MiniLM-L6-v2 on real reviews, per CR",
+        description="all-MiniLM-L6-v2 (real weights) on real fine-food reviews "
+        "across N emulated devices: agreement with the exact model, bytes sent "
+        "and time per compression rate.",
+    )
+    p.add_argument(
+        "--samples", type=positive_int, default=64, help="number of reviews (default 64)"
+    )
+    p.add_argument(
+        "--max-length", type=positive_int, default=128, help="tokens per review (default 128)"
+    )
+    _plan_args(p, crs=True)
+
+
+def _cost(sub) -> None:
+    p = sub.add_parser(
+        "cost",
+        help="bytes sent and FLOPs per device, from the compiled program",
+        description="Lower and compile the inference program for abstract "
+        "weights and report, per device and inference, the bytes its "
+        "collectives send (with the closed form beside them) and its FLOPs "
+        "against one device running the whole sequence.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset (bert-base, gpt2, vit-base-patch16-224) or checkpoint directory",
+    )
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="tokens T (ViT: fixed, 1 + P)"
+    )
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _plan_args(p)
+
+
+def _eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="task metric at each CR, beside the measured savings",
+        description="The task metric of a model on a dataset at each compression rate on N "
+        "emulated devices: accuracy (classifiers on text or images), perplexity (an LM on "
+        "text), cloze accuracy (an LM on a cloze set), with the communication and per-device "
+        "compute reductions measured from the compiled programs. Datasets come through TFDS: "
+        "the local builders (fine_food_reviews, fashion_mnist_local, wikipedia_leads, "
+        "wikipedia_cloze, shakespeare_texts) or, online, any TFDS name (glue/sst2, cifar10).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--dataset", default="fine_food_reviews", help="TFDS name")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=positive_int, default=None, help="first examples (rows) only")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="tokens per example (text classification: padded to it, default 256; LM: row "
+        "length, default the model's positions)",
+    )
+    p.add_argument(
+        "--layout",
+        default="padded",
+        choices=["padded", "unpadded"],
+        help="text classification: split the padded sequence, or each input at its own length",
+    )
+    _plan_args(p, crs=True)
+
+
+def _finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a classifier or LM under a plan (robust to a CR)",
+        description="Fine-tune on a TFDS dataset (a classifier on labelled text or images, an "
+        "LM on text) under single, or prism at N devices and a CR so that the model learns to "
+        "work with compression. Resumable: orbax checkpoints in --checkpoint-dir.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (a base model gets a fresh head for a labelled dataset)",
+    )
+    p.add_argument("--dataset", default="fine_food_reviews", help="TFDS name")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=5e-5)
+    p.add_argument("--warmup", type=nonnegative_int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-length", type=positive_int, default=128, help="tokens per example / LM row"
+    )
+    p.add_argument("--eval-limit", type=positive_int, default=1000, help="examples per evaluation")
+    p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50)
+    p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
+    p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
+    _plan_args(p)
+    p.set_defaults(strategy="single")
+
+
+def _cluster(sub, name: str, text: str) -> None:
+    p = sub.add_parser(
+        name,
+        help=text,
+        description=text + ". The command after the "
+        "options (infer or cost with their arguments) runs on the mesh that "
+        "spans the nodes; --devices is set to the number of nodes.",
+    )
+    if name == "node":
+        p.add_argument("--rank", type=nonnegative_int, required=True, help="this node's index")
+        p.add_argument("--coordinator", required=True, help="HOST:PORT of node 0")
+        p.add_argument(
+            "--bind",
+            default="127.0.0.1",
+            help="address node 0's coordinator binds to (default loopback)",
+        )
+    else:
+        p.add_argument(
+            "--port", type=port, default=None, help="coordinator port (default: a free one)"
+        )
+    p.add_argument("--nodes", type=positive_int, required=True, help="number of nodes N")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=120,
+        help="seconds for the cluster to "
+        "form and the command to finish before every node gives up (default 120)",
+    )
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="infer ... | cost ..."
+    )
+    p.set_defaults(json=False)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="prism-jax",
+        description="PRISM distributed Transformer inference "
+        "(arXiv 2507.12145) across emulated edge devices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_infer, _demo, _cost, _eval, _finetune):
+        add(sub)
+    _cluster(
+        sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"
+    )
+    _cluster(sub, "launch", "start a cluster of N local node processes and show node 0's result")
+    return parser
