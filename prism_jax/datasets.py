@@ -11,6 +11,7 @@ no TensorFlow). Any other name goes to TFDS's own catalogue (`glue/sst2`, `cifar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sys
 import zlib
@@ -161,29 +162,54 @@ LOCAL = (
 
 
 def builder(name: str, data_dir: str | Path | None = None):
-    """The prepared TFDS builder of `name` (a local source, or any TFDS catalogue name)."""
-    tfds = _tfds()
-    data_dir = str(data_dir or default_data_dir())
-    if name in LOCAL:
-        b = _builders()[name](data_dir=data_dir, file_format="array_record")
-    else:
-        try:
-            b = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        except Exception as e:  # DatasetNotFoundError, unknown config, ...
-            raise PrismError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
+    """The prepared TFDS builder of `name` (a local source, or any TFDS catalogue name).
+
+    Preparing is done once, by one process: others that ask at the same time wait for it
+    (a lock file in the data directory) and then read what it wrote."""
+    data_dir = Path(data_dir or default_data_dir())
+    b = _make_builder(name, data_dir)
     if not b.is_prepared():
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # TFDS prints; stdout may be --json
-                b.download_and_prepare()
-        except PrismError:
-            raise
-        except Exception as e:  # offline: the download fails
-            raise PrismError(
-                f"cannot prepare dataset {name!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); offline, only {', '.join(LOCAL)} "
-                "can be built"
-            ) from None
+        with _preparing(data_dir, name):
+            b = _make_builder(name, data_dir)  # another process may have prepared it meanwhile
+            if not b.is_prepared():
+                _prepare(b, name)
     return b
+
+
+def _make_builder(name: str, data_dir: Path):
+    if name in LOCAL:
+        return _builders()[name](data_dir=str(data_dir), file_format="array_record")
+    try:
+        return _tfds().builder(name, data_dir=str(data_dir), file_format="array_record")
+    except Exception as e:  # DatasetNotFoundError, unknown config, ...
+        raise PrismError(f"unknown dataset {name!r}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _preparing(data_dir: Path, name: str):
+    """Hold the lock on preparing `name` in `data_dir` (blocking)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / f".{name.replace('/', '_')}.prepare.lock", "a")  # noqa: SIM115
+    except OSError as e:
+        raise PrismError(f"cannot prepare datasets in {data_dir}: {e.strerror or e}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _prepare(b, name: str) -> None:
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # TFDS prints; stdout may be --json
+            b.download_and_prepare()
+    except PrismError:
+        raise
+    except Exception as e:  # offline: the download fails
+        raise PrismError(
+            f"cannot prepare dataset {name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); offline, only {', '.join(LOCAL)} "
+            "can be built"
+        ) from None
 
 
 def source(name: str, split: str, data_dir=None):

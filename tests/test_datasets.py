@@ -109,3 +109,24 @@ def test_read_idx(tmp_path):
         data.read_idx(tmp_path / "bad")
     with pytest.raises(PrismError, match="not found"):
         data.fashion_mnist("test", tmp_path)
+
+
+def test_two_processes_prepare_one_dataset_once(tmp_path):
+    """Two first-time preparations at once: both succeed and read the same records."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from prism_jax import datasets; print(len(datasets.records('fine_food_reviews', 'test')))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "TFDS_DATA_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in results]
+    assert [out.strip() for out, _ in results] == ["1000", "1000"]

@@ -242,3 +242,73 @@ def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
     assert 0 <= r["evals"][-1]["test_accuracy"] <= 1
     assert cli.main([*argv[:2], str(hf_models("vit_cls")[1]), *argv[3:]]) == 2
     assert "no image processor" in capsys.readouterr().err
+
+
+def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path, hf_models, rng
+):
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    examples = _examples("bert_cls", rng)
+    # lr(0) = 0 during warm-up: step 1 is finite and checkpointed; step 2's update overflows.
+    cfg = train.TrainConfig(steps=4, batch_size=4, lr=1e38, warmup=3, checkpoint_every=1)
+    with pytest.raises(pj.PrismError, match=r"training stopped at step 2: .* not finite .* "
+                       r"last good checkpoint \(step 1\) is kept"):  # fmt: skip
+        train.train(model, examples, cfg, checkpoint_dir=tmp_path, progress=False)
+    from prism_jax.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(tmp_path)
+    try:
+        assert ckpt.latest_step() == 1
+        _, state = ckpt.restore(
+            {"params": model.params, "opt": train.optimizer(cfg).init(model.params)}
+        )
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    finally:
+        ckpt.close()
+
+
+def test_a_checkpoint_directory_serves_one_run_at_a_time(tmp_path, hf_models, rng):
+    """A second trainer on a directory in use is refused and told who holds it."""
+    import os
+
+    from prism_jax.checkpoint import Checkpoints
+
+    holder = Checkpoints(tmp_path)
+    try:
+        model = pj.load_pretrained(hf_models("bert_cls")[1])
+        cfg = train.TrainConfig(steps=1, batch_size=4, lr=1e-3)
+        with pytest.raises(
+            pj.PrismError, match=rf"in use by another training run \(process {os.getpid()}\)"
+        ):
+            train.train(
+                model, _examples("bert_cls", rng), cfg, checkpoint_dir=tmp_path, progress=False
+            )
+    finally:
+        holder.close()
+    run = train.train(
+        model, _examples("bert_cls", rng), cfg, checkpoint_dir=tmp_path, progress=False
+    )
+    assert len(run.losses) == 1  # free again once the holder closed
+
+
+def test_two_processes_on_one_checkpoint_directory(tmp_path, hf_models):
+    """Two fine-tunes started together on one directory: one trains, the other is refused
+    with one line naming the holder, and no orbax traceback."""
+    argv = [sys.executable, "-m", "prism_jax.cli", "finetune", "--model",
+            str(hf_models("bert_cls")[1]), "--steps", "40", "--batch-size", "2",
+            "--max-length", "8", "--eval-limit", "2", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--json"]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TFDS_DATA_DIR": str(tmp_path / "tfds"),
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}  # fmt: skip
+    one_step = [*argv[:6], "1", *argv[7:]]
+    first = subprocess.run(one_step, capture_output=True, env=env, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]  # TFDS prepared, a run recorded
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], results
+    err = next(e for p, (_, e) in zip(procs, results, strict=True) if p.returncode == 2)
+    assert err.count("\n") == 1 and "is in use by another training run (process " in err, err

@@ -1,0 +1,261 @@
+"""Every bad input a user can give: one line on stderr and exit code 2 (CLI), or a PrismError
+naming the field (Python API). Table-driven: a case is a name, how to build its argv from the
+fixtures, and the line's expected text."""
+
+import json
+import shutil
+import struct
+import zlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+import prism_jax as pj
+from prism_jax import cli
+from tests import tiny
+
+
+@pytest.fixture
+def dirs(hf_models, tmp_path):
+    """Private copies of tiny checkpoints (free to corrupt) and a scratch folder."""
+    out = {"tmp": tmp_path}
+    for name in ("bert_cls", "vit", "gpt2_lm"):
+        out[name] = tmp_path / name
+        shutil.copytree(hf_models(name)[1], out[name])
+    return out
+
+
+def _config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return directory
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png(path):
+    """A valid PNG header announcing 20,000 x 20,000 pixels (400 M), with almost no data."""
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 1, 0, 0, 0, 0)
+    body = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _truncated_png(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+def _nan_weight(directory):
+    path = directory / "model.safetensors"
+    tensors = dict(load_file(path))
+    key = "bert.encoder.layer.1.attention.self.key.weight"
+    tensors[key] = np.where(np.eye(*tensors[key].shape) > 0, np.nan, tensors[key])
+    save_file(tensors, path)
+    return directory
+
+
+def _trained_checkpoint(d):
+    """A checkpoint directory of one real step whose run.json is then corrupted."""
+    ck = d["tmp"] / "ck"
+    assert cli.main([*_finetune(d), "--checkpoint-dir", str(ck)]) == 0
+    (ck / "run.json").write_text("{not json")
+    return ck
+
+
+def _finetune(d):
+    return ["finetune", "--model", str(d["bert_cls"]), "--steps", "1", "--batch-size", "2",
+            "--max-length", "8", "--eval-limit", "2", "--json"]  # fmt: skip
+
+
+def _infer(d, *extra, model="bert_cls"):
+    return ["infer", "--model", str(d[model]), "--devices", "2", "--text", "good tea", *extra]
+
+
+def _vit(d, image):
+    return ["infer", "--model", str(d["vit"]), "--devices", "2", "--image", str(image)]
+
+
+CASES = {
+    # inputs
+    "non-UTF-8 text": (
+        lambda d: ["infer", "--model", str(d["bert_cls"]), "--text", "caf\udce9"],
+        "argument --text: text is not valid UTF-8",
+    ),
+    "truncated PNG": (lambda d: _vit(d, _truncated_png(d["tmp"] / "t.png")), "cannot read image"),
+    "decompression-bomb PNG": (
+        lambda d: _vit(d, _bomb_png(d["tmp"] / "bomb.png")),
+        "(a decompression bomb?)",
+    ),
+    "max-length 0": (lambda d: _infer(d, "--max-length", "0"), "argument --max-length"),
+    "max-length -2": (lambda d: _infer(d, "--max-length", "-2"), "argument --max-length"),
+    "save into a missing folder": (
+        lambda d: _infer(d, "--save", str(d["tmp"] / "no" / "out.npz")),
+        "no directory",
+    ),
+    "save onto a folder": (
+        lambda d: (d["tmp"] / "x.npz").mkdir() or _infer(d, "--save", str(d["tmp"] / "x.npz")),
+        "is a directory",
+    ),
+    # checkpoints and configs
+    "corrupt tokenizer.json": (
+        lambda d: (d["bert_cls"] / "tokenizer.json").write_text("{broken") and _infer(d),
+        "corrupt tokenizer in",
+    ),
+    "num_attention_heads 0": (
+        lambda d: _config(d["bert_cls"], num_attention_heads=0) and _infer(d),
+        "config.json: num_attention_heads must be an integer >= 1, got 0",
+    ),
+    "max_position_embeddings 0": (
+        lambda d: _config(d["bert_cls"], max_position_embeddings=0) and _infer(d),
+        "config.json: max_position_embeddings must be an integer >= 1, got 0",
+    ),
+    "vocab_size null": (
+        lambda d: _config(d["bert_cls"], vocab_size=None) and _infer(d),
+        "config.json: vocab_size must be an integer >= 1, got None",
+    ),
+    "layer_norm_eps a string": (
+        lambda d: _config(d["bert_cls"], layer_norm_eps="tiny") and _infer(d),
+        "config.json: layer_norm_eps must be a number > 0, got 'tiny'",
+    ),
+    "NaN weight": (
+        lambda d: _nan_weight(d["bert_cls"]) and _infer(d),
+        "tensors with NaN or inf [bert.encoder.layer.1.attention.self.key.weight]",
+    ),
+    # fine-tuning
+    "checkpoint-dir is a file": (
+        lambda d: [*_finetune(d), "--checkpoint-dir", str(d["bert_cls"] / "config.json")],
+        "is a file, not a directory",
+    ),
+    "checkpoint-dir not writable": (
+        lambda d: [*_finetune(d), "--checkpoint-dir", str(d["bert_cls"] / "config.json" / "x")],
+        "is not writable",
+    ),
+    "corrupt run.json": (
+        lambda d: [*_finetune(d), "--checkpoint-dir", str(_trained_checkpoint(d))],
+        "run.json is unreadable",
+    ),
+    "checkpoint-every 0": (
+        lambda d: [*_finetune(d), "--checkpoint-every", "0"],
+        "argument --checkpoint-every",
+    ),
+    "checkpoint-every -3": (
+        lambda d: [*_finetune(d), "--checkpoint-every", "-3"],
+        "argument --checkpoint-every",
+    ),
+    "warmup -1": (lambda d: [*_finetune(d), "--warmup", "-1"], "argument --warmup"),
+    "lr nan": (lambda d: [*_finetune(d), "--lr", "nan"], "argument --lr"),
+    "out onto the source model": (
+        lambda d: [*_finetune(d), "--out", str(d["bert_cls"])],
+        "is the model being fine-tuned",
+    ),
+    "out onto a file": (
+        lambda d: [*_finetune(d), "--out", str(d["bert_cls"] / "config.json")],
+        "is a file, not a directory",
+    ),
+    # compression rates
+    "cr empty": (lambda d: ["eval", "--model", str(d["bert_cls"]), "--cr", ""], "argument --cr"),
+    "cr commas": (lambda d: ["eval", "--model", str(d["bert_cls"]), "--cr", ",,"], "argument --cr"),
+    "cr 0 in a list": (
+        lambda d: ["eval", "--model", str(d["bert_cls"]), "--cr", "1,0"],
+        "argument --cr",
+    ),
+    # clusters
+    "timeout 0": (lambda d: ["launch", "--nodes", "2", "--timeout", "0"], "argument --timeout"),
+    "timeout -5": (lambda d: ["launch", "--nodes", "2", "--timeout", "-5"], "argument --timeout"),
+    "timeout nan": (
+        lambda d: [
+            "node",
+            "--rank",
+            "0",
+            "--nodes",
+            "2",
+            "--coordinator",
+            "h:1",
+            "--timeout",
+            "nan",
+        ],
+        "argument --timeout",
+    ),  # fmt: skip
+    "port 0": (lambda d: ["launch", "--nodes", "2", "--port", "0"], "argument --port"),
+    "port 70000": (lambda d: ["launch", "--nodes", "2", "--port", "70000"], "argument --port"),
+    "launch nodes 0": (lambda d: ["launch", "--nodes", "0", "--", "infer"], "argument --nodes"),
+    "devices 0": (lambda d: _infer(d, "--devices", "0"), "argument --devices"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_bad_input_is_one_line_and_exit_2(case, dirs, capsys):
+    build, message = CASES[case]
+    argv = build(dirs)
+    capsys.readouterr()  # what building the case printed
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err
+
+
+# --- the Python API: PrismError naming the field ------------------------------------------
+
+BATCH_CASES = {
+    "a list, not a dict": (lambda b: [b["input_ids"]], "a batch is a dict"),
+    "ragged rows": (lambda b: {"input_ids": [[5, 6, 7], [5]]}, "input_ids must be a rectangular"),
+    "string ids": (lambda b: {"input_ids": [["5", "6"]]}, "input_ids must hold integers"),
+    "float ids": (lambda b: {"input_ids": b["input_ids"] + 0.5}, "input_ids must hold integers"),
+    "no rows": (lambda b: {"input_ids": b["input_ids"][:0]}, "input_ids must be a non-empty"),
+    "token types out of range": (
+        lambda b: {**b, "token_type_ids": np.full_like(b["input_ids"], 7)},
+        "token_type_ids outside [0, 2)",
+    ),
+    "NaN attention mask": (
+        lambda b: {**b, "attention_mask": np.full(b["input_ids"].shape, np.nan)},
+        "attention_mask must hold only 0 and 1",
+    ),
+    "ids past the vocabulary": (
+        lambda b: {**b, "input_ids": b["input_ids"] + 1000},
+        "input_ids outside [0, 101)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BATCH_CASES))
+def test_python_bad_batch_names_the_field(case, hf_models, rng):
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    edit, message = BATCH_CASES[case]
+    batch = edit(tiny.random_batch("bert_cls", rng, tokens=6))
+    with pytest.raises(pj.PrismError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        pj.infer(model, batch, mesh=pj.edge_mesh(2), plan=pj.Plan(cr=2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_python_non_finite_pixels_are_refused(bad, hf_models, rng):
+    model = pj.load_pretrained(hf_models("vit")[1])
+    batch = tiny.random_batch("vit", rng, batch=2)
+    batch["pixel_values"][1, 0, 3, 4] = bad
+    with pytest.raises(pj.PrismError, match=r"pixel_values hold NaN or inf \(first at index "):
+        pj.infer(model, batch)
+
+
+def test_numpy_integers_are_accepted(hf_models, rng):
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    batch = tiny.random_batch("bert_cls", rng, tokens=8)
+    plan = pj.Plan(cr=np.int64(4))
+    assert plan.cr == 4 and type(plan.cr) is int and plan == pj.Plan(cr=4)
+    mesh = pj.edge_mesh(np.int64(2))
+    got = pj.infer(model, batch, mesh=mesh, plan=plan)["logits"]
+    np.testing.assert_array_equal(
+        got, pj.infer(model, batch, mesh=mesh, plan=pj.Plan(cr=4))["logits"]
+    )
+    for bad in (2.0, True, "2"):
+        with pytest.raises(pj.PrismError, match="compression rate must be an integer"):
+            pj.Plan(cr=bad)
+        with pytest.raises(pj.PrismError, match="number of devices must be an integer"):
+            pj.edge_mesh(bad)
+    assert jax.device_count() == 8
