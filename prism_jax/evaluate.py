@@ -83,8 +83,8 @@ def agreement_sweep(
     """Cosine of prism sentence embeddings with the exact ones, per CR, at N devices; the
     first row is `voltage` (exact, full exchange), the reference for bytes and time.
 
-    Bytes are the closed form of DESIGN.md section 3 per inference of one batch, averaged
-    over the batches; seconds are a second (compiled) pass over all texts.
+    Bytes are measured from each batch's lowered program (its collectives), per inference of
+    one batch, averaged over the batches; seconds are a second (compiled) pass over all texts.
     """
     batches = text_batches(
         model, texts, batch_size=batch_size, max_length=max_length, bucket=bucket
@@ -108,7 +108,7 @@ def agreement_sweep(
             return int(
                 np.mean(
                     [
-                        cost.bytes_closed_form(model.config, p, devices=devices, seq_len=t, batch=b)
+                        cost.measured_bytes(model.config, p, devices=devices, seq_len=t, batch=b)
                         for b, t in sizes
                     ]
                 )

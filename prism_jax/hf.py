@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from prism_jax import models
+from prism_jax import models, preprocess
 from prism_jax.configs import ModelConfig, resolve_architecture
 from prism_jax.errors import PrismError
 
@@ -363,7 +363,6 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
     Returns:
       A `Model`, with the directory's tokenizer or image processor when present.
     """
-    from prism_jax import preprocess
 
     directory = resolve_directory(name)
     hf = read_config(directory)

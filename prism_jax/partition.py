@@ -11,6 +11,7 @@ import functools
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -156,6 +157,5 @@ def to_host(x: jax.Array) -> np.ndarray:
     """A whole array on the host, gathered from other processes when the mesh spans them."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -11,12 +11,14 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-from prism_jax import cloze, datasets, evaluate, text
+from prism_jax import cloze, cost, datasets, evaluate, text
 from prism_jax.configs import Plan
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
-from prism_jax.partition import infer
+from prism_jax.partition import edge_mesh, infer
 
 LAYOUTS = ("padded", "unpadded")
 
@@ -106,7 +108,6 @@ def image_pixels(model: Model, images: np.ndarray) -> np.ndarray:
         raise PrismError("the model has no image processor (preprocessor_config.json)")
     if images.shape[1:3] == tuple(processor.size) and images.shape[3] == processor.channels:
         return datasets.pixels(images, processor)
-    from PIL import Image
 
     return processor(
         [Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im) for im in images]
@@ -197,10 +198,6 @@ def sweep(
 ) -> list[dict]:
     """The task metric per CR at N devices, beside the measured communication and per-device
     compute reductions (`cost.measure`, batch 1, T = the task's length)."""
-    from tqdm.auto import tqdm
-
-    from prism_jax import cost
-    from prism_jax.partition import edge_mesh
 
     mesh = edge_mesh(devices)
     rows = []

@@ -4,6 +4,8 @@ documents into fixed-length training sequences."""
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from prism_jax.preprocess import Tokenizer
 
@@ -13,8 +15,6 @@ EOS = "<|endoftext|>"
 def train_bpe(texts: list[str], vocab_size: int, *, max_length: int) -> Tokenizer:
     """A GPT-2-style byte-level BPE (no prefix space, `<|endoftext|>` as the only special
     token, also used for padding) trained on `texts`."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

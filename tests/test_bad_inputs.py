@@ -259,3 +259,29 @@ def test_numpy_integers_are_accepted(hf_models, rng):
         with pytest.raises(pj.PrismError, match="number of devices must be an integer"):
             pj.edge_mesh(bad)
     assert jax.device_count() == 8
+
+
+def test_damaged_checkpoint_is_one_line_in_a_fresh_process(dirs, capsys):
+    """A checkpoint whose tensor files are gone: the one line, and no late tracebacks of
+    orbax's event loop at exit (they only show in a real process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ck = dirs["tmp"] / "ck"
+    assert cli.main([*_finetune(dirs), "--checkpoint-dir", str(ck)]) == 0
+    capsys.readouterr()
+    data = [p for p in (ck / "1").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for p in data:
+        p.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_jax.cli", *_finetune(dirs), "--checkpoint-dir", str(ck)],
+        capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+             "PYTHONPATH": str(Path(__file__).parents[1]),
+             "TFDS_DATA_DIR": str(Path(__import__("os").environ["TFDS_DATA_DIR"]))},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "checkpoint at step 1" in done.stderr and "is corrupt or partial" in done.stderr

@@ -121,9 +121,15 @@ def test_image_classification_task(hf_models):
     assert task.metric == "accuracy" and task.seq_len == 197
     images, labels = datasets.arrays("fashion_mnist_local", "test", 16)
     x = task.train_examples["pixel_values"]
-    assert x.shape == (16, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
-    want = evaluate.accuracy(model, {"pixel_values": x}, labels)
-    assert task.score(None, None) == want == task.score(pj.edge_mesh(4), pj.Plan(cr=1))
+    # the processor's rescale and normalisation, written out: (v / 255 - 0.5) / 0.5
+    want_x = (images.astype(np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(x, want_x.transpose(0, 3, 1, 2), atol=1e-6)
+    # CR = 1 over 4 devices gives the exact logits, so the same accuracy
+    exact = pj.infer(model, {"pixel_values": x})["logits"]
+    cr1 = pj.infer(model, {"pixel_values": x}, mesh=pj.edge_mesh(4), plan=pj.Plan(cr=1))["logits"]
+    np.testing.assert_allclose(cr1, exact, atol=ATOL_MODEL, rtol=0)
+    assert task.score(None, None) == float((exact.argmax(-1) == labels).mean())
+    assert task.score(pj.edge_mesh(4), pj.Plan(cr=1)) == task.score(None, None)
     # colour images of another size go through the image processor
     colour = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert tasks.image_pixels(model, colour).shape == (2, 1, 28, 28)
