@@ -47,7 +47,7 @@ bench: install
 
 # The BERT task model (all-MiniLM-L6-v2 fine-tuned on fine-food reviews; ~25 min on 2 cores,
 # 85.6 % test accuracy). 88 MB, so rebuilt here rather than committed. Resumes if interrupted.
-MINILM = $$($(PY) -c "from prism_jax import data; print(data.minilm_dir())")
+MINILM = $$($(PY) -c "from prism_jax.data import sources; print(sources.minilm_dir())")
 finefood-model: install
 	$(VENV)/bin/prism-jax finetune --model $(MINILM) --steps 375 --batch-size 32 --lr 1e-4 \
 		--warmup 30 --checkpoint-dir artifacts/minilm-finefood-ckpt --out artifacts/minilm-finefood \

@@ -38,13 +38,13 @@ def run(cfg: Config) -> list[dict]:
     from transformers import BertModel
 
     import prism_jax as pj
-    from prism_jax import data
+    from prism_jax.data import sources
+    from prism_jax.evaluation.timing import timed
     from prism_jax.partition import program
-    from prism_jax.timing import timed
 
     torch.set_num_threads(os.cpu_count())
-    model = pj.load_pretrained(data.minilm_dir())
-    reference = BertModel.from_pretrained(data.minilm_dir()).eval()
+    model = pj.load_pretrained(sources.minilm_dir())
+    reference = BertModel.from_pretrained(sources.minilm_dir()).eval()
     fn = program(model.graphdef, model.config, pj.Plan(strategy="single"), None)
     rows = []
     for t in cfg.lengths:

@@ -89,7 +89,7 @@ def _peak_child(model: str, t: int, run: str, batch: int, devices: int) -> None:
 
 
 def _measure(fn, repeats: int) -> dict:
-    from prism_jax.timing import timed
+    from prism_jax.evaluation.timing import timed
 
     first, steady = timed(fn, repeats=repeats)
     return {"first_call_s": first, "s": steady}
@@ -101,12 +101,12 @@ def _models(cfg: Config, tmp: Path):
     from transformers import BertConfig, BertModel
 
     import prism_jax as pj
-    from prism_jax import data
+    from prism_jax.data import sources
 
     yield (
         "all-MiniLM-L6-v2",
-        pj.load_pretrained(data.minilm_dir()),
-        BertModel.from_pretrained(data.minilm_dir()).eval(),
+        pj.load_pretrained(sources.minilm_dir()),
+        BertModel.from_pretrained(sources.minilm_dir()).eval(),
     )
     if cfg.bert_base:
         torch.manual_seed(0)

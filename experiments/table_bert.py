@@ -1,6 +1,7 @@
 """BERT accuracy against compression: fine-food reviews, padded to 256 and unpadded.
 
-Command:  .venv/bin/python experiments/table_bert.py          (about 22 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_bert.py          (about 25 minutes on 2 cores)
+          (the two grids took 758 + 751 s: `seconds` in results/table_bert.json)
 Smoke:    .venv/bin/python experiments/table_bert.py --smoke  (seconds; run by the tests)
 
 The BERT task model (`make finefood-model`: all-MiniLM-L6-v2 fine-tuned on the fine-food
@@ -33,10 +34,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import prism_jax as pj
-    from prism_jax import data, models, report, tasks
+    from prism_jax import models
+    from prism_jax.data import sources
+    from prism_jax.evaluation import report, tasks
 
     if args.smoke:  # the real encoder with a fresh head: no task model needed
-        model = models.with_classifier(pj.load_pretrained(data.minilm_dir()), 2)
+        model = models.with_classifier(pj.load_pretrained(sources.minilm_dir()), 2)
         limit, length, devices = 6, 16, (2,)
     else:
         model, limit, length, devices = pj.load_pretrained(args.model), args.limit, 256, (2, 4, 8)

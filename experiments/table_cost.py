@@ -139,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a tiny model, seconds")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args(argv)
-    from prism_jax import report
+    from prism_jax.evaluation import report
 
     cfg = smoke_config(args.out or "") if args.smoke else Config(out=args.out or Config.out)
     result = run(cfg)

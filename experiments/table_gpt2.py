@@ -37,7 +37,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import prism_jax as pj
-    from prism_jax import report, tasks
+    from prism_jax.evaluation import report, tasks
 
     model = pj.load_pretrained(args.model)
     rows, questions, devices = (
@@ -55,7 +55,7 @@ def main(argv=None):
 
 
 def save(results, args):
-    from prism_jax import report
+    from prism_jax.evaluation import report
 
     text = "\n".join(report.markdown(r, title) for title, r in results)
     print(text)

@@ -1,6 +1,7 @@
 """ViT accuracy against compression on Fashion-MNIST (197 tokens), and real foolbox images.
 
-Command:  .venv/bin/python experiments/table_vit.py          (about 15 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_vit.py          --limit 500   (about 3 minutes)
+          (the grid took 147 s: `seconds` in results/table_vit.json)
 Smoke:    .venv/bin/python experiments/table_vit.py --smoke  (seconds; run by the tests)
 
 The ViT task model (experiments/models/vit-fashion-mnist, `train_vit.py`) at N in {2, 4, 8},
@@ -76,7 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import prism_jax as pj
-    from prism_jax import report, tasks
+    from prism_jax.evaluation import report, tasks
 
     model = pj.load_pretrained(args.model)
     limit, devices = (8, (8,)) if args.smoke else (args.limit, (2, 4, 8))
@@ -88,8 +89,8 @@ def main(argv=None):
         import dataclasses
 
         from prism_jax import models
+        from prism_jax.checkpoints.preprocess import ImageProcessor
         from prism_jax.configs import PRESETS
-        from prism_jax.preprocess import ImageProcessor
 
         cfg = PRESETS["vit-base-patch16-224"]()
         base = models.init(dataclasses.replace(cfg, head="classifier", num_labels=1000))

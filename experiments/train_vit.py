@@ -55,25 +55,32 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None, help="where TFDS prepares its array_record")
     args = parser.parse_args(argv)
 
-    from prism_jax import datasets, evaluate, export, models, train
-    from prism_jax.preprocess import ImageProcessor
+    from prism_jax import models
+    from prism_jax.checkpoints import hf
+    from prism_jax.checkpoints.preprocess import ImageProcessor
+    from prism_jax.data import tfds_builders
+    from prism_jax.data.images import pixel_values
+    from prism_jax.evaluation import metrics
+    from prism_jax.training import train
 
     settings = SMOKE if args.smoke else FULL
     train_limit, test_limit = (256, 64) if args.smoke else (None, None)
-    x_train, y_train = datasets.arrays("fashion_mnist_local", "train", train_limit, args.data_dir)
-    x_test, y_test = datasets.arrays("fashion_mnist_local", "test", test_limit, args.data_dir)
+    x_train, y_train = tfds_builders.arrays(
+        "fashion_mnist_local", "train", train_limit, args.data_dir
+    )
+    x_test, y_test = tfds_builders.arrays("fashion_mnist_local", "test", test_limit, args.data_dir)
     processor = ImageProcessor(size=(28, 28), mean=(0.5,), std=(0.5,), channels=1)
     model = models.init(vit_config(args.smoke), seed=0)
     model = models.Model(model.config, model.graphdef, model.params, None, processor)
-    test = {"pixel_values": datasets.pixels(x_test, processor)}
+    test = {"pixel_values": pixel_values(x_test, processor)}
 
     def score(m):
-        return {"test_accuracy": evaluate.accuracy(m, test, y_test, batch_size=250)}
+        return {"test_accuracy": metrics.accuracy(m, test, y_test, batch_size=250)}
 
     tic = time.perf_counter()
     run = train.train(
         model,
-        {"pixel_values": datasets.pixels(x_train, processor), "labels": y_train},
+        {"pixel_values": pixel_values(x_train, processor), "labels": y_train},
         train.TrainConfig(**settings, checkpoint_every=200),
         checkpoint_dir=args.checkpoint_dir,
         restart=args.restart,
@@ -89,7 +96,7 @@ def main(argv=None):
     print(f"\n{len(x_train)} training images, {minutes:.1f} min")
     out = Path(args.out or (HERE / "models" / "vit-fashion-mnist"))
     if not args.smoke or args.out:
-        export.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out)
         record = {
             "config": settings,
             "minutes": minutes,

@@ -10,6 +10,7 @@ Public API (DESIGN.md section 2)::
 """
 
 from prism_jax import cost
+from prism_jax.checkpoints.hf import load_pretrained
 from prism_jax.configs import (
     PRESETS,
     BertConfig,
@@ -21,7 +22,6 @@ from prism_jax.configs import (
 from prism_jax.cost import measure as measure_cost
 from prism_jax.errors import PrismError
 from prism_jax.exchange import segment_means
-from prism_jax.hf import load_pretrained
 from prism_jax.models import Model, init
 from prism_jax.partition import edge_mesh, infer
 

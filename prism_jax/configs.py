@@ -16,7 +16,16 @@ from prism_jax.errors import PrismError
 
 STRATEGIES = ("single", "voltage", "prism")
 LOGIT_BIASES = ("log_count", "none")
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
+# HF activation name -> the function it is (`layers` implements each once).
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
 HEADS = ("base", "classifier", "lm")
 
 
@@ -64,58 +73,16 @@ class Plan:
 
 # HF config keys that carry no meaning for inference (training knobs, bookkeeping, generation).
 _GENERIC_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "architectures",
-        "model_type",
-        "transformers_version",
-        "dtype",
-        "torch_dtype",
-        "id2label",
-        "label2id",
-        "num_labels",
-        "problem_type",
-        "return_dict",
-        "output_attentions",
-        "output_hidden_states",
-        "use_cache",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-        "sep_token_id",
-        "initializer_range",
-        "initializer_factor",
-        "gradient_checkpointing",
-        "chunk_size_feed_forward",
-        "is_encoder_decoder",
-        "tie_word_embeddings",
-        "tokenizer_class",
-        "prefix",
-        "task_specific_params",
-        "finetuning_task",
-        "classifier_dropout",
-        "attention_probs_dropout_prob",
-        "hidden_dropout_prob",
-        "attn_pdrop",
-        "embd_pdrop",
-        "resid_pdrop",
-        "summary_activation",
-        "summary_first_dropout",
-        "summary_proj_to_labels",
-        "summary_type",
-        "summary_use_proj",
-        "n_ctx",
-        "encoder_stride",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-        "use_return_dict",
-        "torchscript",
-        "pruned_heads",
-        "output_scores",
-        "return_dict_in_generate",
-        "decoder_start_token_id",
-        "max_length",
-    }
+    "_name_or_path architectures model_type transformers_version dtype torch_dtype id2label "
+    "label2id num_labels problem_type return_dict output_attentions output_hidden_states "
+    "use_cache bos_token_id eos_token_id pad_token_id sep_token_id initializer_range "
+    "initializer_factor gradient_checkpointing chunk_size_feed_forward is_encoder_decoder "
+    "tie_word_embeddings tokenizer_class prefix task_specific_params finetuning_task "
+    "classifier_dropout attention_probs_dropout_prob hidden_dropout_prob attn_pdrop "
+    "embd_pdrop resid_pdrop summary_activation summary_first_dropout summary_proj_to_labels "
+    "summary_type summary_use_proj n_ctx encoder_stride _attn_implementation "
+    "_attn_implementation_autoset use_return_dict torchscript pruned_heads output_scores "
+    "return_dict_in_generate decoder_start_token_id max_length".split()
 )
 
 
@@ -148,7 +115,9 @@ class ModelConfig:
         if self.width % self.heads:
             raise PrismError(f"hidden size {self.width} is not divisible by {self.heads} heads")
         if self.act not in ACTIVATIONS:
-            raise PrismError(f"unsupported activation {self.act!r}; supported: {ACTIVATIONS}")
+            raise PrismError(
+                f"unsupported activation {self.act!r}; supported: {sorted(ACTIVATIONS)}"
+            )
         if self.head not in HEADS:
             raise PrismError(f"unknown head {self.head!r}")
         if self.head == "classifier" and self.num_labels < 1:
@@ -195,6 +164,36 @@ def _num_labels(hf: dict) -> int:
 _NOT_SET = (None, False)
 
 
+REQUIRED = object()  # an HF_KEYS default: HF's config must name the key
+# our field -> (HF key, default) of the encoders' shared fields (BERT, ViT)
+_ENCODER_KEYS = {
+    "width": ("hidden_size", 768),
+    "depth": ("num_hidden_layers", 12),
+    "heads": ("num_attention_heads", 12),
+    "mlp_width": ("intermediate_size", 3072),
+    "act": ("hidden_act", "gelu"),
+    "ln_eps": ("layer_norm_eps", 1e-12),
+}
+
+
+def _from_keys(cls, hf: dict, **fields) -> dict:
+    """The config fields named by `cls.HF_KEYS`, read from `hf` (defaults where allowed),
+    with `fields` on top."""
+    out = {}
+    for field, (key, default) in cls.HF_KEYS.items():
+        if key in hf:
+            out[field] = hf[key]
+        elif default is REQUIRED:
+            raise PrismError(f"config.json lacks {key}")
+        else:
+            out[field] = default
+    return out | fields
+
+
+def _head_fields(hf: dict, head: str, pooler: bool) -> dict:
+    return dict(head=head, pooler=pooler, num_labels=_num_labels(hf) if head == "classifier" else 0)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BertConfig(ModelConfig):
     """BERT: post-LN encoder, word + position + token-type embeddings."""
@@ -202,45 +201,29 @@ class BertConfig(ModelConfig):
     family: ClassVar[str] = "bert"
     norm_first: ClassVar[bool] = False
     causal: ClassVar[bool] = False
+    HF_KEYS: ClassVar[dict] = {
+        "vocab_size": ("vocab_size", REQUIRED),
+        **{f: (k, REQUIRED) for f, (k, _) in _ENCODER_KEYS.items() if f not in ("act", "ln_eps")},
+        "act": ("hidden_act", "gelu"),
+        "ln_eps": ("layer_norm_eps", 1e-12),
+        "max_positions": ("max_position_embeddings", 512),
+        "type_vocab_size": ("type_vocab_size", 2),
+    }
     vocab_size: int
     type_vocab_size: int = 2
 
     @classmethod
     def from_hf_config(cls, hf: dict, *, head: str, pooler: bool) -> BertConfig:
-        keys = {
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "max_position_embeddings",
-            "type_vocab_size",
-        }
         _check_keys(
             hf,
-            keys,
+            {key for key, _ in cls.HF_KEYS.values()},
             {
                 "position_embedding_type": lambda v: v == "absolute",
                 "is_decoder": lambda v: v in _NOT_SET,
                 "add_cross_attention": lambda v: v in _NOT_SET,
             },
         )
-        return cls(
-            vocab_size=hf["vocab_size"],
-            width=hf["hidden_size"],
-            depth=hf["num_hidden_layers"],
-            heads=hf["num_attention_heads"],
-            mlp_width=hf["intermediate_size"],
-            act=hf.get("hidden_act", "gelu"),
-            ln_eps=hf.get("layer_norm_eps", 1e-12),
-            max_positions=hf.get("max_position_embeddings", 512),
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            head=head,
-            pooler=pooler,
-            num_labels=_num_labels(hf) if head == "classifier" else 0,
-        )
+        return cls(**_from_keys(cls, hf, **_head_fields(hf, head, pooler)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,42 +233,31 @@ class GPT2Config(ModelConfig):
     family: ClassVar[str] = "gpt2"
     norm_first: ClassVar[bool] = True
     causal: ClassVar[bool] = True
+    HF_KEYS: ClassVar[dict] = {
+        "vocab_size": ("vocab_size", REQUIRED),
+        "width": ("n_embd", 768),
+        "depth": ("n_layer", 12),
+        "heads": ("n_head", 12),
+        "mlp_width": ("n_inner", None),  # None: 4 x width
+        "act": ("activation_function", "gelu_new"),
+        "ln_eps": ("layer_norm_epsilon", 1e-5),
+        "max_positions": ("n_positions", 1024),
+    }
     vocab_size: int
 
     @classmethod
     def from_hf_config(cls, hf: dict, *, head: str, pooler: bool = False) -> GPT2Config:
-        keys = {
-            "vocab_size",
-            "n_embd",
-            "n_layer",
-            "n_head",
-            "n_inner",
-            "activation_function",
-            "layer_norm_epsilon",
-            "n_positions",
-            "reorder_and_upcast_attn",
-        }
         _check_keys(
             hf,
-            keys,
+            {key for key, _ in cls.HF_KEYS.values()} | {"reorder_and_upcast_attn"},
             {
                 "scale_attn_by_inverse_layer_idx": lambda v: v in _NOT_SET,
                 "scale_attn_weights": lambda v: v is True,
                 "add_cross_attention": lambda v: v in _NOT_SET,
             },
         )
-        width = hf.get("n_embd", 768)
-        return cls(
-            vocab_size=hf["vocab_size"],
-            width=width,
-            depth=hf.get("n_layer", 12),
-            heads=hf.get("n_head", 12),
-            mlp_width=hf.get("n_inner") or 4 * width,
-            act=hf.get("activation_function", "gelu_new"),
-            ln_eps=hf.get("layer_norm_epsilon", 1e-5),
-            max_positions=hf.get("n_positions", 1024),
-            head=head,
-        )
+        fields = _from_keys(cls, hf, head=head)
+        return cls(**fields | {"mlp_width": fields["mlp_width"] or 4 * fields["width"]})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -295,6 +267,13 @@ class ViTConfig(ModelConfig):
     family: ClassVar[str] = "vit"
     norm_first: ClassVar[bool] = True
     causal: ClassVar[bool] = False
+    HF_KEYS: ClassVar[dict] = {
+        **_ENCODER_KEYS,
+        "image_size": ("image_size", 224),
+        "patch_size": ("patch_size", 16),
+        "channels": ("num_channels", 3),
+        "qkv_bias": ("qkv_bias", True),
+    }
     image_size: int
     patch_size: int
     channels: int = 3
@@ -305,45 +284,19 @@ class ViTConfig(ModelConfig):
 
     @classmethod
     def from_hf_config(cls, hf: dict, *, head: str, pooler: bool) -> ViTConfig:
-        keys = {
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "layer_norm_eps",
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "qkv_bias",
-        }
         _check_keys(
             hf,
-            keys,
+            {key for key, _ in cls.HF_KEYS.values()},
             {
                 "pooler_act": lambda v: v == "tanh",
                 "pooler_output_size": lambda v: v in (None, hf.get("hidden_size")),
             },
         )
-        image, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
+        fields = _from_keys(cls, hf, **_head_fields(hf, head, pooler))
+        image, patch = fields["image_size"], fields["patch_size"]
         if image % patch:
             raise PrismError(f"image_size {image} is not a multiple of patch_size {patch}")
-        return cls(
-            width=hf.get("hidden_size", 768),
-            depth=hf.get("num_hidden_layers", 12),
-            heads=hf.get("num_attention_heads", 12),
-            mlp_width=hf.get("intermediate_size", 3072),
-            act=hf.get("hidden_act", "gelu"),
-            ln_eps=hf.get("layer_norm_eps", 1e-12),
-            max_positions=(image // patch) ** 2 + 1,
-            image_size=image,
-            patch_size=patch,
-            channels=hf.get("num_channels", 3),
-            qkv_bias=hf.get("qkv_bias", True),
-            head=head,
-            pooler=pooler,
-            num_labels=_num_labels(hf) if head == "classifier" else 0,
-        )
+        return cls(**fields, max_positions=(image // patch) ** 2 + 1)
 
 
 # HF architecture name -> (config class, head, pooler: True / False / None = "if weights exist").
@@ -370,43 +323,16 @@ def resolve_architecture(hf: dict) -> tuple[type[ModelConfig], str, bool | None]
 
 
 def _preset(cls, **kw):
-    return lambda head="base": cls(head=head, **kw)
+    """A preset at the base size (768 wide, 12 layers, 12 heads, MLP 3072) with `kw` on top."""
+    base = dict(width=768, depth=12, heads=12, mlp_width=3072)
+    return lambda head="base": cls(head=head, **base, **kw)
 
 
 # Random-weight presets at the paper's sizes (DESIGN.md section 3; the cost issue).
 PRESETS = {
-    "bert-base": _preset(
-        BertConfig,
-        vocab_size=30522,
-        width=768,
-        depth=12,
-        heads=12,
-        mlp_width=3072,
-        act="gelu",
-        ln_eps=1e-12,
-        max_positions=512,
-    ),
-    "gpt2": _preset(
-        GPT2Config,
-        vocab_size=50257,
-        width=768,
-        depth=12,
-        heads=12,
-        mlp_width=3072,
-        act="gelu_new",
-        ln_eps=1e-5,
-        max_positions=1024,
-    ),
+    "bert-base": _preset(BertConfig, vocab_size=30522, act="gelu", ln_eps=1e-12, max_positions=512),
+    "gpt2": _preset(GPT2Config, vocab_size=50257, act="gelu_new", ln_eps=1e-5, max_positions=1024),
     "vit-base-patch16-224": _preset(
-        ViTConfig,
-        width=768,
-        depth=12,
-        heads=12,
-        mlp_width=3072,
-        act="gelu",
-        ln_eps=1e-12,
-        max_positions=197,
-        image_size=224,
-        patch_size=16,
+        ViTConfig, act="gelu", ln_eps=1e-12, max_positions=197, image_size=224, patch_size=16
     ),
 }

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import hf, models
+from prism_jax import models
+from prism_jax.checkpoints import hf, safetensors
 from prism_jax.configs import PRESETS, ModelConfig, Plan
 from prism_jax.errors import PrismError
 from prism_jax.partition import AXIS, edge_mesh, program
@@ -211,7 +212,7 @@ def resolve_config(model) -> tuple[str, ModelConfig]:
             f"{model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
         )
     config = hf.read_config(directory)
-    return str(model), hf.make_config(config, set(hf.read_checkpoint_tensors(directory)))
+    return str(model), hf.make_config(config, set(safetensors.read_checkpoint_tensors(directory)))
 
 
 def measure(

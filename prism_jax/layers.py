@@ -7,16 +7,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prism_jax import exchange
-from prism_jax.configs import ModelConfig
+from prism_jax.configs import ACTIVATIONS, ModelConfig
 
-ACTIVATIONS = {
+_FUNCTIONS = {  # the functions behind `configs.ACTIVATIONS`' names
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
 }
 
 
@@ -33,7 +30,7 @@ class Mlp(nnx.Module):
         self.act = cfg.act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+        return self.fc2(_FUNCTIONS[ACTIVATIONS[self.act]](self.fc1(x)))
 
 
 class Attention(nnx.Module):
@@ -99,6 +96,25 @@ class Encoder(nnx.Module):
         for block in self.blocks:
             x = block(x, ex)
         return self.ln_f(x) if self.ln_f is not None else x
+
+
+def cls_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Linear | None, nnx.Linear | None]:
+    """The (pooler, classifier) of BERT and ViT, each None when the config has none."""
+    d = cfg.width
+    pooler = nnx.Linear(d, d, rngs=rngs) if cfg.pooler else None
+    head = nnx.Linear(d, cfg.num_labels, rngs=rngs) if cfg.head == "classifier" else None
+    return pooler, head
+
+
+def cls_outputs(x: jax.Array, pooler, head, *, classify_pooled: bool) -> dict[str, jax.Array]:
+    """What BERT and ViT read from the CLS row `x[:, 0]` (device 0): `pooler_output` (tanh
+    pooler) and `logits`, from the pooled row (BERT) or the CLS row itself (ViT)."""
+    out = {}
+    if pooler is not None:
+        out["pooler_output"] = jnp.tanh(pooler(x[:, 0]))  # [B, D]
+    if head is not None:
+        out["logits"] = head(out["pooler_output"] if classify_pooled else x[:, 0])  # [B, C]
+    return out
 
 
 def embed_lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:

@@ -173,10 +173,12 @@ def test_console_script_sets_up_devices(hf_models):
 def test_eval_reports_accuracy_per_cr(hf_models, tmp_path, capsys):
     """A tiny classifier: CR = 1 equals the exact model's accuracy; savings grow with CR."""
     import prism_jax as pj
-    from prism_jax import datasets, export, models
+    from prism_jax import models
+    from prism_jax.checkpoints import hf
+    from prism_jax.data import tfds_builders
 
     model = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 2, seed=3)
-    directory = export.save_pretrained(model, tmp_path / "clf")
+    directory = hf.save_pretrained(model, tmp_path / "clf")
     code = cli.main(
         [
             "eval",
@@ -196,7 +198,7 @@ def test_eval_reports_accuracy_per_cr(hf_models, tmp_path, capsys):
     assert code == 0
     r = json.loads(capsys.readouterr().out)
     cr1, cr4 = r["rows"]
-    texts, labels = datasets.texts("fine_food_reviews", "test", 12)
+    texts, labels = tfds_builders.texts("fine_food_reviews", "test", 12)
     test = model.tokenizer(texts, max_length=24, pad_to=24)
     assert r["examples"] == 12 and r["metric"] == "accuracy"
     exact = pj.infer(model, test)["logits"]  # logits, not 12 argmaxes, hold the numerics

@@ -52,16 +52,18 @@ def test_demo_main_job(capsys):
     """The README's main job, small: CR = 1 is exact, CR = 4 sends 4x fewer bytes."""
 
     import prism_jax as pj
-    from prism_jax import cli, cost, data, evaluate
+    from prism_jax import cli, cost
+    from prism_jax.data import sources
+    from prism_jax.evaluation import metrics
 
     assert cli.main(["demo", "--samples", "6", "--cr", "1,4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     voltage, cr1, cr4 = rows
     assert voltage["strategy"] == "voltage" and cr1["cosine_min"] > 1 - 1e-5
     # bytes measured from the programs equal the closed form of the same batches
-    model = pj.load_pretrained(data.minilm_dir())
-    texts = data.fine_food_reviews("test")[0][:6]
-    batches = evaluate.text_batches(model, texts, batch_size=8, max_length=128, bucket=64)
+    model = pj.load_pretrained(sources.minilm_dir())
+    texts = sources.fine_food_reviews("test")[0][:6]
+    batches = metrics.text_batches(model, texts, batch_size=8, max_length=128, bucket=64)
     [(_, batch)] = batches
     b, t = batch["input_ids"].shape
     for row in (voltage, cr1, cr4):
@@ -71,8 +73,8 @@ def test_demo_main_job(capsys):
         )
     assert cr4["bytes_per_device"] < cr1["bytes_per_device"] / 3.9
     # the cosine is that of the embeddings computed directly, and CR = 4 really moved them
-    exact = evaluate.embed(model, batches)
-    got = evaluate.embed(model, batches, mesh=pj.edge_mesh(4), plan=pj.Plan(cr=4))
+    exact = metrics.embed(model, batches)
+    got = metrics.embed(model, batches, mesh=pj.edge_mesh(4), plan=pj.Plan(cr=4))
     cos = (got * exact).sum(-1)
     assert cr4["cosine_mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
     assert cr4["cosine_min"] == pytest.approx(float(cos.min()), abs=1e-6)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import export
+from prism_jax.checkpoints import hf
 from tests import tiny
 from tests.conftest import ATOL_MODEL
 
@@ -15,7 +15,7 @@ def test_export_round_trip(name, hf_models, tmp_path, rng):
     import transformers
 
     model = pj.load_pretrained(hf_models(name)[1])
-    directory = export.save_pretrained(model, tmp_path / name)
+    directory = hf.save_pretrained(model, tmp_path / name)
     again = pj.load_pretrained(directory)
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

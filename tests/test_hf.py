@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import prism_jax as pj
-from prism_jax import hf
+from prism_jax.checkpoints.safetensors import read_safetensors
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_sharded_index_and_bf16(hf_models, tmp_path):
 
 def test_read_safetensors_matches_the_library(hf_models):
     path = hf_models("vit")[1] / "model.safetensors"
-    ours, lib = hf.read_safetensors(path), load_file(path)
+    ours, lib = read_safetensors(path), load_file(path)
     assert ours.keys() == lib.keys()
     for k in lib:
         np.testing.assert_array_equal(ours[k], lib[k])
@@ -183,13 +183,13 @@ def test_safetensors_reader_rejects_what_the_library_rejects(case, tmp_path):
     with pytest.raises((SafetensorError, ValueError, TypeError)):
         load_file(path)  # the reference refuses it ...
     with pytest.raises(pj.PrismError, match="corrupt safetensors file"):
-        hf.read_safetensors(path)  # ... and so do we, in one line
+        read_safetensors(path)  # ... and so do we, in one line
 
 
 def test_safetensors_reader_reads_what_the_library_reads(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(_safetensors_bytes({**_GOOD, "__metadata__": {"k": "v"}}, bytes(range(12))))
-    want, got = load_file(path), hf.read_safetensors(path)
+    want, got = load_file(path), read_safetensors(path)
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype

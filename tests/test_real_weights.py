@@ -4,25 +4,25 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import data
+from prism_jax.data import sources
 from tests.conftest import ATOL_MODEL
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return pj.load_pretrained(data.minilm_dir())
+    return pj.load_pretrained(sources.minilm_dir())
 
 
 @pytest.fixture(scope="module")
 def reviews():
-    texts, _ = data.fine_food_reviews("test")
+    texts, _ = sources.fine_food_reviews("test")
     return texts[:6]
 
 
 def test_tokenizer_matches_transformers(minilm, reviews):
     from transformers import AutoTokenizer
 
-    ref = AutoTokenizer.from_pretrained(data.minilm_dir())(
+    ref = AutoTokenizer.from_pretrained(sources.minilm_dir())(
         reviews, padding=True, truncation=True, max_length=128, return_tensors="np"
     )
     ours = minilm.tokenizer(reviews, max_length=128)
@@ -35,7 +35,7 @@ def test_hidden_states_match_transformers(minilm, reviews):
     from transformers import BertModel
 
     batch = minilm.tokenizer(reviews, max_length=128)
-    torch_model = BertModel.from_pretrained(data.minilm_dir()).eval()
+    torch_model = BertModel.from_pretrained(sources.minilm_dir()).eval()
     with torch.no_grad():
         ref = torch_model(**{k: torch.tensor(v) for k, v in batch.items()})
     out = pj.infer(minilm, batch)
@@ -50,12 +50,12 @@ def test_hidden_states_match_transformers(minilm, reviews):
 
 
 def test_fine_food_reviews_split_sizes():
-    train, test = data.fine_food_reviews("train"), data.fine_food_reviews("test")
+    train, test = sources.fine_food_reviews("train"), sources.fine_food_reviews("test")
     assert (len(train[0]), len(test[0])) == (4000, 1000)
     assert 0.6 < np.mean(test[1]) < 0.7 and set(test[1]) == {0, 1}
     assert all(isinstance(t, str) and t for t in train[0])
     with pytest.raises(pj.PrismError, match="unknown split"):
-        data.fine_food_reviews("dev")
+        sources.fine_food_reviews("dev")
 
 
 def test_pickle_strings_never_executes():
@@ -66,6 +66,6 @@ def test_pickle_strings_never_executes():
             return (exec, ("raise SystemExit('executed')",))
 
     payload = pickle.dumps(["a", Boom(), "a", "b"], protocol=4)
-    strings = data.pickle_strings(payload)  # would raise SystemExit if it ran the payload
+    strings = sources.pickle_strings(payload)  # would raise SystemExit if it ran the payload
     assert strings[0] == "a" and strings[-2:] == ["a", "b"]
     assert "raise SystemExit('executed')" in strings

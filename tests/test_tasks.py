@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import cloze, datasets, evaluate, models, tasks, text
+from prism_jax import models
+from prism_jax.checkpoints.preprocess import ImageProcessor
 from prism_jax.configs import GPT2Config, ViTConfig
-from prism_jax.preprocess import ImageProcessor
+from prism_jax.data import cloze, text, tfds_builders
+from prism_jax.evaluation import metrics, tasks
 from tests.conftest import ATOL_MODEL
 
 
@@ -18,7 +20,7 @@ from tests.conftest import ATOL_MODEL
 def test_unpadded_layout_equals_each_input_alone(hf_models, devices, cr):
     """Relaid rows give what each input gives run alone at its own length."""
     model = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 3, seed=1)
-    texts, _ = datasets.texts("fine_food_reviews", "test", 5)
+    texts, _ = tfds_builders.texts("fine_food_reviews", "test", 5)
     t_pad = 12 * devices
     batch = model.tokenizer(texts, max_length=t_pad, pad_to=t_pad)
     batch["attention_mask"][0, 7:] = 0  # a short one
@@ -33,7 +35,7 @@ def test_unpadded_layout_equals_each_input_alone(hf_models, devices, cr):
 
 
 def _lm(vocab=300, seed=0):
-    texts, _ = datasets.texts("wikipedia_leads", "train", 60)
+    texts, _ = tfds_builders.texts("wikipedia_leads", "train", 60)
     tokenizer = text.train_bpe(texts, vocab, max_length=64)
     cfg = GPT2Config(
         vocab_size=tokenizer.backend.get_vocab_size(),
@@ -75,7 +77,7 @@ def test_perplexity_task():
     uniform = dataclasses.replace(model, params=zero)
     rows = task.train_examples["input_ids"]
     v = model.config.vocab_size
-    assert evaluate.perplexity(uniform, rows) == pytest.approx(v, rel=1e-5)
+    assert metrics.perplexity(uniform, rows) == pytest.approx(v, rel=1e-5)
     assert task.score(None, None, uniform) == pytest.approx(v, rel=1e-5)  # another model
 
 
@@ -119,7 +121,7 @@ def test_image_classification_task(hf_models):
     model = models.Model(cfg, m.graphdef, m.params, None, processor)
     task = tasks.load(model, "fashion_mnist_local", limit=16)
     assert task.metric == "accuracy" and task.seq_len == 197
-    images, labels = datasets.arrays("fashion_mnist_local", "test", 16)
+    images, labels = tfds_builders.arrays("fashion_mnist_local", "test", 16)
     x = task.train_examples["pixel_values"]
     # the processor's rescale and normalisation, written out: (v / 255 - 0.5) / 0.5
     want_x = (images.astype(np.float32) / 255 - 0.5) / 0.5
@@ -139,7 +141,7 @@ def test_image_classification_task(hf_models):
 
 
 def test_grid_crs_and_markdown(tmp_path):
-    from prism_jax import report
+    from prism_jax.evaluation import report
 
     assert report.crs_up_to(99) == [1, 2, 4, 8, 16, 32, 64, 99]
     assert report.crs_up_to(64) == [1, 2, 4, 8, 16, 32, 64] and report.crs_up_to(1) == [1]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import models, train
+from prism_jax import models
+from prism_jax.training import train
 from tests import tiny
 
 
@@ -70,7 +71,7 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
     import prism_jax as pj
-    from prism_jax import train
+    from prism_jax.training import train
     from tests import tiny
     directory, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model = pj.load_pretrained(sys.argv[4])
@@ -189,7 +190,7 @@ def test_with_classifier_keeps_the_encoder(hf_models):
 
 def _score(model, dataset, split, limit, max_length, *, devices=None, cr=4):
     """A task metric of `model` computed afresh, under prism at (N, CR)."""
-    from prism_jax import tasks
+    from prism_jax.evaluation import tasks
 
     task = tasks.load(model, dataset, split=split, limit=limit, max_length=max_length)
     n = devices or (4 if model.config.family == "vit" else 2)
@@ -223,9 +224,10 @@ def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
     """`finetune` trains an LM on text (perplexity) and a ViT on images (accuracy) under prism."""
     import json
 
-    from prism_jax import cli, export, models
+    from prism_jax import cli, models
+    from prism_jax.checkpoints import hf
+    from prism_jax.checkpoints.preprocess import ImageProcessor
     from prism_jax.configs import ViTConfig
-    from prism_jax.preprocess import ImageProcessor
 
     argv = (
         f"finetune --model {hf_models('gpt2_lm')[1]} --dataset wikipedia_leads --steps 2 "
@@ -244,7 +246,7 @@ def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
     )  # fmt: skip
     m = models.init(cfg)
     processor = ImageProcessor(size=(28, 28), mean=(0.5,), std=(0.5,), channels=1)
-    vit = export.save_pretrained(
+    vit = hf.save_pretrained(
         models.Model(cfg, m.graphdef, m.params, None, processor), tmp_path / "vit"
     )
     argv = (
@@ -271,7 +273,7 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(
     with pytest.raises(pj.PrismError, match=r"training stopped at step 2: .* not finite .* "
                        r"last good checkpoint \(step 1\) is kept"):  # fmt: skip
         train.train(model, examples, cfg, checkpoint_dir=tmp_path, progress=False)
-    from prism_jax.checkpoint import Checkpoints
+    from prism_jax.training.checkpoint import Checkpoints
 
     ckpt = Checkpoints(tmp_path)
     try:
@@ -288,7 +290,7 @@ def test_a_checkpoint_directory_serves_one_run_at_a_time(tmp_path, hf_models, rn
     """A second trainer on a directory in use is refused and told who holds it."""
     import os
 
-    from prism_jax.checkpoint import Checkpoints
+    from prism_jax.training.checkpoint import Checkpoints
 
     holder = Checkpoints(tmp_path)
     try:

@@ -57,16 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         emulate_devices(1, exact=True)  # one device per process
     else:
         emulate_devices(getattr(args, "devices", 1))
-    from prism_jax.cli import commands  # starts JAX: after the devices are set up
+    from prism_jax.cli import commands, printing  # starts JAX: after the devices are set up
 
     try:
         result = commands.RUNNERS[command](args)
         if isinstance(result, int) or result is None:  # launch, node: already reported
             return result or 0
-        if args.json:
-            print(commands.to_json(result))
-        else:
-            commands.PRINTERS[command](result)
+        printing.show(command, result, as_json=args.json)
     except PrismError as e:
         print(f"prism-jax {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,4 +1,4 @@
-"""What each `prism-jax` subcommand does (`parser` parses; this runs and prints).
+"""What each `prism-jax` subcommand does (`parser` parses; this runs; `printing` prints).
 
 Each runner takes the parsed arguments and returns a JSON-able dict (printed as JSON with
 --json, else by the printer of the same name), or None when it reported by itself.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -16,10 +15,15 @@ import jax
 import numpy as np
 
 import prism_jax as pj
-from prism_jax import cluster, cost, data, datasets, evaluate, export, models, tasks, train
-from prism_jax.checkpoint import usable_directory
+from prism_jax import cluster, cost, models
+from prism_jax.checkpoints import hf
+from prism_jax.cli import printing
 from prism_jax.cli.parser import build_parser
+from prism_jax.data import sources, tfds_builders
 from prism_jax.errors import PrismError
+from prism_jax.evaluation import metrics, sweep, tasks
+from prism_jax.training import train
+from prism_jax.training.checkpoint import usable_directory
 
 
 def _outputs_summary(model, out: dict, batch: dict) -> dict:
@@ -64,8 +68,8 @@ def _make_batch(model, args) -> dict:
 def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
     mask = batch.get("attention_mask", np.ones(out["last_hidden_state"].shape[:2]))
     cos = (
-        evaluate.mean_pool(out["last_hidden_state"], mask)
-        * evaluate.mean_pool(exact["last_hidden_state"], mask)
+        metrics.mean_pool(out["last_hidden_state"], mask)
+        * metrics.mean_pool(exact["last_hidden_state"], mask)
     ).sum(-1)
     result = {
         "cosine_mean": float(cos.mean()),
@@ -137,26 +141,10 @@ def _run_infer(args) -> dict:
     return result
 
 
-def _print_infer(r: dict) -> None:
-    p = r["plan"]
-    print(
-        f"{r['family']} ({r['head']}) on {r['devices']} devices, {p['strategy']} CR={p['cr']} "
-        f"logit_bias={p['logit_bias']}: batch {r['batch']} x {r['tokens']} tokens"
-    )
-    print(f"bytes sent per device: {r['bytes_per_device']:,} (voltage: {r['bytes_voltage']:,})")
-    for i, row in enumerate(r["rows"]):
-        print(f"  [{i}] " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    if "compare" in r:
-        print(
-            "agreement with the exact model: "
-            + ", ".join(f"{k}={v:.6g}" for k, v in r["compare"].items())
-        )
-
-
 def _run_demo(args) -> dict:
-    texts = data.fine_food_reviews("test")[0][: args.samples]
-    model = pj.load_pretrained(data.minilm_dir())
-    rows = evaluate.agreement_sweep(
+    texts = sources.fine_food_reviews("test")[0][: args.samples]
+    model = pj.load_pretrained(sources.minilm_dir())
+    rows = metrics.agreement_sweep(
         model,
         texts,
         devices=args.devices,
@@ -171,30 +159,8 @@ def _run_demo(args) -> dict:
         "devices": args.devices,
         "max_length": args.max_length,
         "logit_bias": args.logit_bias,
-        "rows": [{**vars(r), "comm_reduction": r.comm_reduction} for r in rows],
+        "rows": rows,
     }
-
-
-def _print_demo(r: dict) -> None:
-    print(
-        f"{r['model']} on {r['data']} (<= {r['max_length']} tokens), N = {r['devices']} "
-        f"emulated devices, prism, logit_bias={r['logit_bias']}"
-    )
-    print(
-        f"{'plan':>11} {'cos mean':>9} {'cos min':>9} {'bytes/device':>13} {'comm':>8} "
-        f"{'time (s)':>9}"
-    )
-    for row in r["rows"]:
-        name = "voltage" if row["strategy"] == "voltage" else f"prism CR={row['cr']}"
-        change = 100 * (row["bytes_per_device"] / row["bytes_voltage"] - 1)
-        print(
-            f"{name:>11} {row['cosine_mean']:>9.5f} {row['cosine_min']:>9.5f} "
-            f"{row['bytes_per_device']:>13,} {change:>+7.1f}% {row['seconds']:>9.2f}"
-        )
-    print(
-        "cos: cosine of mean-pooled embeddings with the exact model; comm: bytes sent per "
-        "device against voltage (exact, full exchange); time: one compiled pass"
-    )
 
 
 def _run_eval(args) -> dict:
@@ -207,13 +173,15 @@ def _run_eval(args) -> dict:
         max_length=args.max_length,
         layout=args.layout,
     )
-    rows = tasks.sweep(
-        model,
-        task,
-        devices=args.devices,
-        crs=args.cr,
-        logit_bias=args.logit_bias,
+    plans = [(args.devices, pj.Plan(cr=cr, logit_bias=args.logit_bias)) for cr in args.cr]
+    rows = sweep.sweep(
+        model.config,
+        plans,
+        task.score,
+        metric=task.metric,
+        seq_len=task.seq_len,
         progress=not args.json,
+        desc=f"{task.metric} N={args.devices}",
     )
     return {
         "model": args.model,
@@ -226,25 +194,6 @@ def _run_eval(args) -> dict:
         "devices": args.devices,
         "rows": rows,
     }
-
-
-def _print_eval(r: dict) -> None:
-    metric = r["metric"]
-    print(
-        f"{r['model']} on {r['examples']} {r['dataset']} {r['split']} examples "
-        f"(T = {r['seq_len']}, {r['layout']}), N = {r['devices']}, {metric}"
-    )
-    print(f"{'CR':>4} {metric:>15} {'vs CR=1':>8} {'comm':>8} {'compute':>8}")
-    base = next((row[metric] for row in r["rows"] if row["cr"] == 1), None)
-    percent = metric != "perplexity"
-    for row in r["rows"]:
-        value, scale = row[metric], 100 if percent else 1
-        delta = f"{scale * (value - base):+.2f}" if base is not None else "-"
-        shown = f"{100 * value:.2f}%" if percent else f"{value:.3f}"
-        print(
-            f"{row['cr']:>4} {shown:>15} {delta:>8} "
-            f"{-100 * row['comm_reduction']:>+7.1f}% {-100 * row['compute_reduction']:>+7.1f}%"
-        )
 
 
 def _check_out(out: str, source: str) -> Path:
@@ -269,7 +218,7 @@ def _run_finetune(args) -> dict:
         usable_directory(args.checkpoint_dir, "--checkpoint-dir")
     out = _check_out(args.out, args.model) if args.out else None
     model = pj.load_pretrained(args.model)
-    features = datasets.builder(args.dataset).info.features
+    features = tfds_builders.builder(args.dataset).info.features
     if "label" in features and model.config.head != "classifier":
         model = models.with_classifier(model, features["label"].num_classes, seed=args.seed)
     train_task = tasks.load(model, args.dataset, split="train", max_length=args.max_length)
@@ -297,7 +246,7 @@ def _run_finetune(args) -> dict:
         evaluate=evaluate,
     )
     if out:
-        export.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out)
     return {
         "model": args.model,
         "dataset": args.dataset,
@@ -312,21 +261,6 @@ def _run_finetune(args) -> dict:
     }
 
 
-def _print_finetune(r: dict) -> None:
-    print(
-        f"fine-tuned {r['model']} for {r['steps']} steps under {r['plan']}"
-        + (f" (resumed from step {r['resumed_from']})" if r["resumed_from"] else "")
-    )
-    if r["loss_first"] is not None:
-        print(f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
-    for e in r["evals"]:
-        print(
-            f"  step {e['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in e.items() if k != "step")
-        )
-    if r["out"]:
-        print(f"exported to {r['out']}")
-
-
 def _run_cost(args) -> dict:
     plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
     report = cost.measure(
@@ -338,23 +272,6 @@ def _run_cost(args) -> dict:
         dtype=args.dtype,
     )
     return report.as_dict()
-
-
-def _print_cost(r: dict) -> None:
-    print(
-        f"{r['model']}: {r['strategy']} CR={r['cr']} on {r['devices']} devices, batch "
-        f"{r['batch']} x {r['seq_len']} tokens, {r['dtype']}"
-    )
-    print(
-        f"bytes sent per device: {r['bytes_sent']:,} measured, {r['bytes_closed_form']:,} "
-        f"closed form; voltage {r['bytes_voltage']:,} -> communication "
-        f"{-100 * r['comm_reduction']:+.2f}%"
-    )
-    print(
-        f"FLOPs per device: {r['flops']:.4g}; single device, whole sequence "
-        f"{r['flops_single']:.4g} -> computation {-100 * r['compute_reduction']:+.2f}% "
-        f"(matmul closed form {-100 * r['matmul_reduction']:+.2f}%)"
-    )
 
 
 def _rest(args) -> list[str]:
@@ -386,7 +303,7 @@ def _run_node(args):
     timer.cancel()
     if args.rank == 0:
         with contextlib.redirect_stdout(result_out):
-            print(to_json(result)) if inner.json else PRINTERS[inner.command](result)
+            printing.show(inner.command, result, as_json=inner.json)
         result_out.flush()
     return None
 
@@ -404,21 +321,4 @@ RUNNERS = {
     "finetune": _run_finetune,
     "node": _run_node,
     "launch": _run_launch,
-}
-
-
-def to_json(result: dict) -> str:
-    """The result as strict JSON (NaN and inf are not JSON: an error, not a broken document)."""
-    try:
-        return json.dumps(result, indent=2, allow_nan=False)
-    except ValueError:
-        raise PrismError("the result holds NaN or inf, which JSON cannot carry") from None
-
-
-PRINTERS = {
-    "infer": _print_infer,
-    "demo": _print_demo,
-    "cost": _print_cost,
-    "finetune": _print_finetune,
-    "eval": _print_eval,
 }

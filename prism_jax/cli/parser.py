@@ -7,6 +7,7 @@ import argparse
 import math
 
 from prism_jax.configs import LOGIT_BIASES, STRATEGIES
+from prism_jax.data.tfds_builders import LOCAL
 
 EXIT_USAGE = 2
 
@@ -155,8 +156,8 @@ def _eval(sub) -> None:
         "emulated devices: accuracy (classifiers on text or images), perplexity (an LM on "
         "text), cloze accuracy (an LM on a cloze set), with the communication and per-device "
         "compute reductions measured from the compiled programs. Datasets come through TFDS: "
-        "the local builders (fine_food_reviews, fashion_mnist_local, wikipedia_leads, "
-        "wikipedia_cloze, shakespeare_texts) or, online, any TFDS name (glue/sst2, cifar10).",
+        f"the local builders ({', '.join(LOCAL)}) or, online, any TFDS name (glue/sst2, "
+        "cifar10).",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--dataset", default="fine_food_reviews", help="TFDS name")

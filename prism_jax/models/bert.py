@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from prism_jax.configs import BertConfig
 from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder, embed_lookup, layer_norm
-from prism_jax.models.batch import ids_field, token_batch
+from prism_jax.layers import Encoder, cls_layers, cls_outputs, embed_lookup, layer_norm
+from prism_jax.models.inputs import ids_field, token_batch
 
 
 class Bert(nnx.Module):
@@ -23,8 +22,7 @@ class Bert(nnx.Module):
         self.type = nnx.Embed(cfg.type_vocab_size, d, rngs=rngs)
         self.ln_embed = layer_norm(d, cfg.ln_eps, rngs)
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.pooler = nnx.Linear(d, d, rngs=rngs) if cfg.pooler else None
-        self.head = nnx.Linear(d, cfg.num_labels, rngs=rngs) if cfg.head == "classifier" else None
+        self.pooler, self.head = cls_layers(cfg, rngs)
 
     def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
         """Local tokens in, `(per-token outputs, outputs read from the CLS row)` out."""
@@ -36,11 +34,7 @@ class Bert(nnx.Module):
             + embed_lookup(self.type, inputs["token_type_ids"])
         )  # [B, L, D]
         x = self.encoder(self.ln_embed(x), ex)
-        cls = {}
-        if self.pooler is not None:
-            cls["pooler_output"] = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
-        if self.head is not None:
-            cls["logits"] = self.head(cls["pooler_output"])  # [B, C]
+        cls = cls_outputs(x, self.pooler, self.head, classify_pooled=True)
         return {"last_hidden_state": x}, cls
 
 

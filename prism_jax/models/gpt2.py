@@ -8,7 +8,7 @@ from flax import nnx
 from prism_jax.configs import GPT2Config
 from prism_jax.exchange import Exchange
 from prism_jax.layers import Encoder, embed_lookup
-from prism_jax.models.batch import token_batch
+from prism_jax.models.inputs import token_batch
 
 
 class GPT2(nnx.Module):

@@ -14,8 +14,8 @@ from flax import nnx
 from prism_jax.configs import ViTConfig
 from prism_jax.errors import PrismError
 from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder
-from prism_jax.models.batch import field
+from prism_jax.layers import Encoder, cls_layers, cls_outputs
+from prism_jax.models.inputs import field
 
 
 class ViT(nnx.Module):
@@ -27,8 +27,7 @@ class ViT(nnx.Module):
         self.cls = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.patches + 1, d)))
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.pooler = nnx.Linear(d, d, rngs=rngs) if cfg.pooler else None
-        self.head = nnx.Linear(d, cfg.num_labels, rngs=rngs) if cfg.head == "classifier" else None
+        self.pooler, self.head = cls_layers(cfg, rngs)
 
     def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
         positions = ex.positions()  # [L]
@@ -36,11 +35,7 @@ class ViT(nnx.Module):
         x = jnp.where((positions == 0)[None, :, None], self.cls[...], x)
         x = x + jnp.take(self.pos[...], positions, axis=0, mode="clip")[None]
         x = self.encoder(x, ex)
-        cls = {}
-        if self.pooler is not None:
-            cls["pooler_output"] = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
-        if self.head is not None:
-            cls["logits"] = self.head(x[:, 0])  # [B, C]
+        cls = cls_outputs(x, self.pooler, self.head, classify_pooled=False)
         return {"last_hidden_state": x}, cls
 
 

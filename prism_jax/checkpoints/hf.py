@@ -8,42 +8,59 @@ filled, every shape is checked; a mismatch raises `PrismError` naming the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import re
-import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
-from prism_jax import models, preprocess
-from prism_jax.configs import ModelConfig, resolve_architecture
+from prism_jax import models
+from prism_jax.checkpoints import preprocess, safetensors
+from prism_jax.configs import ARCHITECTURES, ModelConfig, resolve_architecture
 from prism_jax.errors import PrismError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """How one tensor moves between HF's layout and ours, both ways."""
+
+    load: Callable  # HF array -> ours
+    save: Callable  # (ours, config) -> HF array; q/k/v pieces are joined by `state_dict`
+
+
+_SAME = _Transform(lambda w: w, lambda w, cfg: w)
+_TRANSPOSE = _Transform(np.transpose, lambda w, cfg: w.T)  # nn.Linear: [out, in]
+_PATCH = _Transform(
+    lambda w: w.reshape(w.shape[0], -1).T,  # Conv2d [D, C, p, p] -> [C*p*p, D]
+    lambda w, cfg: w.T.reshape(cfg.width, cfg.channels, cfg.patch_size, cfg.patch_size),
+)
+
+
+def _qkv(j: int) -> _Transform:  # GPT-2's c_attn packs q, k, v on its last axis
+    return _Transform(lambda w: np.split(w, 3, axis=-1)[j], lambda w, cfg: w)
+
 
 # kind -> [(HF suffix, our suffix, transform)]
 _KINDS = {
-    "linear": [(".weight", ".kernel", np.transpose), (".bias", ".bias", None)],  # [out, in]
-    "conv1d": [(".weight", ".kernel", None), (".bias", ".bias", None)],  # GPT-2: [in, out]
-    "ln": [(".weight", ".scale", None), (".bias", ".bias", None)],
-    "embed": [(".weight", ".embedding", None)],
-    "token": [("", "", lambda w: w.reshape(w.shape[-1:]))],  # ViT CLS [1, 1, D] -> [D]
-    "table": [("", "", lambda w: w[0])],  # ViT positions [1, 1+P, D] -> [1+P, D]
-    "patch": [
-        (".weight", ".kernel", lambda w: w.reshape(w.shape[0], -1).T),
-        (".bias", ".bias", None),
-    ],
+    "linear": [(".weight", ".kernel", _TRANSPOSE), (".bias", ".bias", _SAME)],
+    "conv1d": [(".weight", ".kernel", _SAME), (".bias", ".bias", _SAME)],  # GPT-2: [in, out]
+    "ln": [(".weight", ".scale", _SAME), (".bias", ".bias", _SAME)],
+    "embed": [(".weight", ".embedding", _SAME)],
+    # ViT CLS [1, 1, D] <-> [D]; positions [1, 1+P, D] <-> [1+P, D]
+    "token": [("", "", _Transform(lambda w: w.reshape(w.shape[-1:]), lambda w, c: w[None, None]))],
+    "table": [("", "", _Transform(lambda w: w[0], lambda w, cfg: w[None]))],
+    "patch": [(".weight", ".kernel", _PATCH), (".bias", ".bias", _SAME)],
     "qkv": [
-        (".weight", f".{n}.kernel", lambda w, j=j: np.split(w, 3, axis=-1)[j])
+        (s, f".{n}.{p}", _qkv(j))
+        for s, p in ((".weight", "kernel"), (".bias", "bias"))
         for j, n in enumerate("qkv")
-    ]
-    + [
-        (".bias", f".{n}.bias", lambda w, j=j: np.split(w, 3, axis=-1)[j])
-        for j, n in enumerate("qkv")
-    ],
+    ],  # fmt: skip
 }
 
 # family -> (base prefix, top-level table, per-layer table, head table (never prefixed), ignored)
@@ -109,110 +126,6 @@ _TABLES = {
 }
 _LAYER_PREFIX = {"bert": "encoder.layer.{i}.", "gpt2": "h.{i}.", "vit": "encoder.layer.{i}."}
 
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-_FLOAT_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)))
-_MAX_HEADER = 100_000_000  # bytes; the `safetensors` library's own limit
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a safetensors file into NumPy arrays (memory-mapped), checking its layout as the
-    `safetensors` library does: a JSON object header, known dtypes, each tensor's byte range
-    the size of its shape, the ranges back to back from 0 to the end of the file."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise PrismError(f"corrupt safetensors file {path}: shorter than its header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise PrismError(f"corrupt safetensors file {path}: header runs past the end")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PrismError(f"corrupt safetensors file {path}: bad header ({e})") from None
-    if not isinstance(header, dict):
-        raise PrismError(f"corrupt safetensors file {path}: the header is not a JSON object")
-    header.pop("__metadata__", None)
-    layout = {name: _tensor_layout(path, name, info) for name, info in header.items()}
-    end = 0
-    for name, (_, _, (start, stop)) in sorted(layout.items(), key=lambda kv: kv[1][2]):
-        if start != end:
-            raise PrismError(
-                f"corrupt safetensors file {path}: tensor {name!r} starts at byte {start}, "
-                f"not where the previous one ends ({end})"
-            )
-        end = stop
-    if end != size - 8 - n:
-        raise PrismError(
-            f"corrupt safetensors file {path}: tensors cover {end} bytes, the file holds "
-            f"{size - 8 - n}"
-        )
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + n) if end else np.empty(0, np.uint8)
-    return {
-        name: data[start:stop].view(dtype).reshape(shape)
-        for name, (dtype, shape, (start, stop)) in layout.items()
-    }
-
-
-def _tensor_layout(path: Path, name: str, info) -> tuple[np.dtype, tuple, tuple[int, int]]:
-    """(dtype, shape, (start, stop)) of one header entry, or a PrismError naming it."""
-    bad = PrismError(f"corrupt safetensors file {path}: tensor {name!r} is malformed")
-    if not isinstance(info, dict):
-        raise bad
-    dtype, shape, offsets = (
-        _DTYPES.get(info.get("dtype")),
-        info.get("shape"),
-        info.get("data_offsets"),
-    )
-    ints = (list, tuple)
-    if (
-        dtype is None
-        or not isinstance(shape, ints)
-        or not all(type(d) is int and d >= 0 for d in shape)
-        or not isinstance(offsets, ints)
-        or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[1] - offsets[0] != np.dtype(dtype).itemsize * math.prod(shape)
-    ):
-        raise bad
-    return np.dtype(dtype), tuple(shape), tuple(offsets)
-
-
-def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory: `model.safetensors` or a sharded index."""
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.exists():
-        return read_safetensors(single)
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise PrismError(f"corrupt safetensors index {index}: {e}") from None
-        tensors = {}
-        for name in files:
-            if not (directory / name).exists():
-                raise PrismError(f"checkpoint shard {name} named by {index} is missing")
-            tensors.update(read_safetensors(directory / name))
-        return tensors
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt*")):
-        raise PrismError(f"{directory} has only pickled (PyTorch) weights; convert to safetensors")
-    raise PrismError(f"no model.safetensors in {directory}")
-
 
 def base_prefix(cfg: ModelConfig, keys: set[str] | None = None) -> str:
     """The HF prefix of base-model keys (`bert.`, ...): present in task checkpoints; a base
@@ -224,7 +137,7 @@ def base_prefix(cfg: ModelConfig, keys: set[str] | None = None) -> str:
 
 
 def entries(cfg: ModelConfig, prefix: str):
-    """(HF key, our dotted path, transform, kind) for every tensor the family's tables name."""
+    """(HF key, our dotted path, transform) for every tensor the family's tables name."""
     _, top, layer, heads, _ = _TABLES[cfg.family]
     tables = [(prefix, top, ""), ("", heads, "")]
     tables += [
@@ -233,8 +146,8 @@ def entries(cfg: ModelConfig, prefix: str):
     ]
     for hf_prefix, table, ours in tables:
         for hf_name, (our_name, kind) in table.items():
-            for hf_suffix, our_suffix, fn in _KINDS[kind]:
-                yield hf_prefix + hf_name + hf_suffix, ours + our_name + our_suffix, fn, kind
+            for hf_suffix, our_suffix, transform in _KINDS[kind]:
+                yield hf_prefix + hf_name + hf_suffix, ours + our_name + our_suffix, transform
 
 
 def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) -> models.Model:
@@ -243,18 +156,20 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.params)}
     ignored = [re.compile(p) for p in _TABLES[cfg.family][4]]
     values, consumed, mismatched, not_float, not_finite = {}, set(), [], [], []
-    for hf_key, ours, fn, _ in entries(cfg, base_prefix(cfg, set(tensors))):
+    for hf_key, ours, transform in entries(cfg, base_prefix(cfg, set(tensors))):
         if hf_key not in tensors or ours not in flat:
             continue
         consumed.add(hf_key)
-        if tensors[hf_key].dtype not in _FLOAT_DTYPES:  # never cast integers into weights
+        if (
+            tensors[hf_key].dtype not in safetensors.FLOAT_DTYPES
+        ):  # never cast integers into weights
             not_float.append(f"{hf_key}: {tensors[hf_key].dtype}")
             values[ours] = None  # present, unusable: reported below
             continue
         w = np.asarray(tensors[hf_key], np.float32)
         if not np.isfinite(w).all():
             not_finite.append(hf_key)
-        w = fn(w) if fn is not None else w
+        w = transform.load(w)
         want = flat[ours].get_value().shape
         if w.shape != want:
             mismatched.append(f"{hf_key}: {list(w.shape)} != {list(want)}")
@@ -290,11 +205,10 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
 
 def _check_tied_head(tensors: dict, values: dict) -> set[str]:
     """GPT-2's LM head is tied to `wte`: a stored copy must equal it."""
-    heads = {k for k in tensors if k == "lm_head.weight"}
-    for k in heads:
-        if "wte.embedding" in values and not np.array_equal(tensors[k], values["wte.embedding"]):
+    if "lm_head.weight" in tensors and "wte.embedding" in values:
+        if not np.array_equal(tensors["lm_head.weight"], values["wte.embedding"]):
             raise PrismError("lm_head.weight differs from wte: untied LM heads are not supported")
-    return heads
+    return {"lm_head.weight"} & set(tensors)
 
 
 def _shorten(items: list[str], limit: int = 12) -> str:
@@ -367,7 +281,7 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
     directory = resolve_directory(name)
     hf = read_config(directory)
     resolve_architecture(hf)  # an unknown architecture is named before any tensor is read
-    tensors = read_checkpoint_tensors(directory)
+    tensors = safetensors.read_checkpoint_tensors(directory)
     model = convert(make_config(hf, set(tensors)), tensors, dtype)
     return models.Model(
         model.config,
@@ -376,3 +290,81 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
         tokenizer=preprocess.load_tokenizer(directory),
         image_processor=preprocess.load_image_processor(directory),
     )
+
+
+# --- saving: the same tables, run backwards ---------------------------------------------
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The HF `config.json` of a model config: `HF_KEYS`, the table `from_hf_config` reads."""
+    arch = next(
+        name
+        for name, (cls, head, _) in ARCHITECTURES.items()
+        if cls is type(cfg) and head == cfg.head
+    )
+    out = {"architectures": [arch], "model_type": cfg.family}
+    out |= {key: getattr(cfg, field) for field, (key, _) in type(cfg).HF_KEYS.items()}
+    if cfg.family == "gpt2":
+        out["tie_word_embeddings"] = True
+    if cfg.family == "bert":
+        out["position_embedding_type"] = "absolute"
+    if cfg.head == "classifier":
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    return out
+
+
+def state_dict(model: models.Model) -> dict[str, np.ndarray]:
+    """The model's parameters under HF keys and layouts (float32)."""
+    cfg = model.config
+    flat = {
+        ".".join(map(str, p)): np.asarray(v.get_value(), np.float32)
+        for p, v in nnx.to_flat_state(model.params)
+    }
+    pieces: dict[str, list[np.ndarray]] = {}
+    for hf_key, ours, transform in entries(cfg, base_prefix(cfg)):
+        if ours in flat:
+            pieces.setdefault(hf_key, []).append(transform.save(flat[ours], cfg))
+    return {
+        k: np.ascontiguousarray(v[0] if len(v) == 1 else np.concatenate(v, axis=-1))
+        for k, v in pieces.items()
+    }
+
+
+def save_pretrained(model: models.Model, directory: str | Path) -> Path:
+    """Write `model` as an HF checkpoint directory; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+    save_file(state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
+    if model.tokenizer is not None:
+        tok = model.tokenizer
+        tok.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "pad_token": tok.backend.id_to_token(tok.pad_id),
+                    "model_max_length": tok.max_length,
+                },
+                indent=2,
+            )
+        )
+    if model.image_processor is not None:
+        p = model.image_processor
+        (directory / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_processor_type": "ViTImageProcessor",
+                    "do_resize": True,
+                    "size": {"height": p.size[0], "width": p.size[1]},
+                    "resample": p.resample,
+                    "do_rescale": p.rescale is not None,
+                    "rescale_factor": p.rescale or 1.0,
+                    "do_normalize": p.mean is not None,
+                    "image_mean": list(p.mean or (0.5,) * p.channels),
+                    "image_std": list(p.std or (0.5,) * p.channels),
+                },
+                indent=2,
+            )
+        )
+    return directory

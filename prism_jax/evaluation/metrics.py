@@ -7,16 +7,15 @@ of `bucket` tokens, so that few shapes are compiled and little padding is added.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from prism_jax import cost
 from prism_jax.configs import Plan
+from prism_jax.evaluation import sweep
 from prism_jax.models import Model
-from prism_jax.partition import edge_mesh, infer
+from prism_jax.partition import infer
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -50,24 +49,6 @@ def embed(model: Model, batches, *, mesh=None, plan: Plan | None = None) -> np.n
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class AgreementRow:
-    """One plan of an agreement sweep."""
-
-    strategy: str
-    cr: int
-    cosine_mean: float
-    cosine_min: float
-    bytes_per_device: int
-    bytes_voltage: int
-    seconds: float
-    compile_seconds: float
-
-    @property
-    def comm_reduction(self) -> float:
-        return 1 - self.bytes_per_device / self.bytes_voltage
-
-
 def agreement_sweep(
     model: Model,
     texts: list[str],
@@ -79,7 +60,7 @@ def agreement_sweep(
     max_length: int = 128,
     bucket: int = 64,
     progress: bool = True,
-) -> list[AgreementRow]:
+) -> list[dict]:
     """Cosine of prism sentence embeddings with the exact ones, per CR, at N devices; the
     first row is `voltage` (exact, full exchange), the reference for bytes and time.
 
@@ -90,43 +71,44 @@ def agreement_sweep(
         model, texts, batch_size=batch_size, max_length=max_length, bucket=bucket
     )
     exact = embed(model, batches)
-    mesh = edge_mesh(devices)
-    rows = []
-    plans = [Plan(strategy="voltage")]
-    plans += [Plan(strategy="prism", cr=cr, logit_bias=logit_bias) for cr in crs]
-    for plan in tqdm(plans, desc=f"N={devices}", disable=not progress):
+    sizes = [b["input_ids"].shape for _, b in batches]
+
+    def sent(plan: Plan) -> int:
+        shape = dict(devices=devices, dtype="float32")
+        each = [
+            cost.measured_bytes(model.config, plan, seq_len=t, batch=b, **shape) for b, t in sizes
+        ]
+        return int(np.mean(each))
+
+    def score(mesh, plan: Plan) -> dict:
         start = time.perf_counter()
         embed(model, batches, mesh=mesh, plan=plan)  # compiles each shape once
         first = time.perf_counter() - start
         start = time.perf_counter()
-        got = embed(model, batches, mesh=mesh, plan=plan)
+        cos = (embed(model, batches, mesh=mesh, plan=plan) * exact).sum(-1)
         seconds = time.perf_counter() - start
-        cos = (got * exact).sum(-1)
-        sizes = [(b["input_ids"].shape[0], b["input_ids"].shape[1]) for _, b in batches]
+        bytes_sent, voltage = sent(plan), sent(Plan(strategy="voltage"))
+        return {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "bytes_per_device": bytes_sent,
+            "bytes_voltage": voltage,
+            "comm_reduction": 1 - bytes_sent / voltage,
+            "seconds": seconds,
+            "compile_seconds": max(first - seconds, 0.0),
+        }
 
-        def sent(p, sizes=sizes):
-            return int(
-                np.mean(
-                    [
-                        cost.measured_bytes(model.config, p, devices=devices, seq_len=t, batch=b)
-                        for b, t in sizes
-                    ]
-                )
-            )
-
-        rows.append(
-            AgreementRow(
-                plan.strategy,
-                plan.cr,
-                float(cos.mean()),
-                float(cos.min()),
-                sent(plan),
-                sent(Plan(strategy="voltage")),
-                seconds,
-                max(first - seconds, 0.0),
-            )
-        )
-    return rows
+    plans = [Plan(strategy="voltage")] + [Plan(cr=cr, logit_bias=logit_bias) for cr in crs]
+    return sweep.sweep(
+        model.config,
+        [(devices, plan) for plan in plans],
+        score,
+        metric="cosine",
+        seq_len=max_length,
+        progress=progress,
+        desc=f"N={devices}",
+        measure=False,
+    )
 
 
 def accuracy(

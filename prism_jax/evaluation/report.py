@@ -7,12 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from prism_jax import cost
-from prism_jax.configs import Plan
-from prism_jax.partition import edge_mesh
-from prism_jax.tasks import Task
+from prism_jax.evaluation import sweep
+from prism_jax.evaluation.tasks import Task
 
 BIASES = ("log_count", "none")
 
@@ -38,26 +34,17 @@ def grid(
     bytes and FLOPs measured once per (N, CR) from the compiled programs."""
     tic = time.perf_counter()
     exact = task.score(None, None)
-    rows = []
-    cases = [(n, cr) for n in devices for cr in crs_up_to(-(-task.seq_len // n))]
-    for n, cr in tqdm(cases, desc=f"{task.dataset} {task.metric}", disable=not progress):
-        mesh = edge_mesh(n)
-        report = cost.measure(model.config, Plan(cr=cr), devices=n, seq_len=task.seq_len)
-        value = None
-        for bias in biases:
-            # At CR = 1 every segment holds one token: log(count) = 0, the biases coincide.
-            if value is None or cr > 1:
-                value = task.score(mesh, Plan(cr=cr, logit_bias=bias))
-            rows.append(
-                {
-                    "devices": n,
-                    "cr": cr,
-                    "logit_bias": bias,
-                    "value": value,
-                    "comm_reduction": report.comm_reduction,
-                    "compute_reduction": report.compute_reduction,
-                }
-            )
+    plans = sweep.cases(devices, lambda n: crs_up_to(-(-task.seq_len // n)), biases)
+    scored = sweep.sweep(
+        model.config, plans, task.score, metric="value", seq_len=task.seq_len,
+        progress=progress, desc=f"{task.dataset} {task.metric}",
+    )  # fmt: skip
+    # CR = 1 was scored once (log 1 = 0: the biases coincide); a row for each bias in tables
+    rows = [
+        {**row, "logit_bias": bias}
+        for row in scored
+        for bias in (biases if row["cr"] == 1 else [row["logit_bias"]])
+    ]
     return {
         "dataset": task.dataset,
         "metric": task.metric,

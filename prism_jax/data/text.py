@@ -7,7 +7,7 @@ import numpy as np
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from prism_jax.preprocess import Tokenizer
+from prism_jax.checkpoints.preprocess import Tokenizer
 
 EOS = "<|endoftext|>"
 

@@ -107,13 +107,18 @@ class ImageProcessor:
                 image = read_image(image)
             image = image.convert("L" if self.channels == 1 else "RGB")
             image = image.resize(self.size[::-1], resample=self.resample)
-            x = np.asarray(image, np.float32).reshape(*self.size, self.channels)
-            if self.rescale is not None:
-                x = x * np.float32(self.rescale)
-            if self.mean is not None:
-                x = (x - np.float32(self.mean)) / np.float32(self.std)
-            arrays.append(x.transpose(2, 0, 1))
-        return {"pixel_values": np.stack(arrays)}
+            arrays.append(np.asarray(image, np.float32).reshape(*self.size, self.channels))
+        return {"pixel_values": self.normalize(np.stack(arrays))}
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """`[n, H, W, C]` pixels at the model's size -> `[n, C, H, W]` float32, rescaled and
+        normalised: the one place pixels are (image files and dataset arrays alike)."""
+        x = pixels.astype(np.float32)
+        if self.rescale is not None:
+            x = x * np.float32(self.rescale)
+        if self.mean is not None:
+            x = (x - np.float32(self.mean)) / np.float32(self.std)
+        return x.transpose(0, 3, 1, 2)
 
 
 def read_image(path) -> Image.Image:
