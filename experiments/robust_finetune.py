@@ -16,16 +16,16 @@ experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
-import os
+import dataclasses
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
-HERE = Path(__file__).parent
+import common
+
+from prism_jax.configs import LOGIT_BIASES
+from prism_jax.evaluation.tasks import LAYOUTS
+
+HERE = common.HERE
 RECIPES = {
     "bert": dict(steps=125, batch_size=32, lr=1e-4, warmup=12, limit=1000, max_length=128),
     "vit": dict(steps=150, batch_size=128, lr=5e-4, warmup=15, limit=1000, max_length=None),
@@ -43,24 +43,25 @@ def start_model(family: str, smoke: bool):
     return pj.load_pretrained(HERE / "models" / "vit-fashion-mnist")
 
 
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "two steps per arm, seconds")
+    family: str = common.setting("bert", "the task model", choices=sorted(RECIPES))
+    devices: int = common.setting(4, "N in the training loop")
+    cr: int = common.setting(16, "CR in the training loop")
+    eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score both arms at")
+    logit_bias: str = common.setting("log_count", "logit bias", choices=LOGIT_BIASES)
+    layout: str = common.setting("padded", "BERT inputs", choices=LAYOUTS)
+    checkpoints: str = common.setting(str(HERE.parent / "artifacts"), "checkpoint folders")
+    restart: bool = common.setting(False, "discard checkpoints, start over")
+    out: str | None = common.setting(None, "results folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="two steps per arm, seconds")
-    parser.add_argument("--family", default="bert", choices=sorted(RECIPES))
-    parser.add_argument("--devices", type=int, default=4)
-    parser.add_argument("--cr", type=int, default=16)
-    parser.add_argument("--eval-crs", default="1,2,4,8,16,32")
-    parser.add_argument("--logit-bias", default="log_count", choices=["log_count", "none"])
-    parser.add_argument(
-        "--layout", default="padded", choices=["padded", "unpadded"], help="BERT inputs"
-    )
-    parser.add_argument("--checkpoints", default=str(HERE.parent / "artifacts"))
-    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
-    parser.add_argument("--out", default=None, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parse(Config, __doc__, argv)
 
     import prism_jax as pj
-    from prism_jax.evaluation import report, tasks
+    from prism_jax.evaluation import tasks
     from prism_jax.training import train
 
     recipe = SMOKE if args.smoke else RECIPES[args.family]
@@ -128,12 +129,11 @@ def main(argv=None):
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_minutes']:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = report.results_dir(args.out, args.smoke, HERE / "results")
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
     record = {"family": args.family, "devices": args.devices, "cr": args.cr,
               "logit_bias": args.logit_bias, "layout": args.layout,
               "recipe": recipe, "results": results}  # fmt: skip
-    report.save(out, stem, record, text, lambda png: plot(results, eval_crs, args, png))
+    common.save(args, stem, record, text, lambda png: plot(results, eval_crs, args, png))
 
 
 def plot(results, crs, args, path):

@@ -14,15 +14,10 @@ experiments/results/table_cost.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
+import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,11 +129,14 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@dataclasses.dataclass
+class Flags:
+    smoke: bool = common.setting(False, "a tiny model, seconds")
+    out: str | None = common.setting(None, "results folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, seconds")
-    parser.add_argument("--out", default=None, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parse(Flags, __doc__, argv)
     from prism_jax.evaluation import report
 
     cfg = smoke_config(args.out or "") if args.smoke else Config(out=args.out or Config.out)

@@ -12,29 +12,25 @@ experiments/results/table_gpt2.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
+import dataclasses
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
-HERE = Path(__file__).parent
-MODEL = HERE / "models" / "gpt2-wikipedia"
+import common
+
+MODEL = common.HERE / "models" / "gpt2-wikipedia"
+
+
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "a few rows, N = 8, seconds")
+    model: str = common.setting(str(MODEL), "a GPT-2 LM directory")
+    rows: int = common.setting(32, "test rows of 256 tokens")
+    questions: int = common.setting(136, "cloze questions (0: none)")
+    cloze_biases: str = common.setting("log_count,none", "logit biases for the cloze grid")
+    out: str | None = common.setting(None, "results folder")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few rows, N = 8, seconds")
-    parser.add_argument("--model", default=str(MODEL), help="a GPT-2 LM directory")
-    parser.add_argument("--rows", type=int, default=32, help="test rows of 256 tokens")
-    parser.add_argument("--questions", type=int, default=136, help="cloze questions (0: none)")
-    parser.add_argument(
-        "--cloze-biases", default="log_count,none", help="logit biases for the cloze grid"
-    )
-    parser.add_argument("--out", default=None, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parse(Config, __doc__, argv)
 
     import prism_jax as pj
     from prism_jax.evaluation import report, tasks
@@ -45,12 +41,15 @@ def main(argv=None):
     )
     results = []
     task = tasks.load(model, "wikipedia_leads", limit=rows)
-    results.append(("GPT-2 Wikipedia perplexity", report.grid(model, task, devices=devices)))
+    most = 3 if args.smoke else None  # a smoke: CR = 1, 2 and L
+    grid = report.grid(model, task, devices=devices, most_crs=most)
+    results.append(("GPT-2 Wikipedia perplexity", grid))
     save(results, args)  # the perplexity grid alone first: the cloze grid takes longer
     if questions:
         task = tasks.load(model, "wikipedia_cloze", limit=questions)
         biases = tuple(args.cloze_biases.split(","))
-        results.append(("GPT-2 cloze", report.grid(model, task, devices=devices, biases=biases)))
+        grid = report.grid(model, task, devices=devices, biases=biases, most_crs=most)
+        results.append(("GPT-2 cloze", grid))
         save(results, args)
 
 
@@ -59,8 +58,7 @@ def save(results, args):
 
     text = "\n".join(report.markdown(r, title) for title, r in results)
     print(text)
-    out = report.results_dir(args.out, args.smoke, HERE / "results")
-    report.save(out, "table_gpt2", dict(results), text, lambda png: report.plot(results, png))
+    common.save(args, "table_gpt2", dict(results), text, lambda png: report.plot(results, png))
 
 
 if __name__ == "__main__":

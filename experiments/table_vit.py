@@ -13,17 +13,13 @@ metric. Writes experiments/results/table_vit.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
-import os
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
-HERE = Path(__file__).parent
-MODEL = HERE / "models" / "vit-fashion-mnist"
+import common
+
+MODEL = common.HERE / "models" / "vit-fashion-mnist"
 
 
 def foolbox_images() -> dict[str, list[tuple[Path, int]]]:
@@ -68,13 +64,16 @@ def real_pixels(model, devices: int = 4, cr: int = 4, sets=None) -> list[dict]:
     return rows
 
 
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "a few images, N = 2, seconds")
+    model: str = common.setting(str(MODEL), "a ViT classifier directory")
+    limit: int = common.setting(1000, "test images (default 1000)")
+    out: str | None = common.setting(None, "results folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few images, N = 2, seconds")
-    parser.add_argument("--model", default=str(MODEL), help="a ViT classifier directory")
-    parser.add_argument("--limit", type=int, default=1000, help="test images (default 1000)")
-    parser.add_argument("--out", default=None, help="results folder")
-    args = parser.parse_args(argv)
+    args = common.parse(Config, __doc__, argv)
 
     import prism_jax as pj
     from prism_jax.evaluation import report, tasks
@@ -83,7 +82,8 @@ def main(argv=None):
     limit, devices = (8, (8,)) if args.smoke else (args.limit, (2, 4, 8))
     task = tasks.load(model, "fashion_mnist_local", limit=limit)
     title = "ViT (patch 2, 197 tokens) Fashion-MNIST"
-    result = report.grid(model, task, devices=devices, biases=report.BIASES)
+    most = 3 if args.smoke else None  # a smoke: CR = 1, 2 and L
+    result = report.grid(model, task, devices=devices, biases=report.BIASES, most_crs=most)
     pixels = real_pixels(model)
     if not args.smoke:  # ImageNet at 224 px, RGB, through a ViT-B/16-shaped model (random weights)
         import dataclasses
@@ -109,9 +109,8 @@ def main(argv=None):
             f"{100 * r['cr4_same_prediction']:.0f} % | {acc} |\n"
         )
     print(text)
-    out = report.results_dir(args.out, args.smoke, HERE / "results")
     record = {"fashion_mnist": result, "foolbox": pixels}
-    report.save(out, "table_vit", record, text, lambda png: report.plot([(title, result)], png))
+    common.save(args, "table_vit", record, text, lambda png: report.plot([(title, result)], png))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ SLOW = {"edge_testbed.py"}
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
+    if name != "common.py"  # the scripts' shared helper, not a script
 ]
 
 

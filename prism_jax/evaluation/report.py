@@ -29,12 +29,19 @@ def grid(
     devices: tuple[int, ...] = (2, 4, 8),
     biases: tuple[str, ...] = BIASES,
     progress: bool = True,
+    most_crs: int | None = None,
 ) -> dict:
-    """The metric of `task` at each N, every CR up to the local length, each logit bias;
-    bytes and FLOPs measured once per (N, CR) from the compiled programs."""
+    """The metric of `task` at each N, every CR up to the local length (`crs_up_to`; only its
+    first `most_crs - 1` and the local length itself when given), each logit bias; bytes and
+    FLOPs measured once per (N, CR) from the compiled programs."""
     tic = time.perf_counter()
     exact = task.score(None, None)
-    plans = sweep.cases(devices, lambda n: crs_up_to(-(-task.seq_len // n)), biases)
+
+    def crs(n: int) -> list[int]:
+        every = crs_up_to(-(-task.seq_len // n))
+        return every if most_crs is None else [*every[: most_crs - 1], every[-1]]
+
+    plans = sweep.cases(devices, crs, biases)
     scored = sweep.sweep(
         model.config, plans, task.score, metric="value", seq_len=task.seq_len,
         progress=progress, desc=f"{task.dataset} {task.metric}",

@@ -1,0 +1,56 @@
+"""What every experiment script shares: flags made from the script's config dataclass, the
+emulated CPU devices set once before JAX starts, and results written through `report.save`.
+
+A script states its settings as a dataclass whose fields carry their help (`setting`), then::
+
+    cfg = common.parse(Config, __doc__, argv)          # --smoke, --out, ... and the devices
+    common.save(cfg, "table_x", record, markdown, plot)  # results/table_x.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+from prism_jax.cli import emulate_devices
+from prism_jax.evaluation import report
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def setting(default, help: str, **argparse_kw):
+    """A config field that becomes a flag: `--name` with this default and help."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int = 8):
+    """`config` filled from the command line (a flag per field), with `devices` emulated CPU
+    devices asked of XLA before anything starts JAX's backend."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        name, meta = "--" + field.name.replace("_", "-"), dict(field.metadata)
+        kind = _plain(hints[field.name])
+        if kind is bool:
+            parser.add_argument(name, action="store_true", **meta)
+        else:
+            parser.add_argument(name, type=kind, default=field.default, **meta)
+    cfg = config(**vars(parser.parse_args(argv)))
+    emulate_devices(devices)
+    return cfg
+
+
+def _plain(hint) -> type:
+    """`int | None` -> int: the type a flag's text is read as."""
+    if isinstance(hint, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def save(cfg, stem: str, record, text: str, plot=None) -> None:
+    """`results/<stem>.{json,md,png}` (or `--out`); a smoke without `--out` writes nothing."""
+    report.save(report.results_dir(cfg.out, cfg.smoke, RESULTS), stem, record, text, plot)
