@@ -1,6 +1,6 @@
 """A bandwidth-limited edge network on one machine: latency and bytes on the wire.
 
-Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 30 minutes)
+Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; tens of minutes)
 Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: a tiny model, 2 nodes,
           one bandwidth; without root it says so and exits 0, as the test suite expects)
 
