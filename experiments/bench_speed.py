@@ -1,6 +1,6 @@
 """Wall time and peak memory: prism-jax against PyTorch, and prism against single, one run.
 
-Command:  .venv/bin/python experiments/bench_speed.py          (about 5 minutes on 2 cores)
+Command:  .venv/bin/python experiments/bench_speed.py          (about 8 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/bench_speed.py --smoke  (seconds; run by the tests)
 
 (a) `single` (one device) against transformers on PyTorch CPU, for all-MiniLM-L6-v2 (real
