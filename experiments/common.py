@@ -27,9 +27,9 @@ def setting(default, help: str, **argparse_kw):
     return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
 
 
-def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int = 8):
+def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int | None = 8):
     """`config` filled from the command line (a flag per field), with `devices` emulated CPU
-    devices asked of XLA before anything starts JAX's backend."""
+    devices asked of XLA before anything starts JAX's backend (None: JAX's own devices)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
@@ -40,7 +40,8 @@ def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int
         else:
             parser.add_argument(name, type=kind, default=field.default, **meta)
     cfg = config(**vars(parser.parse_args(argv)))
-    emulate_devices(devices)
+    if devices is not None:
+        emulate_devices(devices)
     return cfg
 
 

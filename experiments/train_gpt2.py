@@ -13,27 +13,32 @@ end). Writes the HF checkpoint directory (committed: 14 MB) and results/train_gp
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
+import common
+
+HERE = common.HERE
 CONTEXT = 256
 # Two epochs of the ~4,300 training rows at batch 16.
 FULL = dict(steps=540, batch_size=16, lr=1e-3, warmup=30, vocab=8192, width=192, depth=4, heads=3)
 SMOKE = dict(steps=3, batch_size=4, lr=1e-3, warmup=1, vocab=400, width=32, depth=2, heads=2)
 
 
+@dataclasses.dataclass
+class Flags:
+    smoke: bool = common.setting(False, "a tiny model, a few steps")
+    out: str | None = common.setting(None, "model directory to write")
+    checkpoint_dir: str | None = common.setting(None, "orbax checkpoints (resumable)")
+    restart: bool = common.setting(False, "discard checkpoints, start over")
+    data_dir: str | None = common.setting(None, "where TFDS prepares its array_record")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps")
-    parser.add_argument("--out", default=None, help="model directory to write")
-    parser.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (resumable)")
-    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
-    parser.add_argument("--data-dir", default=None, help="where TFDS prepares its array_record")
-    args = parser.parse_args(argv)
+    args = common.parse(Flags, __doc__, argv, devices=None)
 
     from prism_jax import models
     from prism_jax.checkpoints import hf

@@ -12,14 +12,15 @@ Writes the HF checkpoint directory (committed: under 1 MB) and results/train_vit
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
-HERE = Path(__file__).parent
+HERE = common.HERE
 # One cosine schedule, AdamW with warm-up, down to 0 at the last step: 6 epochs of the 60,000
 # images at batch 128 and peak lr 2e-3.
 FULL = dict(steps=2814, batch_size=128, lr=2e-3, warmup=100, final_lr=0.0, weight_decay=0.05)
@@ -46,14 +47,17 @@ def vit_config(smoke: bool):
     )
 
 
+@dataclasses.dataclass
+class Flags:
+    smoke: bool = common.setting(False, "a tiny model, a few steps")
+    out: str | None = common.setting(None, "model directory to write")
+    checkpoint_dir: str | None = common.setting(None, "orbax checkpoints (resumable)")
+    restart: bool = common.setting(False, "discard checkpoints, start over")
+    data_dir: str | None = common.setting(None, "where TFDS prepares its array_record")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps")
-    parser.add_argument("--out", default=None, help="model directory to write")
-    parser.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints (resumable)")
-    parser.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
-    parser.add_argument("--data-dir", default=None, help="where TFDS prepares its array_record")
-    args = parser.parse_args(argv)
+    args = common.parse(Flags, __doc__, argv, devices=None)
 
     from prism_jax import models
     from prism_jax.checkpoints import hf
