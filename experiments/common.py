@@ -27,6 +27,17 @@ def setting(default, help: str, **argparse_kw):
     return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
 
 
+@dataclasses.dataclass
+class TrainFlags:
+    """The flags of the scripts that train a task model (train_vit.py, train_gpt2.py)."""
+
+    smoke: bool = setting(False, "a tiny model, a few steps")
+    out: str | None = setting(None, "model directory to write")
+    checkpoint_dir: str | None = setting(None, "orbax checkpoints (resumable)")
+    restart: bool = setting(False, "discard checkpoints, start over")
+    data_dir: str | None = setting(None, "where TFDS prepares its array_record")
+
+
 def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int | None = 8):
     """`config` filled from the command line (a flag per field), with `devices` emulated CPU
     devices asked of XLA before anything starts JAX's backend (None: JAX's own devices)."""

@@ -13,7 +13,6 @@ end). Writes the HF checkpoint directory (committed: 14 MB) and results/train_gp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -28,17 +27,8 @@ FULL = dict(steps=540, batch_size=16, lr=1e-3, warmup=30, vocab=8192, width=192,
 SMOKE = dict(steps=3, batch_size=4, lr=1e-3, warmup=1, vocab=400, width=32, depth=2, heads=2)
 
 
-@dataclasses.dataclass
-class Flags:
-    smoke: bool = common.setting(False, "a tiny model, a few steps")
-    out: str | None = common.setting(None, "model directory to write")
-    checkpoint_dir: str | None = common.setting(None, "orbax checkpoints (resumable)")
-    restart: bool = common.setting(False, "discard checkpoints, start over")
-    data_dir: str | None = common.setting(None, "where TFDS prepares its array_record")
-
-
 def main(argv=None):
-    args = common.parse(Flags, __doc__, argv, devices=None)
+    args = common.parse(common.TrainFlags, __doc__, argv, devices=None)
 
     from prism_jax import models
     from prism_jax.checkpoints import hf

@@ -12,7 +12,6 @@ Writes the HF checkpoint directory (committed: under 1 MB) and results/train_vit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -47,17 +46,8 @@ def vit_config(smoke: bool):
     )
 
 
-@dataclasses.dataclass
-class Flags:
-    smoke: bool = common.setting(False, "a tiny model, a few steps")
-    out: str | None = common.setting(None, "model directory to write")
-    checkpoint_dir: str | None = common.setting(None, "orbax checkpoints (resumable)")
-    restart: bool = common.setting(False, "discard checkpoints, start over")
-    data_dir: str | None = common.setting(None, "where TFDS prepares its array_record")
-
-
 def main(argv=None):
-    args = common.parse(Flags, __doc__, argv, devices=None)
+    args = common.parse(common.TrainFlags, __doc__, argv, devices=None)
 
     from prism_jax import models
     from prism_jax.checkpoints import hf
