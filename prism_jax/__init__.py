@@ -3,7 +3,7 @@
 Public API (DESIGN.md section 2)::
 
     import prism_jax as pj
-    model = pj.load_pretrained(path)
+    model = pj.load_pretrained(path)          # HF directory (BERT, GPT-2, ViT, Llama) or .gguf
     mesh = pj.edge_mesh(4)
     out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
     report = pj.measure_cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
@@ -15,6 +15,7 @@ from prism_jax.configs import (
     PRESETS,
     BertConfig,
     GPT2Config,
+    LlamaConfig,
     ModelConfig,
     Plan,
     ViTConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "PRESETS",
     "BertConfig",
     "GPT2Config",
+    "LlamaConfig",
     "Model",
     "ModelConfig",
     "Plan",

@@ -16,6 +16,9 @@ from prism_jax.errors import PrismError
 
 STRATEGIES = ("single", "voltage", "prism")
 LOGIT_BIASES = ("log_count", "none")
+# What travels per group (DESIGN.md section 1a): attention inputs, or rotated keys and values
+# per KV head; `auto` picks the cheaper one that is exact at CR = 1 for the model.
+EXCHANGES = ("auto", "hidden", "kv")
 # HF activation name -> the function it is (`layers` implements each once).
 ACTIVATIONS = {
     "gelu": "gelu",
@@ -48,11 +51,14 @@ class Plan:
         exchanged) or `prism` (segment means exchanged).
       cr: compression rate, the segment length in tokens (prism only).
       logit_bias: `log_count` adds log(c) to a remote mean's logit, `none` adds nothing.
+      exchange: `hidden` sends means of attention inputs, `kv` means of the (rotated) keys
+        and of the values per KV head; `auto` resolves per model (`for_model`).
     """
 
     strategy: str = "prism"
     cr: int = 1
     logit_bias: str = "log_count"
+    exchange: str = "auto"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -65,6 +71,24 @@ class Plan:
             raise PrismError(
                 f"unknown logit_bias {self.logit_bias!r}; choose one of {LOGIT_BIASES}"
             )
+        if self.exchange not in EXCHANGES:
+            raise PrismError(f"unknown exchange {self.exchange!r}; choose one of {EXCHANGES}")
+
+    def for_model(self, cfg: ModelConfig) -> Plan:
+        """This plan with `exchange` resolved for `cfg`: rotary models always exchange K/V
+        (a mean of inputs has no position to rotate by); the others, by default, the cheaper
+        of D and 2*H_kv*K values per group (both are exact at CR = 1)."""
+        if cfg.rope_theta is not None:
+            if self.exchange == "hidden" and self.strategy != "single":
+                raise PrismError(
+                    "exchange='hidden' does not apply to rotary models (a key depends on its "
+                    "position); they exchange keys and values: exchange='kv'"
+                )
+            return dataclasses.replace(self, exchange="kv")
+        if self.exchange != "auto":
+            return self
+        cheaper = "kv" if cfg.kv_width < cfg.width else "hidden"
+        return dataclasses.replace(self, exchange=cheaper)
 
     def segments(self, local_len: int) -> int:
         """S = ceil(L / CR), the number of segment means one device sends per layer."""
@@ -93,6 +117,8 @@ class ModelConfig:
     family: ClassVar[str]
     norm_first: ClassVar[bool]
     causal: ClassVar[bool]
+    rms_norm: ClassVar[bool] = False  # RMSNorm (Llama) instead of LayerNorm
+    gated_mlp: ClassVar[bool] = False  # SwiGLU: fc2(act(gate(x)) * fc1(x))
 
     width: int  # D
     depth: int
@@ -105,15 +131,35 @@ class ModelConfig:
     num_labels: int = 0  # C
     pooler: bool = False
     qkv_bias: bool = True
+    out_bias: bool = True  # the attention output projection's bias
+    mlp_bias: bool = True
+    kv_heads: int | None = None  # H_kv (grouped-query attention); None: H
+    head_dim: int | None = None  # K; None: D / H
+    rope_theta: float | None = None  # rotary position embeddings' base; None: no rotary
 
     def __post_init__(self):
-        for name in ("width", "depth", "heads", "mlp_width", "max_positions"):
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.head_dim is None:
+            if _positive_int(self.heads) and _positive_int(self.width) and self.width % self.heads:
+                raise PrismError(f"hidden size {self.width} is not divisible by {self.heads} heads")
+            object.__setattr__(self, "head_dim", self.width // max(as_int(self.heads) or 1, 1))
+        for name in ("width", "depth", "heads", "kv_heads", "head_dim", "mlp_width"):
             if not _positive_int(getattr(self, name)):
                 raise PrismError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not _positive_int(self.max_positions):
+            raise PrismError(f"max_positions must be an integer >= 1, got {self.max_positions!r}")
         if not _positive_float(self.ln_eps):
             raise PrismError(f"ln_eps must be a number > 0, got {self.ln_eps!r}")
-        if self.width % self.heads:
-            raise PrismError(f"hidden size {self.width} is not divisible by {self.heads} heads")
+        if self.heads % self.kv_heads:
+            raise PrismError(f"{self.heads} heads are not divisible by {self.kv_heads} KV heads")
+        if self.rope_theta is not None and (
+            not _positive_float(self.rope_theta) or self.head_dim % 2
+        ):
+            raise PrismError(
+                f"rotary embeddings need a base > 0 and an even head size, got "
+                f"rope_theta={self.rope_theta!r}, head_dim={self.head_dim}"
+            )
         if self.act not in ACTIVATIONS:
             raise PrismError(
                 f"unsupported activation {self.act!r}; supported: {sorted(ACTIVATIONS)}"
@@ -123,14 +169,19 @@ class ModelConfig:
         if self.head == "classifier" and self.num_labels < 1:
             raise PrismError("a classifier head needs num_labels >= 1")
 
+    @property
+    def kv_width(self) -> int:
+        """2*H_kv*K: the values one token's keys and values take together."""
+        return 2 * self.kv_heads * self.head_dim
+
 
 # HF config keys whose values must be positive integers / positive finite numbers when given.
 _POSITIVE_INTS = frozenset(
     "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size "
     "max_position_embeddings type_vocab_size n_embd n_layer n_head n_positions image_size "
-    "patch_size num_channels".split()
+    "patch_size num_channels num_key_value_heads head_dim".split()
 )
-_POSITIVE_FLOATS = frozenset({"layer_norm_eps", "layer_norm_epsilon"})
+_POSITIVE_FLOATS = frozenset({"layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps", "rope_theta"})
 
 
 def _positive_int(v) -> bool:
@@ -299,6 +350,75 @@ class ViTConfig(ModelConfig):
         return cls(**fields, max_positions=(image // patch) ** 2 + 1)
 
 
+ROPE_TYPES = ("default",)  # rotary variants implemented; others (linear, dynamic, yarn, llama3) not
+
+
+def _rope_theta(hf: dict) -> float:
+    """The rotary base from `rope_parameters` (transformers 5) or the older `rope_theta` and
+    `rope_scaling`; a scaling kind we do not implement is refused by name."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise PrismError("config.json: rope_parameters and rope_scaling must be objects")
+    for source in (params, scaling):
+        kind = source.get("rope_type", source.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise PrismError(f"unsupported rope scaling {kind!r}; implemented: {list(ROPE_TYPES)}")
+    unknown = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+    if unknown:
+        raise PrismError(f"unsupported rope_parameters fields: {unknown}")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if not _positive_float(theta):
+        raise PrismError(f"config.json: rope_theta must be a number > 0, got {theta!r}")
+    return float(theta)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    """Llama family: pre-RMSNorm causal decoder with rotary keys, grouped-query attention,
+    a SwiGLU MLP, optional biases and a tied or untied LM head (DESIGN.md section 1a)."""
+
+    family: ClassVar[str] = "llama"
+    norm_first: ClassVar[bool] = True
+    causal: ClassVar[bool] = True
+    rms_norm: ClassVar[bool] = True
+    gated_mlp: ClassVar[bool] = True
+    HF_KEYS: ClassVar[dict] = {
+        "vocab_size": ("vocab_size", REQUIRED),
+        "width": ("hidden_size", REQUIRED),
+        "depth": ("num_hidden_layers", REQUIRED),
+        "heads": ("num_attention_heads", REQUIRED),
+        "kv_heads": ("num_key_value_heads", None),
+        "head_dim": ("head_dim", None),
+        "mlp_width": ("intermediate_size", REQUIRED),
+        "act": ("hidden_act", "silu"),
+        "ln_eps": ("rms_norm_eps", 1e-6),
+        "max_positions": ("max_position_embeddings", 2048),
+        "qkv_bias": ("attention_bias", False),
+        "mlp_bias": ("mlp_bias", False),
+        "tied": ("tie_word_embeddings", False),
+    }
+    vocab_size: int
+    tied: bool = False  # the LM head is the embedding table
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, *, head: str, pooler: bool = False) -> LlamaConfig:
+        _check_keys(
+            hf,
+            {key for key, _ in cls.HF_KEYS.values()} | {"rope_theta", "attention_dropout"},
+            {
+                "pretraining_tp": lambda v: v == 1,
+                "rope_parameters": lambda v: True,  # checked by _rope_theta
+                "rope_scaling": lambda v: True,
+            },
+        )
+        fields = _from_keys(cls, hf, head=head)
+        for flag in ("qkv_bias", "mlp_bias", "tied"):
+            if not isinstance(fields[flag], bool):
+                raise PrismError(f"config.json: {cls.HF_KEYS[flag][0]} must be true or false")
+        return cls(**fields, out_bias=fields["qkv_bias"], rope_theta=_rope_theta(hf))
+
+
 # HF architecture name -> (config class, head, pooler: True / False / None = "if weights exist").
 ARCHITECTURES: dict[str, tuple[type[ModelConfig], str, bool | None]] = {
     "BertModel": (BertConfig, "base", None),
@@ -307,8 +427,15 @@ ARCHITECTURES: dict[str, tuple[type[ModelConfig], str, bool | None]] = {
     "GPT2LMHeadModel": (GPT2Config, "lm", False),
     "ViTModel": (ViTConfig, "base", None),
     "ViTForImageClassification": (ViTConfig, "classifier", False),
+    "LlamaModel": (LlamaConfig, "base", False),
+    "LlamaForCausalLM": (LlamaConfig, "lm", False),
 }
-_BASE_BY_MODEL_TYPE = {"bert": "BertModel", "gpt2": "GPT2Model", "vit": "ViTModel"}
+_BASE_BY_MODEL_TYPE = {
+    "bert": "BertModel",
+    "gpt2": "GPT2Model",
+    "vit": "ViTModel",
+    "llama": "LlamaModel",
+}
 
 
 def resolve_architecture(hf: dict) -> tuple[type[ModelConfig], str, bool | None]:
@@ -334,5 +461,23 @@ PRESETS = {
     "gpt2": _preset(GPT2Config, vocab_size=50257, act="gelu_new", ln_eps=1e-5, max_positions=1024),
     "vit-base-patch16-224": _preset(
         ViTConfig, act="gelu", ln_eps=1e-12, max_positions=197, image_size=224, patch_size=16
+    ),
+    # SmolLM2-135M (DESIGN.md section 4): 30 layers, 576 wide, 9 query / 3 KV heads of 64.
+    "smollm2-135m": lambda head="lm": LlamaConfig(
+        head=head,
+        vocab_size=49152,
+        width=576,
+        depth=30,
+        heads=9,
+        kv_heads=3,
+        mlp_width=1536,
+        act="silu",
+        ln_eps=1e-5,
+        max_positions=8192,
+        qkv_bias=False,
+        out_bias=False,
+        mlp_bias=False,
+        rope_theta=1e5,
+        tied=True,
     ),
 }

@@ -28,6 +28,11 @@ def local_len(seq_len: int, devices: int) -> int:
     return math.ceil(seq_len / devices)
 
 
+def exchange_width(cfg: ModelConfig, plan: Plan) -> int:
+    """Values per token or group that travel: D (`hidden`) or 2*H_kv*K (`kv`)."""
+    return cfg.width if plan.for_model(cfg).exchange == "hidden" else cfg.kv_width
+
+
 def bytes_closed_form(
     cfg: ModelConfig,
     plan: Plan,
@@ -37,15 +42,17 @@ def bytes_closed_form(
     batch: int = 1,
     dtype_bytes: int = 4,
 ) -> int:
-    """Bytes one device sends per inference: per layer B*L*D*bytes (voltage) or
-    B*S*(D*bytes + 4) (prism: means, plus each count as an exact int32, which is D+1 values in
-    float32), times the depth; nothing for `single` or a single device."""
+    """Bytes one device sends per inference: per layer B*L*W*bytes (voltage) or
+    B*S*(W*bytes + 4) (prism: means, plus each count as an exact int32, which is W+1 values in
+    float32), times the depth, with W = D (hidden exchange) or 2*H_kv*K (kv exchange, DESIGN.md
+    section 1a); nothing for `single` or a single device."""
     if plan.strategy == "single" or devices == 1:
         return 0
     l = local_len(seq_len, devices)
+    w = exchange_width(cfg, plan)
     if plan.strategy == "voltage":
-        return cfg.depth * batch * l * cfg.width * dtype_bytes
-    return cfg.depth * batch * plan.segments(l) * (cfg.width * dtype_bytes + 4)
+        return cfg.depth * batch * l * w * dtype_bytes
+    return cfg.depth * batch * plan.segments(l) * (w * dtype_bytes + 4)
 
 
 def flops_closed_form(
@@ -54,16 +61,25 @@ def flops_closed_form(
     """Matmul FLOPs of one device's Transformer layers (no embeddings, heads or elementwise).
 
     Per layer, with q query rows and m key/value rows (T and T for `single`, L and N*L for
-    `voltage`, L and L + (N-1)*S for `prism`): projections 2*(2q + 2m)*D^2, MLP 4*q*D*F,
-    attention scores and values 4*q*m*D. This is how the paper's -51.24 % comes about.
+    `voltage`, L and L + (N-1)*S for `prism`), D width, H heads and H_kv KV heads of size K,
+    F MLP width: query and output projections 4*q*D*H*K; key and value projections
+    4*r*D*H_kv*K for the r rows projected here (m with hidden exchange, q with kv exchange);
+    MLP 4*q*D*F (6*q*D*F gated); attention scores and values 4*q*m*H*K. For BERT at N = 2,
+    T = 256, CR = 128 this is how the paper's -51.24 % comes about.
     """
-    d, f = cfg.width, cfg.mlp_width
+    d, f, hk, gk = cfg.width, cfg.mlp_width, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     if plan.strategy == "single" or devices == 1:
         q = m = seq_len
     else:
         q = local_len(seq_len, devices)
         m = q * devices if plan.strategy == "voltage" else q + (devices - 1) * plan.segments(q)
-    per_layer = 2 * (2 * q + 2 * m) * d * d + 4 * q * d * f + 4 * q * m * d
+    projected = q if plan.for_model(cfg).exchange == "kv" else m
+    per_layer = (
+        4 * q * d * hk
+        + 4 * projected * d * gk
+        + (6 if cfg.gated_mlp else 4) * q * d * f
+        + 4 * q * m * hk
+    )
     return cfg.depth * batch * per_layer
 
 
@@ -161,6 +177,7 @@ class CostReport:
     strategy: str
     cr: int
     logit_bias: str
+    exchange: str
     devices: int
     seq_len: int
     batch: int
@@ -255,6 +272,7 @@ def measure(
         strategy=plan.strategy,
         cr=plan.cr,
         logit_bias=plan.logit_bias,
+        exchange=plan.for_model(cfg).exchange,
         devices=devices,
         seq_len=seq_len,
         batch=batch,

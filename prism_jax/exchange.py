@@ -72,6 +72,8 @@ class Exchange:
       valid: `[B, L]` validity of the local tokens.
       local_mask: `[B, 1, L|1, L]` which local keys each local query may see.
       global_mask: `[B, 1, L|1, N*L]` which of all keys each local query may see (voltage).
+      position_ids: `[B, L]` positions of the local tokens when the batch gives its own
+        (HF's `position_ids`); None: the global index.
     """
 
     plan: Plan
@@ -82,11 +84,16 @@ class Exchange:
     valid: jax.Array
     local_mask: jax.Array
     global_mask: jax.Array | None
+    position_ids: jax.Array | None = None
 
     def positions(self) -> jax.Array:
         """`[L]` global positions of the local tokens: device p owns [p*L, (p+1)*L)."""
         l = self.valid.shape[1]
         return self.device * l + jnp.arange(l)
+
+    def token_positions(self) -> jax.Array:
+        """`[B|1, L]` the positions the model embeds: the batch's own, else the global index."""
+        return self.positions()[None] if self.position_ids is None else self.position_ids
 
 
 def _key_mask(key_valid: jax.Array, q_pos: jax.Array, k_pos: jax.Array, causal: bool):

@@ -1,4 +1,4 @@
-"""Mlp, Attention and the one Block shared by BERT, GPT-2 and ViT (Flax NNX)."""
+"""Mlp, Attention and the one Block shared by BERT, GPT-2, ViT and Llama (Flax NNX)."""
 
 from __future__ import annotations
 
@@ -21,59 +21,109 @@ def layer_norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
 
 
+def norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
+    """The family's normalisation: LayerNorm, or RMSNorm (Llama)."""
+    if cfg.rms_norm:
+        return nnx.RMSNorm(cfg.width, epsilon=cfg.ln_eps, rngs=rngs)
+    return layer_norm(cfg.width, cfg.ln_eps, rngs)
+
+
 class Mlp(nnx.Module):
-    """fc1 -> activation -> fc2, on local rows only."""
+    """fc1 -> activation -> fc2 on local rows only; gated (SwiGLU, Llama):
+    fc2(act(gate(x)) * fc1(x))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_width, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.mlp_width, cfg.width, rngs=rngs)
+        d, f, bias = cfg.width, cfg.mlp_width, cfg.mlp_bias
+        self.gate = nnx.Linear(d, f, use_bias=bias, rngs=rngs) if cfg.gated_mlp else None
+        self.fc1 = nnx.Linear(d, f, use_bias=bias, rngs=rngs)
+        self.fc2 = nnx.Linear(f, d, use_bias=bias, rngs=rngs)
         self.act = cfg.act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(_FUNCTIONS[ACTIVATIONS[self.act]](self.fc1(x)))
+        act = _FUNCTIONS[ACTIVATIONS[self.act]]
+        if self.gate is not None:
+            return self.fc2(act(self.gate(x)) * self.fc1(x))
+        return self.fc2(act(self.fc1(x)))
+
+
+def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in HF's rotate-half convention.
+
+    Args:
+      x: `[B, L, H, K]` queries or keys.
+      positions: `[B|1, L]` global positions of the rows.
+      theta: the rotary base (`rope_theta`).
+    """
+    k = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)  # [K/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B|1, L, K/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B|1, L, 1, K]
+    half = jnp.concatenate([-x[..., k // 2 :], x[..., : k // 2]], axis=-1)
+    out = x.astype(jnp.float32) * jnp.cos(angles) + half.astype(jnp.float32) * jnp.sin(angles)
+    return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-    """Multi-head attention, restructured for PRISM (DESIGN.md section 1, step 4).
+    """Multi-head (or grouped-query) attention, restructured for PRISM (DESIGN.md section 1,
+    step 4; section 1a for K/V exchange and rotary keys).
 
     Queries come from the local tokens only. Keys and values come from what
     `exchange.keys_and_mask` returns: the local tokens (single), all tokens (voltage), or the
-    local tokens followed by the other devices' segment means (prism). No device projects
-    another device's individual tokens.
+    local tokens followed by the other devices' group means (prism). With `exchange="hidden"`
+    what travels is attention inputs, projected here; with `"kv"` it is keys (rotated at their
+    own positions, where the tokens live) and values. No device projects another device's
+    individual tokens.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d = cfg.width
-        self.q = nnx.Linear(d, d, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.k = nnx.Linear(d, d, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.v = nnx.Linear(d, d, use_bias=cfg.qkv_bias, rngs=rngs)
-        self.o = nnx.Linear(d, d, rngs=rngs)
-        self.heads = cfg.heads
+        d, h, g, k = cfg.width, cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.q = nnx.Linear(d, h * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.k = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.v = nnx.Linear(d, g * k, use_bias=cfg.qkv_bias, rngs=rngs)
+        self.o = nnx.Linear(h * k, d, use_bias=cfg.out_bias, rngs=rngs)
+        self.heads, self.kv_heads, self.head_dim = h, g, k
+        self.rope_theta = cfg.rope_theta
 
     def __call__(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
-        b, l, d = a.shape
-        h, k = self.heads, d // self.heads
-        kv_in, mask, bias = exchange.keys_and_mask(a, ex)  # [B, M, D]
-        m = kv_in.shape[1]
+        b, l, _ = a.shape
+        h, g, k = self.heads, self.kv_heads, self.head_dim
         q = self.q(a).reshape(b, l, h, k)
-        keys = self.k(kv_in).reshape(b, m, h, k)
-        values = self.v(kv_in).reshape(b, m, h, k)
+        if self.rope_theta is not None:
+            q = rotate(q, ex.token_positions(), self.rope_theta)
+        if self.rope_theta is not None or ex.plan.exchange == "kv":
+            local = jnp.concatenate([self._keys(a, ex), self.v(a)], axis=-1)  # [B, L, 2*G*K]
+            kv, mask, bias = exchange.keys_and_mask(local, ex)  # [B, M, 2*G*K]
+            keys, values = jnp.split(kv, 2, axis=-1)
+        else:
+            kv_in, mask, bias = exchange.keys_and_mask(a, ex)  # [B, M, D]
+            keys, values = self.k(kv_in), self.v(kv_in)
+        m = keys.shape[1]
+        keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
         # One fused masked softmax: the boolean mask carries padding, empty segments and the
         # partition-aware causal rule; the additive bias carries log(count). The XLA path is
         # used on every backend so that CPU and accelerator runs compute the same thing.
         out = jax.nn.dot_product_attention(
             q, keys, values, bias=bias, mask=mask, implementation="xla"
         )  # [B, L, H, K]
-        return self.o(out.reshape(b, l, d))
+        return self.o(out.reshape(b, l, h * k))
+
+    def _keys(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
+        """`[B, L, G*K]` keys of the local tokens, rotated at their positions (rotary)."""
+        b, l, _ = a.shape
+        keys = self.k(a)
+        if self.rope_theta is None:
+            return keys
+        keys = keys.reshape(b, l, self.kv_heads, self.head_dim)
+        return rotate(keys, ex.token_positions(), self.rope_theta).reshape(b, l, -1)
 
 
 class Block(nnx.Module):
-    """One Transformer layer: pre-LN (GPT-2, ViT) or post-LN (BERT), causal or not."""
+    """One Transformer layer: pre-norm (GPT-2, ViT, Llama) or post-LN (BERT), causal or not."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.ln1 = layer_norm(cfg.width, cfg.ln_eps, rngs)
+        self.ln1 = norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.ln2 = layer_norm(cfg.width, cfg.ln_eps, rngs)
+        self.ln2 = norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.norm_first = cfg.norm_first
 
@@ -86,11 +136,11 @@ class Block(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """The stack of Blocks, with the final LayerNorm of pre-LN models."""
+    """The stack of Blocks, with the final norm of pre-norm models."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.ln_f = layer_norm(cfg.width, cfg.ln_eps, rngs) if cfg.norm_first else None
+        self.ln_f = norm(cfg, rngs) if cfg.norm_first else None
 
     def __call__(self, x: jax.Array, ex: exchange.Exchange) -> jax.Array:
         for block in self.blocks:

@@ -67,7 +67,9 @@ def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
 
     Without a mesh: the single-device reference. With one: a `jax.jit(jax.shard_map(...))`
     whose per-device outputs come back as tokens `[B, N*L, ...]` and cls rows `[N, B, ...]`.
+    The plan's `exchange` is resolved for the model first (`Plan.for_model`).
     """
+    plan = plan.for_model(cfg)
     if mesh is None:
         fn = functools.partial(_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1)
         return jax.jit(fn)

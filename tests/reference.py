@@ -1,7 +1,9 @@
-"""A plain NumPy implementation of DESIGN.md section 1, for tests only.
+"""A plain NumPy implementation of DESIGN.md sections 1 and 1a, for tests only.
 
 Independent of the package: it reads the torch model's own state dict (HF key names), and
-it loops explicitly over batch rows, devices and segments. float64 throughout.
+it loops explicitly over batch rows, devices, segments and heads. float64 throughout. What
+travels is either attention inputs (`exchange="hidden"`, projected by the receiver) or the
+sender's keys (rotated at their own positions for Llama) and values (`exchange="kv"`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ def _gelu(x, act):
     if act == "relu":
         return np.maximum(x, 0)
     return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, theta, k):
+    """HF's rotate-half rotary embedding of `x` [T, heads*k] at positions `pos` [T]."""
+    angles = pos[:, None] * (1.0 / theta ** (np.arange(0, k, 2) / k))[None]  # [T, k/2]
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+    x = x.reshape(len(pos), -1, k)
+    x1, x2 = x[..., : k // 2], x[..., k // 2 :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(len(pos), -1)
 
 
 def _ln(x, w, b, eps):
@@ -43,6 +58,22 @@ def _layers(sd, family, depth):
     """Per-layer weights as {name: (weight [in, out], bias)}."""
     out = []
     for i in range(depth):
+        if family == "llama":
+            p = f"layers.{i}."
+            names = {
+                "q": "self_attn.q_proj",
+                "k": "self_attn.k_proj",
+                "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj",
+                "fc1": "mlp.up_proj",
+                "fc2": "mlp.down_proj",
+            }
+            layer = {n: (_get(sd, p + k + ".weight").T, _bias(sd, p + k)) for n, k in names.items()}
+            layer["ln1"] = (_get(sd, p + "input_layernorm.weight"),)
+            layer["ln2"] = (_get(sd, p + "post_attention_layernorm.weight"),)
+            out.append(layer)
+            continue
         if family == "gpt2":
             p = f"h.{i}."
             qkv = zip(
@@ -93,29 +124,35 @@ def _bias(sd, name):
 
 
 def _mlp(h, layer, act):
-    return _gelu(h @ layer["fc1"][0] + layer["fc1"][1], act) @ layer["fc2"][0] + layer["fc2"][1]
+    def fc(name, x):
+        return x @ layer[name][0] + layer[name][1]
+
+    if "gate" in layer:  # SwiGLU (Llama)
+        silu = fc("gate", h) / (1 + np.exp(-fc("gate", h)))
+        return fc("fc2", silu * fc("fc1", h))
+    return fc("fc2", _gelu(fc("fc1", h), act))
 
 
-def _attend(a_local, kv_in, visible, bias, layer, heads):
-    """One device, one batch row: queries [L, D] against keys/values from kv_in [M, D]."""
-    q = a_local @ layer["q"][0] + layer["q"][1]
-    k = kv_in @ layer["k"][0] + layer["k"][1]
-    v = kv_in @ layer["v"][0] + layer["v"][1]
-    d = q.shape[1]
-    hk = d // heads
+def _attend(q, keys, values, visible, bias, heads, kv_heads):
+    """One device, one batch row: queries [L, H*K] against keys and values [M, H_kv*K];
+    query head h reads KV head h // (H / H_kv)."""
+    k = q.shape[1] // heads
     out = np.zeros_like(q)
     for h in range(heads):
-        sl = slice(h * hk, (h + 1) * hk)
-        logits = q[:, sl] @ k[:, sl].T / math.sqrt(hk) + bias[None, :]
+        sl = slice(h * k, (h + 1) * k)
+        g = h // (heads // kv_heads)
+        kv = slice(g * k, (g + 1) * k)
+        logits = q[:, sl] @ keys[:, kv].T / math.sqrt(k) + bias[None, :]
         logits = np.where(visible, logits, -np.inf)
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
-        out[:, sl] = (p / p.sum(1, keepdims=True)) @ v[:, sl]
-    return out @ layer["o"][0] + layer["o"][1]
+        out[:, sl] = (p / p.sum(1, keepdims=True)) @ values[:, kv]
+    return out
 
 
 def _keys_for_device(a, valid, p, n, l, strategy, cr, logit_bias, causal):
-    """Keys one device attends to: its tokens, then (prism) the others' segment means."""
+    """Rows one device attends to (of whatever travels: inputs, or keys and values): its
+    tokens, then (prism) the others' segment means."""
     pos = np.arange(p * l, (p + 1) * l)
     if strategy == "voltage":
         kpos = np.arange(n * l)
@@ -142,48 +179,95 @@ def _keys_for_device(a, valid, p, n, l, strategy, cr, logit_bias, causal):
     return np.concatenate(kv), np.concatenate(vis, 1), np.concatenate(bias)
 
 
-def forward(cfg, directory, batch, *, n, cr=1, strategy="prism", logit_bias="log_count"):
+def _config(cfg):
+    """(heads, KV heads, head size, depth, eps, activation) of a HF config of any family."""
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    width = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or width // heads
+    depth = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    eps = (
+        getattr(cfg, "layer_norm_eps", None)
+        or getattr(cfg, "rms_norm_eps", None)
+        or cfg.layer_norm_epsilon
+    )
+    act = getattr(cfg, "hidden_act", None) or cfg.activation_function
+    return heads, kv_heads, head_dim, depth, eps, act
+
+
+def _rope_theta(cfg):
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+
+
+def _attention(a, valid, layer, cfg, *, n, l, strategy, cr, logit_bias, exchange):
+    """The attention block's output [T, D] of one batch row, device by device."""
+    heads, kv_heads, k, *_ = _config(cfg)
+    rotary = cfg.model_type == "llama"
+    causal = cfg.model_type in ("gpt2", "llama")
+    pos = np.arange(n * l, dtype=np.float64)
+
+    def proj(name, x):
+        out = x @ layer[name][0] + layer[name][1]
+        return _rope(out, pos[: len(x)], _rope_theta(cfg), k) if rotary and name in "qk" else out
+
+    q = proj("q", a)
+    out = np.zeros((n * l, heads * k))
+    for p in range(n):
+        if exchange == "kv":  # the senders' own keys and values travel
+            kv = np.concatenate([proj("k", a), proj("v", a)], 1)
+            rows, vis, bias = _keys_for_device(kv, valid, p, n, l, strategy, cr, logit_bias, causal)
+            keys, values = np.split(rows, 2, axis=1)
+        else:  # attention inputs travel; the receiver projects them
+            rows, vis, bias = _keys_for_device(a, valid, p, n, l, strategy, cr, logit_bias, causal)
+            keys, values = proj("k", rows), proj("v", rows)
+        out[p * l : (p + 1) * l] = _attend(
+            q[p * l : (p + 1) * l], keys, values, vis, bias, heads, kv_heads
+        )
+    return out @ layer["o"][0] + layer["o"][1]
+
+
+def forward(
+    cfg, directory, batch, *, n, cr=1, strategy="prism", logit_bias="log_count", exchange=None
+):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
     Args:
-      cfg: the HF config; directory: the saved checkpoint; n: devices; cr, strategy and
-      logit_bias as in `pj.Plan`.
+      cfg: the HF config; directory: the saved checkpoint; n: devices; cr, strategy,
+      logit_bias and exchange as in `pj.Plan` (exchange None: kv for Llama, else hidden).
     """
     family = cfg.model_type
+    exchange = exchange or ("kv" if family == "llama" else "hidden")
     sd = _sd(directory)
     g = functools.partial(_get, sd)
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    depth = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    eps = getattr(cfg, "layer_norm_eps", None) or cfg.layer_norm_epsilon
-    act = getattr(cfg, "hidden_act", None) or cfg.activation_function
-    causal, post_ln = family == "gpt2", family == "bert"
+    *_, depth, eps, act = _config(cfg)
+    post_ln = family == "bert"
+
+    def norm(x, weights):
+        return _rms(x, *weights, eps) if family == "llama" else _ln(x, *weights, eps)
+
     x, valid = _embed(family, g, batch, eps)
     b, t, d = x.shape
     l = math.ceil(t / n)
     x = np.pad(x, ((0, 0), (0, n * l - t), (0, 0)))
     valid = np.pad(valid, ((0, 0), (0, n * l - t)))
+    plan = dict(n=n, l=l, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange)
     for layer in _layers(sd, family, depth):
-        a = x if post_ln else _ln(x, *layer["ln1"], eps)
-        att = np.zeros_like(x)
-        for row in range(b):
-            for p in range(n):
-                kv, vis, bias = _keys_for_device(
-                    a[row], valid[row], p, n, l, strategy, cr, logit_bias, causal
-                )
-                att[row, p * l : (p + 1) * l] = _attend(
-                    a[row, p * l : (p + 1) * l], kv, vis, bias, layer, heads
-                )
+        a = x if post_ln else norm(x, layer["ln1"])
+        att = np.stack([_attention(a[r], valid[r], layer, cfg, **plan) for r in range(b)])
         if post_ln:
             x = _ln(x + att, *layer["ln1"], eps)
             x = _ln(x + _mlp(x, layer, act), *layer["ln2"], eps)
         else:
             x = x + att
-            x = x + _mlp(_ln(x, *layer["ln2"], eps), layer, act)
+            x = x + _mlp(norm(x, layer["ln2"]), layer, act)
     x = x[:, :t]
     if family == "gpt2":
         x = _ln(x, g("ln_f.weight"), g("ln_f.bias"), eps)
     if family == "vit":
         x = _ln(x, g("layernorm.weight"), g("layernorm.bias"), eps)
+    if family == "llama":
+        x = _rms(x, g("norm.weight"), eps)
     out = {"last_hidden_state": x}
     if any(k.endswith("pooler.dense.weight") for k in sd):
         out["pooler_output"] = np.tanh(
@@ -194,6 +278,9 @@ def forward(cfg, directory, batch, *, n, cr=1, strategy="prism", logit_bias="log
         out["logits"] = feat @ sd["classifier.weight"].T + sd["classifier.bias"]
     if cfg.architectures and cfg.architectures[0] == "GPT2LMHeadModel":
         out["logits"] = x @ g("wte.weight").T  # tied
+    if cfg.architectures and cfg.architectures[0] == "LlamaForCausalLM":
+        head = sd["lm_head.weight"] if "lm_head.weight" in sd else g("embed_tokens.weight")
+        out["logits"] = x @ head.T
     return out
 
 
@@ -212,6 +299,8 @@ def _embed(family, g, batch, eps):
     ids = np.asarray(batch["input_ids"])
     valid = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
     t = ids.shape[1]
+    if family == "llama":
+        return g("embed_tokens.weight")[ids], valid
     if family == "gpt2":
         return g("wte.weight")[ids] + g("wpe.weight")[:t], valid
     types = np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))

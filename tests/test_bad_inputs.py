@@ -15,14 +15,14 @@ from safetensors.numpy import load_file, save_file
 
 import prism_jax as pj
 from prism_jax import cli
-from tests import tiny
+from tests import tiny, tiny_gguf
 
 
 @pytest.fixture
 def dirs(hf_models, tmp_path):
     """Private copies of tiny checkpoints (free to corrupt) and a scratch folder."""
     out = {"tmp": tmp_path}
-    for name in ("bert_cls", "vit", "gpt2_lm"):
+    for name in ("bert_cls", "vit", "gpt2_lm", "llama_lm"):
         out[name] = tmp_path / name
         shutil.copytree(hf_models(name)[1], out[name])
     return out
@@ -78,6 +78,12 @@ def _infer(d, *extra, model="bert_cls"):
     return ["infer", "--model", str(d[model]), "--devices", "2", "--text", "good tea", *extra]
 
 
+def _truncated_gguf(d):
+    path = tiny_gguf.build(d["tmp"])
+    path.write_bytes(path.read_bytes()[:5000])
+    return path
+
+
 def _vit(d, image):
     return ["infer", "--model", str(d["vit"]), "--devices", "2", "--image", str(image)]
 
@@ -127,6 +133,34 @@ CASES = {
     "NaN weight": (
         lambda d: _nan_weight(d["bert_cls"]) and _infer(d),
         "tensors with NaN or inf [bert.encoder.layer.1.attention.self.key.weight]",
+    ),
+    # Llama and GGUF
+    "prompt longer than the context": (
+        lambda d: _infer(d, "--text", " ".join(["good tea"] * 40), model="llama_lm"),
+        "longer than the model's 64 positions",
+    ),
+    "unsupported rope_scaling": (
+        lambda d: (
+            _config(d["llama_lm"], rope_scaling={"rope_type": "yarn", "factor": 4.0})
+            and _infer(d, model="llama_lm")
+        ),
+        "unsupported rope scaling 'yarn'",
+    ),
+    "hidden exchange on a rotary model": (
+        lambda d: _infer(d, "--cr", "2", "--exchange", "hidden", model="llama_lm"),
+        "exchange='kv'",
+    ),
+    "GGUF of another architecture": (
+        lambda d: ["infer", "--model", str(tiny_gguf.build(d["tmp"], arch="gpt2")), "--text", "a"],
+        "GGUF architecture 'gpt2' is not supported",
+    ),
+    "truncated GGUF": (
+        lambda d: ["infer", "--model", str(_truncated_gguf(d)), "--text", "a"],
+        "not a readable GGUF file",
+    ),
+    "convert a file that is not .gguf": (
+        lambda d: ["convert", str(d["bert_cls"] / "config.json"), str(d["tmp"] / "o")],
+        "is not a .gguf file",
     ),
     # fine-tuning
     "checkpoint-dir is a file": (

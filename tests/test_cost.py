@@ -42,6 +42,20 @@ SMALL = {
         head="classifier",
         num_labels=3,
     ),
+    "llama": pj.LlamaConfig(  # grouped-query (4 query / 2 KV heads of 6), rotary: kv exchange
+        vocab_size=100,
+        width=20,
+        depth=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=6,
+        mlp_width=36,
+        act="silu",
+        ln_eps=1e-5,
+        max_positions=128,
+        rope_theta=1e4,
+        head="lm",
+    ),
 }
 
 
@@ -60,6 +74,23 @@ def test_measured_bytes_equal_closed_form(family, t, n, cr, dtype, strategy):
     )
     assert measured == want > 0
     assert [op for op, _ in ops] == ["all_gather"] * cfg.depth  # one collective per layer
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_exchange_bytes_equal_closed_form(family, dtype):
+    cfg, size = SMALL[family], 2 if dtype == "bfloat16" else 4
+    plan = pj.Plan(cr=4, exchange="kv")
+    measured = cost.collective_bytes(
+        cost.lower(cfg, plan, devices=4, seq_len=48, batch=2, dtype=dtype).as_text()
+    )[0]
+    kv = 2 * cfg.kv_heads * cfg.head_dim  # keys and values of every KV head
+    want = cfg.depth * 2 * 3 * (kv * size + 4)  # B = 2, S = ceil(12 / 4) = 3, int32 counts
+    assert (
+        measured
+        == want
+        == cost.bytes_closed_form(cfg, plan, devices=4, seq_len=48, batch=2, dtype_bytes=size)
+    )
 
 
 def test_single_and_one_device_send_nothing():

@@ -70,6 +70,43 @@ SPECS = {
             activation_function="gelu",
         ),
     ),
+    # Llama: grouped-query attention with a head size that is not D / H, RoPE base 1e4, untied
+    # head; and multi-query attention with biases, base 1e5, a tied head.
+    "llama_lm": (
+        "LlamaForCausalLM",
+        dict(
+            vocab_size=101,
+            hidden_size=42,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=10,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            rope_theta=1e4,
+            rms_norm_eps=1e-5,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "llama_tied": (
+        "LlamaForCausalLM",
+        dict(
+            vocab_size=97,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=30,
+            max_position_embeddings=64,
+            rope_theta=1e5,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
     "vit": (
         "ViTModel",
         dict(
@@ -106,16 +143,22 @@ def build(name: str, directory: Path):
 
     arch, kwargs = SPECS[name]
     torch.manual_seed(sum(map(ord, name)))
-    family = {"Bert": "BertConfig", "GPT2": "GPT2Config", "ViT": "ViTConfig"}
+    family = {
+        "Bert": "BertConfig",
+        "GPT2": "GPT2Config",
+        "ViT": "ViTConfig",
+        "Llama": "LlamaConfig",
+    }
     config_cls = next(getattr(transformers, c) for p, c in family.items() if arch.startswith(p))
     config = config_cls(initializer_range=0.15, **kwargs)
     model = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():  # LayerNorms and biases away from their (1, 0) init, too
+    with torch.no_grad():  # norms and biases away from their (1, 0) init, too
         for key, p in model.named_parameters():
-            if "LayerNorm" in key or "ln_" in key or "layernorm" in key or key.endswith("bias"):
+            norm = "LayerNorm" in key or "ln_" in key or "layernorm" in key
+            if norm or key.endswith(("bias", "norm.weight")):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
-    if arch.startswith(("Bert", "GPT2")):
+    if arch.startswith(("Bert", "GPT2", "Llama")):
         _save_tokenizer(directory, bert=arch.startswith("Bert"))
     if name == "vit":
         (directory / "preprocessor_config.json").write_text(

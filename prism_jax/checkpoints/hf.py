@@ -21,7 +21,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from prism_jax import models
-from prism_jax.checkpoints import preprocess, safetensors
+from prism_jax.checkpoints import gguf, preprocess, safetensors
 from prism_jax.configs import ARCHITECTURES, ModelConfig, resolve_architecture
 from prism_jax.errors import PrismError
 
@@ -51,6 +51,7 @@ _KINDS = {
     "linear": [(".weight", ".kernel", _TRANSPOSE), (".bias", ".bias", _SAME)],
     "conv1d": [(".weight", ".kernel", _SAME), (".bias", ".bias", _SAME)],  # GPT-2: [in, out]
     "ln": [(".weight", ".scale", _SAME), (".bias", ".bias", _SAME)],
+    "rms": [(".weight", ".scale", _SAME)],
     "embed": [(".weight", ".embedding", _SAME)],
     # ViT CLS [1, 1, D] <-> [D]; positions [1, 1+P, D] <-> [1+P, D]
     "token": [("", "", _Transform(lambda w: w.reshape(w.shape[-1:]), lambda w, c: w[None, None]))],
@@ -123,8 +124,31 @@ _TABLES = {
         {"classifier": ("head", "linear")},
         [],
     ),
+    "llama": (
+        "model.",
+        {"embed_tokens": ("embed", "embed"), "norm": ("encoder.ln_f", "rms")},
+        {
+            "input_layernorm": ("ln1", "rms"),
+            "self_attn.q_proj": ("attn.q", "linear"),
+            "self_attn.k_proj": ("attn.k", "linear"),
+            "self_attn.v_proj": ("attn.v", "linear"),
+            "self_attn.o_proj": ("attn.o", "linear"),
+            "post_attention_layernorm": ("ln2", "rms"),
+            "mlp.gate_proj": ("mlp.gate", "linear"),
+            "mlp.up_proj": ("mlp.fc1", "linear"),
+            "mlp.down_proj": ("mlp.fc2", "linear"),
+        },
+        {"lm_head": ("head", "linear")},  # untied heads only; a tied one is checked below
+        [r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq"],
+    ),
 }
-_LAYER_PREFIX = {"bert": "encoder.layer.{i}.", "gpt2": "h.{i}.", "vit": "encoder.layer.{i}."}
+_LAYER_PREFIX = {
+    "bert": "encoder.layer.{i}.",
+    "gpt2": "h.{i}.",
+    "vit": "encoder.layer.{i}.",
+    "llama": "layers.{i}.",
+}
+_TIED_TABLE = {"gpt2": "wte.embedding", "llama": "embed.embedding"}  # LM heads tied to these
 
 
 def base_prefix(cfg: ModelConfig, keys: set[str] | None = None) -> str:
@@ -174,8 +198,8 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
         if w.shape != want:
             mismatched.append(f"{hf_key}: {list(w.shape)} != {list(want)}")
         values[ours] = w
-    if cfg.family == "gpt2":
-        consumed |= _check_tied_head(tensors, values)
+    if cfg.family == "gpt2" or getattr(cfg, "tied", False):
+        consumed |= _check_tied_head(tensors, values.get(_TIED_TABLE[cfg.family]))
     unused = sorted(k for k in set(tensors) - consumed if not any(p.fullmatch(k) for p in ignored))
     missing = sorted(set(flat) - set(values))
     problems = [
@@ -203,11 +227,14 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
     return models.Model(cfg, model.graphdef, state)
 
 
-def _check_tied_head(tensors: dict, values: dict) -> set[str]:
-    """GPT-2's LM head is tied to `wte`: a stored copy must equal it."""
-    if "lm_head.weight" in tensors and "wte.embedding" in values:
-        if not np.array_equal(tensors["lm_head.weight"], values["wte.embedding"]):
-            raise PrismError("lm_head.weight differs from wte: untied LM heads are not supported")
+def _check_tied_head(tensors: dict, table: np.ndarray | None) -> set[str]:
+    """A tied LM head (GPT-2; Llama with `tie_word_embeddings`) is the embedding table: a
+    stored copy must equal it."""
+    if "lm_head.weight" in tensors and table is not None:
+        if not np.array_equal(tensors["lm_head.weight"], table):
+            raise PrismError(
+                "lm_head.weight differs from the embedding table, but the config ties them"
+            )
     return {"lm_head.weight"} & set(tensors)
 
 
@@ -248,7 +275,7 @@ def resolve_directory(name: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise PrismError(f"{path} is a file; give the checkpoint directory")
+        raise PrismError(f"{path} is a file; give the checkpoint directory (or a .gguf file)")
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)):
         raise PrismError(f"no checkpoint directory at {name}")
     import huggingface_hub  # only hub ids need it
@@ -267,17 +294,19 @@ def resolve_directory(name: str | os.PathLike) -> Path:
 
 
 def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Model:
-    """Load a HF checkpoint (BERT, GPT-2 or ViT; with or without a task head).
+    """Load a HF checkpoint (BERT, GPT-2, ViT or Llama; with or without a task head).
 
     Args:
       name: a directory with `config.json` and `model.safetensors` (or a sharded index),
-        or a hub id, resolved through `huggingface_hub`'s cache (fails clearly offline).
+        a llama.cpp `.gguf` file (dequantized), or a hub id, resolved through
+        `huggingface_hub`'s cache (fails clearly offline).
       dtype: parameter dtype.
 
     Returns:
       A `Model`, with the directory's tokenizer or image processor when present.
     """
-
+    if str(name).endswith(".gguf"):
+        return _load_gguf(Path(name), dtype)
     directory = resolve_directory(name)
     hf = read_config(directory)
     resolve_architecture(hf)  # an unknown architecture is named before any tensor is read
@@ -290,6 +319,44 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
         tokenizer=preprocess.load_tokenizer(directory),
         image_processor=preprocess.load_image_processor(directory),
     )
+
+
+def _load_gguf(path: Path, dtype) -> models.Model:
+    contents = gguf.read(path)
+    config, tensors = contents["config"], contents["tensors"]
+    model = convert(make_config(config, set(tensors)), tensors, dtype)
+    tok = None
+    if contents["tokenizer"] is not None:
+        backend = contents["tokenizer"]
+        pad = config.get("pad_token_id", config.get("eos_token_id", 0))
+        tok = preprocess.Tokenizer(backend, int(pad), config["max_position_embeddings"])
+    return models.Model(model.config, model.graphdef, model.params, tokenizer=tok)
+
+
+def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dict:
+    """Write a GGUF file as a HF checkpoint directory (config.json, model.safetensors,
+    tokenizer.json and tokenizer_config.json with the chat template, generation_config.json)
+    that `transformers` and `load_pretrained` both load. The tensors are checked against the
+    config (as `load_pretrained` would) before anything is written.
+
+    Returns:
+      A summary: the config, the number of parameters, and the tokenizer's fate.
+    """
+    contents = gguf.read(source)
+    config, tensors = contents["config"], contents["tensors"]
+    convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
+    gguf.write_directory(
+        contents,
+        Path(directory),
+        lambda t, path: save_file(t, path, metadata={"format": "pt"}),
+    )
+    return {
+        "source": str(source),
+        "out": str(directory),
+        "config": config,
+        "parameters": int(sum(t.size for t in tensors.values())),
+        "tokenizer": contents["tokenizer_note"] or "tokenizer.json written",
+    }
 
 
 # --- saving: the same tables, run backwards ---------------------------------------------
@@ -308,6 +375,9 @@ def hf_config(cfg: ModelConfig) -> dict:
         out["tie_word_embeddings"] = True
     if cfg.family == "bert":
         out["position_embedding_type"] = "absolute"
+    if cfg.rope_theta is not None:  # both spellings: transformers 5 and the older one
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        out["rope_theta"] = cfg.rope_theta
     if cfg.head == "classifier":
         out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}

@@ -107,8 +107,18 @@ def _check_finite(out: dict) -> dict:
     return out
 
 
+def plan_of(args, cr: int | None = None) -> pj.Plan:
+    """The `Plan` the command line names (`cr` for one cell of a sweep)."""
+    return pj.Plan(
+        strategy=getattr(args, "strategy", "prism"),
+        cr=args.cr if cr is None else cr,
+        logit_bias=args.logit_bias,
+        exchange=args.exchange,
+    )
+
+
 def _run_infer(args) -> dict:
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    plan = plan_of(args)
     save = writable_file(args.save, ".npz") if args.save else None
     model = pj.load_pretrained(args.model)
     batch = _make_batch(model, args)
@@ -129,7 +139,12 @@ def _run_infer(args) -> dict:
         "family": model.config.family,
         "head": model.config.head,
         "devices": args.devices,
-        "plan": {"strategy": plan.strategy, "cr": plan.cr, "logit_bias": plan.logit_bias},
+        "plan": {
+            "strategy": plan.strategy,
+            "cr": plan.cr,
+            "logit_bias": plan.logit_bias,
+            "exchange": plan.for_model(model.config).exchange,
+        },
         "batch": b,
         "tokens": t,
         "bytes_per_device": sent,
@@ -150,6 +165,7 @@ def _run_demo(args) -> dict:
         devices=args.devices,
         crs=args.cr,
         logit_bias=args.logit_bias,
+        exchange=args.exchange,
         max_length=args.max_length,
         progress=not args.json,
     )
@@ -173,7 +189,7 @@ def _run_eval(args) -> dict:
         max_length=args.max_length,
         layout=args.layout,
     )
-    plans = [(args.devices, pj.Plan(cr=cr, logit_bias=args.logit_bias)) for cr in args.cr]
+    plans = [(args.devices, plan_of(args, cr)) for cr in args.cr]
     rows = sweep.sweep(
         model.config,
         plans,
@@ -205,7 +221,7 @@ def _check_out(out: str, source: str) -> Path:
 
 
 def _run_finetune(args) -> dict:
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    plan = plan_of(args)
     cfg = train.TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -262,7 +278,7 @@ def _run_finetune(args) -> dict:
 
 
 def _run_cost(args) -> dict:
-    plan = pj.Plan(strategy=args.strategy, cr=args.cr, logit_bias=args.logit_bias)
+    plan = plan_of(args)
     report = cost.measure(
         args.model,
         plan,
@@ -313,6 +329,16 @@ def _run_launch(args):
     return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
 
 
+def _run_convert(args) -> dict:
+    source = Path(args.source)
+    if source.suffix != ".gguf":
+        raise PrismError(f"{source} is not a .gguf file")
+    if not source.is_file():
+        raise PrismError(f"no GGUF file at {source}")
+    out = usable_directory(Path(args.out).absolute(), "out")
+    return hf.convert_gguf(source, out)
+
+
 RUNNERS = {
     "infer": _run_infer,
     "demo": _run_demo,
@@ -321,4 +347,5 @@ RUNNERS = {
     "finetune": _run_finetune,
     "node": _run_node,
     "launch": _run_launch,
+    "convert": _run_convert,
 }

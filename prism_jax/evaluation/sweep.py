@@ -46,7 +46,7 @@ def sweep(
     program (batch 1, T = `seq_len`; once per (N, strategy, CR): the bias changes nothing).
 
     Returns one row per plan: devices, strategy, cr, logit_bias, `metric` (or the score's
-    named values), comm_reduction and compute_reduction.
+    named values), bytes_per_device, comm_reduction and compute_reduction.
     """
     measured: dict[tuple, cost.CostReport] = {}
     rows = []
@@ -59,6 +59,7 @@ def sweep(
             key = (n, plan.strategy, plan.cr)
             if key not in measured:
                 measured[key] = cost.measure(cfg, plan, devices=n, seq_len=seq_len)
+            row |= {"bytes_per_device": measured[key].bytes_sent}
             row |= {"comm_reduction": measured[key].comm_reduction}
             row |= {"compute_reduction": measured[key].compute_reduction}
         rows.append(row)

@@ -1,4 +1,4 @@
-"""The three model families and the `Model` handle that the rest of the package passes around."""
+"""The model families and the `Model` handle that the rest of the package passes around."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import numpy as np
 from flax import nnx
 
 from prism_jax.configs import ModelConfig
-from prism_jax.models import bert, gpt2, vit
+from prism_jax.models import bert, gpt2, llama, vit
 
 FAMILIES = {
     "bert": (bert.Bert, bert.prepare),
     "gpt2": (gpt2.GPT2, gpt2.prepare),
     "vit": (vit.ViT, vit.prepare),
+    "llama": (llama.Llama, llama.prepare),
 }
 
 

@@ -1,0 +1,50 @@
+"""Llama family (HF `LlamaModel`, `LlamaForCausalLM`): embeddings and the LM head.
+
+Rotary keys and grouped-query attention live in `layers.Attention`; the model exchanges
+keys and values (DESIGN.md section 1a), never hidden means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from prism_jax.configs import LlamaConfig
+from prism_jax.exchange import Exchange
+from prism_jax.layers import Encoder, embed_lookup
+from prism_jax.models.inputs import ids_field, token_batch
+
+
+class Llama(nnx.Module):
+    """Token embeddings, pre-RMSNorm causal decoder, LM head tied to `embed` or not."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.width, rngs=rngs)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.lm_head = cfg.head == "lm"
+        untied = self.lm_head and not cfg.tied
+        self.head = (
+            nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, rngs=rngs) if untied else None
+        )
+
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+        """Local tokens in; logits stay with their device (DESIGN.md section 1)."""
+        if "position_ids" in inputs:  # HF's optional position ids (left-padded prompts)
+            ex = dataclasses.replace(ex, position_ids=inputs["position_ids"])
+        x = self.encoder(embed_lookup(self.embed, inputs["input_ids"]), ex)  # [B, L, D]
+        tokens = {"last_hidden_state": x}
+        if self.lm_head:
+            table = self.embed.embedding[...]
+            tokens["logits"] = x @ table.T if self.head is None else self.head(x)  # [B, L, V]
+        return tokens, {}
+
+
+def prepare(cfg: LlamaConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """HF batch -> (inputs with the token axis second, validity `[B, T]`)."""
+    inputs, valid = token_batch(cfg, batch)
+    if batch.get("position_ids") is not None:
+        inputs["position_ids"] = ids_field(batch, "position_ids", cfg.max_positions, valid.shape)
+    return inputs, valid

@@ -1,0 +1,58 @@
+"""SmolLM2-135M-Instruct (real Q4_1 weights, offline) against transformers' own GGUF loader."""
+
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax.data import sources
+from tests.conftest import ATOL_LAYER
+
+PROMPTS = [
+    "The capital of France is",
+    "<|im_start|>user\nWhat is 12 times 7?<|im_end|>\n<|im_start|>assistant\n",
+    "Photosynthesis is the process by which green plants and some other organisms use "
+    "sunlight to synthesize foods from carbon dioxide and water.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return pj.load_pretrained(sources.smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import transformers
+
+    path = sources.smollm2_gguf()
+    kw = dict(gguf_file=path.name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(path.parent), **kw).eval()
+    return tokenizer, model
+
+
+def test_tokenizer_matches_transformers(smollm2, reference):
+    tokenizer, _ = reference
+    for text in PROMPTS:
+        assert smollm2.tokenizer.encode_plain(text) == tokenizer(text)["input_ids"]
+
+
+def test_logits_match_transformers_gguf_loader(smollm2, reference):
+    import torch
+
+    batch = smollm2.tokenizer(PROMPTS)
+    valid = batch["attention_mask"].astype(bool)
+    with torch.no_grad():
+        want = reference[1](
+            input_ids=torch.tensor(batch["input_ids"]).long(),
+            attention_mask=torch.tensor(batch["attention_mask"]).long(),
+        ).logits.numpy()[valid]
+    atol = ATOL_LAYER * smollm2.config.depth  # 30 layers of float32 rounding
+    for n in (1, 3):
+        mesh = pj.edge_mesh(n) if n > 1 else None
+        got = pj.infer(smollm2, batch, mesh=mesh, plan=pj.Plan(cr=1))["logits"][valid]
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    config = smollm2.config
+    assert (config.depth, config.width, config.heads, config.kv_heads) == (30, 576, 9, 3)
+    assert config.tied and config.rope_theta == 1e5
