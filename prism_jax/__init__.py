@@ -6,6 +6,7 @@ Public API (DESIGN.md section 2)::
     model = pj.load_pretrained(path)          # HF directory (BERT, GPT-2, ViT, Llama) or .gguf
     mesh = pj.edge_mesh(4)
     out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
+    ids = pj.generate(model, batch, mesh=mesh, plan=pj.Plan(cr=8), max_new_tokens=32)
     report = pj.measure_cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
 """
 
@@ -23,6 +24,7 @@ from prism_jax.configs import (
 from prism_jax.cost import measure as measure_cost
 from prism_jax.errors import PrismError
 from prism_jax.exchange import segment_means
+from prism_jax.generation import generate
 from prism_jax.models import Model, init
 from prism_jax.partition import edge_mesh, infer
 
@@ -38,6 +40,7 @@ __all__ = [
     "ViTConfig",
     "cost",
     "edge_mesh",
+    "generate",
     "infer",
     "init",
     "load_pretrained",

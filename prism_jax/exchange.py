@@ -74,6 +74,8 @@ class Exchange:
       global_mask: `[B, 1, L|1, N*L]` which of all keys each local query may see (voltage).
       position_ids: `[B, L]` positions of the local tokens when the batch gives its own
         (HF's `position_ids`); None: the global index.
+      keep_cache: whether each attention layer keeps what its last query saw (a prefill for
+        generation).
     """
 
     plan: Plan
@@ -85,6 +87,7 @@ class Exchange:
     local_mask: jax.Array
     global_mask: jax.Array | None
     position_ids: jax.Array | None = None
+    keep_cache: bool = False
 
     def positions(self) -> jax.Array:
         """`[L]` global positions of the local tokens: device p owns [p*L, (p+1)*L)."""

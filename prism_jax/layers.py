@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from prism_jax import exchange
 from prism_jax.configs import ACTIVATIONS, ModelConfig
@@ -63,6 +66,24 @@ def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+    """One layer's decode cache (DESIGN.md section 1a): the keys and values the last prefill
+    query saw (`[remote K/V means | own K/V]` on the device that owns the end of the
+    sequence), then room for the generated tokens' own.
+
+    Attributes:
+      keys, values: `[B, C, H_kv, K]`.
+      mask: `[B, C]` bool, which slots a new query sees (empty groups, padding and unwritten
+        slots do not).
+      bias: `[B, C]` float32 logit bias (log count of a remote mean, else 0).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+    bias: jax.Array
+
+
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) attention, restructured for PRISM (DESIGN.md section 1,
     step 4; section 1a for K/V exchange and rotary keys).
@@ -105,7 +126,38 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(
             q, keys, values, bias=bias, mask=mask, implementation="xla"
         )  # [B, L, H, K]
+        if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
+            seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
+            self.sow(nnx.Intermediate, "cache", KVCache(keys, values, mask[:, 0, -1], seen))
         return self.o(out.reshape(b, l, h * k))
+
+    def decode(self, a: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):
+        """One new token per row: `a` `[B, 1, D]` at `positions` `[B]`; its key and value are
+        written into cache slot `index`, and it attends to every visible slot. No collective:
+        the cache already holds what the other devices sent during the prefill."""
+        b = a.shape[0]
+        h, g, k = self.heads, self.kv_heads, self.head_dim
+        q = self.q(a).reshape(b, 1, h, k)
+        new_k, new_v = self.k(a).reshape(b, 1, g, k), self.v(a).reshape(b, 1, g, k)
+        if self.rope_theta is not None:
+            q = rotate(q, positions[:, None], self.rope_theta)
+            new_k = rotate(new_k, positions[:, None], self.rope_theta)
+        keys = lax.dynamic_update_slice(
+            cache.keys, new_k.astype(cache.keys.dtype), (0, index, 0, 0)
+        )
+        values = lax.dynamic_update_slice(
+            cache.values, new_v.astype(cache.values.dtype), (0, index, 0, 0)
+        )
+        mask = lax.dynamic_update_slice(cache.mask, jnp.ones((b, 1), bool), (0, index))
+        out = jax.nn.dot_product_attention(
+            q,
+            keys,
+            values,
+            bias=cache.bias[:, None, None, :],
+            mask=mask[:, None, None, :],
+            implementation="xla",
+        )  # [B, 1, H, K]
+        return self.o(out.reshape(b, 1, h * k)), KVCache(keys, values, mask, cache.bias)
 
     def _keys(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
         """`[B, L, G*K]` keys of the local tokens, rotated at their positions (rotary)."""
@@ -134,6 +186,12 @@ class Block(nnx.Module):
         x = self.ln1(x + self.attn(x, ex))
         return self.ln2(x + self.mlp(x))
 
+    def decode(self, x: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):
+        """One new token per row through a pre-norm causal layer (generation)."""
+        h, cache = self.attn.decode(self.ln1(x), cache, index, positions)
+        x = x + h
+        return x + self.mlp(self.ln2(x)), cache
+
 
 class Encoder(nnx.Module):
     """The stack of Blocks, with the final norm of pre-norm models."""
@@ -146,6 +204,14 @@ class Encoder(nnx.Module):
         for block in self.blocks:
             x = block(x, ex)
         return self.ln_f(x) if self.ln_f is not None else x
+
+    def decode(self, x: jax.Array, caches: list[KVCache], index, positions):
+        """`x` `[B, 1, D]` of one new token per row -> (final hidden state, updated caches)."""
+        out = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode(x, cache, index, positions)
+            out.append(cache)
+        return self.ln_f(x), out
 
 
 def cls_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Linear | None, nnx.Linear | None]:

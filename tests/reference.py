@@ -144,32 +144,36 @@ def _attend(q, keys, values, visible, bias, heads, kv_heads):
         kv = slice(g * k, (g + 1) * k)
         logits = q[:, sl] @ keys[:, kv].T / math.sqrt(k) + bias[None, :]
         logits = np.where(visible, logits, -np.inf)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        out[:, sl] = (p / p.sum(1, keepdims=True)) @ values[:, kv]
+        top = logits.max(1, keepdims=True)
+        p = np.exp(logits - np.where(np.isfinite(top), top, 0))  # a row that sees nothing: 0
+        out[:, sl] = (p / np.maximum(p.sum(1, keepdims=True), 1e-300)) @ values[:, kv]
     return out
 
 
-def _keys_for_device(a, valid, p, n, l, strategy, cr, logit_bias, causal):
+def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal):
     """Rows one device attends to (of whatever travels: inputs, or keys and values): its
-    tokens, then (prism) the others' segment means."""
-    pos = np.arange(p * l, (p + 1) * l)
+    tokens, then (prism) the others' segment means. `blocks[q]` is device q's slice of
+    positions (equal blocks of L, or a longer last one: tokens generated after a prefill)."""
+    pos = np.arange(blocks[p].start, blocks[p].stop)
+    l = len(pos)
     if strategy == "voltage":
-        kpos = np.arange(n * l)
+        total = blocks[-1].stop
+        kpos = np.arange(total)
         vis = valid[None, :] & ((kpos[None, :] <= pos[:, None]) if causal else True)
-        return a, np.broadcast_to(vis, (l, n * l)), np.zeros(n * l)
-    kv = [a[p * l : (p + 1) * l]]
+        return a, np.broadcast_to(vis, (l, total)), np.zeros(total)
+    kv = [a[blocks[p]]]
     vis = [
         np.broadcast_to(
             valid[pos][None, :] & ((pos[None, :] <= pos[:, None]) if causal else True), (l, l)
         )
     ]
     bias = [np.zeros(l)]
-    for q in range(n) if strategy == "prism" else []:
+    for q, block in enumerate(blocks if strategy == "prism" else []):
         if q == p:
             continue
-        for s in range(math.ceil(l / cr)):
-            seg = np.arange(q * l + s * cr, q * l + min((s + 1) * cr, l))
+        size = block.stop - block.start
+        for s in range(math.ceil(size / cr)):
+            seg = np.arange(block.start + s * cr, block.start + min((s + 1) * cr, size))
             c = valid[seg].sum()
             mean = a[seg][valid[seg]].mean(0) if c else np.zeros(a.shape[1])
             seen = c > 0 and (not causal or q < p)
@@ -200,41 +204,51 @@ def _rope_theta(cfg):
     return params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
 
 
-def _attention(a, valid, layer, cfg, *, n, l, strategy, cr, logit_bias, exchange):
-    """The attention block's output [T, D] of one batch row, device by device."""
+def _attention(a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, exchange):
+    """The attention block's output [T, D] of one batch row (tokens at positions `pos`),
+    device by device."""
     heads, kv_heads, k, *_ = _config(cfg)
     rotary = cfg.model_type == "llama"
     causal = cfg.model_type in ("gpt2", "llama")
-    pos = np.arange(n * l, dtype=np.float64)
+    plan = (strategy, cr, logit_bias, causal)
 
-    def proj(name, x):
+    def proj(name, x, at=pos):
         out = x @ layer[name][0] + layer[name][1]
-        return _rope(out, pos[: len(x)], _rope_theta(cfg), k) if rotary and name in "qk" else out
+        return _rope(out, at, _rope_theta(cfg), k) if rotary and name in "qk" else out
 
     q = proj("q", a)
-    out = np.zeros((n * l, heads * k))
-    for p in range(n):
+    out = np.zeros((len(a), heads * k))
+    for p, block in enumerate(blocks):
         if exchange == "kv":  # the senders' own keys and values travel
             kv = np.concatenate([proj("k", a), proj("v", a)], 1)
-            rows, vis, bias = _keys_for_device(kv, valid, p, n, l, strategy, cr, logit_bias, causal)
+            rows, vis, bias = _keys_for_device(kv, valid, p, blocks, *plan)
             keys, values = np.split(rows, 2, axis=1)
-        else:  # attention inputs travel; the receiver projects them
-            rows, vis, bias = _keys_for_device(a, valid, p, n, l, strategy, cr, logit_bias, causal)
-            keys, values = proj("k", rows), proj("v", rows)
-        out[p * l : (p + 1) * l] = _attend(
-            q[p * l : (p + 1) * l], keys, values, vis, bias, heads, kv_heads
-        )
+        else:  # attention inputs travel; the receiver projects them (no rotary here)
+            rows, vis, bias = _keys_for_device(a, valid, p, blocks, *plan)
+            keys, values = proj("k", rows, None), proj("v", rows, None)
+        out[block] = _attend(q[block], keys, values, vis, bias, heads, kv_heads)
     return out @ layer["o"][0] + layer["o"][1]
 
 
 def forward(
-    cfg, directory, batch, *, n, cr=1, strategy="prism", logit_bias="log_count", exchange=None
+    cfg,
+    directory,
+    batch,
+    *,
+    n,
+    cr=1,
+    strategy="prism",
+    logit_bias="log_count",
+    exchange=None,
+    last_extra=0,
 ):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
     Args:
       cfg: the HF config; directory: the saved checkpoint; n: devices; cr, strategy,
       logit_bias and exchange as in `pj.Plan` (exchange None: kv for Llama, else hidden).
+      last_extra: the last `last_extra` tokens of the batch are appended to the last
+        device's block (generation: tokens decoded after a prefill of the others).
     """
     family = cfg.model_type
     exchange = exchange or ("kv" if family == "llama" else "hidden")
@@ -246,15 +260,18 @@ def forward(
     def norm(x, weights):
         return _rms(x, *weights, eps) if family == "llama" else _ln(x, *weights, eps)
 
-    x, valid = _embed(family, g, batch, eps)
+    x, valid, pos = _embed(family, g, batch, eps)
     b, t, d = x.shape
-    l = math.ceil(t / n)
-    x = np.pad(x, ((0, 0), (0, n * l - t), (0, 0)))
-    valid = np.pad(valid, ((0, 0), (0, n * l - t)))
-    plan = dict(n=n, l=l, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange)
+    l = math.ceil((t - last_extra) / n)
+    blocks = [slice(p * l, (p + 1) * l) for p in range(n)]
+    blocks[-1] = slice((n - 1) * l, n * l + last_extra)
+    x = np.pad(x, ((0, 0), (0, n * l + last_extra - t), (0, 0)))
+    valid = np.pad(valid, ((0, 0), (0, n * l + last_extra - t)))
+    pos = np.pad(pos, ((0, 0), (0, n * l + last_extra - t)))
+    plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange)
     for layer in _layers(sd, family, depth):
         a = x if post_ln else norm(x, layer["ln1"])
-        att = np.stack([_attention(a[r], valid[r], layer, cfg, **plan) for r in range(b)])
+        att = np.stack([_attention(a[r], valid[r], pos[r], layer, cfg, **plan) for r in range(b)])
         if post_ln:
             x = _ln(x + att, *layer["ln1"], eps)
             x = _ln(x + _mlp(x, layer, act), *layer["ln2"], eps)
@@ -285,6 +302,8 @@ def forward(
 
 
 def _embed(family, g, batch, eps):
+    """(embeddings [B, T, D], validity [B, T], positions [B, T]: the batch's position_ids or
+    0..T-1)."""
     if family == "vit":
         px = np.asarray(batch["pixel_values"], np.float64)
         w, bias = g("patch_embeddings.projection.weight"), g("patch_embeddings.projection.bias")
@@ -295,18 +314,20 @@ def _embed(family, g, batch, eps):
         x = patches.reshape(bsz, grid * grid, -1) @ w.reshape(w.shape[0], -1).T + bias
         cls = np.broadcast_to(g("embeddings.cls_token")[0], (bsz, 1, w.shape[0]))
         x = np.concatenate([cls, x], 1) + g("embeddings.position_embeddings")
-        return x, np.ones(x.shape[:2], bool)
+        return x, np.ones(x.shape[:2], bool), np.broadcast_to(np.arange(x.shape[1]), x.shape[:2])
     ids = np.asarray(batch["input_ids"])
     valid = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
     t = ids.shape[1]
+    pos = np.asarray(batch.get("position_ids", np.broadcast_to(np.arange(t), ids.shape)))
     if family == "llama":
-        return g("embed_tokens.weight")[ids], valid
+        return g("embed_tokens.weight")[ids], valid, pos
     if family == "gpt2":
-        return g("wte.weight")[ids] + g("wpe.weight")[:t], valid
+        return g("wte.weight")[ids] + g("wpe.weight")[pos], valid, pos
     types = np.asarray(batch.get("token_type_ids", np.zeros_like(ids)))
     x = (
         g("word_embeddings.weight")[ids]
         + g("position_embeddings.weight")[:t]
         + g("token_type_embeddings.weight")[types]
     )
-    return _ln(x, g("embeddings.LayerNorm.weight"), g("embeddings.LayerNorm.bias"), eps), valid
+    x = _ln(x, g("embeddings.LayerNorm.weight"), g("embeddings.LayerNorm.bias"), eps)
+    return x, valid, pos

@@ -19,7 +19,14 @@ SCRIPTS = [
 
 # What each smoke must leave behind: result files in --out, a model in --out, or (the
 # benchmarks, which write nothing in a smoke) a printed table row with a measured number.
-RESULTS = {"table_bert.py", "table_cost.py", "table_gpt2.py", "table_vit.py", "robust_finetune.py"}
+RESULTS = {
+    "table_bert.py",
+    "table_cost.py",
+    "table_gpt2.py",
+    "table_llama.py",
+    "table_vit.py",
+    "robust_finetune.py",
+}
 MODELS = {"train_gpt2.py", "train_vit.py"}
 
 

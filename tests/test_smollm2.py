@@ -56,3 +56,30 @@ def test_logits_match_transformers_gguf_loader(smollm2, reference):
     config = smollm2.config
     assert (config.depth, config.width, config.heads, config.kv_heads) == (30, 576, 9, 3)
     assert config.tied and config.rope_theta == 1e5
+
+
+def test_greedy_generation_equals_transformers_for_32_tokens(smollm2, reference):
+    import torch
+
+    from prism_jax import generation
+
+    prompts = [smollm2.tokenizer.chat("Name three colours."), PROMPTS[0]]
+    batch = smollm2.tokenizer(prompts)  # ragged: right-padded here, left-padded for generation
+    got = pj.generate(smollm2, batch, mesh=pj.edge_mesh(2), plan=pj.Plan(cr=1),
+                      max_new_tokens=32, eos=False)  # fmt: skip
+    left = generation.left_pad(batch, smollm2.config, 1, 32)
+    with torch.no_grad():
+        want = (
+            reference[1]
+            .generate(
+                input_ids=torch.tensor(left["input_ids"]).long(),
+                attention_mask=torch.tensor(left["attention_mask"]).long(),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )[:, left["input_ids"].shape[1] :]
+            .numpy()
+        )
+    np.testing.assert_array_equal(got, want)
+    assert "red" in smollm2.tokenizer.decode(got[0]).lower()

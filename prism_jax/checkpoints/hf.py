@@ -248,12 +248,17 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
         raise PrismError(f"no config.json in {directory}")
+    return read_config_file(path)
+
+
+def read_config_file(path: Path) -> dict:
+    """A JSON object file of a checkpoint directory, as a dict."""
     try:
         hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PrismError(f"corrupt config.json in {directory}: {e}") from None
+        raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
     if not isinstance(hf, dict):
-        raise PrismError(f"corrupt config.json in {directory}: not a JSON object")
+        raise PrismError(f"corrupt {path.name} in {path.parent}: not a JSON object")
     return hf
 
 
@@ -318,7 +323,20 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
         model.params,
         tokenizer=preprocess.load_tokenizer(directory),
         image_processor=preprocess.load_image_processor(directory),
+        generation=generation_ids(hf, directory),
     )
+
+
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def generation_ids(hf: dict, directory: Path | None = None) -> dict:
+    """bos / eos / pad token ids of config.json, overridden by generation_config.json."""
+    found = {k: hf[k] for k in GENERATION_IDS if hf.get(k) is not None}
+    if directory is not None and (directory / "generation_config.json").exists():
+        extra = read_config_file(directory / "generation_config.json")
+        found |= {k: extra[k] for k in GENERATION_IDS if extra.get(k) is not None}
+    return found
 
 
 def _load_gguf(path: Path, dtype) -> models.Model:
@@ -329,8 +347,18 @@ def _load_gguf(path: Path, dtype) -> models.Model:
     if contents["tokenizer"] is not None:
         backend = contents["tokenizer"]
         pad = config.get("pad_token_id", config.get("eos_token_id", 0))
-        tok = preprocess.Tokenizer(backend, int(pad), config["max_position_embeddings"])
-    return models.Model(model.config, model.graphdef, model.params, tokenizer=tok)
+        settings = contents["tokenizer_config"]
+        tok = preprocess.Tokenizer(
+            backend,
+            int(pad),
+            config["max_position_embeddings"],
+            chat_template=settings.get("chat_template"),
+            special=preprocess.special_tokens(settings),
+        )
+    return models.Model(
+        model.config, model.graphdef, model.params, tokenizer=tok,
+        generation=generation_ids(config),
+    )  # fmt: skip
 
 
 def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dict:
@@ -405,20 +433,20 @@ def save_pretrained(model: models.Model, directory: str | Path) -> Path:
     """Write `model` as an HF checkpoint directory; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+    config = hf_config(model.config) | model.generation
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
     if model.tokenizer is not None:
         tok = model.tokenizer
         tok.backend.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "pad_token": tok.backend.id_to_token(tok.pad_id),
-                    "model_max_length": tok.max_length,
-                },
-                indent=2,
-            )
-        )
+        settings = {
+            "pad_token": tok.backend.id_to_token(tok.pad_id),
+            "model_max_length": tok.max_length,
+            **tok.special,
+        }
+        if tok.chat_template:
+            settings["chat_template"] = tok.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     if model.image_processor is not None:
         p = model.image_processor
         (directory / "preprocessor_config.json").write_text(

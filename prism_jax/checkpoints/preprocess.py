@@ -21,6 +21,8 @@ class Tokenizer:
     backend: object  # tokenizers.Tokenizer
     pad_id: int
     max_length: int
+    chat_template: str | None = None  # Jinja, as in HF's tokenizer_config.json
+    special: dict = dataclasses.field(default_factory=dict)  # bos_token, eos_token, ... names
 
     def __call__(
         self, texts: list[str], *, max_length: int | None = None, pad_to: int | None = None
@@ -50,6 +52,28 @@ class Tokenizer:
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens or truncation (for packing LM text)."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, special tokens left out."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def chat(self, prompt: str) -> str:
+        """`prompt` as one user turn of the chat template, ready for the assistant's reply
+        (rendered in Jinja's sandbox, as `transformers` renders it)."""
+        if not self.chat_template:
+            raise PrismError("this model's tokenizer has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=[{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                **self.special,
+            )
+        except Exception as e:  # noqa: BLE001 - a template's own errors are the user's to see
+            raise PrismError(f"the chat template failed: {e}") from None
 
 
 def _json(path: Path) -> dict:
@@ -85,7 +109,20 @@ def load_tokenizer(directory: Path) -> Tokenizer | None:
     limit = settings.get("model_max_length", 0)
     positions = config.get("max_position_embeddings") or config.get("n_positions") or 512
     max_length = limit if 0 < limit <= positions else positions
-    return Tokenizer(backend, int(pad_id), int(max_length))
+    return Tokenizer(
+        backend,
+        int(pad_id),
+        int(max_length),
+        chat_template=settings.get("chat_template"),
+        special=special_tokens(settings),
+    )
+
+
+def special_tokens(settings: dict) -> dict:
+    """`bos_token`, `eos_token`, ... of a tokenizer_config.json, as plain strings."""
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    out = {k: settings[k] for k in names if k in settings}
+    return {k: v.get("content") if isinstance(v, dict) else v for k, v in out.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,6 +218,35 @@ def _finetune(sub) -> None:
     p.set_defaults(strategy="single")
 
 
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+def _generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text: a partitioned prefill, then decoding from a compressed cache",
+        description="Generate text with a causal LM (Llama-family, GPT-2; a HF directory or a "
+        ".gguf file): the prompt is prefilled across N emulated devices with the plan, then "
+        "the device that owns its end decodes alone from a cache of [remote K/V means | its "
+        "own K/V | generated K/V], sending nothing per new token. Streams the text.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory, .gguf file or hub id")
+    p.add_argument(
+        "--prompt", action="append", type=utf8_text, required=True,
+        help="prompt text (repeat for a batch; only a single prompt is streamed)",
+    )  # fmt: skip
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k best")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--compare", action="store_true", help="also generate with the exact model and compare"
+    )
+    _plan_args(p)
+
+
 def _convert(sub) -> None:
     p = sub.add_parser(
         "convert",
@@ -273,7 +302,7 @@ def build_parser() -> Parser:
         "(arXiv 2507.12145) across emulated edge devices.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_infer, _demo, _cost, _eval, _finetune, _convert):
+    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert):
         add(sub)
     _cluster(
         sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"

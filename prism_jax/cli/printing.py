@@ -110,6 +110,42 @@ def _print_cost(r: dict) -> None:
     )
 
 
+class TextStream:
+    """Prints one row's text as the tokens arrive (`generation.run`'s `on_token`): the whole
+    decoded text each time, only its new end printed, so multi-byte characters come out
+    whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, step: int, ids) -> None:
+        self.ids.append(int(ids[0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            print(text[len(self.shown) :], end="", flush=True)
+            self.shown = text
+
+
+def _print_generate(r: dict) -> None:
+    if r["streamed"]:
+        print()
+    else:
+        for prompt, text in zip(r["prompts"], r["texts"], strict=True):
+            print(f"{prompt!r} -> {text!r}")
+    p = r["plan"]
+    print(
+        f"{p['strategy']} CR={p['cr']} on {r['devices']} devices ({p['exchange']} exchange): "
+        f"{r['new_tokens']} new tokens, prefill {r['prefill_seconds']:.2f} s sending "
+        f"{r['prefill_bytes_per_device']:,} bytes per device, then "
+        f"{r['decode_tokens_per_second']:.1f} tokens/s sending none; cache {r['cache_bytes']:,} "
+        f"bytes (exact: "
+        f"{r['exact_cache_bytes']:,})"
+    )
+    if "compare" in r:
+        c = r["compare"]
+        print(f"exact model: {c['texts'][0]!r}; token agreement {100 * c['token_agreement']:.1f}%")
+
+
 def _print_convert(r: dict) -> None:
     c = r["config"]
     print(
@@ -127,4 +163,5 @@ PRINTERS = {
     "finetune": _print_finetune,
     "eval": _print_eval,
     "convert": _print_convert,
+    "generate": _print_generate,
 }

@@ -29,6 +29,8 @@ class Model:
       params: the NNX state, passed explicitly into every compiled call.
       tokenizer: a `preprocess.Tokenizer` when the checkpoint has one.
       image_processor: a `preprocess.ImageProcessor` when the checkpoint has one.
+      generation: token ids for generation: `bos_token_id`, `eos_token_id` (an int or a
+        list), `pad_token_id` (config.json, overridden by generation_config.json).
     """
 
     config: ModelConfig
@@ -36,6 +38,7 @@ class Model:
     params: Any
     tokenizer: Any = None
     image_processor: Any = None
+    generation: dict = dataclasses.field(default_factory=dict)
     # mesh -> (the params placed, their copies on the mesh). Not an init field, so that
     # `dataclasses.replace(model, params=...)` starts with no placements; each entry also names
     # the params it was made from and is only used for those.

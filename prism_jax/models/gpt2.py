@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
 from prism_jax.configs import GPT2Config
 from prism_jax.exchange import Exchange
 from prism_jax.layers import Encoder, embed_lookup
-from prism_jax.models.inputs import token_batch
+from prism_jax.models.inputs import lm_batch
 
 
 class GPT2(nnx.Module):
@@ -22,12 +24,22 @@ class GPT2(nnx.Module):
 
     def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
         """Local tokens in; logits stay with their device (DESIGN.md section 1)."""
-        x = embed_lookup(self.wte, inputs["input_ids"]) + embed_lookup(self.wpe, ex.positions())
+        if "position_ids" in inputs:  # HF's optional position ids (left-padded prompts)
+            ex = dataclasses.replace(ex, position_ids=inputs["position_ids"])
+        x = embed_lookup(self.wte, inputs["input_ids"]) + embed_lookup(
+            self.wpe, ex.token_positions()
+        )
         x = self.encoder(x, ex)  # [B, L, D]
         tokens = {"last_hidden_state": x}
         if self.lm_head:
             tokens["logits"] = x @ self.wte.embedding[...].T  # [B, L, V]
         return tokens, {}
 
+    def decode(self, ids: jax.Array, positions: jax.Array, caches, index):
+        """Next-token logits `[B, V]` for one new token per row, and the updated caches."""
+        x = embed_lookup(self.wte, ids[:, None]) + embed_lookup(self.wpe, positions[:, None])
+        x, caches = self.encoder.decode(x, caches, index, positions)
+        return (x @ self.wte.embedding[...].T)[:, 0], caches
 
-prepare = token_batch
+
+prepare = lm_batch

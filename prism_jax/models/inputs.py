@@ -65,3 +65,12 @@ def token_batch(cfg: ModelConfig, batch: dict) -> tuple[dict[str, np.ndarray], n
             f"{cfg.max_positions} positions"
         )
     return {"input_ids": ids}, attention_mask(batch, ids.shape)
+
+
+def lm_batch(cfg: ModelConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A causal LM's batch: `token_batch` and HF's optional `position_ids` (left-padded
+    prompts for generation number their tokens from the first valid one)."""
+    inputs, valid = token_batch(cfg, batch)
+    if batch.get("position_ids") is not None:
+        inputs["position_ids"] = ids_field(batch, "position_ids", cfg.max_positions, valid.shape)
+    return inputs, valid

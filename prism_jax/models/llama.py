@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 from flax import nnx
 
 from prism_jax.configs import LlamaConfig
 from prism_jax.exchange import Exchange
 from prism_jax.layers import Encoder, embed_lookup
-from prism_jax.models.inputs import ids_field, token_batch
+from prism_jax.models.inputs import lm_batch
 
 
 class Llama(nnx.Module):
@@ -41,10 +40,13 @@ class Llama(nnx.Module):
             tokens["logits"] = x @ table.T if self.head is None else self.head(x)  # [B, L, V]
         return tokens, {}
 
+    def decode(self, ids: jax.Array, positions: jax.Array, caches, index):
+        """Next-token logits `[B, V]` for one new token per row, and the updated caches."""
+        x = embed_lookup(self.embed, ids[:, None])  # [B, 1, D]
+        x, caches = self.encoder.decode(x, caches, index, positions)
+        table = self.embed.embedding[...]
+        logits = x @ table.T if self.head is None else self.head(x)
+        return logits[:, 0], caches
 
-def prepare(cfg: LlamaConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """HF batch -> (inputs with the token axis second, validity `[B, T]`)."""
-    inputs, valid = token_batch(cfg, batch)
-    if batch.get("position_ids") is not None:
-        inputs["position_ids"] = ids_field(batch, "position_ids", cfg.max_positions, valid.shape)
-    return inputs, valid
+
+prepare = lm_batch

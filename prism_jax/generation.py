@@ -1,0 +1,303 @@
+"""Generation across edge devices (DESIGN.md section 1a): a partitioned prefill, then decoding
+from a compressed cache on the device that owns the end of the sequence.
+
+Prompts are left-padded (as `transformers` pads for generation, positions counted from each
+row's first valid token) to N*L tokens, so that every row ends on the last device. The prefill
+is the ordinary partitioned forward with the plan; each attention layer keeps what the last
+query row saw: `[remote K/V means | own K/V]`. With a causal mask those means never change
+afterwards, so the last device decodes alone: zero bytes per new token, and a cache whose
+remote part is CR times smaller than the exact one. One compiled decode step (the cache
+preallocated, written with `dynamic_update_slice`) serves every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from prism_jax import cost, exchange
+from prism_jax.configs import ModelConfig, Plan
+from prism_jax.errors import PrismError
+from prism_jax.layers import KVCache
+from prism_jax.models import Model
+from prism_jax.models.inputs import attention_mask, ids_field
+from prism_jax.partition import AXIS, place, put
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What one `run` produced and what it cost.
+
+    Attributes:
+      ids: `[B, max_new_tokens]` new token ids, the pad id after a row's end of sequence.
+      prefill_seconds: wall time of the partitioned prefill up to the first new token
+        (compile included on a program's first use).
+      step_seconds: wall time of each decode step (the first one compiles).
+      steps: tokens produced per row (at most max_new_tokens; fewer when every row ended).
+      prefill_bytes: bytes each device sent in the prefill (the closed form, equal to the
+        compiled program's; none during decoding).
+      cache_bytes: bytes of the decode cache (prompt part and generated tokens).
+      exact_cache_bytes: the same for an exact cache of the whole prompt.
+    """
+
+    ids: np.ndarray
+    prefill_seconds: float
+    step_seconds: list[float]
+    steps: int
+    prefill_bytes: int
+    cache_bytes: int
+    exact_cache_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput per row: 1 / the median step time, the compiling first step
+        left out (0 when fewer than two steps ran)."""
+        warm = self.step_seconds[1:]
+        return 1 / float(np.median(warm)) if warm else 0.0
+
+
+def left_pad(batch: dict, cfg: ModelConfig, devices: int, max_new_tokens: int) -> dict:
+    """Prompts (right- or left-padded) -> left-padded to N*L tokens with `position_ids` counted
+    from each row's first valid token; checks that prompt plus new tokens fit the context."""
+    ids = ids_field(batch, "input_ids", cfg.vocab_size)
+    valid = attention_mask(batch, ids.shape)
+    lengths = valid.sum(1)
+    if (lengths == 0).any():
+        raise PrismError("every prompt needs at least one token")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > cfg.max_positions:
+        raise PrismError(
+            f"a prompt of {longest} tokens plus {max_new_tokens} new tokens is longer than the "
+            f"model's context of {cfg.max_positions} positions"
+        )
+    t = -(-longest // devices) * devices
+    out_ids = np.zeros((len(ids), t), np.int32)
+    out_mask = np.zeros((len(ids), t), np.int32)
+    positions = np.zeros((len(ids), t), np.int32)
+    for i, n in enumerate(lengths):
+        out_ids[i, t - n :] = ids[i][valid[i]]
+        out_mask[i, t - n :] = 1
+        positions[i, t - n :] = np.arange(n)
+    return {"input_ids": out_ids, "attention_mask": out_mask, "position_ids": positions}
+
+
+def _prefill_forward(graphdef, params, inputs, valid, *, cfg, plan, axis_name, devices):
+    module = nnx.merge(graphdef, params)
+    ex = exchange.make_exchange(
+        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices
+    )
+    (tokens, _), kept = nnx.capture(module, nnx.Intermediate)(
+        inputs, dataclasses.replace(ex, keep_cache=True)
+    )
+    blocks = kept["encoder"]["blocks"]
+    caches = [_sown(blocks[i]["attn"]["cache"]) for i in range(len(module.encoder.blocks))]
+    return tokens["logits"][:, -1], caches  # [B, V] of the last position, a KVCache per layer
+
+
+def _sown(value) -> KVCache:
+    """The one KVCache a layer sowed (Flax keeps sown values in a tuple, in a Variable)."""
+    value = value.get_value() if hasattr(value, "get_value") else value
+    return value[0] if isinstance(value, tuple) and not isinstance(value, KVCache) else value
+
+
+@functools.cache
+def prefill_program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
+    """`(params, inputs, valid) -> (last logits [B, V], [KVCache] per layer)` of the device
+    that owns the end of the sequence (every device's, stacked on a leading axis, with a
+    mesh: the caller keeps the last)."""
+    plan = plan.for_model(cfg)
+    if mesh is None:
+        fn = functools.partial(
+            _prefill_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1
+        )
+        return jax.jit(fn)
+    n = mesh.shape[AXIS]
+
+    def per_device(params, inputs, valid):
+        out = _prefill_forward(
+            graphdef, params, inputs, valid, cfg=cfg, plan=plan, axis_name=AXIS, devices=n
+        )
+        return jax.tree.map(lambda x: x[None], out)
+
+    return jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS), P()), out_specs=P(AXIS))
+    )
+
+
+def _shard_on(device, x: jax.Array) -> jax.Array:
+    """The block of a stacked per-device output that lives on `device` (stays there)."""
+    return next(s.data for s in x.addressable_shards if s.device == device)[0]
+
+
+def _choose(logits, key, *, temperature: float, top_k: int | None):
+    """Next token per row: argmax (temperature 0), else a sample of softmax(logits / T)
+    among the top_k most likely tokens."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+TRACES = {"decode": 0}  # how often the decode step was traced (tests assert it once per shape)
+
+
+@functools.cache
+def decode_program(graphdef, temperature: float, top_k: int | None):
+    """One compiled decode step `(params, caches, ids, positions, index, key) -> (next ids,
+    caches)`: the same program for every token (`index`, the cache slot, is traced)."""
+
+    def step(params, caches, ids, positions, index, key):
+        TRACES["decode"] += 1
+        module = nnx.merge(graphdef, params)
+        logits, caches = module.decode(ids, positions, caches, index)
+        return _choose(logits, key, temperature=temperature, top_k=top_k), caches
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def _grow(cache: KVCache, extra: int) -> KVCache:
+    """Room for `extra` generated tokens at the end of a layer's cache (not yet visible)."""
+    return KVCache(
+        jnp.pad(cache.keys, ((0, 0), (0, extra), (0, 0), (0, 0))),
+        jnp.pad(cache.values, ((0, 0), (0, extra), (0, 0), (0, 0))),
+        jnp.pad(cache.mask, ((0, 0), (0, extra))),
+        jnp.pad(cache.bias, ((0, 0), (0, extra))),
+    )
+
+
+def _end_ids(model: Model, eos) -> set[int]:
+    if eos is True:
+        value = model.generation.get("eos_token_id")
+        return set(value if isinstance(value, list) else [] if value is None else [value])
+    if eos is False or eos is None:
+        return set()
+    return {int(eos)}
+
+
+def _check(model: Model, max_new_tokens, temperature, top_k) -> None:
+    if model.config.head != "lm" or not model.config.causal:
+        raise PrismError("generation needs a causal LM (GPT-2 or Llama with an LM head)")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+        raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise PrismError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.config.vocab_size):
+        raise PrismError(f"top_k must be an integer in [1, vocabulary size], got {top_k!r}")
+
+
+def run(
+    model: Model,
+    batch: dict,
+    *,
+    mesh: Mesh | None = None,
+    plan: Plan | None = None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    eos=True,
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+) -> Generation:
+    """Generate with a partitioned prefill and a decode from the compressed cache.
+
+    Args:
+      model: a causal LM (GPT-2, Llama).
+      batch: `input_ids` and optionally `attention_mask` (any padding side).
+      mesh, plan: as for `infer`; no mesh (or `single`) runs everything on one device.
+      max_new_tokens: tokens to generate per row.
+      temperature: 0 for greedy decoding, else sampling at this temperature.
+      top_k: sample among the k most likely tokens only.
+      seed: sampling seed (the same seed gives the same tokens).
+      eos: True stops a row at the model's end-of-sequence id(s), an int at that id, False
+        never; a stopped row is padded with the model's pad id.
+      on_token: called as `on_token(step, ids [B])` after every step (streaming).
+    """
+    plan = plan or Plan()
+    _check(model, max_new_tokens, temperature, top_k)
+    single = mesh is None or plan.strategy == "single"
+    devices = 1 if single else mesh.shape[AXIS]
+    prompt = left_pad(batch, model.config, devices, max_new_tokens)
+    inputs, valid = model.prepare(prompt)
+    b, t = valid.shape
+    tic = time.perf_counter()
+    if single:
+        logits, caches = prefill_program(model.graphdef, model.config, plan, None)(
+            model.params, inputs, valid
+        )
+        params = model.params
+    else:
+        fn = prefill_program(model.graphdef, model.config, plan, mesh)
+        inputs = {k: put(v, mesh, P(None, AXIS)) for k, v in inputs.items()}
+        stacked = fn(place(model, mesh), inputs, put(valid, mesh, P()))
+        last = mesh.devices.flat[-1]  # the device that owns the end of the sequence
+        logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
+        params = jax.device_put(model.params, last)
+    key = jax.random.key(seed)
+    ids = np.asarray(_choose(logits, jax.random.fold_in(key, 0), temperature=temperature,
+                             top_k=top_k))  # fmt: skip
+    prefill_seconds = time.perf_counter() - tic
+    prompt_slots = caches[0].keys.shape[1]
+    caches = [_grow(c, max_new_tokens) for c in caches]
+    step = decode_program(model.graphdef, float(temperature), top_k)
+    ends, pad = _end_ids(model, eos), model.generation.get("pad_token_id")
+    pad = pad if pad is not None else next(iter(ends), 0)
+    out = np.full((b, max_new_tokens), pad, np.int32)
+    done = np.zeros(b, bool)
+    positions = valid.sum(1).astype(np.int32)  # the next token's position in each row
+    step_seconds, steps = [], 0
+    for i in range(max_new_tokens):
+        out[~done, i] = ids[~done]
+        steps += 1
+        if on_token is not None:
+            on_token(i, out[:, i])
+        done |= np.isin(ids, list(ends))
+        if done.all() or i == max_new_tokens - 1:
+            break
+        tic = time.perf_counter()
+        ids, caches = step(
+            params, caches, jnp.asarray(ids), jnp.asarray(positions + i), prompt_slots + i,
+            jax.random.fold_in(key, i + 1),
+        )  # fmt: skip
+        ids = np.asarray(ids)
+        step_seconds.append(time.perf_counter() - tic)
+    return Generation(
+        ids=out,
+        prefill_seconds=prefill_seconds,
+        step_seconds=step_seconds,
+        steps=steps,
+        prefill_bytes=cost.bytes_closed_form(
+            model.config, plan, devices=devices, seq_len=t, batch=b
+        ),
+        cache_bytes=_cache_bytes(model.config, b, prompt_slots + max_new_tokens),
+        exact_cache_bytes=_cache_bytes(model.config, b, t + max_new_tokens),
+    )
+
+
+def _cache_bytes(cfg: ModelConfig, batch: int, slots: int, dtype_bytes: int = 4) -> int:
+    """Keys and values of every layer (masks and biases aside)."""
+    return cfg.depth * batch * slots * cfg.kv_width * dtype_bytes
+
+
+def generate(model: Model, batch: dict, *, mesh=None, plan=None, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             eos=True) -> np.ndarray:  # fmt: skip
+    """New token ids `[B, max_new_tokens]` (DESIGN.md section 2; padded after end of
+    sequence). See `run` for the arguments and for what the generation cost."""
+    return run(
+        model, batch, mesh=mesh, plan=plan, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, seed=seed, eos=eos,
+    ).ids  # fmt: skip

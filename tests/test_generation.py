@@ -1,0 +1,151 @@
+"""Generation (DESIGN.md section 1a): greedy decoding equals transformers at CR = 1, and at
+CR > 1 the cached decode equals recomputing from scratch with the prompt partitioned as in the
+prefill and the generated tokens appended to the last device (the NumPy reference)."""
+
+import json
+
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import cli, generation
+from prism_jax.errors import PrismError
+from tests import reference, tiny
+
+NEW = 10
+
+
+def _hf_greedy(torch_model, prompt, new=NEW):
+    import torch
+
+    ids = torch.tensor(prompt["input_ids"]).long()
+    with torch.no_grad():
+        out = torch_model.generate(
+            input_ids=ids,
+            attention_mask=torch.tensor(prompt["attention_mask"]).long(),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+@pytest.mark.parametrize("name", ["llama_lm", "llama_tied", "gpt2_lm"])
+def test_greedy_at_cr1_equals_transformers(name, hf_models, rng):
+    torch_model, directory = hf_models(name)
+    model = pj.load_pretrained(directory)
+    batch = tiny.random_batch(name, rng, batch=3, tokens=11)  # ragged, right-padded
+    want = _hf_greedy(torch_model, generation.left_pad(batch, model.config, 1, NEW))
+    for n in (1, 2, 3, 4):
+        mesh = pj.edge_mesh(n) if n > 1 else None
+        got = pj.generate(
+            model, batch, mesh=mesh, plan=pj.Plan(cr=1), max_new_tokens=NEW, eos=False
+        )
+        np.testing.assert_array_equal(got, want, err_msg=f"N={n}")
+
+
+@pytest.mark.parametrize(("name", "n", "cr"), [("llama_lm", 3, 2), ("gpt2_lm", 2, 3)])
+def test_cached_decode_equals_recomputing_with_tokens_on_the_last_device(
+    name, n, cr, hf_models, rng
+):
+    torch_model, directory = hf_models(name)
+    model = pj.load_pretrained(directory)
+    batch = tiny.random_batch(name, rng, batch=2, tokens=13)
+    plan = pj.Plan(cr=cr)
+    got = pj.generate(model, batch, mesh=pj.edge_mesh(n), plan=plan, max_new_tokens=6, eos=False)
+    prompt = generation.left_pad(batch, model.config, n, 6)
+    exact = pj.generate(model, batch, max_new_tokens=6, eos=False)
+    moved = False
+    for j in range(6):  # the prompt partitioned as in the prefill, j tokens on the last device
+        seq = {
+            "input_ids": np.concatenate([prompt["input_ids"], got[:, :j]], 1),
+            "attention_mask": np.pad(prompt["attention_mask"], ((0, 0), (0, j)), constant_values=1),
+            "position_ids": np.concatenate(
+                [
+                    prompt["position_ids"],
+                    prompt["attention_mask"].sum(1, keepdims=True) + np.arange(j),
+                ],
+                1,
+            ),
+        }
+        logits = reference.forward(torch_model.config, directory, seq, n=n, cr=cr, last_extra=j)[
+            "logits"
+        ][:, -1]
+        top2 = np.sort(logits, -1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0] > 1e-6).all()  # no near-tie to make this test luck
+        np.testing.assert_array_equal(logits.argmax(-1), got[:, j], err_msg=f"token {j}")
+        moved |= (got[:, j] != exact[:, j]).any()
+    assert moved  # compression really changed the continuation
+
+
+def test_one_compiled_decode_step_serves_every_token(hf_models, rng):
+    model = pj.load_pretrained(hf_models("llama_lm")[1])
+    batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=7)
+    before = generation.TRACES["decode"]
+    out = generation.run(model, batch, mesh=pj.edge_mesh(2), plan=pj.Plan(cr=2),
+                         max_new_tokens=17, eos=False)  # fmt: skip
+    assert out.steps == 17 and generation.TRACES["decode"] == before + 1
+    assert out.cache_bytes < out.exact_cache_bytes and out.tokens_per_second > 0
+    assert out.prefill_bytes > 0
+
+
+def test_sampling_is_reproducible_and_eos_pads(hf_models, rng):
+    model = pj.load_pretrained(hf_models("llama_lm")[1])
+    batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=7)
+    kw = dict(mesh=pj.edge_mesh(2), plan=pj.Plan(cr=2), max_new_tokens=12, eos=False)
+    a, b = (pj.generate(model, batch, temperature=1.5, seed=3, **kw) for _ in range(2))
+    c = pj.generate(model, batch, temperature=1.5, seed=4, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    np.testing.assert_array_equal(
+        pj.generate(model, batch, temperature=0.7, top_k=1, **kw), pj.generate(model, batch, **kw)
+    )
+    greedy = pj.generate(model, batch, **kw)
+    stop = int(greedy[0, 2])
+    ended = pj.generate(model, batch, **{**kw, "eos": stop})
+    first = int(np.argmax(greedy[0] == stop))
+    np.testing.assert_array_equal(ended[0, : first + 1], greedy[0, : first + 1])
+    assert (
+        (ended[0, first + 1 :] == model.generation["pad_token_id"]).all()
+        if "pad_token_id" in model.generation
+        else True
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(max_new_tokens=-2), "max_new_tokens must be an integer >= 1"),
+        (dict(max_new_tokens=60), "longer than the model's context of 64"),
+        (dict(max_new_tokens=4, temperature=-0.5), "temperature must be a number >= 0"),
+    ],
+)
+def test_bad_generation_arguments_are_named(kw, message, hf_models, rng):
+    model = pj.load_pretrained(hf_models("llama_lm")[1])
+    with pytest.raises(PrismError, match=message):
+        pj.generate(model, tiny.random_batch("llama_lm", rng, tokens=9), **kw)
+
+
+def test_generate_cli(hf_models, capsys):
+    directory = str(hf_models("llama_lm")[1])
+    argv = ["generate", "--model", directory, "--devices", "2", "--cr", "2",
+            "--prompt", "good tea", "--prompt", "the cat", "--max-new-tokens", "5", "--json",
+            "--compare"]  # fmt: skip
+    assert cli.main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["ids"]) == 2 and len(r["ids"][0]) == 5 and r["prefill_bytes_per_device"] > 0
+    assert 0 <= r["compare"]["token_agreement"] <= 1
+    assert cli.main(["generate", "--model", directory, "--prompt", "good tea"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    for bad, message in (
+        (["--max-new-tokens", "0"], "argument --max-new-tokens"),
+        (["--max-new-tokens", "-3"], "argument --max-new-tokens"),
+        (["--temperature", "-1"], "argument --temperature"),
+        (["--max-new-tokens", "63"], "longer than the model's context"),
+        (["--chat"], "no chat template"),
+    ):
+        assert cli.main(["generate", "--model", directory, "--prompt", "good tea", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
