@@ -1,13 +1,20 @@
-"""Single-device prefill of SmolLM2-135M: prism-jax (JAX/XLA) against transformers (PyTorch).
+"""SmolLM2-135M on one CPU device, prism-jax (JAX/XLA) against transformers (PyTorch): prefill,
+and greedy decoding with `pj.generate` against `transformers`' `generate`.
 
-Command:  .venv/bin/python experiments/bench_llama.py         (about 2 minutes on 2 cores)
+Command:  .venv/bin/python experiments/bench_llama.py         (about 5 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/bench_llama.py --smoke (seconds after loading)
 
 The same dequantized weights (the GGUF file of DESIGN.md section 4, read by our converter and
-by transformers' own GGUF loader) on the same inputs in this process: batch 1 and 4, T in
-{128, 512}, every token valid, logits for every position. JAX's first call (trace + compile)
-is reported apart from its steady state; steady states are medians of `--repeats` calls. The
-figure of merit is jax / torch wall time (< 1: faster).
+by transformers' own GGUF loader) on the same inputs in this process.
+
+Prefill: batch 1 and 4, T in {128, 512}, every token valid, logits for every position. JAX's
+first call (trace + compile) is reported apart from its steady state; steady states are
+medians of `--repeats` calls. The figure of merit is jax / torch wall time (< 1: faster).
+
+Decode: one prompt of 26 tokens (batch 1 and 4), `--new` tokens, greedy, end of sequence
+ignored; each side runs once to warm up (ours compiles the prefill and the decode step),
+then `--repeats` times. Time per new token: ours, the median step of `generation.run`;
+theirs, (time for `new` tokens - time for 1 token) / (new - 1): both leave the prefill out.
 Writes experiments/results/bench_llama.{json,md}.
 """
 
@@ -17,6 +24,8 @@ import argparse
 import functools
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +33,44 @@ import numpy as np
 OUT = Path(__file__).parent / "results"
 
 
-def run(shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
-    import jax
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type with an oil-based ink and a wooden press"
+)
+
+
+def load(depth: int | None = None):
+    """(our model, transformers' model) of the same GGUF file (cut to its first `depth`
+    layers for the smoke)."""
     import torch
     import transformers
 
     import prism_jax as pj
     from prism_jax.data import sources
-    from prism_jax.evaluation.timing import timed
-    from prism_jax.partition import program
 
     torch.set_num_threads(os.cpu_count())
     path = sources.smollm2_gguf()
-    model = pj.load_pretrained(path)
     reference = transformers.LlamaForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name
     ).eval()
+    model = pj.load_pretrained(path)
+    if depth is not None:
+        import common
+
+        reference.model.layers = reference.model.layers[:depth]
+        reference.config.num_hidden_layers = depth
+        model = common.first_layers(model, depth)
+    return model, reference
+
+
+def prefill(model, reference, shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
+    import jax
+    import torch
+
+    import prism_jax as pj
+    from prism_jax.evaluation.timing import timed
+    from prism_jax.partition import program
+
     fn = program(model.graphdef, model.config, pj.Plan(strategy="single"), None)
     rows = []
     for b, t in shapes:
@@ -69,6 +100,44 @@ def run(shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
     return rows
 
 
+def decode(model, reference, batch_size: int, new: int, repeats: int) -> dict:
+    import torch
+
+    from prism_jax import generation
+
+    ids = np.array([model.tokenizer.encode_plain(PROMPT)] * batch_size)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def ours() -> float:
+        out = generation.run(model, batch, max_new_tokens=new, eos=False)
+        return statistics.median(out.step_seconds[1:] or out.step_seconds)
+
+    def theirs(tokens: int) -> float:
+        tic = time.perf_counter()
+        with torch.inference_mode():
+            reference.generate(
+                input_ids=torch.tensor(ids).long(),
+                attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                max_new_tokens=tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
+            )
+        return time.perf_counter() - tic
+
+    ours(), theirs(new)  # warm up (compile, allocator)
+    jax_step = statistics.median(ours() for _ in range(repeats))
+    torch_step = statistics.median((theirs(new) - theirs(1)) / (new - 1) for _ in range(repeats))
+    return {
+        "batch": batch_size,
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": new,
+        "jax_tokens_per_s": 1 / jax_step,
+        "torch_tokens_per_s": 1 / torch_step,
+        "jax_over_torch_time": jax_step / torch_step,
+    }
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| batch | T | JAX first call (s) | JAX (s) | PyTorch (s) | JAX / PyTorch |",
@@ -82,21 +151,46 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| batch | prompt | new | pj.generate tokens/s | transformers tokens/s | time ratio |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['prompt_tokens']} | {r['new_tokens']} | "
+        f"{r['jax_tokens_per_s']:.1f} | {r['torch_tokens_per_s']:.1f} | "
+        f"{r['jax_over_torch_time']:.2f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, writes nothing")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new", type=int, default=64, help="decoded tokens per run")
     args = parser.parse_args(argv)
-    shapes = [(1, 16)] if args.smoke else [(1, 128), (1, 512), (4, 128), (4, 512)]
-    rows = run(shapes, 1 if args.smoke else args.repeats)
-    table = markdown(rows)
+    smoke = args.smoke
+    shapes = [(1, 16)] if smoke else [(1, 128), (1, 512), (4, 128), (4, 512)]
+    repeats, new = (1, 4) if smoke else (args.repeats, args.new)
+    model, reference = load(2 if smoke else None)
+    rows = prefill(model, reference, shapes, repeats)
+    decoded = [
+        decode(model, reference, b, new, min(repeats, 3)) for b in ([1] if smoke else [1, 4])
+    ]
+    table = (
+        "## Prefill\n\n" + markdown(rows) + "\n\n## Greedy decode\n\n" + decode_markdown(decoded)
+    )
     print(table)
-    if not args.smoke:
+    if not smoke:
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "bench_llama.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (OUT / "bench_llama.json").write_text(
+            json.dumps({"prefill": rows, "decode": decoded}, indent=2) + "\n"
+        )
         (OUT / "bench_llama.md").write_text(
-            "# SmolLM2-135M prefill (logits of every position), one CPU device\n\n"
-            "`.venv/bin/python experiments/bench_llama.py`\n\n" + table + "\n"
+            "# SmolLM2-135M on one CPU device: prefill (logits of every position) and greedy "
+            "decode\n\n`.venv/bin/python experiments/bench_llama.py`\n\n" + table + "\n"
         )
 
 

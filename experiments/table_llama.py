@@ -34,18 +34,6 @@ class Config:
     out: str | None = common.setting(None, "results folder")
 
 
-def first_layers(model, depth: int):
-    """The model cut to its first `depth` layers (real weights; for the smoke)."""
-    from flax import nnx
-
-    from prism_jax import models
-
-    cut = models.abstract(dataclasses.replace(model.config, depth=depth))
-    old = {p: v for p, v in nnx.to_flat_state(model.params)}
-    state = nnx.from_flat_state([(p, old[p]) for p, _ in nnx.to_flat_state(cut.params)])
-    return dataclasses.replace(model, config=cut.config, graphdef=cut.graphdef, params=state)
-
-
 def prefill(model, devices: int, crs: list[int], seq_len: int, repeats: int = 3) -> list[dict]:
     """Median wall time of one prefill (batch 1) per CR at N devices, after compiling."""
     import numpy as np
@@ -78,7 +66,7 @@ def main(argv=None):
 
     model = pj.load_pretrained(sources.smollm2_gguf())
     if args.smoke:
-        model = first_layers(model, 2)
+        model = common.first_layers(model, 2)
     rows, seq_len, questions, cloze_len, devices = (
         (2, 32, 2, 32, (4,))
         if args.smoke

@@ -18,9 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 from prism_jax import models
 from prism_jax.checkpoints import hf, safetensors
-from prism_jax.configs import PRESETS, ModelConfig, Plan
+from prism_jax.configs import PRESETS, ModelConfig
 from prism_jax.errors import PrismError
 from prism_jax.partition import AXIS, edge_mesh, program
+from prism_jax.plan import Plan
 
 
 def local_len(seq_len: int, devices: int) -> int:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prism_jax.configs import Plan
 from prism_jax.errors import PrismError
+from prism_jax.plan import Plan
 
 
 def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, jax.Array]:

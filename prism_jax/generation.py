@@ -25,12 +25,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from prism_jax import cost, exchange
-from prism_jax.configs import ModelConfig, Plan
+from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 from prism_jax.layers import KVCache
 from prism_jax.models import Model
 from prism_jax.models.inputs import attention_mask, ids_field
 from prism_jax.partition import AXIS, place, put
+from prism_jax.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prism_jax import exchange
-from prism_jax.configs import ModelConfig, Plan, as_int
+from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
+from prism_jax.plan import Plan, as_int
 
 AXIS = "edge"
 

@@ -22,6 +22,7 @@ SCRIPTS = [
 RESULTS = {
     "table_bert.py",
     "table_cost.py",
+    "table_generation.py",
     "table_gpt2.py",
     "table_llama.py",
     "table_vit.py",

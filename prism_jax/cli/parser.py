@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from prism_jax.configs import EXCHANGES, LOGIT_BIASES, STRATEGIES
 from prism_jax.data.tfds_builders import LOCAL
+from prism_jax.plan import EXCHANGES, LOGIT_BIASES, STRATEGIES
 
 EXIT_USAGE = 2
 

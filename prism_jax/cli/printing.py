@@ -95,8 +95,8 @@ def _print_finetune(r: dict) -> None:
 
 def _print_cost(r: dict) -> None:
     print(
-        f"{r['model']}: {r['strategy']} CR={r['cr']} on {r['devices']} devices, batch "
-        f"{r['batch']} x {r['seq_len']} tokens, {r['dtype']}"
+        f"{r['model']}: {r['strategy']} CR={r['cr']} ({r['exchange']} exchange) on "
+        f"{r['devices']} devices, batch {r['batch']} x {r['seq_len']} tokens, {r['dtype']}"
     )
     print(
         f"bytes sent per device: {r['bytes_sent']:,} measured, {r['bytes_closed_form']:,} "

@@ -12,10 +12,10 @@ import time
 import numpy as np
 
 from prism_jax import cost
-from prism_jax.configs import Plan
 from prism_jax.evaluation import sweep
 from prism_jax.models import Model
 from prism_jax.partition import infer
+from prism_jax.plan import Plan
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from tqdm.auto import tqdm
 
 from prism_jax import cost
-from prism_jax.configs import ModelConfig, Plan
+from prism_jax.configs import ModelConfig
 from prism_jax.partition import edge_mesh
+from prism_jax.plan import Plan
 
 # (mesh, plan) -> the metric (a float) or several named values (a dict)
 Score = Callable[..., float | dict]

@@ -21,10 +21,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from prism_jax.configs import Plan, as_int
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
 from prism_jax.partition import AXIS, place, program, put, shard_inputs
+from prism_jax.plan import Plan, as_int
 from prism_jax.training.checkpoint import Checkpoints
 
 

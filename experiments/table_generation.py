@@ -1,0 +1,153 @@
+"""Generation against compression: greedy agreement with the exact model, time to first token,
+decode speed, bytes and cache size, for SmolLM2-135M (real weights) and the GPT-2 task model.
+
+Command:  .venv/bin/python experiments/table_generation.py          (about 15 minutes on 2 cores)
+Smoke:    .venv/bin/python experiments/table_generation.py --smoke  (GPT-2 only; run by the tests)
+
+Prompts: the first 48 tokens of the first 8 held-out (test split) Wikipedia leads, one batch,
+right-padded by the tokenizer and left-padded for generation. Each (N, CR), N in {2, 4, 8}, CR
+in {1, 2, 4, 8, 16}, generates 32 tokens greedily (end of sequence ignored) with a partitioned
+prefill and a decode from the compressed cache (DESIGN.md section 1a), and is compared with
+the exact model's 32 tokens: the share of equal tokens and the mean length of the common
+prefix. Times: prefill (time to first token, the compile of a new shape included: the first
+(N, CR) of each N also compiles) and decode tokens/s per row (median step, after the compiling
+first); bytes each device sends in the prefill (none while decoding) and the cache bytes
+against the exact cache. Emulated devices share this machine's 2 cores.
+Writes experiments/results/table_generation.{json,md,png} and the continuations of two
+prompts at CR = 1 and CR = 16 (N = 4) into the Markdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import common
+
+MODELS = {"SmolLM2-135M": None, "GPT-2 task model": common.HERE / "models" / "gpt2-wikipedia"}
+
+
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "GPT-2, 2 prompts, 4 tokens, N = 2, CR in {1, 4}")
+    prompts: int = common.setting(8, "prompts (test-split Wikipedia leads)")
+    prompt_tokens: int = common.setting(48, "tokens of each lead used as its prompt")
+    new_tokens: int = common.setting(32, "tokens generated per prompt")
+    out: str | None = common.setting(None, "results folder")
+
+
+def agreement(got, exact) -> dict:
+    import numpy as np
+
+    equal = got == exact
+    prefix = np.where(equal.all(1), equal.shape[1], np.argmin(equal, 1))
+    return {"token_agreement": float(equal.mean()), "common_prefix": float(prefix.mean())}
+
+
+def sweep_model(name, model, batch, devices, crs, new_tokens):
+    import prism_jax as pj
+    from prism_jax import generation
+
+    exact = generation.run(model, batch, max_new_tokens=new_tokens, eos=False)
+    rows, samples = [], {}
+    for n in devices:
+        for cr in crs:
+            run = generation.run(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=cr),
+                                 max_new_tokens=new_tokens, eos=False)  # fmt: skip
+            rows.append({"model": name, "devices": n, "cr": cr, **agreement(run.ids, exact.ids),
+                         "prefill_seconds": run.prefill_seconds,
+                         "tokens_per_second": run.tokens_per_second,
+                         "prefill_bytes": run.prefill_bytes, "cache_bytes": run.cache_bytes,
+                         "exact_cache_bytes": run.exact_cache_bytes})  # fmt: skip
+            print(rows[-1], flush=True)
+            samples[(n, cr)] = run.ids
+    return rows, samples, exact
+
+
+def right_padded(rows: list[list[int]]) -> dict:
+    import numpy as np
+
+    t = max(len(r) for r in rows)
+    ids, mask = np.zeros((len(rows), t), np.int32), np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def main(argv=None):
+    args = common.parse(Config, __doc__, argv)
+
+    import prism_jax as pj
+    from prism_jax.data import sources, tfds_builders
+
+    smoke = args.smoke
+    count, new = (2, 4) if smoke else (args.prompts, args.new_tokens)
+    devices, crs = ((2,), (1, 4)) if smoke else ((2, 4, 8), (1, 2, 4, 8, 16))
+    leads, _ = tfds_builders.texts("wikipedia_leads", "test", limit=count)
+    results, texts = [], []
+    for name, path in MODELS.items():
+        if smoke and path is None:  # the smoke of table_llama.py loads SmolLM2 already
+            continue
+        model = pj.load_pretrained(path or sources.smollm2_gguf())
+        tok = model.tokenizer
+        prompts = [tok.encode_plain(t)[: args.prompt_tokens] for t in leads]
+        batch = right_padded(prompts)
+        rows, samples, exact = sweep_model(name, model, batch, devices, crs, new)
+        results += rows
+        n = 4 if 4 in devices else devices[0]
+        for i in range(min(2, count)):
+            by_cr = {cr: tok.decode(samples[(n, cr)][i]) for cr in (crs[0], crs[-1])}
+            texts.append((name, tok.decode(prompts[i]), by_cr, tok.decode(exact.ids[i])))
+    save(args, results, texts, crs)
+
+
+def markdown(results, texts, crs) -> str:
+    head = "model | N | CR | token agreement | common prefix | TTFT (s) | tokens/s | "
+    head += "prefill bytes/device | cache bytes | exact cache"
+    lines = [f"| {head} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"| {r['model']} | {r['devices']} | {r['cr']} | {100 * r['token_agreement']:.1f} % | "
+        f"{r['common_prefix']:.1f} | {r['prefill_seconds']:.2f} | {r['tokens_per_second']:.1f} | "
+        f"{r['prefill_bytes']:,} | {r['cache_bytes']:,} | {r['exact_cache_bytes']:,} |"
+        for r in results
+    ]
+    lines += ["", f"Continuations (greedy, N = 4) at CR = {crs[0]} and CR = {crs[-1]}:", ""]
+    for name, prompt, by_cr, exact in texts:
+        lines += [f"**{name}**, prompt: {prompt!r}", ""]
+        lines += [f"- CR = {cr}: {text!r}" for cr, text in by_cr.items()]
+        lines += [f"- exact: {exact!r}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for i, n in enumerate(sorted({r["devices"] for r in results})):
+            pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
+                   if r["model"] == name and r["devices"] == n]  # fmt: skip
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=f"C{i}", label=f"N={n}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression rate CR")
+        ax.set_ylabel("greedy tokens equal to exact (%)")
+        ax.set_title(f"{name}: 32 generated tokens", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(args, results, texts, crs):
+    text = markdown(results, texts, crs)
+    print(text)
+    record = {"rows": results, "continuations": texts}
+    common.save(args, "table_generation", record, text, lambda png: plot(results, png))
+
+
+if __name__ == "__main__":
+    main()
