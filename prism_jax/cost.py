@@ -46,13 +46,15 @@ def bytes_closed_form(
     """Bytes one device sends per inference: per layer B*L*W*bytes (voltage) or
     B*S*(W*bytes + 4) (prism: means, plus each count as an exact int32, which is W+1 values in
     float32), times the depth, with W = D (hidden exchange) or 2*H_kv*K (kv exchange, DESIGN.md
-    section 1a); nothing for `single` or a single device."""
+    section 1a); one more value per group with the value tilt (its spread, section 1b);
+    nothing for `single` or a single device."""
     if plan.strategy == "single" or devices == 1:
         return 0
     l = local_len(seq_len, devices)
     w = exchange_width(cfg, plan)
     if plan.strategy == "voltage":
         return cfg.depth * batch * l * w * dtype_bytes
+    w += 1 if plan.value_tilt else 0
     return cfg.depth * batch * plan.segments(l) * (w * dtype_bytes + 4)
 
 

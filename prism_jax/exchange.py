@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from prism_jax import compress
 from prism_jax.errors import PrismError
 from prism_jax.plan import Plan
 
@@ -133,46 +134,71 @@ def make_exchange(
     return Exchange(plan, axis_name, devices, p, causal, local_valid, local_mask, global_mask)
 
 
-def _remote_means(a: jax.Array, ex: Exchange):
-    """Gather every device's segment means; keep those of the N-1 other devices.
+def _local_groups(x: jax.Array, ex: Exchange, keys, inputs):
+    """This device's group means `[B, V, W]`, int32 counts `[B, V]` and spreads `[B, V]` (or
+    None): the paper's segments, or the content-aware groups of DESIGN.md section 1b."""
+    plan = ex.plan
+    if plan.paper:
+        means, counts = segment_means(x, ex.valid, plan.cr)
+        return means, counts, None
+    l = x.shape[1]
+    if plan.grouping == "segments" and plan.salient == 0:  # the paper's segments, tilted
+        groups = jnp.where(ex.valid, jnp.arange(l) // min(plan.cr, l), -1)
+    else:
+        groups = compress.assign(plan, ex.valid, keys, l)
+    tilt = inputs if plan.value_tilt else None
+    return compress.group_means(x, groups, plan.segments(l), inputs=tilt)
 
-    Returns means `[B, (N-1)*S, D]`, int32 counts `[B, (N-1)*S]` and the source device of each.
+
+def _remote_means(x: jax.Array, ex: Exchange, keys, inputs):
+    """Gather every device's group means; keep those of the N-1 other devices.
+
+    Returns means `[B, (N-1)*V, W]`, int32 counts `[B, (N-1)*V]`, spreads (or None) and the
+    source device of each.
     """
-    b, _, d = a.shape
-    means, counts = segment_means(a, ex.valid, ex.plan.cr)
-    s = means.shape[1]
-    packed = pack_counts(means, counts)  # [B, S, D + w]
-    every = lax.all_gather(packed, ex.axis_name, axis=0)  # [N, B, S, D + w]
+    b, _, w = x.shape
+    means, counts, spread = _local_groups(x, ex, keys, inputs)
+    v = means.shape[1]
+    if spread is not None:  # one more column, in the payload's dtype
+        means = jnp.concatenate([means, spread[..., None].astype(means.dtype)], axis=-1)
+    packed = pack_counts(means, counts)  # [B, V, W (+1) + w]
+    every = lax.all_gather(packed, ex.axis_name, axis=0)  # [N, B, V, ...]
     # Rotate so this device's block comes first, then drop it: row r is device (p + r) mod N.
-    others = jnp.roll(every, -ex.device, axis=0)[1:]  # [N-1, B, S, D + w]
+    others = jnp.roll(every, -ex.device, axis=0)[1:]  # [N-1, B, V, ...]
     source = (ex.device + 1 + jnp.arange(ex.devices - 1)) % ex.devices  # [N-1]
-    others = others.transpose(1, 0, 2, 3).reshape(b, (ex.devices - 1) * s, -1)
-    means, counts = unpack_counts(others, d)
-    return means, counts, jnp.repeat(source, s)
+    others = others.transpose(1, 0, 2, 3).reshape(b, (ex.devices - 1) * v, -1)
+    means, counts = unpack_counts(others, w + (spread is not None))
+    if spread is not None:
+        means, spread = means[..., :w], means[..., w].astype(jnp.float32)
+    return means, counts, spread, jnp.repeat(source, v)
 
 
-def keys_and_mask(a: jax.Array, ex: Exchange):
+def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None):
     """What one device's keys and values are computed from, with their mask and logit bias.
 
     Args:
-      a: `[B, L, D]` the layer's attention inputs of the local tokens.
+      x: `[B, L, W]` what travels for the local tokens: attention inputs (W = D) or keys and
+        values (W = 2*H_kv*K).
       ex: this device's `Exchange`.
+      keys: `[B, L, Kd]` the local keys, for salient tokens and k-means (DESIGN.md 1b).
+      inputs: `[B, L, D]` the local attention inputs, for the value tilt's spread.
 
     Returns:
-      kv_in `[B, M, D]`, mask `[B, 1, L|1, M]` (bool) and bias `[B, 1, 1, M]` or None, where
-      M = L (single), N*L (voltage) or L + (N-1)*S (prism).
+      rows `[B, M, W]`, mask `[B, 1, L|1, M]` (bool), bias `[B, 1, 1, M]` or None, and the
+      spread of each row `[B, M]` float32 (zero for local rows) or None, where M = L (single),
+      N*L (voltage) or L + (N-1)*V (prism).
     """
     if ex.axis_name is None:
-        return a, ex.local_mask, None
+        return x, ex.local_mask, None, None
     if ex.plan.strategy == "voltage":
-        return lax.all_gather(a, ex.axis_name, axis=1, tiled=True), ex.global_mask, None
+        return lax.all_gather(x, ex.axis_name, axis=1, tiled=True), ex.global_mask, None, None
     if ex.devices == 1:  # nothing to exchange with
-        return a, ex.local_mask, None
-    means, counts, source = _remote_means(a, ex)
-    seen = counts > 0  # [B, (N-1)*S]: empty segments are masked out
+        return x, ex.local_mask, None, None
+    means, counts, spread, source = _remote_means(x, ex, keys, inputs)
+    seen = counts > 0  # [B, (N-1)*V]: empty groups are masked out
     if ex.causal:  # partition-aware causal mask: only means of earlier devices
         seen = seen & (source < ex.device)[None, :]
-    b, l, _ = a.shape
+    b, l, _ = x.shape
     mask = jnp.concatenate(
         [
             ex.local_mask,
@@ -187,4 +213,6 @@ def keys_and_mask(a: jax.Array, ex: Exchange):
         log_c = jnp.where(seen, jnp.log(jnp.maximum(counts, 1).astype(jnp.float32)), 0)
         bias = jnp.concatenate([jnp.zeros((b, l), jnp.float32), log_c], axis=-1)
         bias = bias[:, None, None, :]
-    return jnp.concatenate([a, means], axis=1), mask, bias
+    if spread is not None:
+        spread = jnp.concatenate([jnp.zeros((b, l), jnp.float32), spread], axis=-1)
+    return jnp.concatenate([x, means], axis=1), mask, bias, spread

@@ -187,9 +187,12 @@ def _end_ids(model: Model, eos) -> set[int]:
     return {int(eos)}
 
 
-def _check(model: Model, max_new_tokens, temperature, top_k) -> None:
+def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k) -> None:
     if model.config.head != "lm" or not model.config.causal:
         raise PrismError("generation needs a causal LM (GPT-2 or Llama with an LM head)")
+    if plan.value_tilt and plan.strategy == "prism":
+        raise PrismError("generation with value_tilt is not implemented: the decode cache "
+                         "keeps no spreads")  # fmt: skip
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
@@ -228,7 +231,7 @@ def run(
       on_token: called as `on_token(step, ids [B])` after every step (streaming).
     """
     plan = plan or Plan()
-    _check(model, max_new_tokens, temperature, top_k)
+    _check(model, plan, max_new_tokens, temperature, top_k)
     single = mesh is None or plan.strategy == "single"
     devices = 1 if single else mesh.shape[AXIS]
     prompt = left_pad(batch, model.config, devices, max_new_tokens)

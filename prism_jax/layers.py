@@ -111,25 +111,54 @@ class Attention(nnx.Module):
         q = self.q(a).reshape(b, l, h, k)
         if self.rope_theta is not None:
             q = rotate(q, ex.token_positions(), self.rope_theta)
+        grouped = ex.plan.strategy == "prism" and (ex.plan.salient or ex.plan.grouping == "kmeans")
         if self.rope_theta is not None or ex.plan.exchange == "kv":
-            local = jnp.concatenate([self._keys(a, ex), self.v(a)], axis=-1)  # [B, L, 2*G*K]
-            kv, mask, bias = exchange.keys_and_mask(local, ex)  # [B, M, 2*G*K]
-            keys, values = jnp.split(kv, 2, axis=-1)
+            local_keys = self._keys(a, ex)
+            local = jnp.concatenate([local_keys, self.v(a)], axis=-1)  # [B, L, 2*G*K]
+            kv, mask, bias, spread = exchange.keys_and_mask(local, ex, keys=local_keys, inputs=a)
+            keys, values = jnp.split(kv, 2, axis=-1)  # [B, M, G*K] each
         else:
-            kv_in, mask, bias = exchange.keys_and_mask(a, ex)  # [B, M, D]
-            keys, values = self.k(kv_in), self.v(kv_in)
+            local_keys = self.k(a) if grouped else None  # what groups are chosen by
+            kv_in, mask, bias, spread = exchange.keys_and_mask(a, ex, keys=local_keys, inputs=a)
+            keys, values = self.k(kv_in), self.v(kv_in)  # [B, M, G*K] each
         m = keys.shape[1]
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
-        # One fused masked softmax: the boolean mask carries padding, empty segments and the
-        # partition-aware causal rule; the additive bias carries log(count). The XLA path is
-        # used on every backend so that CPU and accelerator runs compute the same thing.
-        out = jax.nn.dot_product_attention(
-            q, keys, values, bias=bias, mask=mask, implementation="xla"
-        )  # [B, L, H, K]
+        if spread is not None:
+            out = self._tilted(q, keys, values, mask, bias, spread)
+        else:
+            # One fused masked softmax: the boolean mask carries padding, empty groups and the
+            # partition-aware causal rule; the additive bias carries log(count). The XLA path
+            # is used on every backend so that CPU and accelerator runs compute the same thing.
+            out = jax.nn.dot_product_attention(
+                q, keys, values, bias=bias, mask=mask, implementation="xla"
+            )  # [B, L, H, K]
         if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
             self.sow(nnx.Intermediate, "cache", KVCache(keys, values, mask[:, 0, -1], seen))
         return self.o(out.reshape(b, l, h * k))
+
+    def _tilted(self, q, keys, values, mask, bias, spread) -> jax.Array:
+        """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
+        each head's output gains (sum over remote rows m of p_m * s2_m) * (q_h / sqrt(K)) M_h,
+        with M_h = W_k^(h)T W_v^(h) from this device's own weights (hidden exchange, so the
+        queries are not rotated)."""
+        b, l, h, k = q.shape
+        g = keys.shape[2]
+        r = h // g  # query heads per KV head
+        qg = q.reshape(b, l, g, r, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(k))
+        logits = jnp.einsum("blgrk,bmgk->bgrlm", qg, keys.astype(jnp.float32))
+        if bias is not None:
+            logits = logits + bias[:, :, None]  # [B, 1, 1, 1, M]
+        logits = jnp.where(mask[:, :, None], logits, -jnp.inf)  # [B, 1, 1, L|1, M]
+        p = jax.nn.softmax(logits, axis=-1)
+        p = jnp.where(jnp.isnan(p), 0, p)  # a row that sees nothing (padding) attends to none
+        out = jnp.einsum("bgrlm,bmgk->blgrk", p, values.astype(jnp.float32))
+        weight = jnp.einsum("bgrlm,bm->blgr", p, spread)  # sum of p_m s2_m
+        wk = self.k.kernel[...].reshape(-1, g, k)  # [D, G, K]
+        wv = self.v.kernel[...].reshape(-1, g, k)
+        m_h = jnp.einsum("dgk,dgj->gkj", wk, wv).astype(jnp.float32)  # [G, K, K]
+        out = out + weight[..., None] * jnp.einsum("blgrk,gkj->blgrj", qg, m_h)
+        return out.reshape(b, l, h, k).astype(q.dtype)
 
     def decode(self, a: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):
         """One new token per row: `a` `[B, 1, D]` at `positions` `[B]`; its key and value are

@@ -14,6 +14,9 @@ LOGIT_BIASES = ("log_count", "none")
 # What travels per group (DESIGN.md section 1a): attention inputs, or rotated keys and values
 # per KV head; `auto` picks the cheaper one that is exact at CR = 1 for the model.
 EXCHANGES = ("auto", "hidden", "kv")
+# How a device groups its tokens (DESIGN.md section 1b): the paper's fixed runs of CR positions,
+# equal-size runs of valid tokens, or k-means in key space started from those.
+GROUPINGS = ("segments", "balanced", "kmeans")
 
 
 def as_int(value) -> int | None:
@@ -37,12 +40,24 @@ class Plan:
       logit_bias: `log_count` adds log(c) to a remote mean's logit, `none` adds nothing.
       exchange: `hidden` sends means of attention inputs, `kv` means of the (rotated) keys
         and of the values per KV head; `auto` resolves per model (`for_model`).
+      grouping: `segments` (the paper: fixed runs of CR positions), `balanced` (V = ceil(L/CR)
+        equal runs of valid tokens) or `kmeans` (Lloyd's iterations in key space from the
+        balanced groups); DESIGN.md section 1b.
+      kmeans_iters: iterations of `kmeans`.
+      salient: how many tokens per device (farthest from the device's mean key) are sent
+        exactly, each as its own group, out of the same V (0: none; at most V - 1).
+      value_tilt: each group also sends its spread, and the receiver tilts the group's
+        value toward the query to first order (hidden exchange).
     """
 
     strategy: str = "prism"
     cr: int = 1
     logit_bias: str = "log_count"
     exchange: str = "auto"
+    grouping: str = "segments"
+    kmeans_iters: int = 10
+    salient: int = 0
+    value_tilt: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -57,11 +72,40 @@ class Plan:
             )
         if self.exchange not in EXCHANGES:
             raise PrismError(f"unknown exchange {self.exchange!r}; choose one of {EXCHANGES}")
+        if self.grouping not in GROUPINGS:
+            raise PrismError(f"unknown grouping {self.grouping!r}; choose one of {GROUPINGS}")
+        for name, low in (("kmeans_iters", 1), ("salient", 0)):
+            value = as_int(getattr(self, name))
+            if value is None or value < low:
+                raise PrismError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if not isinstance(self.value_tilt, bool):
+            raise PrismError(f"value_tilt must be True or False, got {self.value_tilt!r}")
+
+    @classmethod
+    def best(cls, cr: int, **kw) -> Plan:
+        """The content-aware compressor measured best (DESIGN.md section 1b): k-means groups
+        in key space, one salient token sent exactly, the first-order value tilt."""
+        return cls(cr=cr, **{"grouping": "kmeans", "salient": 1, "value_tilt": True} | kw)
+
+    @property
+    def paper(self) -> bool:
+        """Whether what a device sends is the paper's: fixed segments, nothing more."""
+        return self.grouping == "segments" and not self.salient and not self.value_tilt
 
     def for_model(self, cfg) -> Plan:
         """This plan with `exchange` resolved for `cfg` (a `configs.ModelConfig`): rotary
         models always exchange K/V (a mean of inputs has no position to rotate by); the others,
         by default, the cheaper of D and 2*H_kv*K values per group (both exact at CR = 1)."""
+        if (
+            self.value_tilt
+            and self.strategy == "prism"
+            and (cfg.rope_theta is not None or self.exchange == "kv")
+        ):
+            raise PrismError(
+                "value_tilt is derived for exchange='hidden' (a spread of attention inputs); "
+                "it is not implemented for K/V exchange or rotary models"
+            )
         if cfg.rope_theta is not None:
             if self.exchange == "hidden" and self.strategy != "single":
                 raise PrismError(
@@ -71,7 +115,7 @@ class Plan:
             return dataclasses.replace(self, exchange="kv")
         if self.exchange != "auto":
             return self
-        cheaper = "kv" if cfg.kv_width < cfg.width else "hidden"
+        cheaper = "kv" if cfg.kv_width < cfg.width and not self.value_tilt else "hidden"
         return dataclasses.replace(self, exchange=cheaper)
 
     def segments(self, local_len: int) -> int:

@@ -133,9 +133,10 @@ def _mlp(h, layer, act):
     return fc("fc2", _gelu(fc("fc1", h), act))
 
 
-def _attend(q, keys, values, visible, bias, heads, kv_heads):
+def _attend(q, keys, values, visible, bias, heads, kv_heads, spread=None, layer=None):
     """One device, one batch row: queries [L, H*K] against keys and values [M, H_kv*K];
-    query head h reads KV head h // (H / H_kv)."""
+    query head h reads KV head h // (H / H_kv). With `spread` [M] (DESIGN.md 1b.4) each head
+    adds (sum_m p_m s2_m) * (q_h / sqrt(K)) W_k^(h)T W_v^(h)."""
     k = q.shape[1] // heads
     out = np.zeros_like(q)
     for h in range(heads):
@@ -146,41 +147,83 @@ def _attend(q, keys, values, visible, bias, heads, kv_heads):
         logits = np.where(visible, logits, -np.inf)
         top = logits.max(1, keepdims=True)
         p = np.exp(logits - np.where(np.isfinite(top), top, 0))  # a row that sees nothing: 0
-        out[:, sl] = (p / np.maximum(p.sum(1, keepdims=True), 1e-300)) @ values[:, kv]
+        p = p / np.maximum(p.sum(1, keepdims=True), 1e-300)
+        out[:, sl] = p @ values[:, kv]
+        if spread is not None:
+            tilt = (q[:, sl] / math.sqrt(k)) @ (layer["k"][0][:, kv].T @ layer["v"][0][:, kv])
+            out[:, sl] += (p @ spread)[:, None] * tilt
     return out
 
 
-def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal):
+def _groups(block, valid, keys, cr, compressor):
+    """Positions of each group one device sends (DESIGN.md section 1 step 2, section 1b)."""
+    size = block.stop - block.start
+    v = math.ceil(size / cr)
+    if not compressor or compressor["paper_positions"]:
+        return [
+            np.arange(block.start + s * cr, block.start + min((s + 1) * cr, size)) for s in range(v)
+        ]
+    idx = [j for j in range(block.start, block.stop) if valid[j]]
+    chosen = []
+    salient = min(compressor["salient"], v - 1)
+    if salient and idx:
+        mean = keys[idx].mean(0)
+        dev = [((keys[j] - mean) ** 2).sum() for j in idx]
+        order = sorted(range(len(idx)), key=lambda i: (-dev[i], i))[:salient]
+        chosen = sorted(idx[i] for i in order)
+    rest = [j for j in idx if j not in chosen]
+    count = v - len(chosen) if chosen else v - salient
+    groups = [[] for _ in range(count)]
+    for rank, j in enumerate(rest):
+        groups[rank * count // len(rest)].append(j)
+    for _ in range(compressor["kmeans_iters"] if compressor["grouping"] == "kmeans" else 0):
+        centroids = {g: keys[m].mean(0) for g, m in enumerate(groups) if m}
+        new = [[] for _ in range(count)]
+        for j in rest:
+            dist = {g: ((keys[j] - c) ** 2).sum() for g, c in centroids.items()}
+            new[min(dist, key=lambda g: (dist[g], g))].append(j)
+        groups = new
+    return [np.array([j]) for j in chosen] + [np.array(m, int) for m in groups]
+
+
+def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extra=None):
     """Rows one device attends to (of whatever travels: inputs, or keys and values): its
-    tokens, then (prism) the others' segment means. `blocks[q]` is device q's slice of
-    positions (equal blocks of L, or a longer last one: tokens generated after a prefill)."""
+    tokens, then (prism) the others' group means. `blocks[q]` is device q's slice of
+    positions (equal blocks of L, or a longer last one: tokens generated after a prefill).
+    `extra`: the content-aware compressor (DESIGN.md 1b) with each token's keys and inputs.
+    Returns rows, visibility, bias and each row's spread (zero: local rows, no tilt)."""
     pos = np.arange(blocks[p].start, blocks[p].stop)
     l = len(pos)
     if strategy == "voltage":
         total = blocks[-1].stop
         kpos = np.arange(total)
         vis = valid[None, :] & ((kpos[None, :] <= pos[:, None]) if causal else True)
-        return a, np.broadcast_to(vis, (l, total)), np.zeros(total)
+        return a, np.broadcast_to(vis, (l, total)), np.zeros(total), np.zeros(total)
     kv = [a[blocks[p]]]
     vis = [
         np.broadcast_to(
             valid[pos][None, :] & ((pos[None, :] <= pos[:, None]) if causal else True), (l, l)
         )
     ]
-    bias = [np.zeros(l)]
+    bias, spread = [np.zeros(l)], [np.zeros(l)]
+    extra = extra or {}
     for q, block in enumerate(blocks if strategy == "prism" else []):
         if q == p:
             continue
-        size = block.stop - block.start
-        for s in range(math.ceil(size / cr)):
-            seg = np.arange(block.start + s * cr, block.start + min((s + 1) * cr, size))
-            c = valid[seg].sum()
-            mean = a[seg][valid[seg]].mean(0) if c else np.zeros(a.shape[1])
+        for members in _groups(block, valid, extra.get("keys"), cr, extra.get("compressor")):
+            members = np.array([j for j in members if valid[j]], int)
+            c = len(members)
+            mean = a[members].mean(0) if c else np.zeros(a.shape[1])
             seen = c > 0 and (not causal or q < p)
             kv.append(mean[None])
             vis.append(np.full((l, 1), seen))
             bias.append([math.log(c) if (seen and logit_bias == "log_count") else 0.0])
-    return np.concatenate(kv), np.concatenate(vis, 1), np.concatenate(bias)
+            s2 = 0.0
+            if c and extra.get("compressor", {}).get("value_tilt"):
+                x = extra["inputs"][members]
+                s2 = max(0.0, (x**2).sum(1).mean() - (x.mean(0) ** 2).sum()) / x.shape[1]
+            spread.append([s2])
+    return np.concatenate(kv), np.concatenate(vis, 1), np.concatenate(bias), np.concatenate(spread)
 
 
 def _config(cfg):
@@ -204,7 +247,9 @@ def _rope_theta(cfg):
     return params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
 
 
-def _attention(a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, exchange):
+def _attention(
+    a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, exchange, compressor
+):
     """The attention block's output [T, D] of one batch row (tokens at positions `pos`),
     device by device."""
     heads, kv_heads, k, *_ = _config(cfg)
@@ -218,15 +263,19 @@ def _attention(a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, e
 
     q = proj("q", a)
     out = np.zeros((len(a), heads * k))
+    extra = {"compressor": compressor, "keys": proj("k", a), "inputs": a}
+    tilt = bool(compressor and compressor["value_tilt"])
     for p, block in enumerate(blocks):
         if exchange == "kv":  # the senders' own keys and values travel
             kv = np.concatenate([proj("k", a), proj("v", a)], 1)
-            rows, vis, bias = _keys_for_device(kv, valid, p, blocks, *plan)
+            rows, vis, bias, spread = _keys_for_device(kv, valid, p, blocks, *plan, extra)
             keys, values = np.split(rows, 2, axis=1)
         else:  # attention inputs travel; the receiver projects them (no rotary here)
-            rows, vis, bias = _keys_for_device(a, valid, p, blocks, *plan)
+            rows, vis, bias, spread = _keys_for_device(a, valid, p, blocks, *plan, extra)
             keys, values = proj("k", rows, None), proj("v", rows, None)
-        out[block] = _attend(q[block], keys, values, vis, bias, heads, kv_heads)
+        out[block] = _attend(
+            q[block], keys, values, vis, bias, heads, kv_heads, spread if tilt else None, layer
+        )
     return out @ layer["o"][0] + layer["o"][1]
 
 
@@ -241,6 +290,10 @@ def forward(
     logit_bias="log_count",
     exchange=None,
     last_extra=0,
+    grouping="segments",
+    salient=0,
+    kmeans_iters=10,
+    value_tilt=False,
 ):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
@@ -249,6 +302,7 @@ def forward(
       logit_bias and exchange as in `pj.Plan` (exchange None: kv for Llama, else hidden).
       last_extra: the last `last_extra` tokens of the batch are appended to the last
         device's block (generation: tokens decoded after a prefill of the others).
+      grouping, salient, kmeans_iters, value_tilt: the compressor of DESIGN.md section 1b.
     """
     family = cfg.model_type
     exchange = exchange or ("kv" if family == "llama" else "hidden")
@@ -268,7 +322,12 @@ def forward(
     x = np.pad(x, ((0, 0), (0, n * l + last_extra - t), (0, 0)))
     valid = np.pad(valid, ((0, 0), (0, n * l + last_extra - t)))
     pos = np.pad(pos, ((0, 0), (0, n * l + last_extra - t)))
-    plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange)
+    compressor = dict(
+        grouping=grouping, salient=salient, kmeans_iters=kmeans_iters, value_tilt=value_tilt,
+        paper_positions=grouping == "segments" and not salient,
+    )  # fmt: skip
+    plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange,
+                compressor=compressor)  # fmt: skip
     for layer in _layers(sd, family, depth):
         a = x if post_ln else norm(x, layer["ln1"])
         att = np.stack([_attention(a[r], valid[r], pos[r], layer, cfg, **plan) for r in range(b)])

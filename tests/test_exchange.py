@@ -43,7 +43,7 @@ def test_single_path_masks_padding_and_future():
     ex = exchange.make_exchange(
         pj.Plan(strategy="single"), valid, causal=True, axis_name=None, devices=1
     )
-    kv, mask, bias = exchange.keys_and_mask(jnp.zeros((1, 4, 2)), ex)
+    kv, mask, bias, _ = exchange.keys_and_mask(jnp.zeros((1, 4, 2)), ex)
     assert bias is None and kv.shape == (1, 4, 2)
     want = np.tril(np.ones((4, 4), bool)) & np.array([True, True, True, False])
     np.testing.assert_array_equal(mask[0, 0], want)
@@ -57,7 +57,7 @@ def test_prism_mask_bias_and_collective_per_device():
 
     def per_device(a, valid):
         ex = exchange.make_exchange(pj.Plan(cr=cr), valid, causal=True, axis_name="edge", devices=n)
-        kv, mask, bias = exchange.keys_and_mask(a, ex)
+        kv, mask, bias, _ = exchange.keys_and_mask(a, ex)
         return kv, mask[:, :, -1:], bias  # mask of the last local query
 
     from jax.sharding import NamedSharding

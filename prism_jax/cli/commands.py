@@ -108,13 +108,24 @@ def _check_finite(out: dict) -> dict:
 
 
 def plan_of(args, cr: int | None = None) -> pj.Plan:
-    """The `Plan` the command line names (`cr` for one cell of a sweep)."""
-    return pj.Plan(
+    """The `Plan` the command line names (`cr` for one cell of a sweep): `--compressor prism+`
+    starts from `Plan.best`, and the single compressor flags override it."""
+    chosen = {
+        k: getattr(args, k)
+        for k in ("grouping", "salient", "kmeans_iters")
+        if getattr(args, k) is not None
+    }
+    if args.value_tilt:
+        chosen["value_tilt"] = True
+    fields = dict(
         strategy=getattr(args, "strategy", "prism"),
         cr=args.cr if cr is None else cr,
         logit_bias=args.logit_bias,
         exchange=args.exchange,
     )
+    if args.compressor == "prism+":
+        return pj.Plan.best(**fields | chosen)
+    return pj.Plan(**fields | chosen)
 
 
 def _run_infer(args) -> dict:
@@ -144,6 +155,9 @@ def _run_infer(args) -> dict:
             "cr": plan.cr,
             "logit_bias": plan.logit_bias,
             "exchange": plan.for_model(model.config).exchange,
+            "grouping": plan.grouping,
+            "salient": plan.salient,
+            "value_tilt": plan.value_tilt,
         },
         "batch": b,
         "tokens": t,
@@ -164,8 +178,7 @@ def _run_demo(args) -> dict:
         texts,
         devices=args.devices,
         crs=args.cr,
-        logit_bias=args.logit_bias,
-        exchange=args.exchange,
+        template=plan_of(args, 1),
         max_length=args.max_length,
         progress=not args.json,
     )
@@ -357,6 +370,9 @@ def _run_generate(args) -> dict:
             "cr": plan.cr,
             "logit_bias": plan.logit_bias,
             "exchange": plan.for_model(model.config).exchange,
+            "grouping": plan.grouping,
+            "salient": plan.salient,
+            "value_tilt": plan.value_tilt,
         },  # fmt: skip
         "prompts": texts,
         "prompt_tokens": [len(r) for r in rows],

@@ -7,7 +7,7 @@ import argparse
 import math
 
 from prism_jax.data.tfds_builders import LOCAL
-from prism_jax.plan import EXCHANGES, LOGIT_BIASES, STRATEGIES
+from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES
 
 EXIT_USAGE = 2
 
@@ -85,6 +85,21 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
         choices=EXCHANGES,
         help="what travels: attention-input means (hidden) or key/value means (kv); auto: "
         "the cheaper exact one, kv for rotary models",
+    )
+    c = p.add_argument_group("compressor (DESIGN.md section 1b; default: the paper's segments)")
+    c.add_argument(
+        "--compressor",
+        default="paper",
+        choices=["paper", "prism+"],
+        help="prism+: k-means groups, one salient token, value tilt (the flags below override)",
+    )
+    c.add_argument("--grouping", default=None, choices=GROUPINGS, help="how tokens are grouped")
+    c.add_argument(
+        "--salient", type=nonnegative_int, default=None, help="tokens per device sent exactly"
+    )
+    c.add_argument("--kmeans-iters", type=positive_int, default=None, help="k-means iterations")
+    c.add_argument(
+        "--value-tilt", action="store_true", help="send each group's spread; tilt its value"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -7,6 +7,7 @@ of `bucket` tokens, so that few shapes are compiled and little padding is added.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -55,15 +56,15 @@ def agreement_sweep(
     *,
     devices: int,
     crs: list[int],
-    logit_bias: str = "log_count",
-    exchange: str = "auto",
+    template: Plan | None = None,
     batch_size: int = 8,
     max_length: int = 128,
     bucket: int = 64,
     progress: bool = True,
 ) -> list[dict]:
     """Cosine of prism sentence embeddings with the exact ones, per CR, at N devices; the
-    first row is `voltage` (exact, full exchange), the reference for bytes and time.
+    first row is `voltage` (exact, full exchange), the reference for bytes and time. Each
+    prism plan is `template` (logit bias, exchange, compressor; default `Plan()`) at a CR.
 
     Bytes are measured from each batch's lowered program (its collectives), per inference of
     one batch, averaged over the batches; seconds are a second (compiled) pass over all texts.
@@ -99,8 +100,9 @@ def agreement_sweep(
             "compile_seconds": max(first - seconds, 0.0),
         }
 
-    plans = [Plan(strategy="voltage", exchange=exchange)]
-    plans += [Plan(cr=cr, logit_bias=logit_bias, exchange=exchange) for cr in crs]
+    template = template or Plan()
+    plans = [Plan(strategy="voltage", exchange=template.exchange)]
+    plans += [dataclasses.replace(template, strategy="prism", cr=cr) for cr in crs]
     return sweep.sweep(
         model.config,
         [(devices, plan) for plan in plans],

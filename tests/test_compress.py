@@ -1,0 +1,116 @@
+"""Content-aware groups (DESIGN.md section 1b): the rules one by one, the whole compressor
+against the NumPy reference, exactness at CR = 1, bytes, and refusals."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prism_jax as pj
+from prism_jax import cli, compress, cost
+from prism_jax.errors import PrismError
+from tests import reference, tiny
+from tests.conftest import ATOL_LAYER
+
+
+def test_balanced_groups_cover_valid_tokens_evenly():
+    rng = np.random.default_rng(0)
+    valid = rng.random((20, 17)) < 0.7
+    got = np.asarray(compress.balanced(jnp.asarray(valid), 5))
+    for row, ids in zip(valid, got, strict=True):
+        n = row.sum()
+        assert (ids[~row] == -1).all()
+        want = [r * 5 // n for r in range(n)]  # floor(rank * V / n), in position order
+        assert list(ids[row]) == want
+        if n >= 5:
+            sizes = np.bincount(ids[row], minlength=5)
+            assert sizes.min() >= 1 and sizes.max() - sizes.min() <= 1
+
+
+def test_salient_token_is_the_farthest_key_and_ties_go_to_the_earliest():
+    keys = np.zeros((2, 6, 3), np.float32)
+    keys[0, 4] = [5, 0, 0]  # far from the rest
+    keys[1, 1] = keys[1, 3] = [2, 2, 0]  # an exact tie: position 1 wins
+    valid = np.ones((2, 6), bool)
+    valid[0, 5] = False
+    keys[0, 5] = [100, 0, 0]  # padding never counts, however far
+    got = np.asarray(compress.salient(jnp.asarray(keys), jnp.asarray(valid), 1))
+    assert got[0].nonzero()[0].tolist() == [4] and got[1].nonzero()[0].tolist() == [1]
+
+
+def test_kmeans_keeps_an_emptied_group_empty():
+    keys = np.array([[[0.0], [0.1], [0.2], [10.0]]], np.float32)
+    groups = np.array([[0, 1, 1, 2]], np.int32)  # group 1 lies between its neighbours
+    out = np.asarray(compress.kmeans(jnp.asarray(keys), jnp.asarray(groups), 3, 5))
+    assert out[0, 3] == 2 and set(out[0, :3]) <= {0, 1}
+    assert (out >= 0).all()
+
+
+CASES = [
+    ("bert_cls", 3, dict(cr=3, grouping="balanced")),
+    ("bert_cls", 2, dict(cr=4, grouping="kmeans", salient=1, value_tilt=True)),
+    ("gpt2_lm", 4, dict(cr=2, value_tilt=True)),
+    ("gpt2_lm", 3, dict(cr=3, grouping="kmeans", salient=1, value_tilt=True)),
+    ("vit_cls", 3, dict(cr=2, salient=1)),
+    ("vit_cls", 2, dict(cr=5, salient=2, grouping="kmeans", kmeans_iters=2)),
+    ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1)),
+    ("bert_cls", 3, dict(cr=3, grouping="kmeans", salient=1, exchange="kv")),
+]
+
+
+@pytest.mark.parametrize(("name", "n", "kw"), CASES)
+def test_compressor_matches_numpy_reference(name, n, kw, hf_models, rng):
+    torch_model, directory = hf_models(name)
+    model = pj.load_pretrained(directory)
+    batch = tiny.random_batch(name, rng, tokens=17)
+    plan = pj.Plan(**kw)
+    out = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=plan)["last_hidden_state"]
+    want = reference.forward(torch_model.config, directory, batch, n=n, **kw)["last_hidden_state"]
+    valid = batch["attention_mask"].astype(bool) if "attention_mask" in batch else ...
+    np.testing.assert_allclose(out[valid], want[valid], atol=ATOL_LAYER * model.config.depth)
+    paper = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=kw["cr"]))
+    assert np.abs(out - paper["last_hidden_state"])[valid].max() > 1e-3  # it changes something
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "gpt2_lm"])
+def test_best_compressor_is_exact_at_cr1(name, hf_models, rng):
+    model = pj.load_pretrained(hf_models(name)[1])
+    batch = tiny.random_batch(name, rng, tokens=13)
+    exact = pj.infer(model, batch)["last_hidden_state"]
+    got = pj.infer(model, batch, mesh=pj.edge_mesh(3), plan=pj.Plan.best(1))["last_hidden_state"]
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[valid], exact[valid], atol=ATOL_LAYER * model.config.depth)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tilt_bytes_equal_closed_form(dtype):
+    cfg = pj.PRESETS["bert-base"]()
+    cfg = type(cfg)(**{**cfg.__dict__, "depth": 2})
+    plan = pj.Plan.best(8)
+    size = 2 if dtype == "bfloat16" else 4
+    lowered = cost.lower(cfg, plan, devices=4, seq_len=64, batch=2, dtype=dtype)
+    measured = cost.collective_bytes(lowered.as_text())[0]
+    want = cost.bytes_closed_form(cfg, plan, devices=4, seq_len=64, batch=2, dtype_bytes=size)
+    assert measured == want == 2 * 2 * 2 * ((768 + 1) * size + 4)  # D + spread, int32 count
+
+
+def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
+    for kw, message in (
+        (dict(grouping="random"), "unknown grouping"),
+        (dict(salient=-1), "salient must be an integer >= 0"),
+        (dict(kmeans_iters=0), "kmeans_iters must be an integer >= 1"),
+        (dict(value_tilt="yes"), "value_tilt must be True or False"),
+    ):
+        with pytest.raises(PrismError, match=message):
+            pj.Plan(cr=2, **kw)
+    llama = pj.load_pretrained(hf_models("llama_lm")[1])
+    batch = tiny.random_batch("llama_lm", rng)
+    with pytest.raises(PrismError, match="value_tilt is derived for exchange='hidden'"):
+        pj.infer(llama, batch, mesh=pj.edge_mesh(2), plan=pj.Plan.best(2))
+    directory = str(hf_models("bert_cls")[1])
+    base = ["infer", "--model", directory, "--devices", "2", "--cr", "4", "--text", "good tea"]
+    assert cli.main([*base, "--compressor", "prism+", "--json"]) == 0
+    assert '"grouping": "kmeans"' in capsys.readouterr().out
+    for bad in (["--grouping", "random"], ["--salient", "-1"], ["--kmeans-iters", "0"]):
+        assert cli.main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
