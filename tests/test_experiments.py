@@ -21,6 +21,7 @@ SCRIPTS = [
 # benchmarks, which write nothing in a smoke) a printed table row with a measured number.
 RESULTS = {
     "table_bert.py",
+    "table_compress.py",
     "table_cost.py",
     "table_generation.py",
     "table_gpt2.py",
