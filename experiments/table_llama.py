@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct (real Q4_1 weights) against compression: perplexity, cloze, prefill.
 
-Command:  .venv/bin/python experiments/table_llama.py          (about 40 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_llama.py          (28 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_llama.py --smoke  (2 layers, 30 s; run by the tests)
 
 The Llama-family model of DESIGN.md section 4, dequantized from its GGUF file, exchanging

@@ -114,3 +114,38 @@ def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
         assert cli.main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1, err
+
+
+COMBOS = [
+    dict(grouping="balanced"),
+    dict(grouping="kmeans"),
+    dict(salient=1),
+    dict(value_tilt=True),
+    dict(grouping="kmeans", salient=1, value_tilt=True),
+]
+
+
+@pytest.mark.parametrize("kw", COMBOS)
+def test_every_combination_is_exact_when_every_token_is_its_own_group(kw, hf_models, rng):
+    model = pj.load_pretrained(hf_models("gpt2_lm")[1])
+    batch = tiny.random_batch("gpt2_lm", rng, tokens=13)
+    exact = pj.infer(model, batch)["last_hidden_state"]
+    got = pj.infer(model, batch, mesh=pj.edge_mesh(4), plan=pj.Plan(cr=1, **kw))
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(
+        got["last_hidden_state"][valid], exact[valid], atol=ATOL_LAYER * model.config.depth
+    )
+
+
+@pytest.mark.parametrize("cr", [2, 64])  # 64 >= L: V = 1, one mean per device, no salient
+def test_devices_without_valid_tokens_and_a_single_group(cr, hf_models, rng):
+    torch_model, directory = hf_models("bert_cls")
+    model = pj.load_pretrained(directory)
+    batch = tiny.random_batch("bert_cls", rng, batch=3, tokens=20)
+    batch["attention_mask"][2, 3:] = 0  # row 2: devices 1..3 hold padding only
+    kw = dict(cr=cr, grouping="kmeans", salient=1, value_tilt=True)
+    out = pj.infer(model, batch, mesh=pj.edge_mesh(4), plan=pj.Plan(**kw))["last_hidden_state"]
+    want = reference.forward(torch_model.config, directory, batch, n=4, **kw)
+    np.testing.assert_allclose(
+        out, want["last_hidden_state"], atol=ATOL_LAYER * model.config.depth, rtol=0
+    )
