@@ -1,7 +1,7 @@
 """Generation against compression: greedy agreement with the exact model, time to first token,
 decode speed, bytes and cache size, for SmolLM2-135M (real weights) and the GPT-2 task model.
 
-Command:  .venv/bin/python experiments/table_generation.py          (about 15 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_generation.py          (4.5 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_generation.py --smoke  (GPT-2 only; run by the tests)
 
 Prompts: the first 48 tokens of the first 8 held-out (test split) Wikipedia leads, one batch,
