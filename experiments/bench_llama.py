@@ -40,27 +40,29 @@ PROMPT = (
 
 
 def load(depth: int | None = None):
-    """(our model, transformers' model) of the same GGUF file (cut to its first `depth`
-    layers for the smoke)."""
+    """(our model, transformers' model) of the same GGUF file; for the smoke, its first
+    `depth` layers, handed to transformers through our HF export (its GGUF loader takes 20 s)."""
+    import tempfile
+
     import torch
     import transformers
 
     import prism_jax as pj
+    from prism_jax.checkpoints import hf
     from prism_jax.data import sources
 
     torch.set_num_threads(os.cpu_count())
     path = sources.smollm2_gguf()
-    reference = transformers.LlamaForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name
-    ).eval()
     model = pj.load_pretrained(path)
-    if depth is not None:
-        import common
+    if depth is None:
+        source = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+        return model, transformers.LlamaForCausalLM.from_pretrained(**source).eval()
+    import common
 
-        reference.model.layers = reference.model.layers[:depth]
-        reference.config.num_hidden_layers = depth
-        model = common.first_layers(model, depth)
-    return model, reference
+    model = common.first_layers(model, depth)
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(model, directory)
+        return model, transformers.LlamaForCausalLM.from_pretrained(directory).eval()
 
 
 def prefill(model, reference, shapes: list[tuple[int, int]], repeats: int) -> list[dict]:

@@ -72,7 +72,7 @@ def main(argv=None):
         if args.smoke
         else (args.rows, args.seq_len, args.questions, args.cloze_len, (2, 4, 8))
     )
-    most = 3 if args.smoke else None
+    most = 2 if args.smoke else None
     results = []
     task = tasks.load(model, "wikipedia_leads", limit=rows, max_length=seq_len)
     grid = report.grid(model, task, devices=devices, most_crs=most, max_cr=args.max_cr)

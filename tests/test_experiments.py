@@ -33,7 +33,7 @@ MODELS = {"train_gpt2.py", "train_vit.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_smoke(script, tmp_path):
+def test_smoke(script, tmp_path, tfds_dir):
     root = Path(__file__).parents[1]
     out = tmp_path / "out"
     extra = ["--out", str(out)] if script in RESULTS | MODELS else []
@@ -43,7 +43,13 @@ def test_smoke(script, tmp_path):
         text=True,
         timeout=600,
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+        # TFDS prepares each local dataset once per test session, shared by every smoke
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "HOME": str(tmp_path),
+            "TFDS_DATA_DIR": str(tfds_dir),
+        },  # fmt: skip
     )
     assert done.returncode == 0, done.stderr[-3000:]
     if script in RESULTS:

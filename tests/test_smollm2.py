@@ -48,10 +48,9 @@ def test_logits_match_transformers_gguf_loader(smollm2, reference):
             attention_mask=torch.tensor(batch["attention_mask"]).long(),
         ).logits.numpy()[valid]
     atol = ATOL_LAYER * smollm2.config.depth  # 30 layers of float32 rounding
-    for n in (1, 3):
-        mesh = pj.edge_mesh(n) if n > 1 else None
-        got = pj.infer(smollm2, batch, mesh=mesh, plan=pj.Plan(cr=1))["logits"][valid]
-        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+    # N = 3 (K/V exchange at CR = 1); one device is the same code without the axis
+    got = pj.infer(smollm2, batch, mesh=pj.edge_mesh(3), plan=pj.Plan(cr=1))["logits"][valid]
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     config = smollm2.config
     assert (config.depth, config.width, config.heads, config.kv_heads) == (30, 576, 9, 3)
