@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 import prism_jax as pj
-from prism_jax import cluster, cost, generation, models
+from prism_jax import cluster, cost, models
 from prism_jax.checkpoints import hf
-from prism_jax.cli import printing
-from prism_jax.cli.parser import build_parser
+from prism_jax.cli import llm, printing
+from prism_jax.cli.parser import build_parser, plan_of
 from prism_jax.data import sources, tfds_builders
 from prism_jax.errors import PrismError
 from prism_jax.evaluation import metrics, sweep, tasks
@@ -105,27 +105,6 @@ def _check_finite(out: dict) -> dict:
     if bad:
         raise PrismError(f"the model produced NaN or inf in {', '.join(bad)}")
     return out
-
-
-def plan_of(args, cr: int | None = None) -> pj.Plan:
-    """The `Plan` the command line names (`cr` for one cell of a sweep): `--compressor prism+`
-    starts from `Plan.best`, and the single compressor flags override it."""
-    chosen = {
-        k: getattr(args, k)
-        for k in ("grouping", "salient", "kmeans_iters")
-        if getattr(args, k) is not None
-    }
-    if args.value_tilt:
-        chosen["value_tilt"] = True
-    fields = dict(
-        strategy=getattr(args, "strategy", "prism"),
-        cr=args.cr if cr is None else cr,
-        logit_bias=args.logit_bias,
-        exchange=args.exchange,
-    )
-    if args.compressor == "prism+":
-        return pj.Plan.best(**fields | chosen)
-    return pj.Plan(**fields | chosen)
 
 
 def _run_infer(args) -> dict:
@@ -342,69 +321,6 @@ def _run_launch(args):
     return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
 
 
-def _run_generate(args) -> dict:
-    plan = plan_of(args)
-    model = pj.load_pretrained(args.model)
-    tok = model.tokenizer
-    if tok is None:
-        raise PrismError(f"{args.model} has no tokenizer to read the prompt with")
-    texts = [tok.chat(t) if args.chat else t for t in args.prompt]
-    rows = [tok.encode_plain(t) for t in texts]
-    t = max(len(r) for r in rows)
-    batch = {
-        "input_ids": np.zeros((len(rows), t), np.int32),
-        "attention_mask": np.zeros((len(rows), t), np.int32),
-    }
-    for i, r in enumerate(rows):
-        batch["input_ids"][i, : len(r)], batch["attention_mask"][i, : len(r)] = r, 1
-    stream = printing.TextStream(tok) if len(rows) == 1 and not args.json else None
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, seed=args.seed)  # fmt: skip
-    mesh = pj.edge_mesh(args.devices)
-    run = generation.run(model, batch, mesh=mesh, plan=plan, on_token=stream, **kw)
-    result = {
-        "model": str(args.model),
-        "devices": args.devices,
-        "plan": {
-            "strategy": plan.strategy,
-            "cr": plan.cr,
-            "logit_bias": plan.logit_bias,
-            "exchange": plan.for_model(model.config).exchange,
-            "grouping": plan.grouping,
-            "salient": plan.salient,
-            "value_tilt": plan.value_tilt,
-        },  # fmt: skip
-        "prompts": texts,
-        "prompt_tokens": [len(r) for r in rows],
-        "texts": [tok.decode(ids) for ids in run.ids],
-        "ids": run.ids.tolist(),
-        "new_tokens": run.steps,
-        "prefill_seconds": run.prefill_seconds,
-        "decode_tokens_per_second": run.tokens_per_second,
-        "prefill_bytes_per_device": run.prefill_bytes,
-        "cache_bytes": run.cache_bytes,
-        "exact_cache_bytes": run.exact_cache_bytes,
-        "streamed": stream is not None,
-    }
-    if args.compare:
-        exact = generation.run(model, batch, **kw).ids
-        result["compare"] = {
-            "texts": [tok.decode(ids) for ids in exact],
-            "token_agreement": float((exact == run.ids).mean()),
-        }
-    return result
-
-
-def _run_convert(args) -> dict:
-    source = Path(args.source)
-    if source.suffix != ".gguf":
-        raise PrismError(f"{source} is not a .gguf file")
-    if not source.is_file():
-        raise PrismError(f"no GGUF file at {source}")
-    out = usable_directory(Path(args.out).absolute(), "out")
-    return hf.convert_gguf(source, out)
-
-
 RUNNERS = {
     "infer": _run_infer,
     "demo": _run_demo,
@@ -413,6 +329,6 @@ RUNNERS = {
     "finetune": _run_finetune,
     "node": _run_node,
     "launch": _run_launch,
-    "convert": _run_convert,
-    "generate": _run_generate,
+    "convert": llm.run_convert,
+    "generate": llm.run_generate,
 }

@@ -7,7 +7,7 @@ import argparse
 import math
 
 from prism_jax.data.tfds_builders import LOCAL
-from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES
+from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, Plan
 
 EXIT_USAGE = 2
 
@@ -324,3 +324,24 @@ def build_parser() -> Parser:
     )
     _cluster(sub, "launch", "start a cluster of N local node processes and show node 0's result")
     return parser
+
+
+def plan_of(args, cr: int | None = None) -> Plan:
+    """The `Plan` the command line names (`cr` for one cell of a sweep): `--compressor prism+`
+    starts from `Plan.best`, and the single compressor flags override it."""
+    chosen = {
+        k: getattr(args, k)
+        for k in ("grouping", "salient", "kmeans_iters")
+        if getattr(args, k) is not None
+    }
+    if args.value_tilt:
+        chosen["value_tilt"] = True
+    fields = dict(
+        strategy=getattr(args, "strategy", "prism"),
+        cr=args.cr if cr is None else cr,
+        logit_bias=args.logit_bias,
+        exchange=args.exchange,
+    )
+    if args.compressor == "prism+":
+        return Plan.best(**fields | chosen)
+    return Plan(**fields | chosen)
