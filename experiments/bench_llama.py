@@ -1,7 +1,7 @@
 """SmolLM2-135M on one CPU device, prism-jax (JAX/XLA) against transformers (PyTorch): prefill,
 and greedy decoding with `pj.generate` against `transformers`' `generate`.
 
-Command:  .venv/bin/python experiments/bench_llama.py         (about 5 minutes on 2 cores)
+Command:  .venv/bin/python experiments/bench_llama.py         (about 3 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/bench_llama.py --smoke (seconds after loading)
 
 The same dequantized weights (the GGUF file of DESIGN.md section 4, read by our converter and
