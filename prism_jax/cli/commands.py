@@ -18,7 +18,7 @@ import prism_jax as pj
 from prism_jax import cluster, cost, models
 from prism_jax.checkpoints import hf
 from prism_jax.cli import llm, printing
-from prism_jax.cli.parser import build_parser, plan_of
+from prism_jax.cli.parser import build_parser, plan_of, plan_summary
 from prism_jax.data import sources, tfds_builders
 from prism_jax.errors import PrismError
 from prism_jax.evaluation import metrics, sweep, tasks
@@ -129,15 +129,7 @@ def _run_infer(args) -> dict:
         "family": model.config.family,
         "head": model.config.head,
         "devices": args.devices,
-        "plan": {
-            "strategy": plan.strategy,
-            "cr": plan.cr,
-            "logit_bias": plan.logit_bias,
-            "exchange": plan.for_model(model.config).exchange,
-            "grouping": plan.grouping,
-            "salient": plan.salient,
-            "value_tilt": plan.value_tilt,
-        },
+        "plan": plan_summary(plan, model.config),
         "batch": b,
         "tokens": t,
         "bytes_per_device": sent,

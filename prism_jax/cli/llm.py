@@ -11,7 +11,7 @@ import prism_jax as pj
 from prism_jax import generation
 from prism_jax.checkpoints import hf
 from prism_jax.cli import printing
-from prism_jax.cli.parser import plan_of
+from prism_jax.cli.parser import plan_of, plan_summary
 from prism_jax.errors import PrismError
 from prism_jax.training.checkpoint import usable_directory
 
@@ -39,15 +39,7 @@ def run_generate(args) -> dict:
     result = {
         "model": str(args.model),
         "devices": args.devices,
-        "plan": {
-            "strategy": plan.strategy,
-            "cr": plan.cr,
-            "logit_bias": plan.logit_bias,
-            "exchange": plan.for_model(model.config).exchange,
-            "grouping": plan.grouping,
-            "salient": plan.salient,
-            "value_tilt": plan.value_tilt,
-        },  # fmt: skip
+        "plan": plan_summary(plan, model.config),
         "prompts": texts,
         "prompt_tokens": [len(r) for r in rows],
         "texts": [tok.decode(ids) for ids in run.ids],

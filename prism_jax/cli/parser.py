@@ -4,6 +4,7 @@ bad values at parse time (one line, exit code 2), before any model or data is lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 from prism_jax.data.tfds_builders import LOCAL
@@ -345,3 +346,8 @@ def plan_of(args, cr: int | None = None) -> Plan:
     if args.compressor == "prism+":
         return Plan.best(**fields | chosen)
     return Plan(**fields | chosen)
+
+
+def plan_summary(plan: Plan, cfg) -> dict:
+    """What a result reports of its plan: every field, `exchange` resolved for the model."""
+    return dataclasses.asdict(plan.for_model(cfg))
