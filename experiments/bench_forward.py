@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+import common
 import numpy as np
 
 
@@ -75,19 +76,6 @@ def run(cfg: Config) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| batch | T | JAX first call (s) | JAX (s) | PyTorch (s) | JAX / PyTorch |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['batch']} | {r['tokens']} | {r['jax_first_call_s']:.2f} | {r['jax_s']:.4f} "
-        f"| {r['torch_s']:.4f} | {r['jax_over_torch']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
@@ -95,7 +83,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config(repeats=args.repeats)
     rows = run(cfg)
-    table = markdown(rows)
+    table = common.speed_table(rows)
     print(table)
     if cfg.out:
         out = Path(cfg.out)

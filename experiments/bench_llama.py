@@ -28,6 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 
 OUT = Path(__file__).parent / "results"
@@ -57,8 +58,6 @@ def load(depth: int | None = None):
     if depth is None:
         source = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
         return model, transformers.LlamaForCausalLM.from_pretrained(**source).eval()
-    import common
-
     model = common.first_layers(model, depth)
     with tempfile.TemporaryDirectory() as directory:
         hf.save_pretrained(model, directory)
@@ -140,19 +139,6 @@ def decode(model, reference, batch_size: int, new: int, repeats: int) -> dict:
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| batch | T | JAX first call (s) | JAX (s) | PyTorch (s) | JAX / PyTorch |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['batch']} | {r['tokens']} | {r['jax_first_call_s']:.2f} | {r['jax_s']:.4f} "
-        f"| {r['torch_s']:.4f} | {r['jax_over_torch']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
-
-
 def decode_markdown(rows: list[dict]) -> str:
     lines = [
         "| batch | prompt | new | pj.generate tokens/s | transformers tokens/s | time ratio |",
@@ -182,7 +168,10 @@ def main(argv=None):
         decode(model, reference, b, new, min(repeats, 3)) for b in ([1] if smoke else [1, 4])
     ]
     table = (
-        "## Prefill\n\n" + markdown(rows) + "\n\n## Greedy decode\n\n" + decode_markdown(decoded)
+        "## Prefill\n\n"
+        + common.speed_table(rows)
+        + "\n\n## Greedy decode\n\n"
+        + decode_markdown(decoded)
     )
     print(table)
     if not smoke:

@@ -78,3 +78,17 @@ def first_layers(model, depth: int):
     old = {p: v for p, v in nnx.to_flat_state(model.params)}
     state = nnx.from_flat_state([(p, old[p]) for p, _ in nnx.to_flat_state(cut.params)])
     return dataclasses.replace(model, config=cut.config, graphdef=cut.graphdef, params=state)
+
+
+def speed_table(rows: list[dict]) -> str:
+    """Markdown of single-device timings: JAX first call and steady state against PyTorch."""
+    lines = [
+        "| batch | T | JAX first call (s) | JAX (s) | PyTorch (s) | JAX / PyTorch |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['batch']} | {r['tokens']} | {r['jax_first_call_s']:.2f} | {r['jax_s']:.4f} "
+        f"| {r['torch_s']:.4f} | {r['jax_over_torch']:.2f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)

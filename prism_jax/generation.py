@@ -249,7 +249,7 @@ def run(
         stacked = fn(place(model, mesh), inputs, put(valid, mesh, P()))
         last = mesh.devices.flat[-1]  # the device that owns the end of the sequence
         logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
-        params = jax.device_put(model.params, last)
+        params = place(model, last)  # the decoding device's copy, kept for the next call
     key = jax.random.key(seed)
     ids = np.asarray(_choose(logits, jax.random.fold_in(key, 0), temperature=temperature,
                              top_k=top_k))  # fmt: skip

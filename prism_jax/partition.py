@@ -94,13 +94,16 @@ def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
     )
 
 
-def place(model: Model, mesh: Mesh):
-    """The model's params replicated on every device of the mesh (cached per mesh, for these
-    very params: a model whose params were replaced is placed anew)."""
-    source, placed = model.placed.get(mesh, (None, None))
+def place(model: Model, where: Mesh | jax.Device):
+    """The model's params replicated on every device of a mesh, or on one device (cached per
+    mesh or device, for these very params: a model whose params were replaced is placed anew)."""
+    source, placed = model.placed.get(where, (None, None))
     if source is not model.params:
-        placed = jax.tree.map(lambda x: put(x, mesh, P()), model.params)
-        model.placed[mesh] = (model.params, placed)
+        if isinstance(where, Mesh):
+            placed = jax.tree.map(lambda x: put(x, where, P()), model.params)
+        else:
+            placed = jax.device_put(model.params, where)
+        model.placed[where] = (model.params, placed)
     return placed
 
 

@@ -39,7 +39,7 @@ class Model:
     tokenizer: Any = None
     image_processor: Any = None
     generation: dict = dataclasses.field(default_factory=dict)
-    # mesh -> (the params placed, their copies on the mesh). Not an init field, so that
+    # mesh or device -> (the params placed, their copies there). Not an init field, so that
     # `dataclasses.replace(model, params=...)` starts with no placements; each entry also names
     # the params it was made from and is only used for those.
     placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
