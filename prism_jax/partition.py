@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -157,6 +158,74 @@ def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | N
     # The caller gathers: token outputs in order without the padding, cls rows from device 0.
     tokens = {k: to_host(v)[:, :t] for k, v in tokens.items()}
     return {**tokens, **{k: to_host(v)[0] for k, v in cls.items()}}
+
+
+@functools.cache
+def logprob_program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None, *, picked: bool):
+    """The log-probabilities of next tokens under an LM head, computed inside the program: the
+    `[B, T, V]` logits never leave the device(s).
+
+    `picked=False`: `(params, inputs, valid, targets) -> [B, T]`, every position on the device
+    that holds it. `picked=True`: `(params, inputs, valid, where, targets) -> [B, S]`, only the
+    S positions `where` `[B, S]`; their final hidden states are gathered (`[B, S, D]`) and the
+    head runs on those alone (XLA drops the unused full-sequence head)."""
+    forward = program(graphdef, cfg, plan, mesh)
+
+    def logprobs(logits, targets):
+        logits = logits.astype(jnp.float32)
+        chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+    def every(params, inputs, valid, targets):
+        return logprobs(forward(params, inputs, valid)[0]["logits"], targets)
+
+    def at(params, inputs, valid, where, targets):
+        hidden = forward(params, inputs, valid)[0]["last_hidden_state"]
+        if mesh is not None:
+            hidden = jax.sharding.reshard(hidden, NamedSharding(mesh, P()))
+        hidden = jnp.take_along_axis(hidden, where[..., None], axis=1)  # [B, S, D]
+        return logprobs(nnx.merge(graphdef, params).logits(hidden), targets)
+
+    return jax.jit(at if picked else every)
+
+
+def next_token_logprobs(
+    model: Model,
+    batch: dict,
+    *,
+    mesh: Mesh | None = None,
+    plan: Plan | None = None,
+    where: np.ndarray | None = None,
+) -> np.ndarray:
+    """log p(`input_ids[:, t+1]` | tokens up to t) of a causal LM, float32, the log-softmax
+    taken on the device(s) so that only `[B, T]` or less comes back to the host.
+
+    Args:
+      where: `[B, S]` positions t to score (each < T - 1); None scores every t: `[B, T-1]`.
+    """
+    if model.config.head != "lm":
+        raise PrismError("next-token log-probabilities need an LM head")
+    plan = plan or Plan()
+    inputs, valid = model.prepare(batch)
+    ids = np.asarray(batch["input_ids"], np.int32)
+    t = valid.shape[1]
+    on_mesh = mesh is not None and plan.strategy != "single"
+    fn = logprob_program(
+        model.graphdef, model.config, plan, mesh if on_mesh else None, picked=where is not None
+    )
+    params = place(model, mesh) if on_mesh else model.params
+    if where is not None:
+        where = np.asarray(where, np.int32)
+        targets = np.take_along_axis(ids, where + 1, axis=1)
+        if on_mesh:
+            inputs, valid = shard_inputs(inputs, valid, mesh)
+            where, targets = put(where, mesh, P()), put(targets, mesh, P())
+        return to_host(fn(params, inputs, valid, where, targets))
+    targets = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    if on_mesh:
+        inputs, valid = shard_inputs({**inputs, "targets": targets}, valid, mesh)
+        targets = inputs.pop("targets")
+    return to_host(fn(params, inputs, valid, targets))[:, : t - 1]
 
 
 def to_host(x: jax.Array) -> np.ndarray:

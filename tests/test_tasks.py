@@ -13,6 +13,7 @@ from prism_jax.checkpoints.preprocess import ImageProcessor
 from prism_jax.configs import GPT2Config, ViTConfig
 from prism_jax.data import cloze, text, tfds_builders
 from prism_jax.evaluation import metrics, tasks
+from prism_jax.partition import logprob_program, next_token_logprobs
 from tests.conftest import ATOL_MODEL
 
 
@@ -78,6 +79,12 @@ def test_perplexity_task():
     rows = task.train_examples["input_ids"]
     v = model.config.vocab_size
     assert metrics.perplexity(uniform, rows) == pytest.approx(v, rel=1e-5)
+    # a ragged last batch (6 rows in 4 + 2) is padded to the same shape and dropped again
+    mesh, plan = pj.edge_mesh(2), pj.Plan(cr=2)
+    assert metrics.perplexity(model, rows, batch_size=4) == pytest.approx(single, rel=1e-6)
+    metrics.perplexity(model, rows, mesh=mesh, plan=plan, batch_size=4)
+    fn = logprob_program(model.graphdef, model.config, plan, mesh, picked=False)
+    assert fn._cache_size() == 1  # one compiled program for both batches
     assert task.score(None, None, uniform) == pytest.approx(v, rel=1e-5)  # another model
 
 
@@ -96,12 +103,27 @@ def test_cloze_candidates_and_scores():
         sentence = model.tokenizer.encode_plain(" Then " + option + " came home.")
         n = batch["attention_mask"][i].sum()
         assert ids[i, :n][target[i, :n]].tolist() == sentence
-    logits = np.random.default_rng(0).normal(size=(*ids.shape, model.config.vocab_size))
-    scores = cloze.sequence_scores(logits, ids, target)
+    # the log-softmax on the device equals the one taken from the logits on the host
+    logits = pj.infer(model, batch)["logits"].astype(np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    row = 2
-    want = sum(logp[row, j - 1, ids[row, j]] for j in range(1, ids.shape[1]) if target[row, j])
-    assert scores[row] == pytest.approx(want)
+    on_device = next_token_logprobs(model, batch)
+    assert on_device.shape == (10, 39)
+    for mesh, plan in [(None, None), (pj.edge_mesh(4), pj.Plan(cr=1))]:
+        got = next_token_logprobs(model, batch, mesh=mesh, plan=plan)
+        want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    # only the scored positions: their hidden states gathered, the head run on those alone
+    where, weights = cloze.scored_positions(target, bucket=8)
+    assert where.shape[1] % 8 == 0 and weights.sum() == target[:, 1:].sum()
+    for mesh, plan in [(None, None), (pj.edge_mesh(4), pj.Plan(cr=1)), (pj.edge_mesh(3), None)]:
+        picked = next_token_logprobs(model, batch, mesh=mesh, plan=plan, where=where)
+        np.testing.assert_allclose(
+            picked, np.take_along_axis(on_device, where, 1), atol=2e-5, rtol=1e-5
+        )
+    scores = cloze.sequence_scores(picked, weights)
+    for row in range(10):
+        want = sum(logp[row, j - 1, ids[row, j]] for j in range(1, 40) if target[row, j])
+        assert scores[row] == pytest.approx(want, rel=1e-5)
 
 
 def test_cloze_task_prism_cr1_equals_single():

@@ -97,12 +97,20 @@ def candidates(question: dict, tokenizer, max_length: int) -> tuple[dict, np.nda
     return {"input_ids": ids, "attention_mask": mask}, target
 
 
-def sequence_scores(logits: np.ndarray, ids: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Summed log-probabilities of the `target` tokens of each row, `[B]` (the log-softmax is
-    taken only at the positions that predict a target token)."""
-    rows, cols = np.nonzero(target[:, 1:])
-    picked = logits[rows, cols].astype(np.float64)  # [K, V]: predicting ids[rows, cols + 1]
-    top = picked.max(-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(picked - top).sum(-1))
-    logp = picked[np.arange(len(rows)), ids[rows, cols + 1]] - lse
-    return np.bincount(rows, weights=logp, minlength=len(ids))
+def scored_positions(target: np.ndarray, bucket: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The positions whose next token is a `target` token, per row: `[B, S]` indices and
+    `[B, S]` weights (1 for a real one, 0 for filling), S the longest row's count rounded up
+    to `bucket` (so that few shapes are compiled)."""
+    cols = [np.nonzero(row[1:])[0] for row in target]
+    s = max(1, -(-max(len(c) for c in cols) // bucket) * bucket)
+    where = np.zeros((len(cols), s), np.int32)
+    weights = np.zeros((len(cols), s), np.float64)
+    for i, c in enumerate(cols):
+        where[i, : len(c)], weights[i, : len(c)] = c, 1.0
+    return where, weights
+
+
+def sequence_scores(logprobs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Summed log-probabilities of each row's target tokens, `[B]`, from the log-probabilities
+    at `scored_positions` and their weights."""
+    return (logprobs.astype(np.float64) * weights).sum(1)

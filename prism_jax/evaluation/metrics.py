@@ -15,7 +15,7 @@ import numpy as np
 from prism_jax import cost
 from prism_jax.evaluation import sweep
 from prism_jax.models import Model
-from prism_jax.partition import infer
+from prism_jax.partition import infer, next_token_logprobs
 from prism_jax.plan import Plan
 
 
@@ -124,12 +124,13 @@ def accuracy(
     plan: Plan | None = None,
     batch_size: int = 64,
 ) -> float:
-    """Top-1 accuracy of a classifier on an HF-style batch of examples."""
+    """Top-1 accuracy of a classifier on an HF-style batch of examples (every batch at one
+    shape: the last is padded, so one program serves them all)."""
     n = len(labels)
     correct = 0
     for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in examples.items()}
-        logits = infer(model, batch, mesh=mesh, plan=plan)["logits"]
+        batch = padded_rows(examples, start, batch_size)
+        logits = infer(model, batch, mesh=mesh, plan=plan)["logits"][: n - start]
         correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
     return correct / n
 
@@ -137,13 +138,24 @@ def accuracy(
 def perplexity(
     model: Model, ids: np.ndarray, *, mesh=None, plan: Plan | None = None, batch_size: int = 16
 ) -> float:
-    """exp of the mean next-token cross-entropy over packed rows `[n, T]` (no padding)."""
+    """exp of the mean next-token cross-entropy over packed rows `[n, T]` (no padding); the
+    log-softmax runs on the device(s), every batch at one shape."""
     nll, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
-        logits = infer(model, {"input_ids": rows}, mesh=mesh, plan=plan)["logits"]
-        logits = logits[:, :-1].astype(np.float64)
-        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        nll -= float(np.take_along_axis(logp, rows[:, 1:, None], axis=-1).sum())
-        count += rows[:, 1:].size
+        batch = padded_rows({"input_ids": ids}, start, batch_size)
+        logp = next_token_logprobs(model, batch, mesh=mesh, plan=plan)[: len(rows)]
+        nll -= float(logp.astype(np.float64).sum())
+        count += logp.size
     return float(np.exp(nll / max(count, 1)))
+
+
+def padded_rows(examples: dict, start: int, size: int) -> dict:
+    """Rows [start, start + size) of every array, the last batch padded with copies of its
+    first row up to `size` (callers drop what follows the real rows)."""
+    out = {}
+    for k, v in examples.items():
+        rows = np.asarray(v[start : start + size])
+        missing = size - len(rows) if len(v) > size else 0
+        out[k] = np.concatenate([rows, np.repeat(rows[:1], missing, axis=0)]) if missing else rows
+    return out

@@ -17,7 +17,7 @@ from prism_jax.data import images as images_lib
 from prism_jax.errors import PrismError
 from prism_jax.evaluation import metrics
 from prism_jax.models import Model
-from prism_jax.partition import AXIS, infer
+from prism_jax.partition import AXIS, next_token_logprobs
 
 LAYOUTS = ("padded", "unpadded")
 
@@ -144,10 +144,9 @@ def _cloze(model, dataset, split, limit, max_length, data_dir) -> Task:
     def score(mesh, plan, model=model):
         correct = 0
         for q, (batch, target) in zip(questions, batches, strict=True):
-            logits = infer(model, batch, mesh=mesh, plan=plan)["logits"].astype(np.float64)
-            best = q["options"][
-                int(cloze.sequence_scores(logits, batch["input_ids"], target).argmax())
-            ]
+            where, weights = cloze.scored_positions(target)
+            logp = next_token_logprobs(model, batch, mesh=mesh, plan=plan, where=where)
+            best = q["options"][int(cloze.sequence_scores(logp, weights).argmax())]
             correct += best == q["answer"]
         return correct / len(questions)
 

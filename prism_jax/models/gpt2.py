@@ -32,14 +32,18 @@ class GPT2(nnx.Module):
         x = self.encoder(x, ex)  # [B, L, D]
         tokens = {"last_hidden_state": x}
         if self.lm_head:
-            tokens["logits"] = x @ self.wte.embedding[...].T  # [B, L, V]
+            tokens["logits"] = self.logits(x)
         return tokens, {}
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The LM head on final hidden states `[..., D]` -> `[..., V]` (tied to `wte`)."""
+        return x @ self.wte.embedding[...].T
 
     def decode(self, ids: jax.Array, positions: jax.Array, caches, index):
         """Next-token logits `[B, V]` for one new token per row, and the updated caches."""
         x = embed_lookup(self.wte, ids[:, None]) + embed_lookup(self.wpe, positions[:, None])
         x, caches = self.encoder.decode(x, caches, index, positions)
-        return (x @ self.wte.embedding[...].T)[:, 0], caches
+        return self.logits(x)[:, 0], caches
 
 
 prepare = lm_batch

@@ -36,17 +36,18 @@ class Llama(nnx.Module):
         x = self.encoder(embed_lookup(self.embed, inputs["input_ids"]), ex)  # [B, L, D]
         tokens = {"last_hidden_state": x}
         if self.lm_head:
-            table = self.embed.embedding[...]
-            tokens["logits"] = x @ table.T if self.head is None else self.head(x)  # [B, L, V]
+            tokens["logits"] = self.logits(x)
         return tokens, {}
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """The LM head on final hidden states `[..., D]` -> `[..., V]` (tied or not)."""
+        return x @ self.embed.embedding[...].T if self.head is None else self.head(x)
 
     def decode(self, ids: jax.Array, positions: jax.Array, caches, index):
         """Next-token logits `[B, V]` for one new token per row, and the updated caches."""
         x = embed_lookup(self.embed, ids[:, None])  # [B, 1, D]
         x, caches = self.encoder.decode(x, caches, index, positions)
-        table = self.embed.embedding[...]
-        logits = x @ table.T if self.head is None else self.head(x)
-        return logits[:, 0], caches
+        return self.logits(x)[:, 0], caches
 
 
 prepare = lm_batch
