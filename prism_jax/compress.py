@@ -5,6 +5,19 @@ Every function works on one device's local tokens, batched: `x` `[B, L, W]` is w
 (attention inputs, or keys and values), `valid` `[B, L]`, `keys` `[B, L, Kd]` the keys the
 grouping looks at (all heads concatenated). Groups are numbered 0..V-1 per row; -1 is no
 group (padding). Group statistics are summed in float32.
+
+The value tilt with K/V exchange (beyond DESIGN.md 1b.4, which derives it for attention-input
+means). For a group g of n tokens, to first order in k_j - mean k,
+sum_j exp(q~.k_j) v_j = n exp(q~.mean k) (mean v + q~ C), C = mean_j (k_j - mean k)(v_j - mean v)^T.
+Without rotary keys k = a W_k + b_k and v = a W_v + b_v, so with the isotropic spread s2 of the
+inputs a, C = s2 W_k^T W_v = s2 M_h: exactly 1b.4's term, whichever exchange carries the means.
+Rotary keys are k_j = R(p_j)(a_j W_k): taking the rotation independent of the content,
+C = s2 E_g[R] M_h, and the receiver adds s2 (E_g[R]^T q~) M_h. E_g[R] is not sent: each group
+sends its mean position and position variance, and the receiver takes the positions as
+Gaussian, so that frequency w of the rotation averages to angle w * mean, damped by
+exp(-w^2 var / 2) (high frequencies of a wide group vanish, low ones stay). A rotary group
+thus sends three float32 statistics (s2, mean position, position variance), bit-cast into the
+payload beside its count; `layers.mean_rotation` and `layers.Attention._tilted` apply it.
 """
 
 from __future__ import annotations
@@ -80,14 +93,17 @@ def group_means(
     count: int,
     *,
     inputs: jax.Array | None = None,
+    positions: jax.Array | None = None,
 ):
     """Means of `x` over each group, the groups' token counts and, given the attention
-    `inputs` `[B, L, D]`, each group's isotropic spread s2 = max(0, mean ||a||^2 - ||mean a||^2)
-    / D (DESIGN.md section 1b.4).
+    `inputs` `[B, L, D]`, the statistics of the value tilt (DESIGN.md section 1b.4): each
+    group's isotropic spread s2 = max(0, mean ||a||^2 - ||mean a||^2) / D and, given the
+    tokens' `positions` `[B|1, L]` (rotary keys), the mean position and its variance.
 
     Returns:
       means `[B, V, W]` in `x.dtype` (zero for an empty group), counts `[B, V]` int32, and
-      spread `[B, V]` float32 or None.
+      tilt statistics `[B, V, 1 | 3]` float32 (s2 [, mean position, position variance]),
+      zero for an empty group, or None without `inputs`.
     """
     onehot = groups[..., None] == jnp.arange(count)  # [B, L, V]
     counts = onehot.sum(1, dtype=jnp.int32)
@@ -104,6 +120,11 @@ def group_means(
         return means, counts, None
     a = inputs.astype(jnp.float32)
     square = mean_of((a**2).sum(-1, keepdims=True))[..., 0]  # mean ||a||^2
-    centre = mean_of(a)
-    spread = jnp.maximum(square - (centre**2).sum(-1), 0) / a.shape[-1]
-    return means, counts, jnp.where(counts > 0, spread, 0)
+    stats = [jnp.maximum(square - (mean_of(a) ** 2).sum(-1), 0) / a.shape[-1]]
+    if positions is not None:  # two passes: positions reach thousands, their spread is small
+        at = jnp.broadcast_to(positions, groups.shape).astype(jnp.float32)[..., None]
+        centre = mean_of(at)  # [B, V, 1]
+        offset = at - jnp.einsum("blv,bvw->blw", weights, centre)
+        stats += [centre[..., 0], mean_of(offset**2)[..., 0]]
+    stats = jnp.stack(stats, axis=-1)  # [B, V, 1 | 3]
+    return means, counts, jnp.where(counts[..., None] > 0, stats, 0)

@@ -46,7 +46,8 @@ def bytes_closed_form(
     """Bytes one device sends per inference: per layer B*L*W*bytes (voltage) or
     B*S*(W*bytes + 4) (prism: means, plus each count as an exact int32, which is W+1 values in
     float32), times the depth, with W = D (hidden exchange) or 2*H_kv*K (kv exchange, DESIGN.md
-    section 1a); one more value per group with the value tilt (its spread, section 1b);
+    section 1a); with the value tilt 4 more bytes a group for each float32 statistic
+    (`tilt_stats`: its spread, and a rotary group's position mean and variance, section 1b);
     nothing for `single` or a single device."""
     if plan.strategy == "single" or devices == 1:
         return 0
@@ -54,8 +55,16 @@ def bytes_closed_form(
     w = exchange_width(cfg, plan)
     if plan.strategy == "voltage":
         return cfg.depth * batch * l * w * dtype_bytes
-    w += 1 if plan.value_tilt else 0
-    return cfg.depth * batch * plan.segments(l) * (w * dtype_bytes + 4)
+    words = 1 + tilt_stats(cfg, plan)  # 4-byte words a group: its count, the tilt's stats
+    return cfg.depth * batch * plan.segments(l) * (w * dtype_bytes + 4 * words)
+
+
+def tilt_stats(cfg: ModelConfig, plan: Plan) -> int:
+    """Float32 statistics each group sends for the value tilt (DESIGN.md section 1b): its
+    spread s2, and for rotary keys also its mean position and position variance."""
+    if not plan.value_tilt or plan.strategy != "prism":
+        return 0
+    return 3 if cfg.rope_theta is not None else 1
 
 
 def flops_closed_form(

@@ -44,20 +44,27 @@ def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, j
     return (sums / jnp.maximum(counts, 1)[..., None]).astype(a.dtype), counts
 
 
-def pack_counts(means: jax.Array, counts: jax.Array) -> jax.Array:
-    """`[B, S, D]` means and int32 counts -> one `[B, S, D + w]` payload in the means' dtype,
-    the counts bit-cast into its last w = 4 / itemsize columns, so that one collective carries
-    both and counts arrive exact whatever the dtype (bf16 holds integers exactly only to 256)."""
-    bits = lax.bitcast_convert_type(counts, means.dtype)  # [B, S] (4 bytes) or [B, S, 2]
-    return jnp.concatenate([means, bits.reshape(*counts.shape, -1)], axis=-1)
+def pack_counts(means: jax.Array, counts: jax.Array, stats: jax.Array | None = None) -> jax.Array:
+    """`[B, S, D]` means, int32 counts `[B, S]` and optional float32 `stats` `[B, S, k]` ->
+    one `[B, S, D + (1 + k)*w]` payload in the means' dtype: the counts and stats bit-cast
+    into 4-byte words (w = 4 / itemsize columns each), so that one collective carries them all
+    and they arrive exact whatever the dtype (bf16 holds integers exactly only to 256)."""
+    words = counts[..., None]
+    if stats is not None:
+        words = jnp.concatenate([words, lax.bitcast_convert_type(stats, jnp.int32)], axis=-1)
+    bits = lax.bitcast_convert_type(words, means.dtype)  # [B, S, 1+k] (4 bytes) or [..., 2]
+    return jnp.concatenate([means, bits.reshape(*words.shape[:-1], -1)], axis=-1)
 
 
-def unpack_counts(packed: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """Inverse of `pack_counts`: (means `[..., D]`, int32 counts `[...]`)."""
+def unpack_counts(packed: jax.Array, width: int):
+    """Inverse of `pack_counts`: (means `[..., D]`, int32 counts `[...]`, float32 stats
+    `[..., k]` or None when none were packed)."""
+    per_word = 4 // packed.dtype.itemsize
     bits = packed[..., width:]
-    if bits.shape[-1] == 1:
-        bits = bits[..., 0]
-    return packed[..., :width], lax.bitcast_convert_type(bits, jnp.int32)
+    bits = bits.reshape(*bits.shape[:-1], -1, per_word)
+    words = lax.bitcast_convert_type(bits if per_word > 1 else bits[..., 0], jnp.int32)
+    stats = lax.bitcast_convert_type(words[..., 1:], jnp.float32) if words.shape[-1] > 1 else None
+    return packed[..., :width], words[..., 0], stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +141,10 @@ def make_exchange(
     return Exchange(plan, axis_name, devices, p, causal, local_valid, local_mask, global_mask)
 
 
-def _local_groups(x: jax.Array, ex: Exchange, keys, inputs):
-    """This device's group means `[B, V, W]`, int32 counts `[B, V]` and spreads `[B, V]` (or
-    None): the paper's segments, or the content-aware groups of DESIGN.md section 1b."""
+def _local_groups(x: jax.Array, ex: Exchange, keys, inputs, positions):
+    """This device's group means `[B, V, W]`, int32 counts `[B, V]` and tilt statistics
+    `[B, V, k]` (or None): the paper's segments, or the content-aware groups of DESIGN.md
+    section 1b."""
     plan = ex.plan
     if plan.paper:
         means, counts = segment_means(x, ex.valid, plan.cr)
@@ -146,34 +154,30 @@ def _local_groups(x: jax.Array, ex: Exchange, keys, inputs):
         groups = jnp.where(ex.valid, jnp.arange(l) // min(plan.cr, l), -1)
     else:
         groups = compress.assign(plan, ex.valid, keys, l)
-    tilt = inputs if plan.value_tilt else None
-    return compress.group_means(x, groups, plan.segments(l), inputs=tilt)
+    if not plan.value_tilt:
+        return compress.group_means(x, groups, plan.segments(l))
+    return compress.group_means(x, groups, plan.segments(l), inputs=inputs, positions=positions)
 
 
-def _remote_means(x: jax.Array, ex: Exchange, keys, inputs):
+def _remote_means(x: jax.Array, ex: Exchange, keys, inputs, positions):
     """Gather every device's group means; keep those of the N-1 other devices.
 
-    Returns means `[B, (N-1)*V, W]`, int32 counts `[B, (N-1)*V]`, spreads (or None) and the
-    source device of each.
+    Returns means `[B, (N-1)*V, W]`, int32 counts `[B, (N-1)*V]`, tilt statistics (or None)
+    and the source device of each.
     """
     b, _, w = x.shape
-    means, counts, spread = _local_groups(x, ex, keys, inputs)
+    means, counts, stats = _local_groups(x, ex, keys, inputs, positions)
     v = means.shape[1]
-    if spread is not None:  # one more column, in the payload's dtype
-        means = jnp.concatenate([means, spread[..., None].astype(means.dtype)], axis=-1)
-    packed = pack_counts(means, counts)  # [B, V, W (+1) + w]
-    every = lax.all_gather(packed, ex.axis_name, axis=0)  # [N, B, V, ...]
+    every = lax.all_gather(pack_counts(means, counts, stats), ex.axis_name, axis=0)
     # Rotate so this device's block comes first, then drop it: row r is device (p + r) mod N.
     others = jnp.roll(every, -ex.device, axis=0)[1:]  # [N-1, B, V, ...]
     source = (ex.device + 1 + jnp.arange(ex.devices - 1)) % ex.devices  # [N-1]
     others = others.transpose(1, 0, 2, 3).reshape(b, (ex.devices - 1) * v, -1)
-    means, counts = unpack_counts(others, w + (spread is not None))
-    if spread is not None:
-        means, spread = means[..., :w], means[..., w].astype(jnp.float32)
-    return means, counts, spread, jnp.repeat(source, v)
+    means, counts, stats = unpack_counts(others, w)
+    return means, counts, stats, jnp.repeat(source, v)
 
 
-def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None):
+def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None, positions=None):
     """What one device's keys and values are computed from, with their mask and logit bias.
 
     Args:
@@ -182,11 +186,12 @@ def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None):
       ex: this device's `Exchange`.
       keys: `[B, L, Kd]` the local keys, for salient tokens and k-means (DESIGN.md 1b).
       inputs: `[B, L, D]` the local attention inputs, for the value tilt's spread.
+      positions: `[B|1, L]` the local tokens' positions, for the value tilt of rotary keys.
 
     Returns:
       rows `[B, M, W]`, mask `[B, 1, L|1, M]` (bool), bias `[B, 1, 1, M]` or None, and the
-      spread of each row `[B, M]` float32 (zero for local rows) or None, where M = L (single),
-      N*L (voltage) or L + (N-1)*V (prism).
+      tilt statistics of each row `[B, M, k]` float32 (`compress.group_means`; zero for local
+      rows) or None, where M = L (single), N*L (voltage) or L + (N-1)*V (prism).
     """
     if ex.axis_name is None:
         return x, ex.local_mask, None, None
@@ -194,7 +199,7 @@ def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None):
         return lax.all_gather(x, ex.axis_name, axis=1, tiled=True), ex.global_mask, None, None
     if ex.devices == 1:  # nothing to exchange with
         return x, ex.local_mask, None, None
-    means, counts, spread, source = _remote_means(x, ex, keys, inputs)
+    means, counts, stats, source = _remote_means(x, ex, keys, inputs, positions)
     seen = counts > 0  # [B, (N-1)*V]: empty groups are masked out
     if ex.causal:  # partition-aware causal mask: only means of earlier devices
         seen = seen & (source < ex.device)[None, :]
@@ -213,6 +218,6 @@ def keys_and_mask(x: jax.Array, ex: Exchange, *, keys=None, inputs=None):
         log_c = jnp.where(seen, jnp.log(jnp.maximum(counts, 1).astype(jnp.float32)), 0)
         bias = jnp.concatenate([jnp.zeros((b, l), jnp.float32), log_c], axis=-1)
         bias = bias[:, None, None, :]
-    if spread is not None:
-        spread = jnp.concatenate([jnp.zeros((b, l), jnp.float32), spread], axis=-1)
-    return jnp.concatenate([x, means], axis=1), mask, bias, spread
+    if stats is not None:
+        stats = jnp.concatenate([jnp.zeros((b, l, stats.shape[-1]), jnp.float32), stats], axis=1)
+    return jnp.concatenate([x, means], axis=1), mask, bias, stats

@@ -57,13 +57,33 @@ def rotate(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
       positions: `[B|1, L]` global positions of the rows.
       theta: the rotary base (`rope_theta`).
     """
-    k = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)  # [K/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B|1, L, K/2]
+    angles = positions.astype(jnp.float32)[..., None] * _frequencies(x.shape[-1], theta)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B|1, L, 1, K]
-    half = jnp.concatenate([-x[..., k // 2 :], x[..., : k // 2]], axis=-1)
-    out = x.astype(jnp.float32) * jnp.cos(angles) + half.astype(jnp.float32) * jnp.sin(angles)
-    return out.astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    return (x32 * jnp.cos(angles) + _rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
+
+
+def _frequencies(k: int, theta: float) -> jax.Array:
+    """`[K/2]` rotary angular frequencies theta^(-2i/K)."""
+    return 1.0 / theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    """HF's rotate_half: (x1, x2) -> (-x2, x1) over the two halves of the last axis."""
+    k = x.shape[-1]
+    return jnp.concatenate([-x[..., k // 2 :], x[..., : k // 2]], axis=-1)
+
+
+def mean_rotation(centre: jax.Array, variance: jax.Array, k: int, theta: float):
+    """(cos, sin) `[..., K]` of the expected rotation E[R(p)] over a group whose positions
+    have mean `centre` and variance `variance` `[...]` (Gaussian: each frequency w damped by
+    exp(-w^2 var / 2)); E[R]^T q = cos * q - sin * rotate_half(q) (the value tilt for rotary
+    keys, derived in `compress`)."""
+    w = _frequencies(k, theta)
+    angles = centre[..., None] * w
+    damp = jnp.exp(-0.5 * variance[..., None] * w**2)
+    cos, sin = jnp.cos(angles) * damp, jnp.sin(angles) * damp
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 class KVCache(NamedTuple):
@@ -115,16 +135,19 @@ class Attention(nnx.Module):
         if self.rope_theta is not None or ex.plan.exchange == "kv":
             local_keys = self._keys(a, ex)
             local = jnp.concatenate([local_keys, self.v(a)], axis=-1)  # [B, L, 2*G*K]
-            kv, mask, bias, spread = exchange.keys_and_mask(local, ex, keys=local_keys, inputs=a)
+            at = None if self.rope_theta is None else ex.token_positions()
+            kv, mask, bias, stats = exchange.keys_and_mask(
+                local, ex, keys=local_keys, inputs=a, positions=at
+            )
             keys, values = jnp.split(kv, 2, axis=-1)  # [B, M, G*K] each
         else:
             local_keys = self.k(a) if grouped else None  # what groups are chosen by
-            kv_in, mask, bias, spread = exchange.keys_and_mask(a, ex, keys=local_keys, inputs=a)
+            kv_in, mask, bias, stats = exchange.keys_and_mask(a, ex, keys=local_keys, inputs=a)
             keys, values = self.k(kv_in), self.v(kv_in)  # [B, M, G*K] each
         m = keys.shape[1]
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
-        if spread is not None:
-            out = self._tilted(q, keys, values, mask, bias, spread)
+        if stats is not None:
+            out = self._tilted(q, keys, values, mask, bias, stats)
         else:
             # One fused masked softmax: the boolean mask carries padding, empty groups and the
             # partition-aware causal rule; the additive bias carries log(count). The XLA path
@@ -137,11 +160,12 @@ class Attention(nnx.Module):
             self.sow(nnx.Intermediate, "cache", KVCache(keys, values, mask[:, 0, -1], seen))
         return self.o(out.reshape(b, l, h * k))
 
-    def _tilted(self, q, keys, values, mask, bias, spread) -> jax.Array:
+    def _tilted(self, q, keys, values, mask, bias, stats) -> jax.Array:
         """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
-        each head's output gains (sum over remote rows m of p_m * s2_m) * (q_h / sqrt(K)) M_h,
-        with M_h = W_k^(h)T W_v^(h) from this device's own weights (hidden exchange, so the
-        queries are not rotated)."""
+        each head's output gains (sum over remote rows m of p_m * s2_m) * q~_h M_h, with
+        q~_h = q_h / sqrt(K) and M_h = W_k^(h)T W_v^(h) from this device's own weights. With
+        rotary keys (derived in `compress`'s docstring) each row's term first turns the query
+        back by the group's expected rotation: sum_m p_m s2_m (E_m[R]^T q~_h) M_h."""
         b, l, h, k = q.shape
         g = keys.shape[2]
         r = h // g  # query heads per KV head
@@ -153,11 +177,18 @@ class Attention(nnx.Module):
         p = jax.nn.softmax(logits, axis=-1)
         p = jnp.where(jnp.isnan(p), 0, p)  # a row that sees nothing (padding) attends to none
         out = jnp.einsum("bgrlm,bmgk->blgrk", p, values.astype(jnp.float32))
-        weight = jnp.einsum("bgrlm,bm->blgr", p, spread)  # sum of p_m s2_m
+        s2 = stats[..., 0]  # [B, M]
+        if self.rope_theta is None:
+            turned = jnp.einsum("bgrlm,bm->blgr", p, s2)[..., None] * qg
+        else:
+            cos, sin = mean_rotation(stats[..., 1], stats[..., 2], k, self.rope_theta)
+            c = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * cos)
+            s = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * sin)
+            turned = c * qg - s * _rotate_half(qg)
         wk = self.k.kernel[...].reshape(-1, g, k)  # [D, G, K]
         wv = self.v.kernel[...].reshape(-1, g, k)
         m_h = jnp.einsum("dgk,dgj->gkj", wk, wv).astype(jnp.float32)  # [G, K, K]
-        out = out + weight[..., None] * jnp.einsum("blgrk,gkj->blgrj", qg, m_h)
+        out = out + jnp.einsum("blgrk,gkj->blgrj", turned, m_h)
         return out.reshape(b, l, h, k).astype(q.dtype)
 
     def decode(self, a: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):

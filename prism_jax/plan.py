@@ -97,15 +97,6 @@ class Plan:
         """This plan with `exchange` resolved for `cfg` (a `configs.ModelConfig`): rotary
         models always exchange K/V (a mean of inputs has no position to rotate by); the others,
         by default, the cheaper of D and 2*H_kv*K values per group (both exact at CR = 1)."""
-        if (
-            self.value_tilt
-            and self.strategy == "prism"
-            and (cfg.rope_theta is not None or self.exchange == "kv")
-        ):
-            raise PrismError(
-                "value_tilt is derived for exchange='hidden' (a spread of attention inputs); "
-                "it is not implemented for K/V exchange or rotary models"
-            )
         if cfg.rope_theta is not None:
             if self.exchange == "hidden" and self.strategy != "single":
                 raise PrismError(
@@ -115,7 +106,7 @@ class Plan:
             return dataclasses.replace(self, exchange="kv")
         if self.exchange != "auto":
             return self
-        cheaper = "kv" if cfg.kv_width < cfg.width and not self.value_tilt else "hidden"
+        cheaper = "kv" if cfg.kv_width < cfg.width else "hidden"
         return dataclasses.replace(self, exchange=cheaper)
 
     def segments(self, local_len: int) -> int:

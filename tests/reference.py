@@ -133,10 +133,12 @@ def _mlp(h, layer, act):
     return fc("fc2", _gelu(fc("fc1", h), act))
 
 
-def _attend(q, keys, values, visible, bias, heads, kv_heads, spread=None, layer=None):
+def _attend(q, keys, values, visible, bias, heads, kv_heads, stats=None, layer=None, theta=None):
     """One device, one batch row: queries [L, H*K] against keys and values [M, H_kv*K];
-    query head h reads KV head h // (H / H_kv). With `spread` [M] (DESIGN.md 1b.4) each head
-    adds (sum_m p_m s2_m) * (q_h / sqrt(K)) W_k^(h)T W_v^(h)."""
+    query head h reads KV head h // (H / H_kv). With `stats` [M, 1 | 3] (DESIGN.md 1b.4) each
+    head adds sum_m p_m s2_m (q_h / sqrt(K)) W_k^(h)T W_v^(h); with rotary keys (`theta`, the
+    derivation in prism_jax/compress.py) the query is first turned back by row m's expected
+    rotation: per frequency w, rotated by -w * mean position, damped by exp(-w^2 var / 2)."""
     k = q.shape[1] // heads
     out = np.zeros_like(q)
     for h in range(heads):
@@ -149,9 +151,18 @@ def _attend(q, keys, values, visible, bias, heads, kv_heads, spread=None, layer=
         p = np.exp(logits - np.where(np.isfinite(top), top, 0))  # a row that sees nothing: 0
         p = p / np.maximum(p.sum(1, keepdims=True), 1e-300)
         out[:, sl] = p @ values[:, kv]
-        if spread is not None:
-            tilt = (q[:, sl] / math.sqrt(k)) @ (layer["k"][0][:, kv].T @ layer["v"][0][:, kv])
-            out[:, sl] += (p @ spread)[:, None] * tilt
+        if stats is not None:
+            m_h = layer["k"][0][:, kv].T @ layer["v"][0][:, kv]
+            qs = q[:, sl] / math.sqrt(k)
+            if theta is None:
+                out[:, sl] += (p @ stats[:, 0])[:, None] * (qs @ m_h)
+                continue
+            w = 1.0 / theta ** (np.arange(0, k, 2) / k)
+            for m in np.nonzero(stats[:, 0])[0]:
+                s2, centre, variance = stats[m]
+                damp = np.tile(np.exp(-0.5 * variance * w**2), 2)
+                back = _rope(qs, np.full(len(qs), -centre), theta, k) * damp
+                out[:, sl] += p[:, m : m + 1] * s2 * (back @ m_h)
     return out
 
 
@@ -191,7 +202,8 @@ def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extr
     tokens, then (prism) the others' group means. `blocks[q]` is device q's slice of
     positions (equal blocks of L, or a longer last one: tokens generated after a prefill).
     `extra`: the content-aware compressor (DESIGN.md 1b) with each token's keys and inputs.
-    Returns rows, visibility, bias and each row's spread (zero: local rows, no tilt)."""
+    Returns rows, visibility, bias and each row's tilt statistics [M, 1 | 3]: s2 and, when
+    `extra` has the tokens' positions (rotary), their mean and variance (zero: local rows)."""
     pos = np.arange(blocks[p].start, blocks[p].stop)
     l = len(pos)
     if strategy == "voltage":
@@ -205,7 +217,8 @@ def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extr
             valid[pos][None, :] & ((pos[None, :] <= pos[:, None]) if causal else True), (l, l)
         )
     ]
-    bias, spread = [np.zeros(l)], [np.zeros(l)]
+    rotary = extra.get("positions") is not None
+    bias, stats = [np.zeros(l)], [np.zeros((l, 3 if rotary else 1))]
     extra = extra or {}
     for q, block in enumerate(blocks if strategy == "prism" else []):
         if q == p:
@@ -218,12 +231,15 @@ def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extr
             kv.append(mean[None])
             vis.append(np.full((l, 1), seen))
             bias.append([math.log(c) if (seen and logit_bias == "log_count") else 0.0])
-            s2 = 0.0
+            row = [0.0, 0.0, 0.0] if rotary else [0.0]
             if c and extra.get("compressor", {}).get("value_tilt"):
                 x = extra["inputs"][members]
-                s2 = max(0.0, (x**2).sum(1).mean() - (x.mean(0) ** 2).sum()) / x.shape[1]
-            spread.append([s2])
-    return np.concatenate(kv), np.concatenate(vis, 1), np.concatenate(bias), np.concatenate(spread)
+                row[0] = max(0.0, (x**2).sum(1).mean() - (x.mean(0) ** 2).sum()) / x.shape[1]
+                if rotary:
+                    at = extra["positions"][members]
+                    row[1:] = [at.mean(), at.var()]
+            stats.append([row])
+    return np.concatenate(kv), np.concatenate(vis, 1), np.concatenate(bias), np.concatenate(stats)
 
 
 def _config(cfg):
@@ -264,18 +280,21 @@ def _attention(
     q = proj("q", a)
     out = np.zeros((len(a), heads * k))
     extra = {"compressor": compressor, "keys": proj("k", a), "inputs": a}
+    extra["positions"] = pos.astype(float) if rotary else None
     tilt = bool(compressor and compressor["value_tilt"])
+    theta = _rope_theta(cfg) if rotary else None
     for p, block in enumerate(blocks):
         if exchange == "kv":  # the senders' own keys and values travel
             kv = np.concatenate([proj("k", a), proj("v", a)], 1)
-            rows, vis, bias, spread = _keys_for_device(kv, valid, p, blocks, *plan, extra)
+            rows, vis, bias, stats = _keys_for_device(kv, valid, p, blocks, *plan, extra)
             keys, values = np.split(rows, 2, axis=1)
         else:  # attention inputs travel; the receiver projects them (no rotary here)
-            rows, vis, bias, spread = _keys_for_device(a, valid, p, blocks, *plan, extra)
+            rows, vis, bias, stats = _keys_for_device(a, valid, p, blocks, *plan, extra)
             keys, values = proj("k", rows, None), proj("v", rows, None)
         out[block] = _attend(
-            q[block], keys, values, vis, bias, heads, kv_heads, spread if tilt else None, layer
-        )
+            q[block], keys, values, vis, bias, heads, kv_heads, stats if tilt else None, layer,
+            theta,
+        )  # fmt: skip
     return out @ layer["o"][0] + layer["o"][1]
 
 

@@ -53,6 +53,8 @@ CASES = [
     ("vit_cls", 3, dict(cr=2, salient=1)),
     ("vit_cls", 2, dict(cr=5, salient=2, grouping="kmeans", kmeans_iters=2)),
     ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1)),
+    ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1, value_tilt=True)),  # rotary tilt
+    ("llama_lm", 2, dict(cr=4, value_tilt=True)),
     ("bert_cls", 3, dict(cr=3, grouping="kmeans", salient=1, exchange="kv")),
 ]
 
@@ -90,7 +92,32 @@ def test_tilt_bytes_equal_closed_form(dtype):
     lowered = cost.lower(cfg, plan, devices=4, seq_len=64, batch=2, dtype=dtype)
     measured = cost.collective_bytes(lowered.as_text())[0]
     want = cost.bytes_closed_form(cfg, plan, devices=4, seq_len=64, batch=2, dtype_bytes=size)
-    assert measured == want == 2 * 2 * 2 * ((768 + 1) * size + 4)  # D + spread, int32 count
+    assert measured == want == 2 * 2 * 2 * (768 * size + 4 + 4)  # D, int32 count, f32 spread
+
+
+def test_tilt_with_kv_exchange_equals_hidden_where_both_apply(hf_models, rng):
+    """Without rotary keys the tilt of K/V means is the same first-order term (the
+    rotary tilt of prism_jax/compress.py with no rotation): both exchanges give the same outputs."""
+    model = pj.load_pretrained(hf_models("gpt2_lm")[1])
+    batch = tiny.random_batch("gpt2_lm", rng, tokens=16)
+    mesh, kw = pj.edge_mesh(4), dict(cr=2, grouping="kmeans", salient=1, value_tilt=True)
+    hidden = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(exchange="hidden", **kw))
+    kv = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(exchange="kv", **kw))
+    valid = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(
+        kv["last_hidden_state"][valid], hidden["last_hidden_state"][valid], atol=1e-4
+    )
+
+
+def test_rotary_tilt_bytes_equal_closed_form():
+    """A rotary group also sends its mean position and position variance (float32 words)."""
+    cfg = pj.PRESETS["smollm2-135m"]()
+    cfg = type(cfg)(**{**cfg.__dict__, "depth": 1})
+    plan = pj.Plan.best(8)
+    lowered = cost.lower(cfg, plan, devices=2, seq_len=64, batch=1, dtype="bfloat16")
+    measured = cost.collective_bytes(lowered.as_text())[0]
+    want = cost.bytes_closed_form(cfg, plan, devices=2, seq_len=64, batch=1, dtype_bytes=2)
+    assert measured == want == 4 * (cfg.kv_width * 2 + 4 * 4)  # K/V means, count + 3 stats
 
 
 def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
@@ -102,10 +129,6 @@ def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
     ):
         with pytest.raises(PrismError, match=message):
             pj.Plan(cr=2, **kw)
-    llama = pj.load_pretrained(hf_models("llama_lm")[1])
-    batch = tiny.random_batch("llama_lm", rng)
-    with pytest.raises(PrismError, match="value_tilt is derived for exchange='hidden'"):
-        pj.infer(llama, batch, mesh=pj.edge_mesh(2), plan=pj.Plan.best(2))
     directory = str(hf_models("bert_cls")[1])
     base = ["infer", "--model", directory, "--devices", "2", "--cr", "4", "--text", "good tea"]
     assert cli.main([*base, "--compressor", "prism+", "--json"]) == 0

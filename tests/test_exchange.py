@@ -114,6 +114,15 @@ def test_counts_travel_exactly_in_the_payload(dtype, rng):
     counts = jnp.asarray([[0, 1, 301], [255, 257, 2**20 + 1]], jnp.int32)
     packed = exchange.pack_counts(means, counts)
     assert packed.dtype == dtype and packed.shape[-1] == 5 + 4 // jnp.dtype(dtype).itemsize
-    got_means, got_counts = exchange.unpack_counts(packed, 5)
+    got_means, got_counts, none = exchange.unpack_counts(packed, 5)
     np.testing.assert_array_equal(got_counts, counts)
+    np.testing.assert_array_equal(np.asarray(got_means, np.float32), np.asarray(means, np.float32))
+    assert none is None
+    # float32 statistics (the value tilt's) ride in the same 4-byte words, bit for bit
+    stats = jnp.asarray(rng.standard_normal((2, 3, 3)) * 1e3, jnp.float32)
+    packed = exchange.pack_counts(means, counts, stats)
+    assert packed.shape[-1] == 5 + 4 * 4 // jnp.dtype(dtype).itemsize
+    got_means, got_counts, got_stats = exchange.unpack_counts(packed, 5)
+    np.testing.assert_array_equal(got_counts, counts)
+    np.testing.assert_array_equal(got_stats, stats)
     np.testing.assert_array_equal(np.asarray(got_means, np.float32), np.asarray(means, np.float32))
