@@ -185,6 +185,11 @@ CASES = {
     ),
     "warmup -1": (lambda d: [*_finetune(d), "--warmup", "-1"], "argument --warmup"),
     "lr nan": (lambda d: [*_finetune(d), "--lr", "nan"], "argument --lr"),
+    "mixed cr 0": (lambda d: [*_finetune(d), "--mixed-cr", "1,0"], "argument --mixed-cr"),
+    "mixed cr without prism": (
+        lambda d: [*_finetune(d), "--mixed-cr", "1,4"],
+        "--mixed-cr trains under prism",
+    ),
     "out onto the source model": (
         lambda d: [*_finetune(d), "--out", str(d["bert_cls"])],
         "is the model being fine-tuned",

@@ -331,3 +331,44 @@ def test_two_processes_on_one_checkpoint_directory(tmp_path, hf_models):
     assert codes == [0, 2], results
     err = next(e for p, (_, e) in zip(procs, results, strict=True) if p.returncode == 2)
     assert err.count("\n") == 1 and "is in use by another training run (process " in err, err
+
+
+def test_mixed_cr_training_draws_each_steps_cr_and_resumes_exactly(
+    tmp_path, hf_models, rng, monkeypatch
+):
+    """Mixed-CR robust fine-tuning: each step runs at a CR drawn from a list (a function of
+    seed and step; every CR once in each run of len(crs) steps), and a resumed run ends where
+    an uninterrupted one does."""
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    examples = _examples("bert_cls", rng)
+    mesh, crs = pj.edge_mesh(2), [1, 4]
+    drawn = [train.step_cr(crs, 0, s) for s in range(4)]
+    assert sorted(drawn[:2]) == sorted(drawn[2:]) == crs
+    built, real = [], train._step_function
+
+    def spy(model, opt, plan, mesh):  # which plans the steps were compiled for
+        built.append(plan)
+        return real(model, opt, plan, mesh)
+
+    monkeypatch.setattr(train, "_step_function", spy)
+    cfg = train.TrainConfig(steps=2, batch_size=4, lr=1e-3, checkpoint_every=1)
+    kw = dict(plan=pj.Plan(cr=4, logit_bias="none"), mesh=mesh, progress=False, crs=crs)
+    whole = train.train(model, examples, cfg, **kw)
+    assert [p.cr for p in built] == drawn[:2]  # one program per CR, in the order drawn
+    assert all(p.logit_bias == "none" for p in built)  # the rest of the plan is kept
+
+    class Stop(Exception):
+        pass
+
+    def stop(step):
+        raise Stop  # interrupted right after the step-1 checkpoint
+
+    with pytest.raises(Stop):
+        train.train(model, examples, cfg, checkpoint_dir=tmp_path, on_checkpoint=stop, **kw)
+    resumed = train.train(model, examples, cfg, checkpoint_dir=tmp_path, **kw)
+    assert resumed.resumed_from == 1
+    np.testing.assert_allclose(resumed.losses, whole.losses[1:], rtol=1e-6)
+    with pytest.raises(pj.PrismError, match="mixed compression rates need the prism"):
+        train.train(model, examples, cfg, progress=False, crs=crs)
+    with pytest.raises(pj.PrismError, match="every mixed compression rate"):
+        train.train(model, examples, cfg, plan=pj.Plan(cr=4), mesh=mesh, crs=[2, 0])

@@ -206,6 +206,8 @@ def _check_out(out: str, source: str) -> Path:
 
 def _run_finetune(args) -> dict:
     plan = plan_of(args)
+    if args.mixed_cr and plan.strategy != "prism":
+        raise PrismError("--mixed-cr trains under prism: add --strategy prism")
     cfg = train.TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -244,6 +246,7 @@ def _run_finetune(args) -> dict:
         restart=args.restart,
         progress=not args.json,
         evaluate=evaluate,
+        crs=args.mixed_cr,
     )
     if out:
         hf.save_pretrained(run.model, out)
@@ -251,6 +254,7 @@ def _run_finetune(args) -> dict:
         "model": args.model,
         "dataset": args.dataset,
         "plan": vars(plan) | {},
+        "mixed_cr": args.mixed_cr,
         "devices": args.devices,
         "steps": args.steps,
         "resumed_from": run.resumed_from,

@@ -230,6 +230,13 @@ def _finetune(sub) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
     p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
+    p.add_argument(
+        "--mixed-cr",
+        type=compression_rates,
+        default=None,
+        help="mixed-CR training (prism): each step at a CR drawn from these, comma-separated "
+        "(--cr is then the CR evaluated)",
+    )
     _plan_args(p)
     p.set_defaults(strategy="single")
 

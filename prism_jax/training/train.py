@@ -78,7 +78,7 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh) -> dict:
+def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh, crs=None) -> dict:
     """What a resumed run must share with the one that wrote the checkpoints: every setting
     but the step count (a run may be extended) and checkpointing, the plan and device count,
     and CRC-32 fingerprints of the starting parameters and of the training data."""
@@ -93,6 +93,7 @@ def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh)
     return {
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
         "plan": dataclasses.asdict(plan),
+        "crs": None if crs is None else [int(c) for c in crs],
         "devices": mesh.shape[AXIS] if mesh is not None else 1,
         "start": crc(jax.tree.leaves(model.params)),
         "data": crc(examples[k] for k in sorted(examples)),
@@ -108,6 +109,14 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
         for e in np.unique(positions // n)
     }
     return np.array([epochs[int(p // n)][p % n] for p in positions])
+
+
+def step_cr(crs, seed: int, step: int) -> int:
+    """The CR of step `step` in mixed-CR training: each run of len(crs) steps visits every CR
+    once, in an order shuffled per run; a pure function of (seed, step) like the batch, so
+    that a resumed run draws the same."""
+    cycle, i = divmod(step, len(crs))
+    return int(crs[np.random.default_rng([seed, cycle, 1]).permutation(len(crs))[i]])
 
 
 def loss(head: str, tokens: dict, cls: dict, targets: jax.Array, weights: jax.Array):
@@ -152,6 +161,7 @@ def train(
     progress: bool = True,
     on_checkpoint=None,
     evaluate=None,
+    crs=None,
 ) -> Run:
     """Fine-tune `model` on `examples` under `plan`.
 
@@ -167,14 +177,27 @@ def train(
       on_checkpoint: called with the step number after each checkpoint is written.
       evaluate: called with the model at the end of each epoch and of training; returns a
         dict of metrics, kept in `Run.evals` and shown beside the progress bar.
+      crs: mixed-CR training (prism only): each step runs at a CR drawn from these
+        (`step_cr`) instead of `plan.cr`, so that one model learns every CR.
     """
     plan = plan or Plan(strategy="single")
     mesh = mesh if plan.strategy != "single" else None  # `single` runs on one device
+    if crs is not None:
+        crs = [_positive_cr(c) for c in crs]
+        if plan.strategy != "prism" or mesh is None or not crs:
+            raise PrismError("mixed compression rates need the prism strategy on a mesh")
     labels = np.asarray(examples.get("labels", np.zeros(1, np.int32)), np.int32)
     hf = {k: np.asarray(v) for k, v in examples.items() if k != "labels"}
     n = len(next(iter(hf.values())))
     opt = optimizer(cfg)
-    step_fn = _step_function(model, opt, plan, mesh)
+    step_fns = {}
+
+    def step_fn(step, *args):
+        cr = plan.cr if crs is None else step_cr(crs, cfg.seed, step)
+        if cr not in step_fns:
+            step_fns[cr] = _step_function(model, opt, dataclasses.replace(plan, cr=cr), mesh)
+        return step_fns[cr](*args)
+
     params = place(model, mesh) if mesh is not None else model.params
     state = {"params": params, "opt": opt.init(params)}
     if mesh is not None:  # all of the state on the mesh (the step count too), as restore puts it
@@ -184,7 +207,7 @@ def train(
         start = 0
         if ckpt:
             start, state = _resume(
-                ckpt, run_record(model, examples, cfg, plan, mesh), state, restart
+                ckpt, run_record(model, examples, cfg, plan, mesh, crs), state, restart
             )
         losses, evals = [], []
         bar = tqdm(
@@ -195,7 +218,7 @@ def train(
             idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
             tic = time.perf_counter()
             params, opt_state, value, finite = step_fn(
-                state["params"], state["opt"], *_step_inputs(model, hf, labels, idx, mesh)
+                step, state["params"], state["opt"], *_step_inputs(model, hf, labels, idx, mesh)
             )
             if not finite:  # keep the last good state: never step or checkpoint into NaN
                 raise PrismError(_not_finite(step + 1, float(value), ckpt))
@@ -216,6 +239,13 @@ def train(
         if ckpt:
             ckpt.close()
     return Run(_host_model(model, state), losses, start or None, evals)
+
+
+def _positive_cr(value) -> int:
+    cr = as_int(value)
+    if cr is None or cr < 1:
+        raise PrismError(f"every mixed compression rate must be an integer >= 1, got {value!r}")
+    return cr
 
 
 def _step_function(model: Model, opt, plan: Plan, mesh):
