@@ -26,13 +26,16 @@ AXIS = "edge"
 
 
 def edge_mesh(n: int) -> Mesh:
-    """A 1-D mesh of the first `n` JAX devices, axis `"edge"` (Explicit).
+    """A 1-D mesh of the first `n` JAX devices, axis `"edge"` (Explicit): the default
+    backend's, or the CPU's when an accelerator host has fewer than `n`.
 
     On CPU, emulate devices with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
     set before JAX starts (the CLI does this itself).
     """
     available = jax.devices()
     count = as_int(n)
+    if count is not None and count > len(available) and available[0].platform != "cpu":
+        available = jax.devices("cpu")  # an accelerator host emulating more edge devices
     if count is None or count < 1:
         raise PrismError(f"the number of devices must be an integer >= 1, got {n!r}")
     n = count

@@ -1,6 +1,7 @@
 """The prism-jax command: outputs, --json, and one-line errors with exit code 2."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import prism_jax as pj
 from prism_jax import cli
 
 
@@ -209,3 +211,37 @@ def test_eval_reports_accuracy_per_cr(hf_models, tmp_path, capsys):
     assert cr4["compute_reduction"] > cr1["compute_reduction"] > 0
     assert cli.main(["eval", "--model", str(hf_models("bert")[1]), "--limit", "4"]) == 2
     assert "no classifier head" in capsys.readouterr().err
+
+
+def test_cpu_is_forced_only_without_an_accelerator(monkeypatch):
+    """`prism-jax` holds JAX to the CPU only on a host with no accelerator plugin, and never
+    overrides the user's JAX_PLATFORMS."""
+    import prism_jax.cli as cli_module
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored afterwards
+    for installed, user, want in [
+        (False, None, "cpu"),
+        (True, None, None),
+        (False, "cuda", "cuda"),
+    ]:
+        if user is None:
+            monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+        else:
+            monkeypatch.setenv("JAX_PLATFORMS", user)
+        monkeypatch.setattr(cli_module, "accelerator_installed", lambda v=installed: v)
+        cli_module.emulate_devices(2)
+        assert os.environ.get("JAX_PLATFORMS") == want
+
+
+def test_edge_mesh_emulates_on_the_cpu_when_the_accelerator_has_too_few(monkeypatch):
+    import jax
+
+    cpus = jax.devices("cpu")
+
+    class Gpu:
+        platform = "gpu"
+
+    real = jax.devices
+    monkeypatch.setattr(jax, "devices", lambda backend=None: real(backend) if backend else [Gpu()])
+    mesh = pj.edge_mesh(2)
+    assert list(mesh.devices) == cpus[:2]

@@ -19,14 +19,26 @@ __all__ = ["EXIT_USAGE", "build_parser", "emulate_devices", "main"]
 
 def emulate_devices(n: int, *, exact: bool = False) -> None:
     """Ask XLA for at least (`exact`: exactly) `n` CPU devices; effective only before JAX's
-    backend starts."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    backend starts. JAX is held to its CPU backend only on a host without an accelerator
+    plugin (and never against the user's own `JAX_PLATFORMS`): with a GPU, one-device work
+    runs there and `edge_mesh` emulates more devices than it has on the CPU."""
+    if not accelerator_installed():
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flags = os.environ.get("XLA_FLAGS", "")
     found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     if found and (int(found.group(1)) == n or (int(found.group(1)) > n and not exact)):
         return
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
+
+
+def accelerator_installed() -> bool:
+    """Whether a JAX accelerator plugin (CUDA, ROCm, TPU) is installed, read from the installed
+    distributions without starting JAX."""
+    from importlib import metadata
+
+    pattern = re.compile(r"^(jax[-_]cuda\d+[-_]plugin|jax[-_]rocm\d+[-_]plugin|libtpu)")
+    return any(pattern.match(d.metadata["Name"] or "") for d in metadata.distributions())
 
 
 def _quiet_runtime() -> None:
