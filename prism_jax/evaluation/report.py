@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prism_jax.evaluation import sweep
 from prism_jax.evaluation.tasks import Task
+from prism_jax.plan import Plan
 
 BIASES = ("log_count", "none")
 
@@ -31,19 +32,24 @@ def grid(
     progress: bool = True,
     most_crs: int | None = None,
     max_cr: int | None = None,
+    template: Plan | None = None,
+    only_crs: tuple[int, ...] | None = None,
 ) -> dict:
     """The metric of `task` at each N, every CR up to the local length (`crs_up_to`; only its
-    first `most_crs - 1` and the local length itself when given; none above `max_cr`), each
-    logit bias; bytes and FLOPs measured once per (N, CR) from the compiled programs."""
+    first `most_crs - 1` and the local length itself when given; only those in `only_crs`
+    when given; none above `max_cr`), each
+    logit bias, each plan the `template` (compressor, exchange) at that CR and bias; bytes and
+    FLOPs measured once per (N, CR) from the compiled programs."""
     tic = time.perf_counter()
     exact = task.score(None, None)
 
     def crs(n: int) -> list[int]:
         every = crs_up_to(-(-task.seq_len // n))
         every = every if most_crs is None else [*every[: most_crs - 1], every[-1]]
+        every = [cr for cr in every if only_crs is None or cr in only_crs]
         return [cr for cr in every if max_cr is None or cr <= max_cr]
 
-    plans = sweep.cases(devices, crs, biases)
+    plans = sweep.cases(devices, crs, biases, template)
     scored = sweep.sweep(
         model.config, plans, task.score, metric="value", seq_len=task.seq_len,
         progress=progress, desc=f"{task.dataset} {task.metric}",
@@ -66,6 +72,8 @@ def grid(
 
 
 def _fmt(metric: str, value: float) -> str:
+    if metric == "cosine":
+        return f"{value:.4f}"
     return f"{value:.2f}" if metric == "perplexity" else f"{100 * value:.1f}"
 
 
@@ -77,7 +85,7 @@ def markdown(result: dict, title: str) -> str:
     biases = [b for b in BIASES if any(r["logit_bias"] == b for r in rows)]
     crs = sorted({r["cr"] for r in rows})
     cell = {(r["devices"], r["cr"], r["logit_bias"]): r for r in rows}
-    unit = "" if metric == "perplexity" else " (%)"
+    unit = "" if metric in ("perplexity", "cosine") else " (%)"
     head = [f"N={n} {b}" for n in devices for b in biases]
     head += [f"comm / compute N={n}" for n in devices]
     lines = [

@@ -6,6 +6,7 @@ experiment grids (N x CR x logit bias) are all this loop with another `score`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
@@ -20,12 +21,17 @@ Score = Callable[..., float | dict]
 
 
 def cases(
-    devices: Sequence[int], crs: Callable[[int], Sequence[int]], biases: Sequence[str]
+    devices: Sequence[int],
+    crs: Callable[[int], Sequence[int]],
+    biases: Sequence[str],
+    template: Plan | None = None,
 ) -> list[tuple[int, Plan]]:
-    """(N, prism plan) for every N, every CR of `crs(N)`, every logit bias; at CR = 1 the
+    """(N, prism plan) for every N, every CR of `crs(N)`, every logit bias, each plan the
+    `template` (exchange, compressor; default `Plan()`) at that CR and bias; at CR = 1 the
     biases coincide (log 1 = 0), so that case is listed once, with the first bias."""
+    template = template or Plan()
     return [
-        (n, Plan(cr=cr, logit_bias=bias))
+        (n, dataclasses.replace(template, strategy="prism", cr=cr, logit_bias=bias))
         for n in devices
         for cr in crs(n)
         for bias in (biases[:1] if cr == 1 else biases)
@@ -44,7 +50,7 @@ def sweep(
     measure: bool = True,
 ) -> list[dict]:
     """Score every (N, plan) and, with `measure`, its savings measured from the compiled
-    program (batch 1, T = `seq_len`; once per (N, strategy, CR): the bias changes nothing).
+    program (batch 1, T = `seq_len`; once per N and plan but its bias, which changes nothing).
 
     Returns one row per plan: devices, strategy, cr, logit_bias, `metric` (or the score's
     named values), bytes_per_device, comm_reduction and compute_reduction.
@@ -57,7 +63,7 @@ def sweep(
         row |= {"logit_bias": plan.logit_bias}
         row |= value if isinstance(value, dict) else {metric: value}
         if measure:
-            key = (n, plan.strategy, plan.cr)
+            key = (n, dataclasses.replace(plan, logit_bias="none"))  # the bias costs nothing
             if key not in measured:
                 measured[key] = cost.measure(cfg, plan, devices=n, seq_len=seq_len)
             row |= {"bytes_per_device": measured[key].bytes_sent}
