@@ -2,15 +2,20 @@
 
 Command:  .venv/bin/python experiments/robust_finetune.py --family bert   (about 45 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit    (about 6 minutes)
+          .venv/bin/python experiments/robust_finetune.py --family vit --mixed  (about 20)
           (arms of 34.8 + 5.9 and 3.0 + 2.2 min: `train_minutes` in results/robust_*.json)
-Smoke:    .venv/bin/python experiments/robust_finetune.py --smoke         (seconds; the tests)
+Smoke:    .venv/bin/python experiments/robust_finetune.py --smoke --mixed (seconds; the tests)
 
-Two arms with the same recipe, data order and steps: one fine-tunes under `prism` at (N, CR)
-(gradients through the shard_map and the segment-means exchange), the other at CR = 1 (the
-exact model, run as `single`). Both are then scored at that (N, CR) and at the other CRs.
-BERT: the whole recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food
-reviews, inputs padded to 128). ViT: further training of the Fashion-MNIST task model (from
-scratch would be another hour), 150 steps at batch 128. Writes
+Arms with the same recipe, data order and steps: one fine-tunes under `prism` at (N, CR)
+(gradients through the shard_map and the segment-means exchange), another at CR = 1 (the
+exact model, run as `single`). With `--mixed`, two more: each step at a CR drawn from
+`--mixed-crs` (every CR once per cycle, `train.step_cr`), with the paper's segments and with
+all four changes of DESIGN.md 1b (`Plan.best`); the CR = 1 arm and the start are then also
+scored under `Plan.best` (training-free references for the last arm). Every arm is scored at
+`--eval-crs` with the compressor it was trained with. BERT: the whole recipe from
+all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
+ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
+150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 """
 
@@ -49,7 +54,9 @@ class Config:
     family: str = common.setting("bert", "the task model", choices=sorted(RECIPES))
     devices: int = common.setting(4, "N in the training loop")
     cr: int = common.setting(16, "CR in the training loop")
-    eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score both arms at")
+    eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score every arm at")
+    mixed_crs: str = common.setting("1,2,4,8,16", "the mixed-CR arms' training CRs")
+    mixed: bool = common.setting(False, "also the mixed-CR arms (paper's segments, prism+)")
     logit_bias: str = common.setting("log_count", "logit bias", choices=LOGIT_BIASES)
     layout: str = common.setting("padded", "BERT inputs", choices=LAYOUTS)
     checkpoints: str = common.setting(str(HERE.parent / "artifacts"), "checkpoint folders")
@@ -82,21 +89,34 @@ def main(argv=None):
         checkpoint_every=25,
     )
     mesh = pj.edge_mesh(args.devices)
-    arms = {
+    bias = args.logit_bias
+    paper, best = pj.Plan(logit_bias=bias), pj.Plan.best(1, logit_bias=bias)
+    mixed = [int(c) for c in (("1," + str(args.cr)) if args.smoke else args.mixed_crs).split(",")]
+    # (name, training plan or None, mixed CRs or None, the compressor it is scored with)
+    arms = [
         # BERT starts from a fresh random head: nothing to score before training.
-        **({"start (no extra training)": None} if args.family == "vit" else {}),
-        "trained at CR=1": pj.Plan(strategy="single"),
-        f"trained at N={args.devices} CR={args.cr}": pj.Plan(
-            cr=args.cr, logit_bias=args.logit_bias
-        ),
-    }
-    results = {}
-    for name, plan in arms.items():
+        *([("start (no extra training)", None, None, paper)] if args.family == "vit" else []),
+        *([("start, prism+", None, None, best)] if args.family == "vit" and args.mixed else []),
+        ("trained at CR=1", pj.Plan(strategy="single"), None, paper),
+        (f"trained at N={args.devices} CR={args.cr}", pj.Plan(cr=args.cr, logit_bias=bias),
+         None, paper),
+    ]  # fmt: skip
+    if args.mixed:
+        label = "{" + ",".join(map(str, mixed)) + "}"
+        arms += [
+            ("trained at CR=1, scored prism+", pj.Plan(strategy="single"), None, best),
+            (f"mixed CR {label}", pj.Plan(cr=args.cr, logit_bias=bias), mixed, paper),
+            (f"mixed CR {label}, prism+", pj.Plan.best(args.cr, logit_bias=bias), mixed, best),
+        ]  # fmt: skip
+    results, trained = {}, {}
+    for name, plan, crs, template in arms:
         tic = time.perf_counter()
         model = base
         if plan is not None:
             tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
             tag = "cr1" if plan.strategy == "single" else f"prism-{tag}"
+            tag += "" if crs is None else "-mixed-" + "-".join(map(str, crs))
+            tag += "" if plan.paper else "-prism+"
             ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
             data = examples
             if args.layout == "unpadded" and plan.strategy == "prism":  # each input at its length
@@ -104,14 +124,16 @@ def main(argv=None):
                     {k: v for k, v in examples.items() if k != "labels"}, args.devices
                 )
                 data = {**relaid, "labels": examples["labels"]}
-            run = train.train(
-                base, data, cfg, plan=plan, mesh=mesh, checkpoint_dir=ckpt, restart=args.restart
-            )
-            model = run.model
+            if tag not in trained:
+                run = train.train(base, data, cfg, plan=plan, mesh=mesh, crs=crs,
+                                  checkpoint_dir=ckpt, restart=args.restart)  # fmt: skip
+                trained[tag] = run.model
+            model = trained[tag]
         minutes = (time.perf_counter() - tic) / 60
-        plans = {cr: pj.Plan(cr=cr, logit_bias=args.logit_bias) for cr in eval_crs}
+        plans = {cr: dataclasses.replace(template, cr=cr) for cr in eval_crs}
         scores = {cr: task.score(mesh, plans[cr], model) for cr in eval_crs}
-        results[name] = {"train_minutes": minutes, "accuracy": scores}
+        results[name] = {"train_minutes": minutes, "accuracy": scores, "crs": crs,
+                         "scored_with": "paper" if template.paper else "prism+"}  # fmt: skip
         print(name, {cr: round(100 * v, 2) for cr, v in scores.items()}, flush=True)
 
     lines = [
@@ -149,7 +171,7 @@ def plot(results, crs, args, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"compression rate CR (N = {args.devices})")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{args.family}: robust fine-tuning at CR={args.cr}", fontsize=10)
+    ax.set_title(f"{args.family}: robust fine-tuning (N = {args.devices})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
