@@ -170,12 +170,11 @@ def decode_program(graphdef, temperature: float, top_k: int | None):
 
 def _grow(cache: KVCache, extra: int) -> KVCache:
     """Room for `extra` generated tokens at the end of a layer's cache (not yet visible)."""
-    return KVCache(
-        jnp.pad(cache.keys, ((0, 0), (0, extra), (0, 0), (0, 0))),
-        jnp.pad(cache.values, ((0, 0), (0, extra), (0, 0), (0, 0))),
-        jnp.pad(cache.mask, ((0, 0), (0, extra))),
-        jnp.pad(cache.bias, ((0, 0), (0, extra))),
-    )
+
+    def grow(x):
+        return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+
+    return KVCache(*(None if x is None else grow(x) for x in cache))
 
 
 def _end_ids(model: Model, eos) -> set[int]:
@@ -190,9 +189,6 @@ def _end_ids(model: Model, eos) -> set[int]:
 def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k) -> None:
     if model.config.head != "lm" or not model.config.causal:
         raise PrismError("generation needs a causal LM (GPT-2 or Llama with an LM head)")
-    if plan.value_tilt and plan.strategy == "prism":
-        raise PrismError("generation with value_tilt is not implemented: the decode cache "
-                         "keeps no spreads")  # fmt: skip
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:

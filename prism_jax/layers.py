@@ -121,12 +121,15 @@ class KVCache(NamedTuple):
       mask: `[B, C]` bool, which slots a new query sees (empty groups, padding and unwritten
         slots do not).
       bias: `[B, C]` float32 logit bias (log count of a remote mean, else 0).
+      stats: `[B, C, 1 | 3]` float32 value-tilt statistics of each slot (zero but for remote
+        means; `compress.group_means`), or None without the tilt.
     """
 
     keys: jax.Array
     values: jax.Array
     mask: jax.Array
     bias: jax.Array
+    stats: jax.Array | None = None
 
 
 class Attention(nnx.Module):
@@ -177,7 +180,8 @@ class Attention(nnx.Module):
             out = attend(q, keys, values, mask, bias)  # [B, L, H, K]
         if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
-            self.sow(nnx.Intermediate, "cache", KVCache(keys, values, mask[:, 0, -1], seen))
+            cache = KVCache(keys, values, mask[:, 0, -1], seen, stats)
+            self.sow(nnx.Intermediate, "cache", cache)
         return self.o(out.reshape(b, l, h * k))
 
     def _tilted(self, q, keys, values, mask, bias, stats) -> jax.Array:
@@ -229,8 +233,12 @@ class Attention(nnx.Module):
             cache.values, new_v.astype(cache.values.dtype), (0, index, 0, 0)
         )
         mask = lax.dynamic_update_slice(cache.mask, jnp.ones((b, 1), bool), (0, index))
-        out = attend(q, keys, values, mask[:, None, None, :], cache.bias[:, None, None, :])
-        return self.o(out.reshape(b, 1, h * k)), KVCache(keys, values, mask, cache.bias)
+        visible, bias = mask[:, None, None, :], cache.bias[:, None, None, :]
+        if cache.stats is None:
+            out = attend(q, keys, values, visible, bias)
+        else:  # the remote means keep their tilt; own and generated slots have none (exact)
+            out = self._tilted(q, keys, values, visible, bias, cache.stats)
+        return self.o(out.reshape(b, 1, h * k)), cache._replace(keys=keys, values=values, mask=mask)
 
     def _keys(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
         """`[B, L, G*K]` keys of the local tokens, rotated at their positions (rotary)."""
