@@ -1,20 +1,29 @@
 """A bandwidth-limited edge network on one machine: latency and bytes on the wire.
 
-Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; tens of minutes)
+Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 15 minutes)
 Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: a tiny model, 2 nodes,
           one bandwidth; without root it says so and exits 0, as the test suite expects)
 
 Each edge node is one OS process in its own Linux network namespace, joined to the others by
 a bridge (in a namespace of its own, so the host's network is never touched) and rate-limited
-on its uplink with `tc qdisc tbf`. The nodes form a `jax.distributed` cluster (gloo over TCP)
-and run `single`, `voltage` and `prism` (CR in {1, 4, 16, 64}) for the bert-base (T = 256)
-and vit-base (T = 197) presets with N in {2, 4}, at 10, 50 and 100 Mbit/s and unlimited.
+on its uplink with `tc qdisc tbf` whose burst is about one millisecond of the line rate (at
+least one 1,600-byte frame): a layer's message leaves at the set rate, not at the veth's line
+speed from a full bucket. Each node is pinned to its own core (`os.sched_setaffinity`), so
+N = 2 nodes on this 2-core machine are two honest devices and `single` (node 0's run) is one
+device on one core. The nodes form a `jax.distributed` cluster (gloo over TCP) and run
+`single`, `voltage` and `prism` (CR in {4, 16, 64}) for the bert-base (T = 256) and vit-base
+(T = 197) presets with N = 2, at 10, 50 and 100 Mbit/s and unlimited.
 
 Latency: wall time on node 0 of one compiled inference (inputs placed, outputs left on their
 devices), median of `--repeats` after a warm-up, all nodes released together by a barrier.
 Wire bytes: each node's `tx_bytes` counter over the timed repeats, per inference, beside the
-bytes the program's collectives send (cost.collective_bytes). The machine has 2 cores: with
-N = 4 the nodes share them, so compute is slower than on N real devices.
+bytes the program's collectives send (cost.collective_bytes).
+
+A model of latency, checked against the N = 2 measurements and extended to N = 4 and 8 on
+separate cores: compute = (one device's measured time) x (the plan's per-device FLOPs / one
+device's, from the compiled programs) + the per-inference overhead of the collectives
+measured at N = 2 unlimited; transfer = (N - 1) x (bytes one node's collectives send) x 8 /
+rate (gloo's all-gather sends a node's block to each other node over its uplink).
 Namespaces are torn down even when a run fails. Writes experiments/results/edge_testbed.*.
 """
 
@@ -41,17 +50,24 @@ BRIDGE_NS = "prism-bridge"
 @dataclasses.dataclass(frozen=True)
 class Config:
     models: tuple[tuple[str, int], ...] = (("bert-base", 256), ("vit-base-patch16-224", 197))
-    nodes: tuple[int, ...] = (2, 4)
+    nodes: tuple[int, ...] = (2,)
     rates_mbit: tuple[int | None, ...] = (10, 50, 100, None)  # None: unlimited
-    crs: tuple[int, ...] = (1, 4, 16, 64)
+    crs: tuple[int, ...] = (4, 16, 64)
+    predict_nodes: tuple[int, ...] = (2, 4, 8)
     repeats: int = 3
     timeout: float = 900
     out: str = str(ROOT / "experiments" / "results")
 
 
 SMOKE = Config(
-    models=(("tiny", 32),), nodes=(2,), rates_mbit=(50,), crs=(4,), repeats=1, timeout=180, out=""
-)
+    models=(("tiny", 32),), nodes=(2,), rates_mbit=(50,), crs=(4,), repeats=1, timeout=180,
+    out="", predict_nodes=(2,),
+)  # fmt: skip
+
+
+def burst_bytes(rate_mbit: int) -> int:
+    """tbf's bucket: about one millisecond at the line rate, at least one 1,600-byte frame."""
+    return max(1600, rate_mbit * 1_000_000 // 8 // 1000)
 
 
 def sh(*args: str) -> None:
@@ -110,7 +126,7 @@ def network(nodes: int, rate_mbit: int | None):
                     "rate",
                     f"{rate_mbit}mbit",
                     "burst",
-                    "64kb",
+                    str(burst_bytes(rate_mbit)),
                     "latency",
                     "100ms",
                 )
@@ -171,9 +187,12 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | N
         raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
     rows = json.loads(result.read_text())
     result.unlink()
+    burst = burst_bytes(rate) if rate else None
     return [
-        {"model": model, "seq_len": seq_len, "nodes": nodes, "rate_mbit": rate, **r} for r in rows
-    ]
+        {"model": model, "seq_len": seq_len, "nodes": nodes, "rate_mbit": rate,
+         "burst_bytes": burst, **r}
+        for r in rows
+    ]  # fmt: skip
 
 
 def _model(name: str):
@@ -205,6 +224,8 @@ def node_main(args) -> None:
     from prism_jax import cluster, cost
     from prism_jax.partition import place, program, shard_inputs
 
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[args.rank % len(cores)]})  # one core per node
     cluster.watchdog(args.rank, args.timeout)
     cluster.initialize(
         args.rank, args.nodes, f"{SUBNET}.1:29517", bind=f"{SUBNET}.1", timeout_s=120
@@ -255,11 +276,68 @@ def node_main(args) -> None:
         Path(args.result).write_text(json.dumps(rows))
 
 
+def predictions(rows: list[dict], cfg: Config) -> list[dict]:
+    """The latency model of the docstring: fitted on the N = 2 runs without a limit (the
+    fastest rate when all are limited, its transfer time taken off), predicted for
+    every N of `cfg.predict_nodes`, plan and rate (beside the measurement where there is one)."""
+    import prism_jax as pj
+    from prism_jax import cost
+
+    out = []
+    fit = None if None in cfg.rates_mbit else max(cfg.rates_mbit)  # unlimited, else the fastest
+    for model, t in cfg.models:
+        mine = [r for r in rows if r["model"] == model and r["nodes"] == 2]
+        mine = [r for r in mine if r["rate_mbit"] == fit]
+        single = next(r["latency_s"] for r in mine if r["strategy"] == "single")
+        model_cfg = _model(model).config
+        for plan in [pj.Plan(strategy="voltage")] + [pj.Plan(cr=cr) for cr in cfg.crs]:
+            name = plan.strategy if plan.strategy != "prism" else f"prism CR={plan.cr}"
+            key = (plan.strategy, plan.cr)
+
+            def share(n, plan=plan, model_cfg=model_cfg, t=t):  # per-device FLOPs / one device's
+                return 1 - cost.measure(model_cfg, plan, devices=n, seq_len=t).compute_reduction
+
+            def transfer(n, rate, plan=plan, model_cfg=model_cfg, t=t):
+                sent = cost.bytes_closed_form(model_cfg, plan, devices=n, seq_len=t)
+                return (n - 1) * sent * 8 / (rate * 1e6) if rate else 0.0
+
+            at2 = next(r for r in mine if (r["strategy"], r["cr"]) == key)["latency_s"]
+            overhead = at2 - transfer(2, fit) - single * share(2)  # the collectives' own cost
+            for n in cfg.predict_nodes:
+                compute = single * share(n) + overhead
+                for rate in cfg.rates_mbit:
+                    measured = next(
+                        (r["latency_s"] for r in rows if (r["model"], r["nodes"], r["rate_mbit"])
+                         == (model, n, rate) and (r["strategy"], r["cr"]) == key), None,
+                    )  # fmt: skip
+                    predicted = compute + transfer(n, rate)
+                    out.append({"model": model, "nodes": n, "rate_mbit": rate, "plan": name,
+                                "predicted_s": predicted, "measured_s": measured,
+                                "single_s": single,
+                                "speedup_predicted": single / predicted})  # fmt: skip
+    return out
+
+
+def prediction_markdown(preds: list[dict]) -> str:
+    lines = [
+        "| model | N | Mbit/s | plan | predicted (s) | measured (s) | speed-up over one device "
+        "(predicted) |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for p in preds:
+        measured = f"{p['measured_s']:.3f}" if p["measured_s"] is not None else "-"
+        lines.append(
+            f"| {p['model']} | {p['nodes']} | {p['rate_mbit'] or 'unlimited'} | {p['plan']} | "
+            f"{p['predicted_s']:.3f} | {measured} | {p['speedup_predicted']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | N | Mbit/s | plan | latency (s) | wire bytes/node | collective bytes/node "
-        "| wire / collective | latency vs voltage |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| wire / collective | latency vs voltage | speed-up over one device |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         voltage = next(
@@ -267,6 +345,12 @@ def markdown(rows: list[dict]) -> str:
             for v in rows
             if (v["model"], v["nodes"], v["rate_mbit"]) == (r["model"], r["nodes"], r["rate_mbit"])
             and v["strategy"] == "voltage"
+        )
+        single = next(
+            v
+            for v in rows
+            if (v["model"], v["nodes"], v["rate_mbit"]) == (r["model"], r["nodes"], r["rate_mbit"])
+            and v["strategy"] == "single"
         )
         plan = r["strategy"] if r["strategy"] != "prism" else f"prism CR={r['cr']}"
         ratio = (
@@ -278,7 +362,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['model']} | {r['nodes']} | {r['rate_mbit'] or 'unlimited'} | {plan} "
             f"| {r['latency_s']:.3f} | {r['wire_bytes_per_node']:,.0f} | "
             f"{r['collective_bytes_per_node']:,} | {ratio:.2f} | "
-            f"{r['latency_s'] / voltage['latency_s']:.2f} |"
+            f"{r['latency_s'] / voltage['latency_s']:.2f} | "
+            f"{single['latency_s'] / r['latency_s']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -343,17 +428,27 @@ def main(argv=None):
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
+    from prism_jax.cli import emulate_devices
+
+    emulate_devices(max(cfg.predict_nodes))  # the model's FLOPs: programs for every N here
     from tqdm.auto import tqdm
 
     jobs = [(m, t, n, r) for m, t in cfg.models for n in cfg.nodes for r in cfg.rates_mbit]
     rows = []
     for model, t, n, rate in tqdm(jobs, desc="clusters"):
         rows += run_cluster(cfg, model, t, n, rate)
-    text = markdown(rows)
+    preds = predictions(rows, cfg)
+    text = (
+        "Each node pinned to its own core; tbf burst about 1 ms of the line rate "
+        "(`burst_bytes` in the JSON rows).\n\n" + markdown(rows)
+        + "\n## Latency model (fitted at N = 2 without a limit; see the docstring)\n\n"
+        + prediction_markdown(preds)
+    )  # fmt: skip
     print(text)
     if cfg.out:
         out = Path(cfg.out)
-        (out / "edge_testbed.json").write_text(json.dumps(rows, indent=2) + "\n")
+        record = {"rows": rows, "predictions": preds}
+        (out / "edge_testbed.json").write_text(json.dumps(record, indent=2) + "\n")
         (out / "edge_testbed.md").write_text(
             "# Edge testbed: namespaces, tbf-limited uplinks, one process per node\n\n"
             "`sudo .venv/bin/python experiments/edge_testbed.py`\n\n" + text
