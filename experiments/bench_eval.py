@@ -25,7 +25,7 @@ CELLS = [(1, 1), (2, 8), (4, 16), (8, 32)]  # (N, CR); N = 1 is the single-devic
 
 @dataclasses.dataclass
 class Config:
-    smoke: bool = common.setting(False, "4 questions, two cells")
+    smoke: bool = common.setting(False, "2 questions, 2 rows, one cell")
     questions: int = common.setting(48, "cloze questions")
     rows: int = common.setting(32, "perplexity rows of 256 tokens")
     out: str | None = common.setting(None, "results folder")
@@ -106,8 +106,8 @@ def main(argv=None):
     from prism_jax.evaluation import tasks
 
     model = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
-    n_q, n_rows = (4, 4) if args.smoke else (args.questions, args.rows)
-    cells = CELLS[:2] if args.smoke else CELLS
+    n_q, n_rows = (2, 2) if args.smoke else (args.questions, args.rows)
+    cells = CELLS[1:2] if args.smoke else CELLS
     records = tfds_builders.records("wikipedia_cloze", "test", n_q)
     text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
     keys = ("context", "question", "options", "answer")
