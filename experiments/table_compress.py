@@ -26,6 +26,7 @@ metric against bytes per device, a line per compressor and bias).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import common
@@ -54,6 +55,7 @@ class Config:
     classifier_reviews: int = common.setting(200, "BERT classifier test reviews")
     llama_rows: int = common.setting(8, "SmolLM2 test rows of 256 tokens")
     classifier: str = common.setting(str(CLASSIFIER), "the BERT fine-food classifier")
+    resume: bool = common.setting(False, "keep the models already in the results file")
     out: str | None = common.setting(None, "results folder")
 
 
@@ -109,51 +111,64 @@ def main(argv=None):
     smoke = args.smoke
     mesh = pj.edge_mesh(4)
     record = {"alone": [], "grids": {}, "skipped": []}
+    saved = common.RESULTS / "table_compress.json" if args.out is None else None
+    if args.resume and saved is not None and saved.exists():
+        record = json.loads(saved.read_text())  # an interrupted run: its finished models kept
     every = dict(devices=(4,), only_crs=(16,)) if smoke else dict(devices=(2, 4, 8))
 
     def done():
         save(args, record)
 
-    vit = pj.load_pretrained(common.HERE / "models" / "vit-fashion-mnist")
-    task = tasks.load(vit, "fashion_mnist_local", limit=16 if smoke else args.images)
-    if not smoke:  # (the smoke: the grid alone)
-        record["alone"] += alone_rows("ViT (accuracy)", vit, lambda plan: task.score(mesh, plan),
-                                      [16], vit.config.max_positions, ALONE)  # fmt: skip
-    record["grids"]["ViT accuracy"] = grids(vit, task, **every)
+    def todo(grid: str) -> bool:  # a stage is done when its last grid is in the record
+        return grid not in record["grids"]
+
+    if todo("ViT accuracy"):
+        vit = pj.load_pretrained(common.HERE / "models" / "vit-fashion-mnist")
+        task = tasks.load(vit, "fashion_mnist_local", limit=16 if smoke else args.images)
+        if not smoke:  # (the smoke: the grid alone)
+            record["alone"] += alone_rows("ViT (accuracy)", vit,
+                                          lambda plan: task.score(mesh, plan), [16],
+                                          vit.config.max_positions, ALONE)  # fmt: skip
+        record["grids"]["ViT accuracy"] = grids(vit, task, **every)
+        done()
     if smoke:
-        return done()
-    gpt2 = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
-    lm = tasks.load(gpt2, "wikipedia_leads", limit=args.rows)
-    record["grids"]["GPT-2 perplexity"] = grids(gpt2, lm, **every)
-    done()
-    record["alone"] += alone_rows("GPT-2 (perplexity)", gpt2, lambda plan: lm.score(mesh, plan),
-                                  [16], lm.seq_len, ALONE)  # fmt: skip
-    cloze = tasks.load(gpt2, "wikipedia_cloze", limit=args.questions)
-    record["grids"]["GPT-2 cloze"] = grids(gpt2, cloze, devices=(4,), only_crs=(4, 16, 64))
-    done()
-
-    minilm = pj.load_pretrained(sources.minilm_dir())
-    texts = sources.fine_food_reviews("test")[0][: args.reviews]
-    cos = cosine_task(minilm, texts)
-    record["alone"] += alone_rows("MiniLM (cosine)", minilm, lambda plan: cos.score(mesh, plan),
-                                  [8, 2], 128, ALONE)  # fmt: skip
-    record["grids"]["MiniLM cosine"] = grids(minilm, cos, devices=(2, 4, 8))
-    done()
-
-    smollm = pj.load_pretrained(sources.smollm2_gguf())
-    ppl = tasks.load(smollm, "wikipedia_leads", limit=args.llama_rows, max_length=256)
-    labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
-    record["alone"] += alone_rows(
-        "SmolLM2 (perplexity)", smollm, lambda plan: ppl.score(mesh, plan), [16], 256, labels
-    )
-    record["grids"]["SmolLM2 perplexity"] = grids(smollm, ppl, devices=(4,), only_crs=(4, 32))
-    done()
+        return
+    if todo("GPT-2 cloze"):
+        gpt2 = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
+        lm = tasks.load(gpt2, "wikipedia_leads", limit=args.rows)
+        record["grids"]["GPT-2 perplexity"] = grids(gpt2, lm, **every)
+        record["alone"] += alone_rows("GPT-2 (perplexity)", gpt2,
+                                      lambda plan: lm.score(mesh, plan), [16], lm.seq_len,
+                                      ALONE)  # fmt: skip
+        cloze = tasks.load(gpt2, "wikipedia_cloze", limit=args.questions)
+        record["grids"]["GPT-2 cloze"] = grids(gpt2, cloze, devices=(4,), only_crs=(4, 16, 64))
+        done()
+    if todo("MiniLM cosine"):
+        minilm = pj.load_pretrained(sources.minilm_dir())
+        texts = sources.fine_food_reviews("test")[0][: args.reviews]
+        cos = cosine_task(minilm, texts)
+        record["alone"] += alone_rows("MiniLM (cosine)", minilm,
+                                      lambda plan: cos.score(mesh, plan), [8, 2], 128,
+                                      ALONE)  # fmt: skip
+        record["grids"]["MiniLM cosine"] = grids(minilm, cos, devices=(2, 4, 8))
+        done()
+    if todo("SmolLM2 perplexity"):
+        smollm = pj.load_pretrained(sources.smollm2_gguf())
+        ppl = tasks.load(smollm, "wikipedia_leads", limit=args.llama_rows, max_length=256)
+        labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
+        record["alone"] += alone_rows(
+            "SmolLM2 (perplexity)", smollm, lambda plan: ppl.score(mesh, plan), [16], 256, labels
+        )
+        record["grids"]["SmolLM2 perplexity"] = grids(smollm, ppl, devices=(4,), only_crs=(4, 32))
+        done()
 
     if not Path(args.classifier).is_dir():
         record["skipped"].append(f"BERT classifier: no model at {args.classifier}")
         return done()
     bert = pj.load_pretrained(args.classifier)
     for layout in ("unpadded", "padded"):
+        if not todo(f"BERT classifier ({layout})"):
+            continue
         task = tasks.load(bert, "fine_food_reviews", limit=args.classifier_reviews,
                           layout=layout)  # fmt: skip
         record["grids"][f"BERT classifier ({layout})"] = grids(
