@@ -71,24 +71,13 @@ def _pair(hf_config, directory, device):
     return model, reference.to(device=device, dtype=torch.bfloat16)
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    tic = time.perf_counter()
-    fn()
-    first = time.perf_counter() - tic
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return first, float(np.median(times))
-
-
 def _time_shape(model, reference, batch: int, t: int, mesh, repeats: int) -> dict:
     """PyTorch, `single` and prism on the 1-device `mesh`, at one (batch, T)."""
     import jax
     import torch
 
     import prism_jax as pj
+    from prism_jax.evaluation.timing import timed
     from prism_jax.partition import place, program, shard_inputs
 
     device = next(reference.parameters()).device
@@ -109,10 +98,12 @@ def _time_shape(model, reference, batch: int, t: int, mesh, repeats: int) -> dic
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    _, torch_s = _timed(call_torch, repeats)
-    single_first, single_s = _timed(lambda: jax.block_until_ready(single(params, *args)), repeats)
-    prism_first, prism_s = _timed(
-        lambda: jax.block_until_ready(prism(place(model, mesh), *sharded)), repeats
+    _, torch_s = timed(call_torch, repeats=repeats)
+    single_first, single_s = timed(
+        lambda: jax.block_until_ready(single(params, *args)), repeats=repeats
+    )
+    prism_first, prism_s = timed(
+        lambda: jax.block_until_ready(prism(place(model, mesh), *sharded)), repeats=repeats
     )
     return {"torch_s": torch_s, "single_s": single_s, "single_first_call_s": single_first,
             "prism_1_device_s": prism_s, "prism_first_call_s": prism_first,

@@ -79,6 +79,8 @@ def network(nodes: int, rate_mbit: int | None):
     """N node namespaces on a bridge; each uplink limited to `rate_mbit` (None: no limit)."""
     names = [f"prism-n{i}" for i in range(nodes)]
     host = socket.gethostname()
+    for ns in [*names, BRIDGE_NS]:  # left behind by a run that was killed
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     try:
         sh("ip", "netns", "add", BRIDGE_NS)
         sh("ip", "-n", BRIDGE_NS, "link", "add", "br0", "type", "bridge")
@@ -339,19 +341,16 @@ def markdown(rows: list[dict]) -> str:
         "| wire / collective | latency vs voltage | speed-up over one device |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def beside(r, strategy):  # the row of `strategy` in r's cluster (model, N, rate)
+        cluster = (r["model"], r["nodes"], r["rate_mbit"])
+        return next(
+            v for v in rows
+            if (v["model"], v["nodes"], v["rate_mbit"]) == cluster and v["strategy"] == strategy
+        )  # fmt: skip
+
     for r in rows:
-        voltage = next(
-            v
-            for v in rows
-            if (v["model"], v["nodes"], v["rate_mbit"]) == (r["model"], r["nodes"], r["rate_mbit"])
-            and v["strategy"] == "voltage"
-        )
-        single = next(
-            v
-            for v in rows
-            if (v["model"], v["nodes"], v["rate_mbit"]) == (r["model"], r["nodes"], r["rate_mbit"])
-            and v["strategy"] == "single"
-        )
+        voltage, single = beside(r, "voltage"), beside(r, "single")
         plan = r["strategy"] if r["strategy"] != "prism" else f"prism CR={r['cr']}"
         ratio = (
             r["wire_bytes_per_node"] / r["collective_bytes_per_node"]
