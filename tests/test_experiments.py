@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-# The network testbed builds namespaces (root): slow, kept out of CI.
-SLOW = {"edge_testbed.py"}
+# The network testbed builds namespaces (root): slow, kept out of CI. So are the smokes that
+# take 15-40 s each and whose parts the unit tests cover (`make slow` runs them), to keep the
+# CI suite under 15 minutes on 2 cores.
+SLOW = {
+    "edge_testbed.py",
+    "bench_forward.py",
+    "bench_llama.py",
+    "bench_speed.py",
+    "robust_finetune.py",
+    "table_bert.py",
+    "table_gpt2.py",
+    "table_llama.py",
+}
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))

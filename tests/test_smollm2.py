@@ -7,6 +7,10 @@ import prism_jax as pj
 from prism_jax.data import sources
 from tests.conftest import ATOL_LAYER
 
+# Real weights through transformers' own GGUF loader (40 s to load): out of CI for time (`make
+# slow`); the tiny GGUF files of test_gguf.py and the tiny Llamas check the same paths in CI.
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "The capital of France is",
     "<|im_start|>user\nWhat is 12 times 7?<|im_end|>\n<|im_start|>assistant\n",

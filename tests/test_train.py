@@ -118,7 +118,9 @@ def _train_process(tmp_path, hf_models, directory, out, kill_at, devices):
     )
 
 
-@pytest.mark.parametrize("devices", [1, 2])  # single, and prism over a mesh (the opt state too)
+@pytest.mark.parametrize(  # single (slow: the mesh case covers it), and prism over a mesh
+    "devices", [pytest.param(1, marks=pytest.mark.slow), 2]
+)
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, hf_models, devices):
     def process(name, kill_at):
         return _train_process(
