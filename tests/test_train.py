@@ -114,6 +114,9 @@ def _train_process(tmp_path, hf_models, directory, out, kill_at, devices):
             "HF_HUB_OFFLINE": "1",
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         },
     )
 
@@ -348,9 +351,9 @@ def test_mixed_cr_training_draws_each_steps_cr_and_resumes_exactly(
     assert sorted(drawn[:2]) == sorted(drawn[2:]) == crs
     built, real = [], train._step_function
 
-    def spy(model, opt, plan, mesh):  # which plans the steps were compiled for
+    def spy(graphdef, model_cfg, cfg, plan, mesh):  # which plans the steps are built for
         built.append(plan)
-        return real(model, opt, plan, mesh)
+        return real(graphdef, model_cfg, cfg, plan, mesh)
 
     monkeypatch.setattr(train, "_step_function", spy)
     cfg = train.TrainConfig(steps=2, batch_size=4, lr=1e-3, checkpoint_every=1)

@@ -8,6 +8,7 @@ resumed from a checkpoint at step s continues exactly as if it had never stopped
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
 from prism_jax.partition import AXIS, place, program, put, shard_inputs
@@ -195,7 +197,8 @@ def train(
     def step_fn(step, *args):
         cr = plan.cr if crs is None else step_cr(crs, cfg.seed, step)
         if cr not in step_fns:
-            step_fns[cr] = _step_function(model, opt, dataclasses.replace(plan, cr=cr), mesh)
+            at_cr = dataclasses.replace(plan, cr=cr)
+            step_fns[cr] = _step_function(model.graphdef, model.config, cfg, at_cr, mesh)
         return step_fns[cr](*args)
 
     params = place(model, mesh) if mesh is not None else model.params
@@ -248,11 +251,14 @@ def _positive_cr(value) -> int:
     return cr
 
 
-def _step_function(model: Model, opt, plan: Plan, mesh):
+@functools.cache
+def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, mesh):
     """The jitted training step `(params, opt_state, inputs, valid, targets, weights) ->
-    (params, opt_state, loss, finite)`; `finite` is False when the loss or the update is not."""
-    forward = program(model.graphdef, model.config, plan, mesh)
-    head = model.config.head
+    (params, opt_state, loss, finite)`; `finite` is False when the loss or the update is not.
+    Cached, so that a resumed or repeated run in the same process compiles nothing again."""
+    forward = program(graphdef, model_cfg, plan, mesh)
+    head = model_cfg.head
+    opt = optimizer(cfg)
 
     def step_fn(params, opt_state, inputs, valid, targets, weights):
         def objective(p):
