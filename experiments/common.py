@@ -70,13 +70,10 @@ def save(cfg, stem: str, record, text: str, plot=None) -> None:
 
 def first_layers(model, depth: int):
     """The model cut to its first `depth` layers (real weights; for the smoke)."""
-    from flax import nnx
-
     from prism_jax import models
 
     cut = models.abstract(dataclasses.replace(model.config, depth=depth))
-    old = {p: v for p, v in nnx.to_flat_state(model.params)}
-    state = nnx.from_flat_state([(p, old[p]) for p, _ in nnx.to_flat_state(cut.params)])
+    state = models.from_flat(cut.params, models.flat_params(model.params))
     return dataclasses.replace(model, config=cut.config, graphdef=cut.graphdef, params=state)
 
 

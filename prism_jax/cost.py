@@ -143,9 +143,19 @@ def abstract_inputs(cfg: ModelConfig, *, batch: int, seq_len: int, dtype) -> tup
 
 
 def lower(
-    cfg: ModelConfig, plan: Plan, *, devices: int, seq_len: int, batch: int = 1, dtype="float32"
+    cfg: ModelConfig,
+    plan: Plan,
+    *,
+    devices: int,
+    seq_len: int,
+    batch: int = 1,
+    dtype="float32",
+    straight: bool = True,
 ):
-    """Lower the inference program for abstract weights and inputs (nothing is allocated)."""
+    """Lower the inference program for abstract weights and inputs (nothing is allocated).
+    `straight` (the default, for costs): XLA's cost analysis counts a loop body once, so the
+    layers are unrolled and attention is dense (the same FLOPs as the scanned program runs);
+    False lowers the program inference runs."""
 
     dtype = jnp.dtype(dtype)
     model = models.abstract(cfg)
@@ -162,7 +172,7 @@ def lower(
     inputs, valid_shape = abstract_inputs(cfg, batch=batch, seq_len=t, dtype=dtype)
     inputs = {k: placed(v, P(None, AXIS)) for k, v in inputs.items()}
     valid = placed(jax.ShapeDtypeStruct(valid_shape, jnp.bool_), P())
-    return program(model.graphdef, cfg, plan, mesh).lower(params, inputs, valid)
+    return program(model.graphdef, cfg, plan, mesh, straight=straight).lower(params, inputs, valid)
 
 
 def _flops(compiled) -> float:

@@ -84,6 +84,8 @@ class Exchange:
         (HF's `position_ids`); None: the global index.
       keep_cache: whether each attention layer keeps what its last query saw (a prefill for
         generation).
+      straight: trace a program without loops (layers unrolled, dense attention) for XLA's
+        cost analysis, which counts a loop body once (`cost.measure`).
     """
 
     plan: Plan
@@ -96,6 +98,7 @@ class Exchange:
     global_mask: jax.Array | None
     position_ids: jax.Array | None = None
     keep_cache: bool = False
+    straight: bool = False
 
     def positions(self) -> jax.Array:
         """`[L]` global positions of the local tokens: device p owns [p*L, (p+1)*L)."""
@@ -116,7 +119,13 @@ def _key_mask(key_valid: jax.Array, q_pos: jax.Array, k_pos: jax.Array, causal: 
 
 
 def make_exchange(
-    plan: Plan, valid: jax.Array, *, causal: bool, axis_name: str | None, devices: int
+    plan: Plan,
+    valid: jax.Array,
+    *,
+    causal: bool,
+    axis_name: str | None,
+    devices: int,
+    straight: bool = False,
 ) -> Exchange:
     """Build a device's `Exchange` from the validity mask of the whole sequence.
 
@@ -126,6 +135,7 @@ def make_exchange(
       causal: whether the model is causal.
       axis_name: mesh axis name, or None for the reference path.
       devices: N.
+      straight: see `Exchange.straight`.
     """
     if axis_name is not None and plan.strategy == "single":
         raise PrismError("strategy 'single' runs on one device: call it without a mesh axis")
@@ -138,7 +148,9 @@ def make_exchange(
     global_mask = None
     if plan.strategy == "voltage":
         global_mask = _key_mask(valid, q_pos, jnp.arange(t), causal)
-    return Exchange(plan, axis_name, devices, p, causal, local_valid, local_mask, global_mask)
+    return Exchange(
+        plan, axis_name, devices, p, causal, local_valid, local_mask, global_mask, straight=straight
+    )
 
 
 def _local_groups(x: jax.Array, ex: Exchange, keys, inputs, positions):

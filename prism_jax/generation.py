@@ -99,20 +99,20 @@ def _prefill_forward(graphdef, params, inputs, valid, *, cfg, plan, axis_name, d
     (tokens, _), kept = nnx.capture(module, nnx.Intermediate)(
         inputs, dataclasses.replace(ex, keep_cache=True)
     )
-    blocks = kept["encoder"]["blocks"]
-    caches = [_sown(blocks[i]["attn"]["cache"]) for i in range(len(module.encoder.blocks))]
-    return tokens["logits"][:, -1], caches  # [B, V] of the last position, a KVCache per layer
+    caches = _sown(kept["encoder"]["caches"])
+    return tokens["logits"][:, -1], caches  # [B, V] of the last position, the layers' caches
 
 
 def _sown(value) -> KVCache:
-    """The one KVCache a layer sowed (Flax keeps sown values in a tuple, in a Variable)."""
+    """The stacked KVCache the encoder sowed (Flax keeps sown values in a tuple, in a
+    Variable)."""
     value = value.get_value() if hasattr(value, "get_value") else value
     return value[0] if isinstance(value, tuple) and not isinstance(value, KVCache) else value
 
 
 @functools.cache
 def prefill_program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
-    """`(params, inputs, valid) -> (last logits [B, V], [KVCache] per layer)` of the device
+    """`(params, inputs, valid) -> (last logits [B, V], KVCache [depth, ...])` of the device
     that owns the end of the sequence (every device's, stacked on a leading axis, with a
     mesh: the caller keeps the last)."""
     plan = plan.for_model(cfg)
@@ -169,10 +169,11 @@ def decode_program(graphdef, temperature: float, top_k: int | None):
 
 
 def _grow(cache: KVCache, extra: int) -> KVCache:
-    """Room for `extra` generated tokens at the end of a layer's cache (not yet visible)."""
+    """Room for `extra` generated tokens at the end of the layers' caches (`[depth, B, C,
+    ...]`; not yet visible)."""
 
     def grow(x):
-        return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.pad(x, ((0, 0), (0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 3))
 
     return KVCache(*(None if x is None else grow(x) for x in cache))
 
@@ -250,8 +251,8 @@ def run(
     ids = np.asarray(_choose(logits, jax.random.fold_in(key, 0), temperature=temperature,
                              top_k=top_k))  # fmt: skip
     prefill_seconds = time.perf_counter() - tic
-    prompt_slots = caches[0].keys.shape[1]
-    caches = [_grow(c, max_new_tokens) for c in caches]
+    prompt_slots = caches.keys.shape[2]
+    caches = _grow(caches, max_new_tokens)
     step = decode_program(model.graphdef, float(temperature), top_k)
     ends, pad = _end_ids(model, eos), model.generation.get("pad_token_id")
     pad = pad if pad is not None else next(iter(ends), 0)

@@ -10,6 +10,7 @@ from flax import nnx
 from jax import lax
 
 from prism_jax import exchange
+from prism_jax.attention import attend
 from prism_jax.configs import ACTIVATIONS, ModelConfig
 
 _FUNCTIONS = {  # the functions behind `configs.ACTIVATIONS`' names
@@ -86,31 +87,6 @@ def mean_rotation(centre: jax.Array, variance: jax.Array, k: int, theta: float):
     return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
-def attend(q, keys, values, mask, bias=None) -> jax.Array:
-    """Masked softmax attention with grouped KV heads: `q` `[B, L, H, K]` against `keys`,
-    `values` `[B, M, G, K]` (query head h reads KV head h // (H / G)), `mask` `[B, 1, L|1, M]`
-    (padding, empty groups, the partition-aware causal rule), `bias` `[B, 1, 1, M]` float32
-    (log counts) or None. A row that sees no key gives zeros.
-
-    Equal to `jax.nn.dot_product_attention` (tested) but cheaper on the CPU: logits and the
-    softmax in float32 with the mask applied once, and the normalisation divided out of the
-    `[B, L, H, K]` output instead of the `[B, H, L, M]` probabilities."""
-    b, l, h, k = q.shape
-    g = keys.shape[2]
-    qg = q.reshape(b, l, g, h // g, k) * jnp.asarray(1 / k**0.5, q.dtype)
-    f32 = jnp.float32
-    logits = jnp.einsum("blgrk,bmgk->bgrlm", qg, keys, preferred_element_type=f32)
-    if bias is not None:
-        logits = logits + bias[:, :, None]  # [B, 1, 1, 1, M]
-    logits = jnp.where(mask[:, :, None], logits, -jnp.inf)  # [B, 1, 1, L|1, M]
-    top = logits.max(-1, keepdims=True)
-    weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0))
-    total = weights.sum(-1)  # [B, G, R, L]
-    out = jnp.einsum("bgrlm,bmgk->blgrk", weights, values, preferred_element_type=f32)
-    out = out / jnp.where(total > 0, total, 1).transpose(0, 3, 1, 2)[..., None]
-    return out.reshape(b, l, h, k).astype(q.dtype)
-
-
 class KVCache(NamedTuple):
     """One layer's decode cache (DESIGN.md section 1a): the keys and values the last prefill
     query saw (`[remote K/V means | own K/V]` on the device that owns the end of the
@@ -153,7 +129,9 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, g, k
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
+    def __call__(self, a: jax.Array, ex: exchange.Exchange) -> tuple[jax.Array, KVCache | None]:
+        """`[B, L, D]` attention output of the local rows, and (`ex.keep_cache`, a prefill for
+        generation) the `KVCache` of what the last query row saw, else None."""
         b, l, _ = a.shape
         h, g, k = self.heads, self.kv_heads, self.head_dim
         q = self.q(a).reshape(b, l, h, k)
@@ -177,12 +155,12 @@ class Attention(nnx.Module):
         if stats is not None:
             out = self._tilted(q, keys, values, mask, bias, stats)
         else:
-            out = attend(q, keys, values, mask, bias)  # [B, L, H, K]
+            out = attend(q, keys, values, mask, bias, loops=not ex.straight)  # [B, L, H, K]
+        cache = None
         if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
             cache = KVCache(keys, values, mask[:, 0, -1], seen, stats)
-            self.sow(nnx.Intermediate, "cache", cache)
-        return self.o(out.reshape(b, l, h * k))
+        return self.o(out.reshape(b, l, h * k)), cache
 
     def _tilted(self, q, keys, values, mask, bias, stats) -> jax.Array:
         """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
@@ -260,12 +238,15 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
         self.norm_first = cfg.norm_first
 
-    def __call__(self, x: jax.Array, ex: exchange.Exchange) -> jax.Array:
+    def __call__(self, x: jax.Array, ex: exchange.Exchange) -> tuple[jax.Array, KVCache | None]:
+        """The layer's output rows, and its decode cache (None unless `ex.keep_cache`)."""
         if self.norm_first:
-            x = x + self.attn(self.ln1(x), ex)
-            return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x, ex))
-        return self.ln2(x + self.mlp(x))
+            h, cache = self.attn(self.ln1(x), ex)
+            x = x + h
+            return x + self.mlp(self.ln2(x)), cache
+        h, cache = self.attn(x, ex)
+        x = self.ln1(x + h)
+        return self.ln2(x + self.mlp(x)), cache
 
     def decode(self, x: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):
         """One new token per row through a pre-norm causal layer (generation)."""
@@ -275,24 +256,56 @@ class Block(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """The stack of Blocks, with the final norm of pre-norm models."""
+    """The stack of Blocks and the final norm of pre-norm models.
+
+    The Blocks' parameters are stacked on a leading layer axis (`blocks.attn.q.kernel` is
+    `[depth, D, H*K]`) and the layers run as one `lax.scan`, so a model compiles one layer
+    whatever its depth. `ex.straight` unrolls the scan instead (XLA's cost analysis counts
+    a loop body once: `cost` measures FLOPs on the unrolled program)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = stacked(rngs)
+        self.depth = cfg.depth
         self.ln_f = norm(cfg, rngs) if cfg.norm_first else None
 
     def __call__(self, x: jax.Array, ex: exchange.Exchange) -> jax.Array:
-        for block in self.blocks:
-            x = block(x, ex)
+        graphdef, params = nnx.split(self.blocks)
+
+        def layer(x, layer_params):
+            return nnx.merge(graphdef, layer_params)(x, ex)
+
+        x, caches = _layers(layer, x, params, self.depth, unrolled=ex.straight)
+        if ex.keep_cache:  # a prefill for generation: every layer's cache, stacked
+            self.sow(nnx.Intermediate, "caches", caches)
         return self.ln_f(x) if self.ln_f is not None else x
 
-    def decode(self, x: jax.Array, caches: list[KVCache], index, positions):
-        """`x` `[B, 1, D]` of one new token per row -> (final hidden state, updated caches)."""
-        out = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block.decode(x, cache, index, positions)
-            out.append(cache)
-        return self.ln_f(x), out
+    def decode(self, x: jax.Array, caches: KVCache, index, positions):
+        """`x` `[B, 1, D]` of one new token per row and the stacked caches (`[depth, ...]`
+        each) -> (final hidden state, updated caches)."""
+        graphdef, params = nnx.split(self.blocks)
+
+        def layer(x, layer_params_and_cache):
+            layer_params, cache = layer_params_and_cache
+            return nnx.merge(graphdef, layer_params).decode(x, cache, index, positions)
+
+        x, caches = _layers(layer, x, (params, caches), self.depth, unrolled=False)
+        return self.ln_f(x), caches
+
+
+def _layers(layer, x, stacked, depth: int, *, unrolled: bool):
+    """`lax.scan(layer, x, stacked)`, or the same loop in Python (`unrolled`)."""
+    if not unrolled:
+        return lax.scan(layer, x, stacked)
+    outs = []
+    for i in range(depth):
+        x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+        outs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] is not None else None
 
 
 def cls_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> tuple[nnx.Linear | None, nnx.Linear | None]:

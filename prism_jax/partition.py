@@ -57,35 +57,36 @@ def _forward(
     plan: Plan,
     axis_name: str | None,
     devices: int,
+    straight: bool = False,
 ):
     """One device's forward pass: merge the module, build its Exchange, run it."""
     module = nnx.merge(graphdef, params)
     ex = exchange.make_exchange(
-        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices
+        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices, straight=straight
     )
     return module(inputs, ex)
 
 
 @functools.cache
-def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
+def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None, *, straight=False):
     """The compiled inference program `(params, inputs, valid) -> (tokens, cls)`.
 
     Without a mesh: the single-device reference. With one: a `jax.jit(jax.shard_map(...))`
     whose per-device outputs come back as tokens `[B, N*L, ...]` and cls rows `[N, B, ...]`.
-    The plan's `exchange` is resolved for the model first (`Plan.for_model`).
+    The plan's `exchange` is resolved for the model first (`Plan.for_model`). `straight`
+    traces it without loops, for `cost` (`exchange.Exchange.straight`).
     """
     plan = plan.for_model(cfg)
+    kw = dict(cfg=cfg, plan=plan, straight=straight)
     if mesh is None:
-        fn = functools.partial(_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1)
+        fn = functools.partial(_forward, graphdef, axis_name=None, devices=1, **kw)
         return jax.jit(fn)
     if plan.strategy == "single":  # split over a mesh, each device would see only its tokens
         raise PrismError("strategy 'single' runs on one device: call it without a mesh")
     n = mesh.shape[AXIS]
 
     def per_device(params, inputs, valid):
-        tokens, cls = _forward(
-            graphdef, params, inputs, valid, cfg=cfg, plan=plan, axis_name=AXIS, devices=n
-        )
+        tokens, cls = _forward(graphdef, params, inputs, valid, axis_name=AXIS, devices=n, **kw)
         return tokens, jax.tree.map(lambda x: x[None], cls)
 
     return jax.jit(

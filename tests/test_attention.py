@@ -1,17 +1,31 @@
-"""`layers.attend` against `jax.nn.dot_product_attention` (the exact reference)."""
+"""The attention core (`prism_jax.attention`: dense, blocked, fused) against
+`jax.nn.dot_product_attention` with `implementation="xla"` (the exact reference)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prism_jax import layers
+from prism_jax import attention
 
 
 def _reference(q, k, v, mask, bias):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
 
 
+CORES = {
+    "attend": attention.attend,
+    "dense": attention.dense,
+    "blocked-3": functools.partial(attention.blocked, block=3),  # odd blocks, last one padded
+    "blocked-5": functools.partial(attention.blocked, block=5),
+    "blocked-64": functools.partial(attention.blocked, block=64),  # one block longer than M
+    "fused": attention.fused,  # the GPU path, run here on the CPU
+}
+
+
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize(
     ("b", "l", "m", "h", "g", "kind"),
     [
@@ -22,7 +36,7 @@ def _reference(q, k, v, mask, bias):
         (3, 1, 21, 4, 2, "decode"),  # one query row against a cache
     ],
 )
-def test_attend_equals_dot_product_attention(b, l, m, h, g, kind):
+def test_attention_core_equals_dot_product_attention(core, b, l, m, h, g, kind):
     rng = np.random.default_rng(l * m + h)
     k_dim = 8
     q = rng.standard_normal((b, l, h, k_dim)).astype(np.float32)
@@ -42,19 +56,41 @@ def test_attend_equals_dot_product_attention(b, l, m, h, g, kind):
         counts = rng.integers(1, 9, (b, m))
         bias = np.where(np.arange(m) >= l, np.log(counts), 0).astype(np.float32)
         bias = bias[:, None, None, :]
-    got = layers.attend(q, keys, values, jnp.asarray(mask), None if bias is None else bias)
+    got = CORES[core](q, keys, values, jnp.asarray(mask), None if bias is None else bias)
     want = _reference(q, keys, values, mask, bias)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-5)
 
 
-def test_a_row_that_sees_nothing_gives_zeros_and_bf16_stays_close():
+@pytest.mark.parametrize("core", CORES)
+def test_a_row_that_sees_nothing_gives_zeros_and_bf16_stays_close(core):
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 3, 2, 4)).astype(np.float32)
-    kv = rng.standard_normal((1, 5, 2, 4)).astype(np.float32)
-    mask = np.ones((1, 1, 3, 5), bool)
+    kv = rng.standard_normal((1, 7, 2, 4)).astype(np.float32)
+    mask = np.ones((1, 1, 3, 7), bool)
     mask[0, 0, 1] = False  # query row 1: padding, sees nothing
-    out = np.asarray(layers.attend(q, kv, kv, jnp.asarray(mask)))
+    mask[0, 0, 2, :3] = False  # row 2 sees nothing in the first blocks of 3
+    out = np.asarray(CORES[core](q, kv, kv, jnp.asarray(mask)))
     assert np.all(out[0, 1] == 0) and np.all(np.isfinite(out))
-    half = layers.attend(*(jnp.asarray(x, jnp.bfloat16) for x in (q, kv, kv)), jnp.asarray(mask))
+    want = _reference(q, kv, kv, mask, None)
+    np.testing.assert_allclose(out[0, [0, 2]], np.asarray(want)[0, [0, 2]], atol=1e-6)
+    half = CORES[core](*(jnp.asarray(x, jnp.bfloat16) for x in (q, kv, kv)), jnp.asarray(mask))
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
+
+
+def test_attend_takes_the_blocked_path_past_one_block(monkeypatch):
+    """Past `BLOCK` keys `attend` is the blocked scan (its jaxpr holds a scan), and equal."""
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    rng = np.random.default_rng(1)
+    q, kv = (rng.standard_normal((2, 6, 2, 4)).astype(np.float32) for _ in range(2))
+    mask = jnp.asarray(np.tril(np.ones((6, 6), bool))[None, None].repeat(2, 0))
+
+    def traced():  # a fresh function each time: make_jaxpr caches by function
+        return str(jax.make_jaxpr(lambda *a: attention.attend(*a))(q, kv, kv, mask))
+
+    assert "scan" in traced()
+    monkeypatch.setattr(attention, "BLOCK", 6)
+    assert "scan" not in traced()
+    want = _reference(q, kv, kv, mask, None)
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    np.testing.assert_allclose(attention.attend(q, kv, kv, mask), want, atol=1e-6)

@@ -11,9 +11,7 @@ import os
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from safetensors.numpy import save_file
 
 from prism_jax import models
@@ -25,11 +23,11 @@ from prism_jax.errors import PrismError
 def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) -> models.Model:
     """HF tensors -> a `Model` with every parameter filled; raises naming any mismatch."""
     model = models.abstract(cfg)
-    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(model.params)}
+    shapes = {name: v.shape for name, v in models.flat_params(model.params).items()}
     ignored = [re.compile(p) for p in tables.TABLES[cfg.family][4]]
     values, consumed, mismatched, not_float, not_finite = {}, set(), [], [], []
     for hf_key, ours, transform in tables.entries(cfg, tables.base_prefix(cfg, set(tensors))):
-        if hf_key not in tensors or ours not in flat:
+        if hf_key not in tensors or ours not in shapes:
             continue
         consumed.add(hf_key)
         if (
@@ -42,14 +40,14 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
         if not np.isfinite(w).all():
             not_finite.append(hf_key)
         w = transform.load(w)
-        want = flat[ours].get_value().shape
+        want = shapes[ours]
         if w.shape != want:
             mismatched.append(f"{hf_key}: {list(w.shape)} != {list(want)}")
         values[ours] = w
     if cfg.family == "gpt2" or getattr(cfg, "tied", False):
         consumed |= _check_tied_head(tensors, values.get(tables.TIED_TABLE[cfg.family]))
     unused = sorted(k for k in set(tensors) - consumed if not any(p.fullmatch(k) for p in ignored))
-    missing = sorted(set(flat) - set(values))
+    missing = sorted(set(shapes) - set(values))
     problems = [
         (label, items)
         for label, items in (
@@ -66,13 +64,7 @@ def convert(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=np.float32) 
             "checkpoint does not fit its config: "
             + "; ".join(f"{label} {_shorten(items)}" for label, items in problems)
         )
-    state = nnx.from_flat_state(
-        [
-            (p, v.replace(jnp.asarray(values[".".join(map(str, p))], dtype)))
-            for p, v in nnx.to_flat_state(model.params)
-        ]
-    )
-    return models.Model(cfg, model.graphdef, state)
+    return models.Model(cfg, model.graphdef, models.from_flat(model.params, values, dtype))
 
 
 def _check_tied_head(tensors: dict, table: np.ndarray | None) -> set[str]:
@@ -263,10 +255,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 def state_dict(model: models.Model) -> dict[str, np.ndarray]:
     """The model's parameters under HF keys and layouts (float32)."""
     cfg = model.config
-    flat = {
-        ".".join(map(str, p)): np.asarray(v.get_value(), np.float32)
-        for p, v in nnx.to_flat_state(model.params)
-    }
+    flat = {k: np.asarray(v, np.float32) for k, v in models.flat_params(model.params).items()}
     pieces: dict[str, list[np.ndarray]] = {}
     for hf_key, ours, transform in tables.entries(cfg, tables.base_prefix(cfg)):
         if ours in flat:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -60,6 +62,48 @@ def init(cfg: ModelConfig, *, seed: int = 0) -> Model:
     """A model with random weights (the presets, tests, training from scratch)."""
     graphdef, state = nnx.split(FAMILIES[cfg.family][0](cfg, rngs=nnx.Rngs(seed)))
     return Model(cfg, graphdef, state)
+
+
+LAYERS = "encoder.blocks."  # the stacked layers' parameters: `[depth, ...]` each
+
+
+def flat_params(params) -> dict[str, Any]:
+    """Dotted path -> value of every parameter, each layer on its own: a stacked
+    `encoder.blocks.X` `[depth, ...]` is listed as `encoder.blocks.{i}.X` (the names the
+    checkpoint tables use). Abstract params give `jax.ShapeDtypeStruct`s."""
+    out = {}
+    for path, variable in nnx.to_flat_state(params):
+        name, value = ".".join(map(str, path)), variable.get_value()
+        if not name.startswith(LAYERS):
+            out[name] = value
+            continue
+        for i in range(value.shape[0]):
+            layer = (
+                jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+                if isinstance(value, jax.ShapeDtypeStruct)
+                else value[i]
+            )
+            out[f"{LAYERS}{i}.{name.removeprefix(LAYERS)}"] = layer
+    return out
+
+
+def from_flat(params, values: dict[str, Any], dtype=None) -> Any:
+    """`params` (concrete or abstract) with every value taken from `values` (names as
+    `flat_params` gives them; the layers' entries are stacked back), cast to `dtype` if given."""
+
+    def value(name: str, shape) -> jax.Array:
+        if not name.startswith(LAYERS):
+            return jnp.asarray(values[name], dtype)
+        rest = name.removeprefix(LAYERS)
+        layers = [values[f"{LAYERS}{i}.{rest}"] for i in range(shape[0])]
+        return jnp.asarray(np.stack(layers), dtype)
+
+    return nnx.from_flat_state(
+        [
+            (path, v.replace(value(".".join(map(str, path)), v.get_value().shape)))
+            for path, v in nnx.to_flat_state(params)
+        ]
+    )
 
 
 def with_classifier(model: Model, num_labels: int, *, seed: int = 0) -> Model:

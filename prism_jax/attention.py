@@ -1,0 +1,138 @@
+"""The attention core: masked softmax over keys with grouped KV heads, dense or in key blocks.
+
+All three ways compute the same function (tested against `jax.nn.dot_product_attention`):
+
+- `dense`: logits `[B, H, L, M]` at once, softmax in float32, normalised after the value
+  product. Fastest for short key rows.
+- `blocked`: an online softmax over key blocks (`lax.scan`), never holding more than
+  `[B, H, L, block]` logits: a running maximum, a running sum and a running output per query
+  row, rescaled when a block raises the maximum. Masks and the log-count bias are cut into
+  the same blocks.
+- `fused`: `jax.nn.dot_product_attention` with `implementation=None`, the choice left to
+  JAX (in JAX 0.10 that is still its XLA path; cuDNN once JAX selects it by itself).
+
+`attend` chooses: `fused` when JAX's default backend is a GPU, else `blocked` once the key
+row is longer than `BLOCK`, else `dense`. `experiments/profile_attention.py` measures them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BLOCK = 256  # key rows per block of `blocked`; `attend` uses `dense` up to this length
+
+
+def attend(q, keys, values, mask, bias=None, *, loops: bool = True) -> jax.Array:
+    """Masked softmax attention: `q` `[B, L, H, K]` against `keys`, `values` `[B, M, G, K]`
+    (query head h reads KV head h // (H / G)), `mask` `[B, 1, L|1, M]` (padding, empty
+    groups, the partition-aware causal rule), `bias` `[B, 1, 1, M]` float32 (log counts) or
+    None. A row that sees no key gives zeros. Returns `[B, L, H, K]` in `q`'s dtype.
+    `loops=False` keeps to `dense` on the CPU (a straight-line program for XLA's cost
+    analysis, which counts a loop body once)."""
+    if jax.default_backend() == "gpu":
+        return fused(q, keys, values, mask, bias)
+    if loops and keys.shape[1] > BLOCK:
+        return blocked(q, keys, values, mask, bias, block=BLOCK)
+    return dense(q, keys, values, mask, bias)
+
+
+def dense(q, keys, values, mask, bias=None) -> jax.Array:
+    """`attend` with every logit at once: float32 logits with the mask applied once, and the
+    normalisation divided out of the `[B, L, H, K]` output instead of the `[B, H, L, M]`
+    probabilities (cheaper on the CPU than `jax.nn.dot_product_attention`)."""
+    b, l, h, k = q.shape
+    qg = _grouped_queries(q, keys.shape[2])
+    logits = _logits(qg, keys, mask, bias)  # [B, G, R, L, M]
+    top = logits.max(-1)
+    weights = jnp.exp(logits - _finite(top)[..., None])
+    out = jnp.einsum("bgrlm,bmgk->blgrk", weights, values, preferred_element_type=jnp.float32)
+    return _normalised(out, weights.sum(-1)).reshape(b, l, h, k).astype(q.dtype)
+
+
+def blocked(q, keys, values, mask, bias=None, *, block: int = BLOCK) -> jax.Array:
+    """`attend` as an online softmax over key blocks of `block` rows (the last one padded with
+    masked keys): peak memory `[B, H, L, block]` instead of `[B, H, L, M]`."""
+    b, l, h, k = q.shape
+    m, g = keys.shape[1], keys.shape[2]
+    count = -(-m // block)
+    pad = count * block - m
+    keys, values = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (keys, values))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
+    bias = jnp.zeros((b, 1, 1, m), jnp.float32) if bias is None else bias
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+    def blocks(x, axis):  # cut `axis` into [count, block] and bring `count` to the front
+        x = x.reshape(*x.shape[:axis], count, block, *x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis, 0)
+
+    qg = _grouped_queries(q, g)
+
+    def first(kb, vb, mb, bb):  # the first block: its maximum, sum and output start the run
+        logits = _logits(qg, kb, mb, bb)  # [B, G, R, L, block]
+        top = logits.max(-1)
+        weights = jnp.exp(logits - _finite(top)[..., None])
+        out = jnp.einsum("bgrlm,bmgk->blgrk", weights, vb, preferred_element_type=jnp.float32)
+        return top, weights.sum(-1), out
+
+    def step(carry, xs):  # one more block: rescale what was summed when the maximum rises
+        top, total, out = carry  # [B, G, R, L], [B, G, R, L], [B, L, G, R, K]
+        block_top, block_total, block_out = first(*xs)
+        new_top = jnp.maximum(top, block_top)
+        shift = _finite(new_top)
+        old, new = jnp.exp(top - shift), jnp.exp(block_top - shift)  # 0 where nothing seen
+        total = total * old + block_total * new
+        out = out * _per_row(old) + block_out * _per_row(new)
+        return (new_top, total, out), None
+
+    xs = (blocks(keys, 1), blocks(values, 1), blocks(mask, 3), blocks(bias, 3))
+    start = first(*(x[0] for x in xs))  # from the inputs, so it varies over a mesh axis as they do
+    (_, total, out), _ = lax.scan(step, start, tuple(x[1:] for x in xs))
+    return _normalised(out, total).reshape(b, l, h, k).astype(q.dtype)
+
+
+def fused(q, keys, values, mask, bias=None) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention` with the implementation left to JAX
+    (`None`), KV heads repeated for grouped queries, rows that see nothing set to zero."""
+    g = keys.shape[2]
+    expand = q.shape[2] // g  # query heads per KV head
+    out = jax.nn.dot_product_attention(
+        q,
+        keys if expand == 1 else jnp.repeat(keys, expand, axis=2),
+        values if expand == 1 else jnp.repeat(values, expand, axis=2),
+        bias=None if bias is None else bias.astype(q.dtype),
+        mask=mask,
+        implementation=None,
+    )
+    sees = mask.any(-1)[:, 0, :, None, None]  # [B, L|1, 1, 1]
+    return jnp.where(sees, out, 0).astype(q.dtype)
+
+
+def _grouped_queries(q: jax.Array, g: int) -> jax.Array:
+    """`[B, L, G, R, K]` queries scaled by 1/sqrt(K), R = H / G query heads per KV head."""
+    b, l, h, k = q.shape
+    return q.reshape(b, l, g, h // g, k) * jnp.asarray(1 / k**0.5, q.dtype)
+
+
+def _logits(qg, keys, mask, bias) -> jax.Array:
+    """`[B, G, R, L, M]` float32 logits, the bias added and masked keys at -inf."""
+    logits = jnp.einsum("blgrk,bmgk->bgrlm", qg, keys, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias[:, :, None]  # [B, 1, 1, 1, M]
+    return jnp.where(mask[:, :, None], logits, -jnp.inf)  # [B, 1, 1, L|1, M]
+
+
+def _finite(top: jax.Array) -> jax.Array:
+    """The running maximum with rows that saw nothing (-inf) shifted by 0 instead."""
+    return jnp.where(jnp.isfinite(top), top, 0)
+
+
+def _per_row(x: jax.Array) -> jax.Array:
+    """`[B, G, R, L]` -> `[B, L, G, R, 1]`, to scale outputs row by row."""
+    return x.transpose(0, 3, 1, 2)[..., None]
+
+
+def _normalised(out: jax.Array, total: jax.Array) -> jax.Array:
+    """`out` `[B, L, G, R, K]` divided by its softmax sum `[B, G, R, L]` (0 stays 0)."""
+    return out / _per_row(jnp.where(total > 0, total, 1))
