@@ -144,6 +144,7 @@ def _parts(cfg: Config, t: int):
     )
     core_args = (q, keys, values, mask)
     yield "core: dense", jit(attention.dense), core_args, torch_core
+    yield "core: tiled", jit(attention.tiled), core_args, torch_core
     for size in cfg.blocks:
         if size < t:
             blocked = functools.partial(attention.blocked, block=size)

@@ -1,18 +1,23 @@
-"""The attention core: masked softmax over keys with grouped KV heads, dense or in key blocks.
+"""The attention core: masked softmax over keys with grouped KV heads, four ways.
 
-All three ways compute the same function (tested against `jax.nn.dot_product_attention`):
+All four compute the same function (tested against `jax.nn.dot_product_attention`):
 
 - `dense`: logits `[B, H, L, M]` at once, softmax in float32, normalised after the value
   product. Fastest for short key rows.
+- `tiled`: the same, one (batch row, KV head) tile at a time (`lax.map`), so that a tile's
+  logits stay in the CPU's caches. On this project's 2-core CPU it beats `dense` from about
+  256 keys on (`experiments/profile_attention.py`): there the passes over `[B, H, L, M]`
+  (mask, maximum, exponential, sum), bound by memory bandwidth, cost more than the products.
 - `blocked`: an online softmax over key blocks (`lax.scan`), never holding more than
   `[B, H, L, block]` logits: a running maximum, a running sum and a running output per query
-  row, rescaled when a block raises the maximum. Masks and the log-count bias are cut into
-  the same blocks.
+  row, rescaled when a block raises the maximum; masks and the log-count bias are cut into
+  the same blocks. Memory O(block) instead of O(M); measured, not faster than `tiled` here,
+  so `attend` does not pick it.
 - `fused`: `jax.nn.dot_product_attention` with `implementation=None`, the choice left to
   JAX (in JAX 0.10 that is still its XLA path; cuDNN once JAX selects it by itself).
 
-`attend` chooses: `fused` when JAX's default backend is a GPU, else `blocked` once the key
-row is longer than `BLOCK`, else `dense`. `experiments/profile_attention.py` measures them.
+`attend` chooses: `fused` when JAX's default backend is a GPU, else `tiled` from `TILED_FROM`
+keys on, else `dense`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-BLOCK = 256  # key rows per block of `blocked`; `attend` uses `dense` up to this length
+TILED_FROM = 256  # key rows from which `attend` computes tile by tile on the CPU
+BLOCK = 256  # default key rows per block of `blocked`
 
 
 def attend(q, keys, values, mask, bias=None, *, loops: bool = True) -> jax.Array:
@@ -33,8 +39,8 @@ def attend(q, keys, values, mask, bias=None, *, loops: bool = True) -> jax.Array
     analysis, which counts a loop body once)."""
     if jax.default_backend() == "gpu":
         return fused(q, keys, values, mask, bias)
-    if loops and keys.shape[1] > BLOCK:
-        return blocked(q, keys, values, mask, bias, block=BLOCK)
+    if loops and keys.shape[1] >= TILED_FROM:
+        return tiled(q, keys, values, mask, bias)
     return dense(q, keys, values, mask, bias)
 
 
@@ -90,6 +96,34 @@ def blocked(q, keys, values, mask, bias=None, *, block: int = BLOCK) -> jax.Arra
     start = first(*(x[0] for x in xs))  # from the inputs, so it varies over a mesh axis as they do
     (_, total, out), _ = lax.scan(step, start, tuple(x[1:] for x in xs))
     return _normalised(out, total).reshape(b, l, h, k).astype(q.dtype)
+
+
+def tiled(q, keys, values, mask, bias=None) -> jax.Array:
+    """`attend` one (batch row, KV head) tile at a time (`lax.map`): a tile's logits
+    `[R, L, M]` stay in the CPU's caches through the mask, maximum, exponential and sum,
+    where `dense` streams `[B, H, L, M]` through memory for each of those passes."""
+    b, l, h, k = q.shape
+    m, g = keys.shape[1], keys.shape[2]
+    qg = _grouped_queries(q, g).transpose(0, 2, 1, 3, 4)  # [B, G, L, R, K]
+    keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [B, G, M, K]
+    bias = jnp.zeros((b, 1, 1, m), jnp.float32) if bias is None else bias
+
+    def row(xs):  # one batch row: [G, L, R, K], [G, M, K] x 2, [1, L|1, M], [1, 1, M]
+        q_row, k_row, v_row, mask_row, bias_row = xs
+
+        def head(ys):  # one KV head and its R query heads
+            q_head, k_head, v_head = ys
+            logits = jnp.einsum("lrk,mk->rlm", q_head, k_head, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask_row, logits + bias_row, -jnp.inf)  # [R, L, M]
+            weights = jnp.exp(logits - _finite(logits.max(-1))[..., None])
+            out = jnp.einsum("rlm,mk->lrk", weights, v_head, preferred_element_type=jnp.float32)
+            total = weights.sum(-1).T  # [L, R]
+            return out / jnp.where(total > 0, total, 1)[..., None]
+
+        return lax.map(head, (q_row, k_row, v_row))  # [G, L, R, K]
+
+    out = lax.map(row, (qg, keys, values, mask, bias))  # [B, G, L, R, K]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, l, h, k).astype(q.dtype)
 
 
 def fused(q, keys, values, mask, bias=None) -> jax.Array:

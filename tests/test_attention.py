@@ -21,6 +21,7 @@ CORES = {
     "blocked-3": functools.partial(attention.blocked, block=3),  # odd blocks, last one padded
     "blocked-5": functools.partial(attention.blocked, block=5),
     "blocked-64": functools.partial(attention.blocked, block=64),  # one block longer than M
+    "tiled": attention.tiled,
     "fused": attention.fused,  # the GPU path, run here on the CPU
 }
 
@@ -78,19 +79,19 @@ def test_a_row_that_sees_nothing_gives_zeros_and_bf16_stays_close(core):
     np.testing.assert_allclose(np.asarray(half, np.float32), out, atol=0.05)
 
 
-def test_attend_takes_the_blocked_path_past_one_block(monkeypatch):
-    """Past `BLOCK` keys `attend` is the blocked scan (its jaxpr holds a scan), and equal."""
-    monkeypatch.setattr(attention, "BLOCK", 4)
+def test_attend_goes_tile_by_tile_past_tiled_from(monkeypatch):
+    """From `TILED_FROM` keys on `attend` is the tiled map (its jaxpr holds a loop), and equal;
+    `loops=False` (what `cost` lowers) stays dense."""
+    monkeypatch.setattr(attention, "TILED_FROM", 6)
     rng = np.random.default_rng(1)
     q, kv = (rng.standard_normal((2, 6, 2, 4)).astype(np.float32) for _ in range(2))
     mask = jnp.asarray(np.tril(np.ones((6, 6), bool))[None, None].repeat(2, 0))
 
-    def traced():  # a fresh function each time: make_jaxpr caches by function
-        return str(jax.make_jaxpr(lambda *a: attention.attend(*a))(q, kv, kv, mask))
+    def traced(**kw):  # a fresh function each time: make_jaxpr caches by function
+        return str(jax.make_jaxpr(lambda *a: attention.attend(*a, **kw))(q, kv, kv, mask))
 
-    assert "scan" in traced()
-    monkeypatch.setattr(attention, "BLOCK", 6)
-    assert "scan" not in traced()
+    assert "scan" in traced() and "scan" not in traced(loops=False)
     want = _reference(q, kv, kv, mask, None)
-    monkeypatch.setattr(attention, "BLOCK", 4)
     np.testing.assert_allclose(attention.attend(q, kv, kv, mask), want, atol=1e-6)
+    monkeypatch.setattr(attention, "TILED_FROM", 7)
+    assert "scan" not in traced()
