@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -110,11 +109,9 @@ def main(argv=None):
     cfg = SMOKE if args.smoke else Config()
     rows = run(cfg, smoke=args.smoke)
     print(markdown(rows, cfg))
-    if cfg.out:
-        out = Path(cfg.out)
-        (out / "bench_compile.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "bench_compile.md").write_text(markdown(rows, cfg))
-        print(f"wrote {out / 'bench_compile.md'}")
+    from prism_jax.evaluation import report
+
+    report.save(Path(cfg.out) if cfg.out else None, "bench_compile", rows, markdown(rows, cfg))
     return rows
 
 

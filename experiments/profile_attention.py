@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -242,11 +241,9 @@ def main(argv=None):
     cfg = SMOKE if args.smoke else dataclasses.replace(Config(), repeats=args.repeats)
     rows = run(cfg)
     print(markdown(rows, cfg))
-    if cfg.out:
-        out = Path(cfg.out)
-        (out / "profile_attention.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (out / "profile_attention.md").write_text(markdown(rows, cfg))
-        print(f"wrote {out / 'profile_attention.md'}")
+    from prism_jax.evaluation import report
+
+    report.save(Path(cfg.out) if cfg.out else None, "profile_attention", rows, markdown(rows, cfg))
     return rows
 
 

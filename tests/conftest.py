@@ -2,8 +2,12 @@
 
 import os
 
+# LLVM's optimisation level 0 for the CPU code XLA emits: the suite is mostly compilation of
+# tiny programs, which this makes ~25 % faster (the HLO passes, and so the programs, FLOP
+# counts and collectives the tests check, are unchanged). Child processes get it too.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

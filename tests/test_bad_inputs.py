@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 import prism_jax as pj
 from prism_jax import cli
 from tests import tiny, tiny_gguf
+from tests.conftest import FAST_COMPILE
 
 
 @pytest.fixture
@@ -319,7 +320,8 @@ def test_damaged_checkpoint_is_one_line_in_a_fresh_process(dirs, capsys):
         capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
              "PYTHONPATH": str(Path(__file__).parents[1]),
-             "TFDS_DATA_DIR": str(Path(__import__("os").environ["TFDS_DATA_DIR"]))},
+             "TFDS_DATA_DIR": str(Path(__import__("os").environ["TFDS_DATA_DIR"])),
+             "XLA_FLAGS": FAST_COMPILE},
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr

@@ -12,6 +12,7 @@ from PIL import Image
 
 import prism_jax as pj
 from prism_jax import cli
+from tests.conftest import FAST_COMPILE
 
 
 def run(capsys, *argv):
@@ -138,7 +139,7 @@ def test_bad_input_is_one_line_and_exit_2(case, message, broken, capsys):
 def test_console_script_sets_up_devices(hf_models):
     """A fresh process: --devices 5 works because the CLI sets XLA_FLAGS before JAX starts."""
     directory = hf_models("gpt2")[1]
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE}
     done = subprocess.run(
         [
             sys.executable,

@@ -12,7 +12,7 @@ import pytest
 
 import prism_jax as pj
 from prism_jax import cli, cluster
-from tests.conftest import ATOL_MODEL
+from tests.conftest import ATOL_MODEL, FAST_COMPILE
 
 TEXT = "the tea was good and the food was very good but the box was bad again"
 
@@ -35,13 +35,17 @@ def _launch(nodes, timeout, *command, **env):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "HF_HUB_OFFLINE": "1", **extra}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per node
+    return {**env, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE, **extra}
 
 
 @pytest.mark.parametrize(
     ("name", "nodes", "strategy", "cr"),
-    [("bert_cls", 2, "prism", 3), ("gpt2_lm", 4, "prism", 2), ("gpt2_lm", 2, "voltage", 1)],
+    [
+        ("bert_cls", 3, "prism", 3),
+        pytest.param("gpt2_lm", 4, "prism", 2, marks=pytest.mark.slow),  # 4 processes, 2 cores
+        ("gpt2_lm", 2, "voltage", 1),
+    ],
 )
 def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, tmp_path):
     directory = hf_models(name)[1]

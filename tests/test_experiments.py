@@ -8,18 +8,28 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 # The network testbed builds namespaces (root): slow, kept out of CI. So are the smokes that
-# take 15-40 s each and whose parts the unit tests cover (`make slow` runs them), to keep the
-# CI suite under 15 minutes on 2 cores.
+# take 10-40 s each and whose parts the unit tests cover (`make slow` runs them), to keep the
+# CI suite well under 15 minutes on 2 cores: the attention cores (test_attention), scanned
+# layers (test_partition), training (test_train), generation (test_generation), the ViT
+# grid (table_compress's smoke, test_tasks).
 SLOW = {
     "edge_testbed.py",
+    "bench_compile.py",
     "bench_forward.py",
     "bench_llama.py",
     "bench_speed.py",
+    "profile_attention.py",
     "robust_finetune.py",
     "table_bert.py",
+    "table_generation.py",
     "table_gpt2.py",
     "table_llama.py",
+    "table_vit.py",
+    "train_gpt2.py",
+    "train_vit.py",
 }
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
@@ -60,6 +70,7 @@ def test_smoke(script, tmp_path, tfds_dir):
             "HF_HUB_OFFLINE": "1",
             "HOME": str(tmp_path),
             "TFDS_DATA_DIR": str(tfds_dir),
+            "XLA_FLAGS": FAST_COMPILE,
         },  # fmt: skip
     )
     assert done.returncode == 0, done.stderr[-3000:]

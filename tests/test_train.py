@@ -13,6 +13,7 @@ import prism_jax as pj
 from prism_jax import models
 from prism_jax.training import train
 from tests import tiny
+from tests.conftest import FAST_COMPILE
 
 
 def _examples(name, rng, n=8, tokens=12):
@@ -113,7 +114,7 @@ def _train_process(tmp_path, hf_models, directory, out, kill_at, devices):
             "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
             "HF_HUB_OFFLINE": "1",
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -323,7 +324,8 @@ def test_two_processes_on_one_checkpoint_directory(tmp_path, hf_models):
             "--max-length", "8", "--eval-limit", "2", "--checkpoint-dir", str(tmp_path / "ck"),
             "--json"]  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TFDS_DATA_DIR": str(tmp_path / "tfds"),
-           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}  # fmt: skip
+           "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1]),
+           "XLA_FLAGS": FAST_COMPILE}  # fmt: skip
     one_step = [*argv[:7], "1", *argv[8:]]
     first = subprocess.run(one_step, capture_output=True, env=env, text=True)
     assert first.returncode == 0, first.stderr[-2000:]  # TFDS prepared, a run recorded
