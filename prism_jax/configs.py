@@ -354,36 +354,6 @@ class LlamaConfig(ModelConfig):
         return cls(**fields, out_bias=fields["qkv_bias"], rope_theta=_rope_theta(hf))
 
 
-# HF architecture name -> (config class, head, pooler: True / False / None = "if weights exist").
-ARCHITECTURES: dict[str, tuple[type[ModelConfig], str, bool | None]] = {
-    "BertModel": (BertConfig, "base", None),
-    "BertForSequenceClassification": (BertConfig, "classifier", True),
-    "GPT2Model": (GPT2Config, "base", False),
-    "GPT2LMHeadModel": (GPT2Config, "lm", False),
-    "ViTModel": (ViTConfig, "base", None),
-    "ViTForImageClassification": (ViTConfig, "classifier", False),
-    "LlamaModel": (LlamaConfig, "base", False),
-    "LlamaForCausalLM": (LlamaConfig, "lm", False),
-}
-_BASE_BY_MODEL_TYPE = {
-    "bert": "BertModel",
-    "gpt2": "GPT2Model",
-    "vit": "ViTModel",
-    "llama": "LlamaModel",
-}
-
-
-def resolve_architecture(hf: dict) -> tuple[type[ModelConfig], str, bool | None]:
-    """The config class, head and pooler rule named by `architectures` / `model_type`."""
-    names = hf.get("architectures") or [_BASE_BY_MODEL_TYPE.get(hf.get("model_type"), "")]
-    if len(names) != 1 or names[0] not in ARCHITECTURES:
-        raise PrismError(
-            f"unknown architecture {names or hf.get('model_type')!r}; "
-            f"supported: {sorted(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[names[0]]
-
-
 def _preset(cls, **kw):
     """A preset at the base size (768 wide, 12 layers, 12 heads, MLP 3072) with `kw` on top."""
     base = dict(width=768, depth=12, heads=12, mlp_width=3072)

@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from prism_jax import models
 from prism_jax.checkpoints import gguf, preprocess, safetensors, tables
-from prism_jax.configs import ARCHITECTURES, ModelConfig, resolve_architecture
+from prism_jax.checkpoints.tables import ARCHITECTURES, resolve_architecture
+from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 
 

@@ -3,7 +3,8 @@
 Each family is a small declarative table: HF module name -> (our module path, kind), for the
 top level and for one layer (`{i}`). The kind says how `.weight` / `.bias` map onto our
 parameters, both ways (`_Transform`). `entries` unrolls a table for a config; `hf.convert`
-loads through it and `hf.state_dict` saves through it.
+loads through it and `hf.state_dict` saves through it. `ARCHITECTURES` maps HF's
+architecture names onto our config classes and heads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from prism_jax.configs import ModelConfig
+from prism_jax.configs import BertConfig, GPT2Config, LlamaConfig, ModelConfig, ViTConfig
+from prism_jax.errors import PrismError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +164,33 @@ def entries(cfg: ModelConfig, prefix: str):
         for hf_name, (our_name, kind) in table.items():
             for hf_suffix, our_suffix, transform in _KINDS[kind]:
                 yield hf_prefix + hf_name + hf_suffix, ours + our_name + our_suffix, transform
+
+
+# HF architecture name -> (config class, head, pooler: True / False / None = "if weights exist").
+ARCHITECTURES: dict[str, tuple[type[ModelConfig], str, bool | None]] = {
+    "BertModel": (BertConfig, "base", None),
+    "BertForSequenceClassification": (BertConfig, "classifier", True),
+    "GPT2Model": (GPT2Config, "base", False),
+    "GPT2LMHeadModel": (GPT2Config, "lm", False),
+    "ViTModel": (ViTConfig, "base", None),
+    "ViTForImageClassification": (ViTConfig, "classifier", False),
+    "LlamaModel": (LlamaConfig, "base", False),
+    "LlamaForCausalLM": (LlamaConfig, "lm", False),
+}
+_BASE_BY_MODEL_TYPE = {
+    "bert": "BertModel",
+    "gpt2": "GPT2Model",
+    "vit": "ViTModel",
+    "llama": "LlamaModel",
+}
+
+
+def resolve_architecture(hf: dict) -> tuple[type[ModelConfig], str, bool | None]:
+    """The config class, head and pooler rule named by `architectures` / `model_type`."""
+    names = hf.get("architectures") or [_BASE_BY_MODEL_TYPE.get(hf.get("model_type"), "")]
+    if len(names) != 1 or names[0] not in ARCHITECTURES:
+        raise PrismError(
+            f"unknown architecture {names or hf.get('model_type')!r}; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[names[0]]
