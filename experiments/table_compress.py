@@ -1,6 +1,6 @@
 """What a device sends, at equal bytes: the paper's segment means against content-aware groups.
 
-Command:  .venv/bin/python experiments/table_compress.py          (about 45 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_compress.py          (about 80 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_compress.py --smoke  (the ViT, seconds)
 
 Training-free, each compressor of DESIGN.md section 1b at the same V = ceil(L / CR) vectors
@@ -14,9 +14,9 @@ per device (the value tilt adds one float32 a group, three for rotary keys).
 (b) Grids, paper's segments against all four, both logit biases: N in {2, 4, 8} and every CR
     up to L for the ViT (Fashion-MNIST test images), GPT-2 perplexity (held-out Wikipedia rows
     of 256 tokens) and MiniLM sentence embeddings (cosine with the exact model, fine-food
-    reviews padded to buckets of 64); N = 4 and a few CRs for GPT-2 cloze, SmolLM2 perplexity
-    and the BERT fine-food classifier (`make finefood-model`), with reviews padded to 256 and
-    at their own lengths (skipped, and said, when that model is absent).
+    reviews padded to buckets of 64); N in {2, 4, 8} and a few CRs for GPT-2 cloze, SmolLM2
+    perplexity and the BERT fine-food classifier (`make finefood-model`), with reviews padded
+    to 256 and at their own lengths (skipped, and said, when that model is absent).
 
 Bytes each device sends and the per-device compute reduction are measured from the compiled
 programs. Writes experiments/results/table_compress.{json,md,png} (the plot: a row per model,
@@ -55,7 +55,9 @@ class Config:
     classifier_reviews: int = common.setting(200, "BERT classifier test reviews")
     llama_rows: int = common.setting(8, "SmolLM2 test rows of 256 tokens")
     classifier: str = common.setting(str(CLASSIFIER), "the BERT fine-food classifier")
-    resume: bool = common.setting(False, "keep the models already in the results file")
+    resume: bool = common.setting(
+        False, "keep the results file's grids; compute only the device counts they lack"
+    )
     out: str | None = common.setting(None, "results folder")
 
 
@@ -76,15 +78,29 @@ def alone_rows(name, model, score, crs, seq_len, labels):
     return rows
 
 
-def grids(model, task, **kw) -> dict:
-    """(b): `report.grid` once per template (the paper's segments, all four)."""
+def grids(model, task, have: dict | None = None, *, devices, **kw) -> dict:
+    """(b): `report.grid` once per template (the paper's segments, all four), at the device
+    counts that `have` (an earlier run's grids of this model) lacks; its rows are kept."""
     import prism_jax as pj
     from prism_jax.evaluation import report
 
-    return {
-        label: report.grid(model, task, template=pj.Plan(**fields), **kw)
-        for label, fields in TEMPLATES.items()
-    }
+    out = {}
+    for label, fields in TEMPLATES.items():
+        old = (have or {}).get(label)
+        todo = tuple(n for n in devices if n not in _devices(old))
+        if not todo:
+            out[label] = old
+            continue
+        new = report.grid(model, task, template=pj.Plan(**fields), devices=todo, **kw)
+        if old is not None:  # the same task: the rows of both runs in one grid
+            new = {**new, "rows": old["rows"] + new["rows"],
+                   "seconds": old["seconds"] + new["seconds"]}  # fmt: skip
+        out[label] = new
+    return out
+
+
+def _devices(grid: dict | None) -> set[int]:
+    return {r["devices"] for r in grid["rows"]} if grid else set()
 
 
 def cosine_task(model, texts):
@@ -113,68 +129,67 @@ def main(argv=None):
     record = {"alone": [], "grids": {}, "skipped": []}
     saved = common.RESULTS / "table_compress.json" if args.out is None else None
     if args.resume and saved is not None and saved.exists():
-        record = json.loads(saved.read_text())  # an interrupted run: its finished models kept
+        record = json.loads(saved.read_text())  # an earlier run: its grids kept
     every = dict(devices=(4,), only_crs=(16,)) if smoke else dict(devices=(2, 4, 8))
 
     def done():
         save(args, record)
 
-    def todo(grid: str) -> bool:  # a stage is done when its last grid is in the record
-        return grid not in record["grids"]
+    def todo(grid: str) -> bool:
+        """Whether `grid` lacks a device count (a resumed run computes only those)."""
+        have = record["grids"].get(grid, {})
+        return any(not set(every["devices"]) <= _devices(have.get(t)) for t in TEMPLATES)
+
+    def run(grid: str, model, task, devices=every["devices"], **kw):
+        kw = {**every, **kw, "devices": devices}
+        record["grids"][grid] = grids(model, task, record["grids"].get(grid), **kw)
+        done()
+
+    def alone(name: str, *args):
+        if not any(r["model"] == name for r in record["alone"]):
+            record["alone"] += alone_rows(name, *args)
 
     if todo("ViT accuracy"):
         vit = pj.load_pretrained(common.HERE / "models" / "vit-fashion-mnist")
         task = tasks.load(vit, "fashion_mnist_local", limit=16 if smoke else args.images)
         if not smoke:  # (the smoke: the grid alone)
-            record["alone"] += alone_rows("ViT (accuracy)", vit,
-                                          lambda plan: task.score(mesh, plan), [16],
-                                          vit.config.max_positions, ALONE)  # fmt: skip
-        record["grids"]["ViT accuracy"] = grids(vit, task, **every)
-        done()
+            alone("ViT (accuracy)", vit, lambda plan: task.score(mesh, plan), [16],
+                  vit.config.max_positions, ALONE)  # fmt: skip
+        run("ViT accuracy", vit, task)
     if smoke:
         return
-    if todo("GPT-2 cloze"):
+    if todo("GPT-2 perplexity") or todo("GPT-2 cloze"):
         gpt2 = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
         lm = tasks.load(gpt2, "wikipedia_leads", limit=args.rows)
-        record["grids"]["GPT-2 perplexity"] = grids(gpt2, lm, **every)
-        record["alone"] += alone_rows("GPT-2 (perplexity)", gpt2,
-                                      lambda plan: lm.score(mesh, plan), [16], lm.seq_len,
-                                      ALONE)  # fmt: skip
+        if todo("GPT-2 perplexity"):
+            run("GPT-2 perplexity", gpt2, lm)
+        alone("GPT-2 (perplexity)", gpt2, lambda plan: lm.score(mesh, plan), [16], lm.seq_len,
+              ALONE)  # fmt: skip
         cloze = tasks.load(gpt2, "wikipedia_cloze", limit=args.questions)
-        record["grids"]["GPT-2 cloze"] = grids(gpt2, cloze, devices=(4,), only_crs=(4, 16, 64))
-        done()
+        run("GPT-2 cloze", gpt2, cloze, only_crs=(4, 16, 64))
     if todo("MiniLM cosine"):
         minilm = pj.load_pretrained(sources.minilm_dir())
         texts = sources.fine_food_reviews("test")[0][: args.reviews]
         cos = cosine_task(minilm, texts)
-        record["alone"] += alone_rows("MiniLM (cosine)", minilm,
-                                      lambda plan: cos.score(mesh, plan), [8, 2], 128,
-                                      ALONE)  # fmt: skip
-        record["grids"]["MiniLM cosine"] = grids(minilm, cos, devices=(2, 4, 8))
-        done()
+        alone("MiniLM (cosine)", minilm, lambda plan: cos.score(mesh, plan), [8, 2], 128, ALONE)
+        run("MiniLM cosine", minilm, cos)
     if todo("SmolLM2 perplexity"):
         smollm = pj.load_pretrained(sources.smollm2_gguf())
         ppl = tasks.load(smollm, "wikipedia_leads", limit=args.llama_rows, max_length=256)
         labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
-        record["alone"] += alone_rows(
-            "SmolLM2 (perplexity)", smollm, lambda plan: ppl.score(mesh, plan), [16], 256, labels
-        )
-        record["grids"]["SmolLM2 perplexity"] = grids(smollm, ppl, devices=(4,), only_crs=(4, 32))
-        done()
+        alone("SmolLM2 (perplexity)", smollm, lambda plan: ppl.score(mesh, plan), [16], 256,
+              labels)  # fmt: skip
+        run("SmolLM2 perplexity", smollm, ppl, only_crs=(4, 32))
 
     if not Path(args.classifier).is_dir():
         record["skipped"].append(f"BERT classifier: no model at {args.classifier}")
         return done()
     bert = pj.load_pretrained(args.classifier)
     for layout in ("unpadded", "padded"):
-        if not todo(f"BERT classifier ({layout})"):
-            continue
-        task = tasks.load(bert, "fine_food_reviews", limit=args.classifier_reviews,
-                          layout=layout)  # fmt: skip
-        record["grids"][f"BERT classifier ({layout})"] = grids(
-            bert, task, devices=(4,), only_crs=(4, 16, 64)
-        )
-        done()
+        if todo(f"BERT classifier ({layout})"):
+            task = tasks.load(bert, "fine_food_reviews", limit=args.classifier_reviews,
+                              layout=layout)  # fmt: skip
+            run(f"BERT classifier ({layout})", bert, task, only_crs=(4, 16, 64))
 
 
 def markdown(record) -> str:

@@ -10,13 +10,14 @@ import pytest
 
 from tests.conftest import FAST_COMPILE
 
-# The network testbed builds namespaces (root): slow, kept out of CI. So are the smokes that
-# take 10-40 s each and whose parts the unit tests cover (`make slow` runs them), to keep the
-# CI suite well under 15 minutes on 2 cores: the attention cores (test_attention), scanned
-# layers (test_partition), training (test_train), generation (test_generation), the ViT
-# grid (table_compress's smoke, test_tasks).
+# The network testbed and the overlap probe build namespaces (root): slow, kept out of CI.
+# So are the smokes that take 10-40 s each and whose parts the unit tests cover (`make slow`
+# runs them), to keep the CI suite well under 15 minutes on 2 cores: the attention cores
+# (test_attention), scanned layers (test_partition), training (test_train), generation
+# (test_generation), the ViT grid (table_compress's smoke, test_tasks).
 SLOW = {
     "edge_testbed.py",
+    "overlap_probe.py",
     "bench_compile.py",
     "bench_forward.py",
     "bench_llama.py",
@@ -74,7 +75,7 @@ def test_smoke(script, tmp_path, tfds_dir):
         },  # fmt: skip
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    if script == "edge_testbed.py" and "skipped" in done.stdout:  # not root (make slow only)
+    if script in ("edge_testbed.py", "overlap_probe.py") and "skipped" in done.stdout:  # not root
         pytest.skip(done.stdout.strip(" |\n"))
     if script in RESULTS:
         written = sorted(out.glob("*.json"))
@@ -119,3 +120,26 @@ def test_demo_main_job(capsys):
     assert cr4["cosine_mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
     assert cr4["cosine_min"] == pytest.approx(float(cos.min()), abs=1e-6)
     assert cos.mean() < 0.99  # (a review short enough to sit on device 0 alone stays exact)
+
+
+def test_table_compress_resume_computes_only_the_missing_device_counts(monkeypatch):
+    """A resumed grid keeps an earlier run's rows and asks `report.grid` for the N it lacks."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import table_compress
+
+    from prism_jax.evaluation import report
+
+    asked = []
+
+    def fake_grid(model, task, *, template, devices, **kw):
+        asked.append((template.grouping, devices))
+        return {"exact": 1.0, "rows": [{"devices": n} for n in devices], "seconds": 2.0}
+
+    monkeypatch.setattr(report, "grid", fake_grid)
+    have = {"paper": {"exact": 1.0, "rows": [{"devices": 4}], "seconds": 1.0}}
+    got = table_compress.grids(None, None, have, devices=(2, 4, 8))
+    assert asked == [("segments", (2, 8)), ("kmeans", (2, 4, 8))]
+    assert [r["devices"] for r in got["paper"]["rows"]] == [4, 2, 8]
+    assert got["paper"]["seconds"] == 3.0
+    assert table_compress.grids(None, None, got, devices=(2, 4, 8)) == got
+    assert len(asked) == 2  # nothing left to compute
