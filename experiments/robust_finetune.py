@@ -3,6 +3,7 @@
 Command:  .venv/bin/python experiments/robust_finetune.py --family bert   (about 45 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit    (about 6 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed  (about 20)
+          .venv/bin/python experiments/robust_finetune.py --family vit --mixed --distill 1
           (arms of 34.8 + 5.9 and 3.0 + 2.2 min: `train_minutes` in results/robust_*.json)
 Smoke:    .venv/bin/python experiments/robust_finetune.py --smoke --mixed (seconds; the tests)
 
@@ -11,7 +12,9 @@ Arms with the same recipe, data order and steps: one fine-tunes under `prism` at
 exact model, run as `single`). With `--mixed`, two more: each step at a CR drawn from
 `--mixed-crs` (every CR once per cycle, `train.step_cr`), with the paper's segments and with
 all four changes of DESIGN.md 1b (`Plan.best`); the CR = 1 arm and the start are then also
-scored under `Plan.best` (training-free references for the last arm). Every arm is scored at
+scored under `Plan.best` (training-free references for the last arm); `--distill W` adds
+one more, mixed prism+ that also learns the exact starting model's predictions (KL weight W,
+`TrainConfig.distill`). Every arm is scored at
 `--eval-crs` with the compressor it was trained with. BERT: the whole recipe from
 all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
@@ -22,6 +25,7 @@ experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +61,9 @@ class Config:
     eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score every arm at")
     mixed_crs: str = common.setting("1,2,4,8,16", "the mixed-CR arms' training CRs")
     mixed: bool = common.setting(False, "also the mixed-CR arms (paper's segments, prism+)")
+    distill: float = common.setting(
+        0.0, "with --mixed, one more arm: mixed prism+ with this weight of distillation (ViT)"
+    )
     logit_bias: str = common.setting("log_count", "logit bias", choices=LOGIT_BIASES)
     layout: str = common.setting("padded", "BERT inputs", choices=LAYOUTS)
     checkpoints: str = common.setting(str(HERE.parent / "artifacts"), "checkpoint folders")
@@ -66,6 +73,11 @@ class Config:
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
+    if args.distill < 0 or (args.distill and (args.family != "vit" or not args.mixed)):
+        # (BERT starts from a fresh head: there is no model worth distilling from)
+        print("robust_finetune.py: error: --distill is a weight >= 0, for --family vit --mixed",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
     import prism_jax as pj
     from prism_jax.evaluation import tasks
@@ -108,8 +120,12 @@ def main(argv=None):
             (f"mixed CR {label}", pj.Plan(cr=args.cr, logit_bias=bias), mixed, paper),
             (f"mixed CR {label}, prism+", pj.Plan.best(args.cr, logit_bias=bias), mixed, best),
         ]  # fmt: skip
+    arms = [(*arm, 0.0) for arm in arms]  # and the weight of distillation
+    if args.distill:
+        name = f"mixed CR {label}, prism+, distilled ({args.distill:g})"
+        arms.append((name, pj.Plan.best(args.cr, logit_bias=bias), mixed, best, args.distill))
     results, trained = {}, {}
-    for name, plan, crs, template in arms:
+    for name, plan, crs, template, distill in arms:
         tic = time.perf_counter()
         model = base
         if plan is not None:
@@ -117,6 +133,7 @@ def main(argv=None):
             tag = "cr1" if plan.strategy == "single" else f"prism-{tag}"
             tag += "" if crs is None else "-mixed-" + "-".join(map(str, crs))
             tag += "" if plan.paper else "-prism+"
+            tag += f"-distill{distill:g}" if distill else ""
             ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
             data = examples
             if args.layout == "unpadded" and plan.strategy == "prism":  # each input at its length
@@ -125,7 +142,8 @@ def main(argv=None):
                 )
                 data = {**relaid, "labels": examples["labels"]}
             if tag not in trained:
-                run = train.train(base, data, cfg, plan=plan, mesh=mesh, crs=crs,
+                arm_cfg = dataclasses.replace(cfg, distill=distill)
+                run = train.train(base, data, arm_cfg, plan=plan, mesh=mesh, crs=crs,
                                   checkpoint_dir=ckpt, restart=args.restart)  # fmt: skip
                 trained[tag] = run.model
             model = trained[tag]
@@ -133,6 +151,7 @@ def main(argv=None):
         plans = {cr: dataclasses.replace(template, cr=cr) for cr in eval_crs}
         scores = {cr: task.score(mesh, plans[cr], model) for cr in eval_crs}
         results[name] = {"train_minutes": minutes, "accuracy": scores, "crs": crs,
+                         "distill": distill,
                          "scored_with": "paper" if template.paper else "prism+"}  # fmt: skip
         print(name, {cr: round(100 * v, 2) for cr, v in scores.items()}, flush=True)
 
@@ -180,4 +199,4 @@ def plot(results, crs, args, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -187,6 +187,11 @@ CASES = {
     "warmup -1": (lambda d: [*_finetune(d), "--warmup", "-1"], "argument --warmup"),
     "lr nan": (lambda d: [*_finetune(d), "--lr", "nan"], "argument --lr"),
     "mixed cr 0": (lambda d: [*_finetune(d), "--mixed-cr", "1,0"], "argument --mixed-cr"),
+    "distill -1": (lambda d: [*_finetune(d), "--distill", "-1"], "argument --distill"),
+    "distill from a fresh head": (
+        lambda d: [*_finetune(d)[:2], str(d["gpt2_lm"]), *_finetune(d)[3:], "--distill", "1"],
+        "--distill needs a model that already does the task",
+    ),
     "mixed cr without prism": (
         lambda d: [*_finetune(d), "--mixed-cr", "1,4"],
         "--mixed-cr trains under prism",

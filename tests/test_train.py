@@ -379,3 +379,43 @@ def test_mixed_cr_training_draws_each_steps_cr_and_resumes_exactly(
         train.train(model, examples, cfg, progress=False, crs=crs)
     with pytest.raises(pj.PrismError, match="every mixed compression rate"):
         train.train(model, examples, cfg, plan=pj.Plan(cr=4), mesh=mesh, crs=[2, 0])
+
+
+def _kl(teacher, logits):
+    """KL(softmax(teacher) || softmax(logits)) over the last axis, in float64 NumPy."""
+    t = np.asarray(teacher, np.float64) - np.log(np.exp(teacher).sum(-1, keepdims=True))
+    q = np.asarray(logits, np.float64) - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return (np.exp(t) * (t - q)).sum(-1)
+
+
+def test_distillation_pulls_toward_the_exact_starting_model(hf_models, rng):
+    """The term is KL(teacher || model), weighted like the loss; in training it is added to
+    the cross-entropy with the starting model run exactly as the teacher, and the trained
+    model's compressed predictions stay closer to the exact starting ones than without it."""
+    logits, teacher = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    kl = _kl(teacher, logits)
+    w = np.array([1, 0, 1], np.float32)
+    assert float(train.distillation("classifier", logits, teacher, w)) == pytest.approx(kl.mean())
+    assert float(train.distillation("lm", logits, teacher, w)) == pytest.approx(kl @ w / 2)
+    assert float(train.distillation("classifier", teacher, teacher, w)) == pytest.approx(
+        0, abs=1e-6
+    )
+
+    model = pj.load_pretrained(hf_models("bert_cls")[1])
+    examples = _examples("bert_cls", rng)
+    inputs = {k: v for k, v in examples.items() if k != "labels"}
+    mesh, plan = pj.edge_mesh(2), pj.Plan(cr=4)
+    cfg = train.TrainConfig(steps=4, batch_size=8, lr=3e-3)  # full batch: the same data each step
+    plain = train.train(model, examples, cfg, plan=plan, mesh=mesh, progress=False)
+    weight = 10.0
+    kept = train.train(model, examples, dataclasses.replace(cfg, distill=weight), plan=plan,
+                       mesh=mesh, progress=False)  # fmt: skip
+    exact = pj.infer(model, inputs)["logits"]
+    start_kl = _kl(exact, pj.infer(model, inputs, mesh=mesh, plan=plan)["logits"]).mean()
+    assert start_kl > 1e-4  # CR = 4 moved the predictions
+    assert kept.losses[0] == pytest.approx(plain.losses[0] + weight * start_kl, rel=1e-4)
+    after = {
+        name: _kl(exact, pj.infer(run.model, inputs, mesh=mesh, plan=plan)["logits"]).mean()
+        for name, run in (("plain", plain), ("kept", kept))
+    }
+    assert after["kept"] < 0.5 * after["plain"], after

@@ -214,14 +214,20 @@ def _run_finetune(args) -> dict:
         lr=args.lr,
         warmup=args.warmup,
         seed=args.seed,
+        distill=args.distill,
         checkpoint_every=args.checkpoint_every,
     )
     if args.checkpoint_dir:
         usable_directory(args.checkpoint_dir, "--checkpoint-dir")
     out = _check_out(args.out, args.model) if args.out else None
     model = pj.load_pretrained(args.model)
-    features = tfds_builders.builder(args.dataset).info.features
+    features = tfds_builders.features(args.dataset)
     if "label" in features and model.config.head != "classifier":
+        if args.distill:
+            raise PrismError(
+                "--distill needs a model that already does the task: this one gets a fresh "
+                "classifier head, whose predictions are noise"
+            )
         model = models.with_classifier(model, features["label"].num_classes, seed=args.seed)
     train_task = tasks.load(model, args.dataset, split="train", max_length=args.max_length)
     test_task = tasks.load(
@@ -255,6 +261,7 @@ def _run_finetune(args) -> dict:
         "dataset": args.dataset,
         "plan": vars(plan) | {},
         "mixed_cr": args.mixed_cr,
+        "distill": args.distill,
         "devices": args.devices,
         "steps": args.steps,
         "resumed_from": run.resumed_from,

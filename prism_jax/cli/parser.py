@@ -237,6 +237,14 @@ def _finetune(sub) -> None:
         help="mixed-CR training (prism): each step at a CR drawn from these, comma-separated "
         "(--cr is then the CR evaluated)",
     )
+    p.add_argument(
+        "--distill",
+        type=nonnegative_float,
+        default=0.0,
+        help="weight of KL(the starting model run exactly || the model trained) beside the "
+        "cross-entropy: keeps the exact model's predictions while learning compression (for "
+        "a model that already does the task)",
+    )
     _plan_args(p)
     p.set_defaults(strategy="single")
 

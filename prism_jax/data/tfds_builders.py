@@ -62,6 +62,11 @@ def builder(name: str, data_dir: str | Path | None = None):
     return b
 
 
+def features(name: str, data_dir: str | Path | None = None):
+    """The features of dataset `name`, read from its builder without preparing it."""
+    return _make_builder(name, Path(data_dir or default_data_dir())).info.features
+
+
 def _make_builder(name: str, data_dir: Path):
     if name in LOCAL:
         _tfds()  # a clear error if TFDS is missing

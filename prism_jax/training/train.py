@@ -42,6 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     seed: int = 0
+    distill: float = 0.0  # weight of KL(exact starting model || trained model), beside the CE
     checkpoint_every: int = 50
     keep: int = 3
 
@@ -54,6 +55,7 @@ class TrainConfig:
         _check(self, "final_lr", lambda v: 0 <= v <= 1, "a fraction of lr in [0, 1]")
         _check(self, "weight_decay", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
         _check(self, "clip", lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+        _check(self, "distill", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
 
 
 def _check(cfg: TrainConfig, name: str, ok, what: str) -> None:
@@ -91,7 +93,7 @@ def run_record(model: Model, examples: dict, cfg: TrainConfig, plan: Plan, mesh,
             value = zlib.crc32(np.ascontiguousarray(np.asarray(a)).tobytes(), value)
         return f"{value:08x}"
 
-    skip = {"steps", "checkpoint_every", "keep"}
+    skip = {"steps", "checkpoint_every", "keep"} | ({"distill"} if not cfg.distill else set())
     return {
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
         "plan": dataclasses.asdict(plan),
@@ -121,15 +123,27 @@ def step_cr(crs, seed: int, step: int) -> int:
     return int(crs[np.random.default_rng([seed, cycle, 1]).permutation(len(crs))[i]])
 
 
-def loss(head: str, tokens: dict, cls: dict, targets: jax.Array, weights: jax.Array):
-    """Cross-entropy of the CLS logits against `targets` `[B]` (classifier), or of every
-    position's logits against the next token `targets` `[B, T]`, weighted by `weights`."""
+def loss(head: str, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Cross-entropy of the CLS logits `[B, C]` against `targets` `[B]` (classifier), or of
+    every position's logits `[B, T, V]` against the next token `targets` `[B, T]` (LM),
+    weighted by `weights`."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return _mean(head, ce, weights)
+
+
+def distillation(head: str, logits: jax.Array, teacher: jax.Array, weights: jax.Array):
+    """KL(teacher || model) of the CLS logits or of every position's logits, weighted like
+    `loss`: what pulls a compressed model back to the exact one's predictions (the teacher
+    is the starting model, run exactly)."""
+    t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32), axis=-1)
+    kl = (jnp.exp(t) * (t - jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))).sum(-1)
+    return _mean(head, kl, weights)
+
+
+def _mean(head: str, per_example: jax.Array, weights: jax.Array) -> jax.Array:
     if head == "classifier":
-        return optax.softmax_cross_entropy_with_integer_labels(cls["logits"], targets).mean()
-    if head == "lm":
-        ce = optax.softmax_cross_entropy_with_integer_labels(tokens["logits"], targets)
-        return (ce * weights).sum() / jnp.maximum(weights.sum(), 1)
-    raise PrismError("fine-tuning needs a classifier or LM head")
+        return per_example.mean()
+    return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1)
 
 
 def next_token_targets(ids: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +216,7 @@ def train(
         return step_fns[cr](*args)
 
     params = place(model, mesh) if mesh is not None else model.params
+    teacher = params if cfg.distill else None  # the starting model, also when resumed
     state = {"params": params, "opt": opt.init(params)}
     if mesh is not None:  # all of the state on the mesh (the step count too), as restore puts it
         state = jax.tree.map(lambda x: put(x, mesh, P()), state)
@@ -221,8 +236,9 @@ def train(
             idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
             tic = time.perf_counter()
             params, opt_state, value, finite = step_fn(
-                step, state["params"], state["opt"], *_step_inputs(model, hf, labels, idx, mesh)
-            )
+                step, state["params"], state["opt"], teacher,
+                *_step_inputs(model, hf, labels, idx, mesh),
+            )  # fmt: skip
             if not finite:  # keep the last good state: never step or checkpoint into NaN
                 raise PrismError(_not_finite(step + 1, float(value), ckpt))
             state = {"params": params, "opt": opt_state}
@@ -253,19 +269,34 @@ def _positive_cr(value) -> int:
 
 @functools.cache
 def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, mesh):
-    """The jitted training step `(params, opt_state, inputs, valid, targets, weights) ->
-    (params, opt_state, loss, finite)`; `finite` is False when the loss or the update is not.
-    Cached, so that a resumed or repeated run in the same process compiles nothing again."""
-    forward = program(graphdef, model_cfg, plan, mesh)
+    """The jitted training step `(params, opt_state, teacher, inputs, valid, targets,
+    weights) -> (params, opt_state, loss, finite)`; `finite` is False when the loss or the
+    update is not. `teacher`: the starting parameters, run exactly (`voltage` on a mesh) for
+    `cfg.distill`, else None. Cached, so that a resumed or repeated run in the same process
+    compiles nothing again."""
     head = model_cfg.head
+    if head not in ("classifier", "lm"):
+        raise PrismError("fine-tuning needs a classifier or LM head")
+    forward = program(graphdef, model_cfg, plan, mesh)
+    exact = program(graphdef, model_cfg, Plan(strategy="voltage"), mesh) if mesh else forward
     opt = optimizer(cfg)
 
-    def step_fn(params, opt_state, inputs, valid, targets, weights):
+    def outputs(fn, params, inputs, valid):
+        tokens, cls = fn(params, inputs, valid)
+        if mesh is not None:  # one CLS row per device: replicate them, read device 0's
+            cls = {k: jax.reshard(v, NamedSharding(mesh, P()))[0] for k, v in cls.items()}
+        return (cls if head == "classifier" else tokens)["logits"]
+
+    def step_fn(params, opt_state, teacher, inputs, valid, targets, weights):
+        if cfg.distill:
+            reference = outputs(exact, teacher, inputs, valid)
+
         def objective(p):
-            tokens, cls = forward(p, inputs, valid)
-            if mesh is not None:  # one CLS row per device: replicate them, read device 0's
-                cls = {k: jax.reshard(v, NamedSharding(mesh, P()))[0] for k, v in cls.items()}
-            return loss(head, tokens, cls, targets, weights)
+            got = outputs(forward, p, inputs, valid)
+            value = loss(head, got, targets, weights)
+            if cfg.distill:
+                value += cfg.distill * distillation(head, got, reference, weights)
+            return value
 
         value, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
