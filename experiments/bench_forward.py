@@ -79,7 +79,7 @@ def run(cfg: Config) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
-    parser.add_argument("--repeats", type=int, default=Config.repeats)
+    parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config(repeats=args.repeats)
     rows = run(cfg)

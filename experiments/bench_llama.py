@@ -156,8 +156,10 @@ def decode_markdown(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, writes nothing")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new", type=int, default=64, help="decoded tokens per run")
+    parser.add_argument("--repeats", type=common.positive_int, default=5)
+    parser.add_argument(
+        "--new", type=common.positive_int, default=64, help="decoded tokens per run"
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     shapes = [(1, 16)] if smoke else [(1, 128), (1, 512), (4, 128), (4, 512)]

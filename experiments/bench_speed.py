@@ -32,6 +32,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 )
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -195,7 +196,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
-    parser.add_argument("--repeats", type=int, default=Config.repeats)
+    parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     parser.add_argument("--peak", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,9 +23,31 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
-def setting(default, help: str, **argparse_kw):
-    """A config field that becomes a flag: `--name` with this default and help."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+def setting(default, help: str, *, minimum: float | None = None, **argparse_kw):
+    """A config field that becomes a flag: `--name` with this default and help. A number
+    below `minimum` (default: 1 for an int, 0 for a float) is refused as a usage error."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "minimum": minimum, **argparse_kw}
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _at_least(int, 1)(text)
+
+
+def _at_least(kind: type, minimum: float):
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} >= {minimum}: {text!r}")
+        return value
+
+    read.__name__ = kind.__name__  # argparse names the type in its messages
+    return read
 
 
 @dataclasses.dataclass
@@ -45,9 +68,12 @@ def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
         name, meta = "--" + field.name.replace("_", "-"), dict(field.metadata)
-        kind = _plain(hints[field.name])
+        minimum, kind = meta.pop("minimum", None), _plain(hints[field.name])
         if kind is bool:
             parser.add_argument(name, action="store_true", **meta)
+        elif kind in (int, float):
+            minimum = (1 if kind is int else 0) if minimum is None else minimum
+            parser.add_argument(name, type=_at_least(kind, minimum), default=field.default, **meta)
         else:
             parser.add_argument(name, type=kind, default=field.default, **meta)
     cfg = config(**vars(parser.parse_args(argv)))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -236,7 +237,7 @@ def markdown(rows: list[dict], cfg: Config) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
-    parser.add_argument("--repeats", type=int, default=Config.repeats)
+    parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else dataclasses.replace(Config(), repeats=args.repeats)
     rows = run(cfg)

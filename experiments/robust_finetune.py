@@ -73,10 +73,9 @@ class Config:
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
-    if args.distill < 0 or (args.distill and (args.family != "vit" or not args.mixed)):
+    if args.distill and (args.family != "vit" or not args.mixed):
         # (BERT starts from a fresh head: there is no model worth distilling from)
-        print("robust_finetune.py: error: --distill is a weight >= 0, for --family vit --mixed",
-              file=sys.stderr)  # fmt: skip
+        print("robust_finetune.py: error: --distill is for --family vit --mixed", file=sys.stderr)
         return 2
 
     import prism_jax as pj

@@ -24,7 +24,7 @@ class Config:
     smoke: bool = common.setting(False, "a few rows, N = 8, seconds")
     model: str = common.setting(str(MODEL), "a GPT-2 LM directory")
     rows: int = common.setting(32, "test rows of 256 tokens")
-    questions: int = common.setting(136, "cloze questions (0: none)")
+    questions: int = common.setting(136, "cloze questions (0: none)", minimum=0)
     cloze_biases: str = common.setting("log_count,none", "logit biases for the cloze grid")
     out: str | None = common.setting(None, "results folder")
 

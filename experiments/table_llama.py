@@ -28,7 +28,7 @@ class Config:
     smoke: bool = common.setting(False, "a few short rows, N = 4, seconds")
     rows: int = common.setting(12, "test rows of --seq-len tokens")
     seq_len: int = common.setting(256, "tokens per perplexity row and prefill")
-    questions: int = common.setting(16, "cloze questions (0: none)")
+    questions: int = common.setting(16, "cloze questions (0: none)", minimum=0)
     cloze_len: int = common.setting(128, "tokens per cloze candidate (context left-truncated)")
     max_cr: int = common.setting(32, "largest compression rate")
     out: str | None = common.setting(None, "results folder")

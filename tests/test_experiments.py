@@ -143,3 +143,34 @@ def test_table_compress_resume_computes_only_the_missing_device_counts(monkeypat
     assert got["paper"]["seconds"] == 3.0
     assert table_compress.grids(None, None, got, devices=(2, 4, 8)) == got
     assert len(asked) == 2  # nothing left to compute
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--images", "0"], "argument --images: expected int >= 1: '0'"),
+        (["--rows", "many"], "argument --rows: expected int >= 1: 'many'"),
+        (["--limit", "nan"], "argument --limit: expected float >= 0: 'nan'"),
+        (["--questions", "-1"], "argument --questions: expected int >= 0: '-1'"),
+    ],
+)
+def test_experiment_flags_refuse_numbers_out_of_range(argv, message, monkeypatch, capsys):
+    """A script's numeric settings: ints >= 1 and finite floats >= 0 unless the setting says
+    otherwise; anything else is a usage error (exit 2) before any work starts."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import dataclasses
+
+    import common
+
+    @dataclasses.dataclass
+    class Config:
+        images: int = common.setting(4, "images")
+        rows: int = common.setting(2, "rows")
+        limit: float = common.setting(1.0, "seconds")
+        questions: int = common.setting(3, "questions (0: none)", minimum=0)
+
+    assert common.parse(Config, "doc", ["--questions", "0"], devices=None).questions == 0
+    with pytest.raises(SystemExit) as stop:
+        common.parse(Config, "doc", argv, devices=None)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
