@@ -400,23 +400,51 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, comma-separated: {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    return _positive_ints(text)[0] if "," not in text else _positive_ints("")
+
+
+def _rates(text: str) -> tuple[int | None, ...]:
+    parts = text.split(",")
+    limited = [p for p in parts if p != "unlimited"]
+    rates = _positive_ints(",".join(limited)) if limited else ()
+    return tuple(None if p == "unlimited" else rates[limited.index(p)] for p in parts)
+
+
+def _models(text: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in text.split(","):
+        name, _, t = item.partition(":")
+        if name not in ("tiny", "bert-base", "vit-base-patch16-224") or not t.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected NAME:T with NAME tiny, bert-base or vit-base-patch16-224: {item!r}"
+            )
+        out.append((name, int(t)))
+    return tuple(out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, one rate")
+    parser.add_argument("--models", type=_models, help="NAME:T,... (default: every model)")
+    parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: all)")
+    parser.add_argument("--crs", type=_positive_ints, help="prism CRs, comma-separated")
+    parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
+    parser.add_argument("--out", help="results folder (default: experiments/results)")
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
-    for flag, kind in [
-        ("--rank", int),
-        ("--nodes", int),
-        ("--model", str),
-        ("--seq-len", int),
-        ("--repeats", int),
-        ("--timeout", float),
-        ("--result", str),
-    ]:
+    for flag, kind in [("--rank", int), ("--nodes", int), ("--model", str), ("--seq-len", int),
+                       ("--timeout", float), ("--result", str)]:  # fmt: skip
         parser.add_argument(flag, type=kind, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--crs", type=lambda s: [int(x) for x in s.split(",")], help=argparse.SUPPRESS
-    )
     args = parser.parse_args(argv)
     if args.node:
         return node_main(args)
@@ -426,6 +454,9 @@ def main(argv=None):
         )
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
+    chosen = {"models": args.models, "rates_mbit": args.rates, "crs": args.crs,
+              "repeats": args.repeats, "out": args.out}  # fmt: skip
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     from prism_jax.cli import emulate_devices
 
