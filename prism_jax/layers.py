@@ -137,19 +137,7 @@ class Attention(nnx.Module):
         q = self.q(a).reshape(b, l, h, k)
         if self.rope_theta is not None:
             q = rotate(q, ex.token_positions(), self.rope_theta)
-        grouped = ex.plan.strategy == "prism" and (ex.plan.salient or ex.plan.grouping == "kmeans")
-        if self.rope_theta is not None or ex.plan.exchange == "kv":
-            local_keys = self._keys(a, ex)
-            local = jnp.concatenate([local_keys, self.v(a)], axis=-1)  # [B, L, 2*G*K]
-            at = None if self.rope_theta is None else ex.token_positions()
-            kv, mask, bias, stats = exchange.keys_and_mask(
-                local, ex, keys=local_keys, inputs=a, positions=at
-            )
-            keys, values = jnp.split(kv, 2, axis=-1)  # [B, M, G*K] each
-        else:
-            local_keys = self.k(a) if grouped else None  # what groups are chosen by
-            kv_in, mask, bias, stats = exchange.keys_and_mask(a, ex, keys=local_keys, inputs=a)
-            keys, values = self.k(kv_in), self.v(kv_in)  # [B, M, G*K] each
+        keys, values, mask, bias, stats = self._keys_values(a, ex)  # [B, M, G*K] each
         m = keys.shape[1]
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
         if stats is not None:
@@ -161,6 +149,32 @@ class Attention(nnx.Module):
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
             cache = KVCache(keys, values, mask[:, 0, -1], seen, stats)
         return self.o(out.reshape(b, l, h * k)), cache
+
+    def _keys_values(self, a: jax.Array, ex: exchange.Exchange):
+        """Keys and values `[B, M, G*K]` of what this device attends to, with the mask, logit
+        bias and tilt statistics of `exchange.keys_and_mask`."""
+        grouped = ex.plan.strategy == "prism" and (ex.plan.salient or ex.plan.grouping == "kmeans")
+        if self.rope_theta is not None or ex.plan.exchange == "kv":
+            local_keys = self._keys(a, ex)
+            local = jnp.concatenate([local_keys, self.v(a)], axis=-1)  # [B, L, 2*G*K]
+            at = None if self.rope_theta is None else ex.token_positions()
+            kv, mask, bias, stats = exchange.keys_and_mask(
+                local, ex, keys=local_keys, inputs=a, positions=at
+            )
+            return *jnp.split(kv, 2, axis=-1), mask, bias, stats
+        if ex.plan.strategy != "prism" or ex.axis_name is None or ex.devices == 1:
+            kv_in, mask, bias, stats = exchange.keys_and_mask(a, ex, inputs=a)
+            return self.k(kv_in), self.v(kv_in), mask, bias, stats
+        # The local rows' keys and values do not wait for the exchange (the runtime may compute
+        # them while the means travel); the means are projected when they arrive.
+        local_keys, local_values = self.k(a), self.v(a)
+        rows, mask, bias, stats = exchange.keys_and_mask(
+            a, ex, keys=local_keys if grouped else None, inputs=a
+        )
+        means = rows[:, a.shape[1] :]
+        keys = jnp.concatenate([local_keys, self.k(means)], axis=1)
+        values = jnp.concatenate([local_values, self.v(means)], axis=1)
+        return keys, values, mask, bias, stats
 
     def _tilted(self, q, keys, values, mask, bias, stats) -> jax.Array:
         """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
