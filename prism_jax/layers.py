@@ -13,8 +13,16 @@ from prism_jax import exchange
 from prism_jax.attention import attend
 from prism_jax.configs import ACTIVATIONS, ModelConfig
 
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch and HF write it, x/2 (1 + erf(x / sqrt 2)): the same function as
+    `jax.nn.gelu(approximate=False)` (which uses erfc, to within 1e-6 here) at half its cost
+    on XLA:CPU."""
+    return 0.5 * x * (1 + lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 _FUNCTIONS = {  # the functions behind `configs.ACTIVATIONS`' names
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,

@@ -1,5 +1,7 @@
 """Single-device parity with transformers for all six HF classes (tiny random models)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -61,3 +63,24 @@ def test_padding_does_not_change_valid_tokens(hf_models, rng):
         b["last_hidden_state"][:, :9], a["last_hidden_state"], atol=ATOL_MODEL, rtol=0
     )
     np.testing.assert_allclose(b["logits"], a["logits"], atol=ATOL_MODEL, rtol=0)
+
+
+def test_gelu_is_the_exact_gelu_of_pytorch():
+    """`layers.gelu` (the erf form, as PyTorch writes it) is the exact GELU to float32
+    rounding across the range activations take: no farther from float64 than PyTorch's own
+    GELU or jax.nn.gelu(approximate=False) (the erfc form), and within 1.5e-6 of it."""
+    import torch
+    from scipy.special import erf
+
+    from prism_jax import layers
+
+    x = np.linspace(-12, 12, 100_001, dtype=np.float32)
+    truth = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+
+    def error(got):
+        return np.abs(np.asarray(got, np.float64) - truth).max()
+
+    ours = error(layers.gelu(jnp.asarray(x)))
+    torch_error = error(torch.nn.functional.gelu(torch.from_numpy(x)).numpy())
+    jax_error = error(jax.nn.gelu(jnp.asarray(x), approximate=False))
+    assert ours <= max(torch_error, jax_error) and ours < 1.5e-6, (ours, torch_error, jax_error)
