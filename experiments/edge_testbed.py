@@ -141,60 +141,41 @@ def network(nodes: int, rate_mbit: int | None):
 
 def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | None) -> dict:
     """One cluster: every plan for one (model, N, rate); node 0 writes the results."""
-    result = Path(f"/tmp/prism-testbed-{os.getpid()}.json")
-    result.unlink(missing_ok=True)
-    with network(nodes, rate) as names:
-        procs = [
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    sys.executable,
-                    __file__,
-                    "--node",
-                    "--rank",
-                    str(i),
-                    "--nodes",
-                    str(nodes),
-                    "--model",
-                    model,
-                    "--seq-len",
-                    str(seq_len),
-                    "--crs",
-                    ",".join(map(str, cfg.crs)),
-                    "--repeats",
-                    str(cfg.repeats),
-                    "--timeout",
-                    str(cfg.timeout),
-                    "--result",
-                    str(result),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={
-                    **os.environ,
-                    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                    "JAX_PLATFORMS": "cpu",
-                    "PYTHONPATH": str(ROOT),
-                },
-            )
-            for i, ns in enumerate(names)
-        ]
-        errors = [p.communicate(timeout=cfg.timeout + 60)[1] for p in procs]
-    if any(p.returncode for p in procs):
-        bad = next(i for i, p in enumerate(procs) if p.returncode)
-        raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
-    rows = json.loads(result.read_text())
-    result.unlink()
+    argv = ["--nodes", str(nodes), "--model", model, "--seq-len", str(seq_len),
+            "--crs", ",".join(map(str, cfg.crs)), "--repeats", str(cfg.repeats),
+            "--timeout", str(cfg.timeout)]  # fmt: skip
+    rows = run_nodes(__file__, nodes, rate, argv, cfg.timeout)
     burst = burst_bytes(rate) if rate else None
     return [
         {"model": model, "seq_len": seq_len, "nodes": nodes, "rate_mbit": rate,
          "burst_bytes": burst, **r}
         for r in rows
     ]  # fmt: skip
+
+
+def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeout: float):
+    """Run `script --node --rank i ARGV --result FILE` in each of `nodes` namespaces of
+    `network(nodes, rate)`, one CPU device each; return what node 0 wrote to FILE (JSON)."""
+    result = Path(f"/tmp/prism-testbed-{os.getpid()}.json")
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
+    with network(nodes, rate) as names:
+        procs = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank", str(i),
+                 *argv, "--result", str(result)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+            )  # fmt: skip
+            for i, ns in enumerate(names)
+        ]
+        errors = [p.communicate(timeout=timeout + 60)[1] for p in procs]
+    if any(p.returncode for p in procs):
+        bad = next(i for i, p in enumerate(procs) if p.returncode)
+        raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
+    rows = json.loads(result.read_text())
+    result.unlink()
+    return rows
 
 
 def _model(name: str):

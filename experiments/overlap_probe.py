@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,40 +100,10 @@ def _program(kind, layers, message, steps, mesh, jax, jnp, lax, P):
 
 
 def run(args, rate: int | None) -> list[dict]:
-    result = Path(f"/tmp/prism-overlap-{os.getpid()}.json")
-    node_args = ["--matmuls", str(args.matmuls), "--width", str(args.width),
-                 "--repeats", str(args.repeats), "--timeout", str(args.timeout),
-                 "--layers", ",".join(map(str, args.layers)), "--result", str(result)]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
-    with edge_testbed.network(2, rate) as names:
-        procs = [
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    sys.executable,
-                    __file__,
-                    "--node",
-                    "--rank",
-                    str(i),
-                    *node_args,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )  # fmt: skip
-            for i, ns in enumerate(names)
-        ]
-        errors = [p.communicate(timeout=args.timeout + 60)[1] for p in procs]
-    if any(p.returncode for p in procs):
-        bad = next(i for i, p in enumerate(procs) if p.returncode)
-        raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
-    rows = json.loads(result.read_text())
-    result.unlink()
+    argv = ["--matmuls", str(args.matmuls), "--width", str(args.width),
+            "--repeats", str(args.repeats), "--timeout", str(args.timeout),
+            "--layers", ",".join(map(str, args.layers))]  # fmt: skip
+    rows = edge_testbed.run_nodes(__file__, 2, rate, argv, args.timeout)
     return [{"rate_mbit": rate, **r} for r in rows]
 
 
