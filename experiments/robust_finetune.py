@@ -3,7 +3,7 @@
 Command:  .venv/bin/python experiments/robust_finetune.py --family bert   (about 45 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit    (about 6 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed  (about 20)
-          .venv/bin/python experiments/robust_finetune.py --family vit --mixed --distill 1
+          .venv/bin/python experiments/robust_finetune.py --family vit --mixed --distill 1  (30)
           (arms of 34.8 + 5.9 and 3.0 + 2.2 min: `train_minutes` in results/robust_*.json)
 Smoke:    .venv/bin/python experiments/robust_finetune.py --smoke --mixed (seconds; the tests)
 
