@@ -161,14 +161,12 @@ def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeou
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
     with network(nodes, rate) as names:
-        procs = [
-            subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank", str(i),
-                 *argv, "--result", str(result)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-            )  # fmt: skip
-            for i, ns in enumerate(names)
-        ]
+        procs = []
+        for i, ns in enumerate(names):
+            command = ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank"]
+            command += [str(i), *argv, "--result", str(result)]
+            procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
         errors = [p.communicate(timeout=timeout + 60)[1] for p in procs]
     if any(p.returncode for p in procs):
         bad = next(i for i, p in enumerate(procs) if p.returncode)
