@@ -4,7 +4,7 @@ Command:  .venv/bin/python experiments/robust_finetune.py --family bert   (about
           .venv/bin/python experiments/robust_finetune.py --family vit    (about 6 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed  (about 20)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed --distill 1  (30)
-          (arms of 34.8 + 5.9 and 3.0 + 2.2 min: `train_minutes` in results/robust_*.json)
+          (minutes of training per arm: `train_minutes` in results/robust_*.json)
 Smoke:    .venv/bin/python experiments/robust_finetune.py --smoke --mixed (seconds; the tests)
 
 Arms with the same recipe, data order and steps: one fine-tunes under `prism` at (N, CR)

@@ -174,3 +174,27 @@ def test_experiment_flags_refuse_numbers_out_of_range(argv, message, monkeypatch
         common.parse(Config, "doc", argv, devices=None)
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_edge_testbed_subset_flags(monkeypatch):
+    """`edge_testbed.py --models/--rates/--crs/--repeats` parse into its Config's fields;
+    anything else is a usage error."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import argparse
+
+    import edge_testbed
+
+    assert edge_testbed._rates("10,unlimited,50") == (10, None, 50)
+    assert edge_testbed._models("bert-base:256,tiny:32") == (("bert-base", 256), ("tiny", 32))
+    assert edge_testbed._positive_ints("4,16") == (4, 16)
+    assert edge_testbed._positive_int("3") == 3
+    for parse, text in [
+        (edge_testbed._rates, "10,fast"),
+        (edge_testbed._rates, "0"),
+        (edge_testbed._models, "gpt2:256"),
+        (edge_testbed._models, "bert-base"),
+        (edge_testbed._positive_ints, "4,-1"),
+        (edge_testbed._positive_int, "2,3"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
