@@ -15,7 +15,6 @@ Writes experiments/results/bench_compile.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -103,7 +102,9 @@ def markdown(rows: list[dict], cfg: Config) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model, writes nothing")
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config()

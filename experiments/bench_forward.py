@@ -11,7 +11,6 @@ Writes experiments/results/bench_forward.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -77,7 +76,9 @@ def run(cfg: Config) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     args = parser.parse_args(argv)

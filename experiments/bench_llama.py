@@ -20,7 +20,6 @@ Writes experiments/results/bench_llama.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -154,7 +153,9 @@ def decode_markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, writes nothing")
     parser.add_argument("--repeats", type=common.positive_int, default=5)
     parser.add_argument(

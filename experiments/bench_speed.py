@@ -194,7 +194,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     parser.add_argument("--peak", nargs=5, help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from prism_jax.cli import emulate_devices
+from prism_jax.cli.parser import Parser
 from prism_jax.evaluation import report
 
 HERE = Path(__file__).parent
@@ -64,7 +65,7 @@ class TrainFlags:
 def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int | None = 8):
     """`config` filled from the command line (a flag per field), with `devices` emulated CPU
     devices asked of XLA before anything starts JAX's backend (None: JAX's own devices)."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = Parser(description=doc.splitlines()[0])
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
         name, meta = "--" + field.name.replace("_", "-"), dict(field.metadata)

@@ -413,7 +413,9 @@ def _models(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model, one rate")
     parser.add_argument("--models", type=_models, help="NAME:T,... (default: every model)")
     parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: all)")

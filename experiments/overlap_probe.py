@@ -143,7 +143,9 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--matmuls", type=int, default=96, help="matmuls an inference")
     parser.add_argument("--width", type=int, default=384, help="matrix side")
     parser.add_argument("--layers", type=_ints, default=[1, 4, 12], help="rounds, comma-separated")

@@ -22,7 +22,6 @@ experiments/results/profile_attention.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -235,7 +234,9 @@ def markdown(rows: list[dict], cfg: Config) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from prism_jax.cli.parser import Parser
+
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     args = parser.parse_args(argv)

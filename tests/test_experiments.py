@@ -173,7 +173,8 @@ def test_experiment_flags_refuse_numbers_out_of_range(argv, message, monkeypatch
     with pytest.raises(SystemExit) as stop:
         common.parse(Config, "doc", argv, devices=None)
     assert stop.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+    [line] = capsys.readouterr().err.splitlines()  # one line, no usage block
+    assert line.endswith(message)
 
 
 def test_edge_testbed_subset_flags(monkeypatch):
@@ -198,3 +199,25 @@ def test_edge_testbed_subset_flags(monkeypatch):
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench_speed.py", "--repeats", "0"], "argument --repeats: expected int >= 1"),
+        (["edge_testbed.py", "--rates", "0"], "argument --rates: expected integers >= 1"),
+        (["overlap_probe.py", "--layers", "0"], "--layers must be >= 1"),
+        (["robust_finetune.py", "--family", "bert", "--distill", "1"], "--distill is for"),
+        (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
+    ],
+)
+def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
+    """A script's bad flag: exit 2 and one line on stderr, before any work starts."""
+    script, *rest = argv
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "experiments" / script), *rest],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert message in line and "Traceback" not in line
