@@ -47,7 +47,6 @@ def _at_least(kind: type, minimum: float):
             raise argparse.ArgumentTypeError(f"expected {kind.__name__} >= {minimum}: {text!r}")
         return value
 
-    read.__name__ = kind.__name__  # argparse names the type in its messages
     return read
 
 

@@ -390,14 +390,14 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 
 def _positive_int(text: str) -> int:
-    return _positive_ints(text)[0] if "," not in text else _positive_ints("")
+    values = _positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer >= 1: {text!r}")
+    return values[0]
 
 
 def _rates(text: str) -> tuple[int | None, ...]:
-    parts = text.split(",")
-    limited = [p for p in parts if p != "unlimited"]
-    rates = _positive_ints(",".join(limited)) if limited else ()
-    return tuple(None if p == "unlimited" else rates[limited.index(p)] for p in parts)
+    return tuple(None if p == "unlimited" else _positive_ints(p)[0] for p in text.split(","))
 
 
 def _models(text: str) -> tuple[tuple[str, int], ...]:

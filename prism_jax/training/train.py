@@ -278,7 +278,9 @@ def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Pla
     if head not in ("classifier", "lm"):
         raise PrismError("fine-tuning needs a classifier or LM head")
     forward = program(graphdef, model_cfg, plan, mesh)
-    exact = program(graphdef, model_cfg, Plan(strategy="voltage"), mesh) if mesh else forward
+    exact = None  # the teacher's program: exact on the mesh (`voltage`), else the same one
+    if cfg.distill:
+        exact = program(graphdef, model_cfg, Plan(strategy="voltage"), mesh) if mesh else forward
     opt = optimizer(cfg)
 
     def outputs(fn, params, inputs, valid):
