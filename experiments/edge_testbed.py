@@ -4,15 +4,14 @@ Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 15
 Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: a tiny model, 2 nodes,
           one bandwidth; without root it says so and exits 0, as the test suite expects)
 
-Each edge node is one OS process in its own Linux network namespace, joined to the others by
-a bridge (in a namespace of its own, so the host's network is never touched) and rate-limited
-on its uplink with `tc qdisc tbf` whose burst is about one millisecond of the line rate (at
-least one 1,600-byte frame): a layer's message leaves at the set rate, not at the veth's line
-speed from a full bucket. Each node is pinned to its own core (`os.sched_setaffinity`), so
+Each edge node is one OS process in its own Linux network namespace, joined to the others by a
+bridge and rate-limited on its uplink with `tc qdisc tbf` whose burst is about one millisecond
+of the line rate (`testbed_net`): a layer's message leaves at the set rate, not at the veth's
+line speed from a full bucket. Each node is pinned to its own core (`os.sched_setaffinity`), so
 N = 2 nodes on this 2-core machine are two honest devices and `single` (node 0's run) is one
-device on one core. The nodes form a `jax.distributed` cluster (gloo over TCP) and run
-`single`, `voltage` and `prism` (CR in {4, 16, 64}) for the bert-base (T = 256) and vit-base
-(T = 197) presets with N = 2, at 10, 50 and 100 Mbit/s and unlimited.
+device on one core. The nodes form a `jax.distributed` cluster (gloo over TCP) and run `single`,
+`voltage` and `prism` (CR in {4, 16, 64}) for the bert-base (T = 256) and vit-base (T = 197)
+presets with N = 2, at 10, 50 and 100 Mbit/s and unlimited.
 
 Latency: wall time on node 0 of one compiled inference (inputs placed, outputs left on their
 devices), median of `--repeats` after a warm-up, all nodes released together by a barrier.
@@ -24,27 +23,21 @@ separate cores: compute = (one device's measured time) x (the plan's per-device 
 device's, from the compiled programs) + the per-inference overhead of the collectives
 measured at N = 2 unlimited; transfer = (N - 1) x (bytes one node's collectives send) x 8 /
 rate (gloo's all-gather sends a node's block to each other node over its uplink).
-Namespaces are torn down even when a run fails. Writes experiments/results/edge_testbed.*.
+Writes experiments/results/edge_testbed.*.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SUBNET = "10.213.0"
-BRIDGE_NS = "prism-bridge"
+from testbed_net import ROOT, SUBNET, burst_bytes, run_nodes, usable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,80 +58,6 @@ SMOKE = Config(
 )  # fmt: skip
 
 
-def burst_bytes(rate_mbit: int) -> int:
-    """tbf's bucket: about one millisecond at the line rate, at least one 1,600-byte frame."""
-    return max(1600, rate_mbit * 1_000_000 // 8 // 1000)
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-@contextlib.contextmanager
-def network(nodes: int, rate_mbit: int | None):
-    """N node namespaces on a bridge; each uplink limited to `rate_mbit` (None: no limit)."""
-    names = [f"prism-n{i}" for i in range(nodes)]
-    host = socket.gethostname()
-    for ns in [*names, BRIDGE_NS]:  # left behind by a run that was killed
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    try:
-        sh("ip", "netns", "add", BRIDGE_NS)
-        sh("ip", "-n", BRIDGE_NS, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", BRIDGE_NS, "link", "set", "br0", "up")
-        for i, ns in enumerate(names):
-            sh("ip", "netns", "add", ns)
-            # gloo finds its own address by resolving the hostname: inside the namespace it
-            # must resolve to the node's address (`ip netns exec` mounts /etc/netns/NS/hosts).
-            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
-            Path(f"/etc/netns/{ns}/hosts").write_text(
-                f"127.0.0.1 localhost\n{SUBNET}.{i + 1} {host}\n"
-            )
-            sh(
-                "ip",
-                "-n",
-                ns,
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                f"p{i}",
-                "netns",
-                BRIDGE_NS,
-            )
-            sh("ip", "-n", BRIDGE_NS, "link", "set", f"p{i}", "master", "br0", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            if rate_mbit:
-                sh(
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "eth0",
-                    "root",
-                    "tbf",
-                    "rate",
-                    f"{rate_mbit}mbit",
-                    "burst",
-                    str(burst_bytes(rate_mbit)),
-                    "latency",
-                    "100ms",
-                )
-        yield names
-    finally:
-        for ns in [*names, BRIDGE_NS]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-
-
 def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | None) -> dict:
     """One cluster: every plan for one (model, N, rate); node 0 writes the results."""
     argv = ["--nodes", str(nodes), "--model", model, "--seq-len", str(seq_len),
@@ -151,29 +70,6 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | N
          "burst_bytes": burst, **r}
         for r in rows
     ]  # fmt: skip
-
-
-def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeout: float):
-    """Run `script --node --rank i ARGV --result FILE` in each of `nodes` namespaces of
-    `network(nodes, rate)`, one CPU device each; return what node 0 wrote to FILE (JSON)."""
-    result = Path(f"/tmp/prism-testbed-{os.getpid()}.json")
-    result.unlink(missing_ok=True)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
-    with network(nodes, rate) as names:
-        procs = []
-        for i, ns in enumerate(names):
-            command = ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank"]
-            command += [str(i), *argv, "--result", str(result)]
-            procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
-        errors = [p.communicate(timeout=timeout + 60)[1] for p in procs]
-    if any(p.returncode for p in procs):
-        bad = next(i for i, p in enumerate(procs) if p.returncode)
-        raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")
-    rows = json.loads(result.read_text())
-    result.unlink()
-    return rows
 
 
 def _model(name: str):
@@ -429,7 +325,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.node:
         return node_main(args)
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+    if not usable():
         print(
             "| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces; skipped |"
         )

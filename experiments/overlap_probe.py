@@ -6,9 +6,10 @@ Smoke:    .venv/bin/python experiments/overlap_probe.py --smoke  (root: tiny siz
 
 PRISM could hide a layer's exchange behind the work that does not need it (the queries, the
 local keys and values, the local part of attention) only if the runtime runs an `all_gather`
-and independent compute at the same time. This asks the runtime directly, on the network of
-`edge_testbed.py` (two nodes in their own namespaces, each pinned to its own core, a tbf-limited
-uplink, gloo over TCP), with three programs of one `shard_map` each, over `--layers` rounds:
+and independent compute at the same time. This asks the runtime directly, on the testbed's
+network (`testbed_net.py`: two nodes in their own namespaces, each pinned to its own core, a
+tbf-limited uplink, gloo over TCP), with three programs of one `shard_map` each, over `--layers`
+rounds:
 
   gather:   each round gathers a message (the prism CR = 16 bert-base bytes of one inference,
             split over the rounds) that depends on the previous round;
@@ -25,14 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import edge_testbed
+from testbed_net import ROOT, SUBNET, run_nodes, usable
 
-ROOT = edge_testbed.ROOT
 MESSAGE_BYTES = 12 * 8 * 768 * 4  # bert-base, T = 256, N = 2, CR = 16: 12 layers x 8 means
 RATES = (10, 50)  # Mbit/s (unlimited: the gather takes a few ms, too short to compare)
 
@@ -52,9 +51,7 @@ def node_main(args) -> None:
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[args.rank % len(cores)]})  # one core per node
     cluster.watchdog(args.rank, args.timeout)
-    cluster.initialize(
-        args.rank, 2, f"{edge_testbed.SUBNET}.1:29518", bind=f"{edge_testbed.SUBNET}.1"
-    )
+    cluster.initialize(args.rank, 2, f"{SUBNET}.1:29518", bind=f"{SUBNET}.1")
     mesh = pj.edge_mesh(2)
     rows = []
     for layers in args.layers:
@@ -103,7 +100,7 @@ def run(args, rate: int | None) -> list[dict]:
     argv = ["--matmuls", str(args.matmuls), "--width", str(args.width),
             "--repeats", str(args.repeats), "--timeout", str(args.timeout),
             "--layers", ",".join(map(str, args.layers))]  # fmt: skip
-    rows = edge_testbed.run_nodes(__file__, 2, rate, argv, args.timeout)
+    rows = run_nodes(__file__, 2, rate, argv, args.timeout)
     return [{"rate_mbit": rate, **r} for r in rows]
 
 
@@ -161,7 +158,7 @@ def main(argv=None) -> int:
         parser.error("--matmuls, --width, --repeats and --layers must be >= 1")
     if args.node:
         return node_main(args)
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+    if not usable():
         print("| overlap_probe needs root and iproute2 (ip, tc) to build namespaces; skipped |")
         return 0 if args.smoke else 2
     if args.smoke:
