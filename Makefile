@@ -75,9 +75,9 @@ tables: finefood-model system-data
 	$(PY) experiments/table_bert.py
 	$(PY) experiments/table_vit.py --limit 500
 	$(PY) experiments/table_gpt2.py
-	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16
+	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --mixed
 	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --layout unpadded \
-		--logit-bias none
+		--logit-bias none --mixed
 	$(PY) experiments/robust_finetune.py --family vit --devices 4 --cr 16
 
 clean:

@@ -32,10 +32,11 @@ SLOW = {
     "train_gpt2.py",
     "train_vit.py",
 }
+HELPERS = {"common.py", "testbed_net.py"}  # modules the scripts share, not scripts
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
-    if name != "common.py"  # the scripts' shared helper, not a script
+    if name not in HELPERS
 ]
 
 
