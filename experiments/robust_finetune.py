@@ -1,6 +1,6 @@
 """Compression-robust fine-tuning: prism in the training loop against CR = 1, same steps.
 
-Command:  .venv/bin/python experiments/robust_finetune.py --family bert --mixed  (about 50 minutes)
+Command:  .venv/bin/python experiments/robust_finetune.py --family bert --mixed (36 min training)
           .venv/bin/python experiments/robust_finetune.py --family vit    (about 6 minutes)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed  (about 20)
           .venv/bin/python experiments/robust_finetune.py --family vit --mixed --distill 1  (30)

@@ -1,6 +1,6 @@
 """Communication and per-device computation of PRISM, measured from the compiled programs.
 
-Command:  .venv/bin/python experiments/table_cost.py          (about 10 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_cost.py          (minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_cost.py --smoke  (seconds; run by the tests)
 
 Headline (paper, BERT-base, T = 256, N = 2, CR = 128: communication -99.2 %, computation
