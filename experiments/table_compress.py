@@ -14,9 +14,13 @@ per device (the value tilt adds one float32 a group, three for rotary keys).
 (b) Grids, paper's segments against all four, both logit biases: N in {2, 4, 8} and every CR
     up to L for the ViT (Fashion-MNIST test images), GPT-2 perplexity (held-out Wikipedia rows
     of 256 tokens) and MiniLM sentence embeddings (cosine with the exact model, fine-food
-    reviews padded to buckets of 64); N in {2, 4, 8} and a few CRs for GPT-2 cloze, SmolLM2
-    perplexity and the BERT fine-food classifier (`make finefood-model`), with reviews padded
-    to 256 and at their own lengths (skipped, and said, when that model is absent).
+    reviews padded to buckets of 64); N in {2, 4, 8} and CR in {4, 16, 64} below L and L itself
+    for GPT-2 cloze, SmolLM2 perplexity and the BERT fine-food classifier (`make
+    finefood-model`), with reviews padded to 256 and at their own lengths (skipped, and said,
+    when that model is absent).
+
+`--resume` computes only the cells the results file lacks; `--recost` also measures the bytes
+and compute of the rows it keeps again, from today's programs (their metric is kept).
 
 Bytes each device sends and the per-device compute reduction are measured from the compiled
 programs. Writes experiments/results/table_compress.{json,md,png} (the plot: a row per model,
@@ -26,10 +30,17 @@ metric against bytes per device, a line per compressor and bias).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import common
+
+import prism_jax as pj
+from prism_jax import cost
+from prism_jax.data import sources
+from prism_jax.evaluation import metrics, report, tasks
+from prism_jax.evaluation.report import _fmt
 
 COMPRESSORS = {
     "segments (paper)": {},
@@ -41,6 +52,7 @@ COMPRESSORS = {
     "all four": {"grouping": "kmeans", "salient": 1, "value_tilt": True},
 }
 ALONE = [k for k in COMPRESSORS if k != "k-means + salient"]
+FEW_CRS = (4, 16, 64)  # the slower tasks' CRs below L (GPT-2 cloze, SmolLM2, BERT)
 TEMPLATES = {"paper": {}, "all four": COMPRESSORS["all four"]}
 CLASSIFIER = common.HERE.parent / "artifacts" / "minilm-finefood"
 
@@ -56,57 +68,86 @@ class Config:
     llama_rows: int = common.setting(8, "SmolLM2 test rows of 256 tokens")
     classifier: str = common.setting(str(CLASSIFIER), "the BERT fine-food classifier")
     resume: bool = common.setting(
-        False, "keep the results file's grids; compute only the device counts they lack"
+        False, "keep the results file's rows; compute only the cells its grids lack"
+    )
+    recost: bool = common.setting(
+        False,
+        "keep the results file's rows (their metric) and measure their bytes and "
+        "compute again from today's programs; then compute the cells it lacks",
     )
     out: str | None = common.setting(None, "results folder")
 
 
 def alone_rows(name, model, score, crs, seq_len, labels):
     """(a): one row per (compressor, CR) at N = 4: the metric, bytes and compute measured."""
-    import prism_jax as pj
-    from prism_jax import cost
-
     rows = []
     for cr in crs:
         for label in labels:
-            plan = pj.Plan(cr=cr, **COMPRESSORS[label])
-            report = cost.measure(model.config, plan, devices=4, seq_len=seq_len)
-            rows.append({"model": name, "compressor": label, "cr": cr, "value": score(plan),
-                         "bytes_per_device": report.bytes_sent,
-                         "compute_reduction": report.compute_reduction})  # fmt: skip
+            rows.append({"model": name, "compressor": label, "cr": cr})
+            rows[-1]["value"] = score(alone_plan(rows[-1])[1])
+            recost(model.config, rows[-1:], alone_plan, seq_len)
             print(rows[-1], flush=True)
     return rows
 
 
-def grids(model, task, have: dict | None = None, *, devices, **kw) -> dict:
-    """(b): `report.grid` once per template (the paper's segments, all four), at the device
-    counts that `have` (an earlier run's grids of this model) lacks; its rows are kept."""
-    import prism_jax as pj
-    from prism_jax.evaluation import report
+def alone_plan(row: dict):
+    """(N, plan) of a row of (a)."""
+    return 4, pj.Plan(cr=row["cr"], **COMPRESSORS[row["compressor"]])
 
+
+def grid_plan(label: str):
+    """(N, plan) of a row of (b) under template `label` (the bias costs nothing)."""
+    return lambda row: (row["devices"], pj.Plan(cr=row["cr"], **TEMPLATES[label]))
+
+
+def wanted_crs(seq_len: int, devices: int, few: bool) -> list[int]:
+    """A grid's CRs at N = `devices`: every CR up to the local length L, or with `few` (the
+    slower tasks) those of FEW_CRS below L and L itself (one group per device)."""
+    every = report.crs_up_to(-(-seq_len // devices))
+    return [cr for cr in every if not few or cr in FEW_CRS or cr == every[-1]]
+
+
+def grids(model, task, have: dict | None = None, *, devices, crs) -> dict:
+    """(b): `report.grid` once per template and N for the cells (N, CR in `crs(N)`) that
+    `have` (an earlier run's grids of this model) lacks; its rows are kept."""
     out = {}
     for label, fields in TEMPLATES.items():
-        old = (have or {}).get(label)
-        todo = tuple(n for n in devices if n not in _devices(old))
-        if not todo:
-            out[label] = old
-            continue
-        new = report.grid(model, task, template=pj.Plan(**fields), devices=todo, **kw)
-        if old is not None:  # the same task: the rows of both runs in one grid
-            new = {**new, "rows": old["rows"] + new["rows"],
-                   "seconds": old["seconds"] + new["seconds"]}  # fmt: skip
-        out[label] = new
+        grid = (have or {}).get(label)
+        for n in devices:
+            missing = tuple(cr for cr in crs(n) if (n, cr) not in _cells(grid))
+            if not missing:
+                continue
+            new = report.grid(model, task, template=pj.Plan(**fields), devices=(n,),
+                              only_crs=missing)  # fmt: skip
+            if grid is not None:  # the same task: the rows of both runs in one grid
+                new = {**new, "rows": grid["rows"] + new["rows"],
+                       "seconds": grid["seconds"] + new["seconds"]}  # fmt: skip
+            grid = new
+        out[label] = grid
     return out
 
 
-def _devices(grid: dict | None) -> set[int]:
-    return {r["devices"] for r in grid["rows"]} if grid else set()
+def _cells(grid: dict | None) -> set[tuple[int, int]]:
+    return {(r["devices"], r["cr"]) for r in grid["rows"]} if grid else set()
+
+
+def recost(cfg, rows: list[dict], plan_of, seq_len: int) -> None:
+    """Bytes and compute of `rows` measured again from today's compiled programs (the metric
+    kept): `plan_of(row)` is the row's (N, plan); once per (N, plan)."""
+    for row in rows:
+        n, plan = plan_of(row)
+        report = _measure(cfg, plan, n, seq_len)
+        row |= {"bytes_per_device": report.bytes_sent, "comm_reduction": report.comm_reduction,
+                "compute_reduction": report.compute_reduction}  # fmt: skip
+
+
+@functools.cache
+def _measure(cfg, plan, devices: int, seq_len: int):
+    return cost.measure(cfg, plan, devices=devices, seq_len=seq_len)
 
 
 def cosine_task(model, texts):
     """MiniLM sentence embeddings as a Task: cosine with the exact embeddings."""
-    from prism_jax.evaluation import metrics, tasks
-
     batches = metrics.text_batches(model, texts, batch_size=8, max_length=128, bucket=64)
     reference = metrics.embed(model, batches)
 
@@ -117,79 +158,119 @@ def cosine_task(model, texts):
     return tasks.Task("fine_food_reviews", "cosine", len(texts), 128, score)
 
 
+class Runner:
+    """The results record and what a run computes: every cell a grid lacks (all of them in a
+    fresh run), and with `--recost` the bytes and compute of every row measured again."""
+
+    def __init__(self, args):
+        self.args, self.mesh = args, pj.edge_mesh(4)
+        self.devices = (4,) if args.smoke else (2, 4, 8)
+        self.record = {"alone": [], "grids": {}, "skipped": []}
+        saved = common.RESULTS / "table_compress.json" if args.out is None else None
+        if (args.resume or args.recost) and saved is not None and saved.exists():
+            self.record = json.loads(saved.read_text())  # an earlier run: its rows kept
+
+    def crs(self, seq_len: int, few: bool):
+        return lambda n: [16] if self.args.smoke else wanted_crs(seq_len, n, few)
+
+    def todo(self, grid: str, few: bool = False) -> bool:
+        """Whether `grid` lacks a cell (or its costs are to be measured again)."""
+        have = self.record["grids"].get(grid, {})
+        if self.args.recost or any(t not in have for t in TEMPLATES):
+            return True
+        crs = self.crs(have["paper"]["seq_len"], few)
+        return any((n, cr) not in _cells(have[t]) for t in TEMPLATES
+                   for n in self.devices for cr in crs(n))  # fmt: skip
+
+    def run(self, grid: str, model, task, few: bool = False):
+        have = self.record["grids"].get(grid)
+        if self.args.recost and have is not None:
+            for label, g in have.items():
+                recost(model.config, g["rows"], grid_plan(label), g["seq_len"])
+        crs = self.crs(task.seq_len, few)
+        self.record["grids"][grid] = grids(model, task, have, devices=self.devices, crs=crs)
+        self.save()
+
+    def alone(self, name: str, model, score, crs, seq_len, labels):
+        rows = [r for r in self.record["alone"] if r["model"] == name]
+        if not rows:
+            self.record["alone"] += alone_rows(name, model, score, crs, seq_len, labels)
+        elif self.args.recost:
+            recost(model.config, rows, alone_plan, seq_len)
+
+    def save(self):
+        save(self.args, self.record)
+
+
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
-
-    import prism_jax as pj
-    from prism_jax.data import sources
-    from prism_jax.evaluation import tasks
-
-    smoke = args.smoke
-    mesh = pj.edge_mesh(4)
-    record = {"alone": [], "grids": {}, "skipped": []}
-    saved = common.RESULTS / "table_compress.json" if args.out is None else None
-    if args.resume and saved is not None and saved.exists():
-        record = json.loads(saved.read_text())  # an earlier run: its grids kept
-    every = dict(devices=(4,), only_crs=(16,)) if smoke else dict(devices=(2, 4, 8))
-
-    def done():
-        save(args, record)
-
-    def todo(grid: str) -> bool:
-        """Whether `grid` lacks a device count (a resumed run computes only those)."""
-        have = record["grids"].get(grid, {})
-        return any(not set(every["devices"]) <= _devices(have.get(t)) for t in TEMPLATES)
-
-    def run(grid: str, model, task, devices=every["devices"], **kw):
-        kw = {**every, **kw, "devices": devices}
-        record["grids"][grid] = grids(model, task, record["grids"].get(grid), **kw)
-        done()
-
-    def alone(name: str, *args):
-        if not any(r["model"] == name for r in record["alone"]):
-            record["alone"] += alone_rows(name, *args)
-
-    if todo("ViT accuracy"):
-        vit = pj.load_pretrained(common.HERE / "models" / "vit-fashion-mnist")
-        task = tasks.load(vit, "fashion_mnist_local", limit=16 if smoke else args.images)
-        if not smoke:  # (the smoke: the grid alone)
-            alone("ViT (accuracy)", vit, lambda plan: task.score(mesh, plan), [16],
-                  vit.config.max_positions, ALONE)  # fmt: skip
-        run("ViT accuracy", vit, task)
-    if smoke:
+    runner = Runner(args)
+    vit(runner)
+    if args.smoke:
         return
-    if todo("GPT-2 perplexity") or todo("GPT-2 cloze"):
-        gpt2 = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
-        lm = tasks.load(gpt2, "wikipedia_leads", limit=args.rows)
-        if todo("GPT-2 perplexity"):
-            run("GPT-2 perplexity", gpt2, lm)
-        alone("GPT-2 (perplexity)", gpt2, lambda plan: lm.score(mesh, plan), [16], lm.seq_len,
-              ALONE)  # fmt: skip
-        cloze = tasks.load(gpt2, "wikipedia_cloze", limit=args.questions)
-        run("GPT-2 cloze", gpt2, cloze, only_crs=(4, 16, 64))
-    if todo("MiniLM cosine"):
-        minilm = pj.load_pretrained(sources.minilm_dir())
-        texts = sources.fine_food_reviews("test")[0][: args.reviews]
-        cos = cosine_task(minilm, texts)
-        alone("MiniLM (cosine)", minilm, lambda plan: cos.score(mesh, plan), [8, 2], 128, ALONE)
-        run("MiniLM cosine", minilm, cos)
-    if todo("SmolLM2 perplexity"):
-        smollm = pj.load_pretrained(sources.smollm2_gguf())
-        ppl = tasks.load(smollm, "wikipedia_leads", limit=args.llama_rows, max_length=256)
-        labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
-        alone("SmolLM2 (perplexity)", smollm, lambda plan: ppl.score(mesh, plan), [16], 256,
-              labels)  # fmt: skip
-        run("SmolLM2 perplexity", smollm, ppl, only_crs=(4, 32))
+    gpt2(runner)
+    minilm(runner)
+    smollm2(runner)
+    bert(runner)
+    runner.save()
 
-    if not Path(args.classifier).is_dir():
-        record["skipped"].append(f"BERT classifier: no model at {args.classifier}")
-        return done()
-    bert = pj.load_pretrained(args.classifier)
-    for layout in ("unpadded", "padded"):
-        if todo(f"BERT classifier ({layout})"):
-            task = tasks.load(bert, "fine_food_reviews", limit=args.classifier_reviews,
+
+def vit(r: Runner) -> None:
+    if r.todo("ViT accuracy"):
+        model = pj.load_pretrained(common.HERE / "models" / "vit-fashion-mnist")
+        limit = 16 if r.args.smoke else r.args.images
+        task = tasks.load(model, "fashion_mnist_local", limit=limit)
+        if not r.args.smoke:  # (the smoke: the grid alone)
+            r.alone("ViT (accuracy)", model, lambda plan: task.score(r.mesh, plan), [16],
+                    model.config.max_positions, ALONE)  # fmt: skip
+        r.run("ViT accuracy", model, task)
+
+
+def gpt2(r: Runner) -> None:
+    if r.todo("GPT-2 perplexity") or r.todo("GPT-2 cloze", few=True):
+        model = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
+        lm = tasks.load(model, "wikipedia_leads", limit=r.args.rows)
+        r.run("GPT-2 perplexity", model, lm)
+        r.alone("GPT-2 (perplexity)", model, lambda plan: lm.score(r.mesh, plan), [16],
+                lm.seq_len, ALONE)  # fmt: skip
+        cloze = tasks.load(model, "wikipedia_cloze", limit=r.args.questions)
+        r.run("GPT-2 cloze", model, cloze, few=True)
+
+
+def minilm(r: Runner) -> None:
+    if r.todo("MiniLM cosine"):
+        model = pj.load_pretrained(sources.minilm_dir())
+        texts = sources.fine_food_reviews("test")[0][: r.args.reviews]
+        cos = cosine_task(model, texts)
+        r.alone("MiniLM (cosine)", model, lambda plan: cos.score(r.mesh, plan), [8, 2], 128,
+                ALONE)  # fmt: skip
+        r.run("MiniLM cosine", model, cos)
+
+
+def smollm2(r: Runner) -> None:
+    if r.todo("SmolLM2 perplexity", few=True):
+        model = pj.load_pretrained(sources.smollm2_gguf())
+        ppl = tasks.load(model, "wikipedia_leads", limit=r.args.llama_rows, max_length=256)
+        labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
+        r.alone("SmolLM2 (perplexity)", model, lambda plan: ppl.score(r.mesh, plan), [16], 256,
+                labels)  # fmt: skip
+        r.run("SmolLM2 perplexity", model, ppl, few=True)
+
+
+def bert(r: Runner) -> None:
+    if not Path(r.args.classifier).is_dir():
+        skipped = f"BERT classifier: no model at {r.args.classifier}"
+        r.record["skipped"] = [*(s for s in r.record["skipped"] if s != skipped), skipped]
+        return
+    grids_ = {layout: f"BERT classifier ({layout})" for layout in ("unpadded", "padded")}
+    if not any(r.todo(g, few=True) for g in grids_.values()):
+        return
+    model = pj.load_pretrained(r.args.classifier)
+    for layout, grid in grids_.items():
+        if r.todo(grid, few=True):
+            task = tasks.load(model, "fine_food_reviews", limit=r.args.classifier_reviews,
                               layout=layout)  # fmt: skip
-            run(f"BERT classifier ({layout})", bert, task, only_crs=(4, 16, 64))
+            r.run(grid, model, task, few=True)
 
 
 def markdown(record) -> str:
@@ -217,8 +298,6 @@ def markdown(record) -> str:
 
 
 def grid_markdown(title: str, by_template: dict) -> list[str]:
-    from prism_jax.evaluation.report import _fmt
-
     paper = by_template["paper"]
     metric = paper["metric"]
     cells = {

@@ -123,8 +123,9 @@ def test_demo_main_job(capsys):
     assert cos.mean() < 0.99  # (a review short enough to sit on device 0 alone stays exact)
 
 
-def test_table_compress_resume_computes_only_the_missing_device_counts(monkeypatch):
-    """A resumed grid keeps an earlier run's rows and asks `report.grid` for the N it lacks."""
+def test_table_compress_resume_computes_only_the_missing_cells(monkeypatch):
+    """A resumed grid keeps an earlier run's rows and asks `report.grid` for the (N, CR)
+    cells it lacks, one call per template and N."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
     import table_compress
 
@@ -132,18 +133,59 @@ def test_table_compress_resume_computes_only_the_missing_device_counts(monkeypat
 
     asked = []
 
-    def fake_grid(model, task, *, template, devices, **kw):
-        asked.append((template.grouping, devices))
-        return {"exact": 1.0, "rows": [{"devices": n} for n in devices], "seconds": 2.0}
+    def fake_grid(model, task, *, template, devices, only_crs):
+        asked.append((template.grouping, devices, only_crs))
+        rows = [{"devices": n, "cr": cr} for n in devices for cr in only_crs]
+        return {"exact": 1.0, "rows": rows, "seconds": 2.0}
 
     monkeypatch.setattr(report, "grid", fake_grid)
-    have = {"paper": {"exact": 1.0, "rows": [{"devices": 4}], "seconds": 1.0}}
-    got = table_compress.grids(None, None, have, devices=(2, 4, 8))
-    assert asked == [("segments", (2, 8)), ("kmeans", (2, 4, 8))]
-    assert [r["devices"] for r in got["paper"]["rows"]] == [4, 2, 8]
-    assert got["paper"]["seconds"] == 3.0
-    assert table_compress.grids(None, None, got, devices=(2, 4, 8)) == got
-    assert len(asked) == 2  # nothing left to compute
+    have = {"paper": {"exact": 1.0, "rows": [{"devices": 4, "cr": 4}], "seconds": 1.0}}
+    crs = {2: [4, 16], 4: [4, 16]}.get
+    got = table_compress.grids(None, None, have, devices=(2, 4), crs=crs)
+    assert asked == [("segments", (2,), (4, 16)), ("segments", (4,), (16,)),
+                     ("kmeans", (2,), (4, 16)), ("kmeans", (4,), (4, 16))]  # fmt: skip
+    assert [(r["devices"], r["cr"]) for r in got["paper"]["rows"]] == [
+        (4, 4),
+        (2, 4),
+        (2, 16),
+        (4, 16),
+    ]
+    assert got["paper"]["seconds"] == 5.0
+    assert table_compress.grids(None, None, got, devices=(2, 4), crs=crs) == got
+    assert len(asked) == 4  # nothing left to compute
+
+
+def test_table_compress_recost_keeps_the_metric_and_measures_once_per_plan(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import types
+
+    import table_compress
+
+    calls = []
+
+    def fake_measure(cfg, plan, devices, seq_len):
+        calls.append((devices, plan.cr, plan.grouping, seq_len))
+        return types.SimpleNamespace(bytes_sent=10 * plan.cr, comm_reduction=0.5,
+                                     compute_reduction=0.25 + devices)  # fmt: skip
+
+    monkeypatch.setattr(table_compress, "_measure", fake_measure)
+    rows = [{"devices": 2, "cr": 4, "logit_bias": b, "value": v, "bytes_per_device": 1}
+            for b, v in (("log_count", 0.7), ("none", 0.6))]  # fmt: skip
+    table_compress.recost(None, rows, table_compress.grid_plan("all four"), 256)
+    assert [r["value"] for r in rows] == [0.7, 0.6]
+    assert {r["bytes_per_device"] for r in rows} == {40}
+    assert rows[0]["compute_reduction"] == 2.25 and rows[1]["comm_reduction"] == 0.5
+    assert calls == [(2, 4, "kmeans", 256)] * 2  # (the real `_measure` is cached per plan)
+
+
+def test_table_compress_few_crs_end_at_the_local_length(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import table_compress
+
+    assert table_compress.wanted_crs(256, 2, few=True) == [4, 16, 64, 128]
+    assert table_compress.wanted_crs(256, 8, few=True) == [4, 16, 32]
+    assert table_compress.wanted_crs(197, 2, few=True) == [4, 16, 64, 99]
+    assert table_compress.wanted_crs(256, 8, few=False) == [1, 2, 4, 8, 16, 32]
 
 
 @pytest.mark.parametrize(
@@ -222,3 +264,4 @@ def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()
     assert message in line and "Traceback" not in line
+
