@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import FAST_COMPILE
@@ -24,6 +25,7 @@ SLOW = {
     "bench_speed.py",
     "profile_attention.py",
     "robust_finetune.py",
+    "probe_tilt.py",
     "table_bert.py",
     "table_generation.py",
     "table_gpt2.py",
@@ -43,6 +45,7 @@ SCRIPTS = [
 # What each smoke must leave behind: result files in --out, a model in --out, or (the
 # benchmarks, which write nothing in a smoke) a printed table row with a measured number.
 RESULTS = {
+    "probe_tilt.py",
     "table_bert.py",
     "table_compress.py",
     "table_cost.py",
@@ -265,3 +268,34 @@ def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
     [line] = done.stderr.splitlines()
     assert message in line and "Traceback" not in line
 
+
+def test_probe_tilt_is_exact_for_an_isotropic_spread(monkeypatch):
+    """Within-group deviations with covariance exactly s2 I make C_g = s2 W_k^T W_v: the
+    shipped tilt and the best scalar recover the term exactly (no rotary keys)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import probe_tilt
+
+    rng = np.random.default_rng(0)
+    d, g, k, cr, devices = 4, 2, 3, 8, 2
+    signs = np.concatenate([np.eye(d), -np.eye(d)])  # 2D rows: mean 0, covariance (1/D) I
+    a = np.concatenate([rng.normal(size=d) + 1.5 * signs for _ in range(devices)])  # [T, D]
+    wk, wv = rng.normal(size=(d, g, k)), rng.normal(size=(d, g, k))
+    q = rng.normal(size=(len(a), 2 * g, k))
+    t = {"a": a, "q": q, "k": np.einsum("td,dgk->tgk", a, wk), "theta": None,
+         "v": np.einsum("td,dgk->tgk", a, wv), "wk": wk, "wv": wv}  # fmt: skip
+    got = probe_tilt.errors(t, devices, cr)
+    assert got["tilt"] < 1e-12 and got["best scalar"] < 1e-12
+    assert got["local shape"] < 1e-12  # (the receiver's own spread has the same shape)
+
+
+def test_probe_tilt_turns_queries_back_as_the_model_does(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import probe_tilt
+
+    from prism_jax.layers import _rotate_half, mean_rotation
+
+    q = np.random.default_rng(1).normal(size=(5, 2, 3, 8))
+    positions = np.arange(40, 56)
+    cos, sin = mean_rotation(np.float32(positions.mean()), np.float32(positions.var()), 8, 1e4)
+    want = np.asarray(cos) * q - np.asarray(sin) * np.asarray(_rotate_half(q))
+    np.testing.assert_allclose(probe_tilt._turned_back(q, positions, 1e4), want, atol=1e-5)
