@@ -77,6 +77,7 @@ tables: finefood-model system-data
 	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --mixed
 	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --layout unpadded \
 		--logit-bias none --mixed
+	$(PY) experiments/robust_finetune.py --family bert --devices 4 --cr 16 --layout unpadded --mixed
 	$(PY) experiments/robust_finetune.py --family vit --devices 4 --cr 16
 
 clean:
