@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 
 import common
+import jax
 
 import prism_jax as pj
 from prism_jax import cost
@@ -52,6 +53,7 @@ COMPRESSORS = {
     "all four": {"grouping": "kmeans", "salient": 1, "value_tilt": True},
 }
 ALONE = [k for k in COMPRESSORS if k != "k-means + salient"]
+MODELS = ("vit", "gpt2", "minilm", "smollm2", "bert")
 FEW_CRS = (4, 16, 64)  # the slower tasks' CRs below L (GPT-2 cloze, SmolLM2, BERT)
 TEMPLATES = {"paper": {}, "all four": COMPRESSORS["all four"]}
 CLASSIFIER = common.HERE.parent / "artifacts" / "minilm-finefood"
@@ -74,6 +76,9 @@ class Config:
         False,
         "keep the results file's rows (their metric) and measure their bytes and "
         "compute again from today's programs; then compute the cells it lacks",
+    )
+    models: str | None = common.setting(  # (a list: nargs)
+        None, "only these models, in this order (default: all)", nargs="+", choices=MODELS
     )
     out: str | None = common.setting(None, "results folder")
 
@@ -190,6 +195,7 @@ class Runner:
         crs = self.crs(task.seq_len, few)
         self.record["grids"][grid] = grids(model, task, have, devices=self.devices, crs=crs)
         self.save()
+        jax.clear_caches()  # a grid's compiled programs: hundreds over a run, gigabytes
 
     def alone(self, name: str, model, score, crs, seq_len, labels):
         rows = [r for r in self.record["alone"] if r["model"] == name]
@@ -205,14 +211,11 @@ class Runner:
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
     runner = Runner(args)
-    vit(runner)
-    if args.smoke:
-        return
-    gpt2(runner)
-    minilm(runner)
-    smollm2(runner)
-    bert(runner)
-    runner.save()
+    steps = {"vit": vit, "gpt2": gpt2, "minilm": minilm, "smollm2": smollm2, "bert": bert}
+    for name in ["vit"] if args.smoke else args.models or MODELS:
+        steps[name](runner)
+    if not args.smoke:
+        runner.save()
 
 
 def vit(r: Runner) -> None:

@@ -255,6 +255,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["overlap_probe.py", "--layers", "0"], "--layers must be >= 1"),
         (["robust_finetune.py", "--family", "bert", "--distill", "1"], "--distill is for"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
+        (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
     ],
 )
 def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
