@@ -129,7 +129,8 @@ def errors(t: dict, devices: int, cr: int) -> dict[str, float]:
     own = slice((devices - 1) * n, devices * n)
     qs = q[own].reshape(n, k.shape[1], -1, q.shape[-1])  # [L, G, R, K]
     basis = np.einsum("dgk,dgj->gkj", t["wk"], t["wv"])  # [G, K, K]
-    shaped = np.einsum("dgk,de,egj->gkj", t["wk"], _local_shape(a[own], cr), t["wv"])
+    shaped_v = np.einsum("de,egj->dgj", _local_shape(a[own], cr), t["wv"])
+    shaped = np.einsum("dgk,dgj->gkj", t["wk"], shaped_v)  # W_k^T S W_v, per KV head
     out = {name: [] for name in ESTIMATES}
     for device in range(devices - 1):
         for start in range(device * n, (device + 1) * n, cr):

@@ -25,7 +25,6 @@ SLOW = {
     "bench_speed.py",
     "profile_attention.py",
     "robust_finetune.py",
-    "probe_tilt.py",
     "table_bert.py",
     "table_generation.py",
     "table_gpt2.py",
