@@ -26,6 +26,7 @@ Writes experiments/results/probe_tilt.{json,md}.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import common
 import numpy as np
@@ -170,6 +171,7 @@ def main(argv=None):
     args = common.parse(Config, __doc__, argv, devices=None)
     import torch
 
+    tic = time.perf_counter()
     record = {"devices": args.devices, "cr": args.cr, "models": {}}
     for name in ("GPT-2",) if args.smoke else MODELS:
         tokenizer, model = reference(name)
@@ -187,6 +189,7 @@ def main(argv=None):
             for i, rs in found.items()
         ]
         record["rows"] = len(ids)
+    record["seconds"] = time.perf_counter() - tic
     text = markdown(record)
     print(text)
     common.save(args, "probe_tilt", record, text)
@@ -201,7 +204,7 @@ def markdown(record: dict) -> str:
         f"Relative error ||q~ (C_g - estimate)|| / ||q~ C_g|| (1: no tilt), N = "
         f"{record['devices']}, the paper's segments of {record['cr']} tokens, the last "
         f"device's queries, {record['rows']} held-out Wikipedia rows of 256 tokens; mean over "
-        "groups and rows.",
+        f"groups and rows; {record['seconds']:.0f} s.",
         "",
         "| model | layers | " + " | ".join(ESTIMATES) + " |",
         "|---|---|" + "---:|" * len(ESTIMATES),
