@@ -338,6 +338,7 @@ def plot(record, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     grids_ = record["grids"]
     width = max(len({r["devices"] for r in g["paper"]["rows"]}) for g in grids_.values())
@@ -364,6 +365,7 @@ def plot(record, path) -> None:
             ax.axhline(scale * by_template["paper"]["exact"], color="k", ls=":", lw=1,
                        label="exact")  # fmt: skip
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # (overlapping)
             ax.set_title(f"{title}, N = {n}", fontsize=9)
             ax.set_xlabel("bytes per device", fontsize=8)
             ax.tick_params(labelsize=7)
