@@ -61,6 +61,7 @@ class Config:
     eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score every arm at")
     mixed_crs: str = common.setting("1,2,4,8,16", "the mixed-CR arms' training CRs")
     mixed: bool = common.setting(False, "also the mixed-CR arms (paper's segments, prism+)")
+    steps: int | None = common.setting(None, "training steps an arm (default: the recipe's)")
     distill: float = common.setting(
         0.0, "with --mixed, one more arm: mixed prism+ with this weight of distillation (ViT)"
     )
@@ -83,6 +84,8 @@ def main(argv=None):
     from prism_jax.training import train
 
     recipe = SMOKE if args.smoke else RECIPES[args.family]
+    longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
+    recipe = {**recipe, "steps": args.steps or recipe["steps"]}  # (the smoke's too)
     dataset = {"bert": "fine_food_reviews", "vit": "fashion_mnist_local"}[args.family]
     eval_crs = [1, args.cr] if args.smoke else [int(c) for c in args.eval_crs.split(",")]
     base = start_model(args.family, args.smoke)
@@ -133,6 +136,7 @@ def main(argv=None):
             tag += "" if crs is None else "-mixed-" + "-".join(map(str, crs))
             tag += "" if plan.paper else "-prism+"
             tag += f"-distill{distill:g}" if distill else ""
+            tag += longer
             ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
             data = examples
             if args.layout == "unpadded" and plan.strategy == "prism":  # each input at its length
@@ -170,6 +174,7 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text)
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
+    stem += longer.replace("-", "_")
     record = {"family": args.family, "devices": args.devices, "cr": args.cr,
               "logit_bias": args.logit_bias, "layout": args.layout,
               "recipe": recipe, "results": results}  # fmt: skip

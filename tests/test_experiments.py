@@ -253,6 +253,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["edge_testbed.py", "--rates", "0"], "argument --rates: expected integers >= 1"),
         (["overlap_probe.py", "--layers", "0"], "--layers must be >= 1"),
         (["robust_finetune.py", "--family", "bert", "--distill", "1"], "--distill is for"),
+        (["robust_finetune.py", "--steps", "0"], "argument --steps: expected int >= 1"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
     ],
@@ -299,3 +300,16 @@ def test_probe_tilt_turns_queries_back_as_the_model_does(monkeypatch):
     cos, sin = mean_rotation(np.float32(positions.mean()), np.float32(positions.var()), 8, 1e4)
     want = np.asarray(cos) * q - np.asarray(sin) * np.asarray(_rotate_half(q))
     np.testing.assert_allclose(probe_tilt._turned_back(q, positions, 1e4), want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_robust_finetune_other_steps_name_their_results(tmp_path, tfds_dir):
+    """--steps other than the recipe's trains and writes apart from the recipe's run."""
+    script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"
+    argv = [sys.executable, str(script), "--smoke", "--family", "vit", "--steps", "3"]
+    done = subprocess.run(
+        [*argv, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3.md").is_file()
+    assert "3 steps" in (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3.md").read_text()
