@@ -29,7 +29,10 @@ import dataclasses
 import time
 
 import common
+import jax.numpy as jnp
 import numpy as np
+
+from prism_jax import layers
 
 MODELS = ("GPT-2", "SmolLM2")
 
@@ -104,19 +107,10 @@ def layer_tensors(model, hidden, index: int) -> dict:
             "wk": wk.reshape(d, g, kd), "wv": wv.reshape(d, g, kd)}  # fmt: skip
 
 
-def _frequencies(k: int, theta: float) -> np.ndarray:
-    w = 1.0 / theta ** (np.arange(0, k, 2) / k)
-    return np.concatenate([w, w])
-
-
-def _rotate_half(x):
-    k = x.shape[-1]
-    return np.concatenate([-x[..., k // 2 :], x[..., : k // 2]], -1)
-
-
-def _rotated(x, theta):  # x [T, heads, K] at positions 0..T-1
-    angles = np.arange(len(x))[:, None] * _frequencies(x.shape[-1], theta)
-    return x * np.cos(angles)[:, None] + _rotate_half(x) * np.sin(angles)[:, None]
+def _rotated(x: np.ndarray, theta: float) -> np.ndarray:
+    """`x` [T, heads, K] rotated at positions 0..T-1, as the model rotates (`layers.rotate`)."""
+    positions = jnp.arange(len(x))[None]
+    return np.asarray(layers.rotate(jnp.asarray(x)[None], positions, theta)[0], np.float64)
 
 
 ESTIMATES = ("tilt", "best scalar", "local shape")
@@ -159,12 +153,12 @@ def _local_shape(a: np.ndarray, cr: int) -> np.ndarray:
 
 
 def _turned_back(q: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """E_g[R]^T q for a group at `positions`, the Gaussian mean rotation of
-    `layers.mean_rotation` (each frequency's angle at the mean position, damped)."""
-    w = _frequencies(q.shape[-1], theta)
-    damp = np.exp(-0.5 * positions.var() * w**2)
-    cos, sin = np.cos(positions.mean() * w) * damp, np.sin(positions.mean() * w) * damp
-    return cos * q - sin * _rotate_half(q)
+    """E_g[R]^T q for a group at `positions`: the Gaussian mean rotation the receiver applies
+    (`layers.mean_rotation`)."""
+    centre, spread = jnp.float32(positions.mean()), jnp.float32(positions.var())
+    cos, sin = layers.mean_rotation(centre, spread, q.shape[-1], theta)
+    cos, sin = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+    return cos * q - sin * np.asarray(layers._rotate_half(jnp.asarray(q)), np.float64)
 
 
 def main(argv=None):

@@ -88,10 +88,11 @@ def alone_rows(name, model, score, crs, seq_len, labels):
     rows = []
     for cr in crs:
         for label in labels:
-            rows.append({"model": name, "compressor": label, "cr": cr})
-            rows[-1]["value"] = score(alone_plan(rows[-1])[1])
-            recost(model.config, rows[-1:], alone_plan, seq_len)
-            print(rows[-1], flush=True)
+            row = {"model": name, "compressor": label, "cr": cr}
+            row["value"] = score(alone_plan(row)[1])
+            recost(model.config, [row], alone_plan, seq_len)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
