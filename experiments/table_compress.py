@@ -1,6 +1,6 @@
 """What a device sends, at equal bytes: the paper's segment means against content-aware groups.
 
-Command:  .venv/bin/python experiments/table_compress.py          (about 80 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_compress.py          (about 2 hours on 2 cores)
 Smoke:    .venv/bin/python experiments/table_compress.py --smoke  (the ViT, seconds)
 
 Training-free, each compressor of DESIGN.md section 1b at the same V = ceil(L / CR) vectors
@@ -12,12 +12,11 @@ per device (the value tilt adds one float32 a group, three for rotary keys).
     SmolLM2 perplexity (CR 16; its tilt turns queries back by each group's mean rotation,
     see prism_jax/compress.py, so it is also shown without the tilt).
 (b) Grids, paper's segments against all four, both logit biases: N in {2, 4, 8} and every CR
-    up to L for the ViT (Fashion-MNIST test images), GPT-2 perplexity (held-out Wikipedia rows
-    of 256 tokens) and MiniLM sentence embeddings (cosine with the exact model, fine-food
-    reviews padded to buckets of 64); N in {2, 4, 8} and CR in {4, 16, 64} below L and L itself
-    for GPT-2 cloze, SmolLM2 perplexity and the BERT fine-food classifier (`make
-    finefood-model`), with reviews padded to 256 and at their own lengths (skipped, and said,
-    when that model is absent).
+    up to L for the ViT (Fashion-MNIST test images), GPT-2 perplexity and cloze (held-out
+    Wikipedia rows of 256 tokens), MiniLM sentence embeddings (cosine with the exact model,
+    fine-food reviews padded to buckets of 64), SmolLM2 perplexity and the BERT fine-food
+    classifier (`make finefood-model`), with reviews padded to 256 and at their own lengths
+    (skipped, and said, when that model is absent).
 
 `--resume` computes only the cells the results file lacks; `--recost` also measures the bytes
 and compute of the rows it keeps again, from today's programs (their metric is kept).
@@ -54,7 +53,6 @@ COMPRESSORS = {
 }
 ALONE = [k for k in COMPRESSORS if k != "k-means + salient"]
 MODELS = ("vit", "gpt2", "minilm", "smollm2", "bert")
-FEW_CRS = (4, 16, 64)  # the slower tasks' CRs below L (GPT-2 cloze, SmolLM2, BERT)
 TEMPLATES = {"paper": {}, "all four": COMPRESSORS["all four"]}
 CLASSIFIER = common.HERE.parent / "artifacts" / "minilm-finefood"
 
@@ -104,13 +102,6 @@ def alone_plan(row: dict):
 def grid_plan(label: str):
     """(N, plan) of a row of (b) under template `label` (the bias costs nothing)."""
     return lambda row: (row["devices"], pj.Plan(cr=row["cr"], **TEMPLATES[label]))
-
-
-def wanted_crs(seq_len: int, devices: int, few: bool) -> list[int]:
-    """A grid's CRs at N = `devices`: every CR up to the local length L, or with `few` (the
-    slower tasks) those of FEW_CRS below L and L itself (one group per device)."""
-    every = report.crs_up_to(-(-seq_len // devices))
-    return [cr for cr in every if not few or cr in FEW_CRS or cr == every[-1]]
 
 
 def grids(model, task, have: dict | None = None, *, devices, crs) -> dict:
@@ -176,24 +167,25 @@ class Runner:
         if (args.resume or args.recost) and saved is not None and saved.exists():
             self.record = json.loads(saved.read_text())  # an earlier run: its rows kept
 
-    def crs(self, seq_len: int, few: bool):
-        return lambda n: [16] if self.args.smoke else wanted_crs(seq_len, n, few)
+    def crs(self, seq_len: int):
+        """A grid's CRs at N = n: every CR up to the local length L."""
+        return lambda n: [16] if self.args.smoke else report.crs_up_to(-(-seq_len // n))
 
-    def todo(self, grid: str, few: bool = False) -> bool:
+    def todo(self, grid: str) -> bool:
         """Whether `grid` lacks a cell (or its costs are to be measured again)."""
         have = self.record["grids"].get(grid, {})
         if self.args.recost or any(t not in have for t in TEMPLATES):
             return True
-        crs = self.crs(have["paper"]["seq_len"], few)
+        crs = self.crs(have["paper"]["seq_len"])
         return any((n, cr) not in _cells(have[t]) for t in TEMPLATES
                    for n in self.devices for cr in crs(n))  # fmt: skip
 
-    def run(self, grid: str, model, task, few: bool = False):
+    def run(self, grid: str, model, task):
         have = self.record["grids"].get(grid)
         if self.args.recost and have is not None:
             for label, g in have.items():
                 recost(model.config, g["rows"], grid_plan(label), g["seq_len"])
-        crs = self.crs(task.seq_len, few)
+        crs = self.crs(task.seq_len)
         self.record["grids"][grid] = grids(model, task, have, devices=self.devices, crs=crs)
         self.save()
         jax.clear_caches()  # a grid's compiled programs: hundreds over a run, gigabytes
@@ -231,14 +223,14 @@ def vit(r: Runner) -> None:
 
 
 def gpt2(r: Runner) -> None:
-    if r.todo("GPT-2 perplexity") or r.todo("GPT-2 cloze", few=True):
+    if r.todo("GPT-2 perplexity") or r.todo("GPT-2 cloze"):
         model = pj.load_pretrained(common.HERE / "models" / "gpt2-wikipedia")
         lm = tasks.load(model, "wikipedia_leads", limit=r.args.rows)
         r.run("GPT-2 perplexity", model, lm)
         r.alone("GPT-2 (perplexity)", model, lambda plan: lm.score(r.mesh, plan), [16],
                 lm.seq_len, ALONE)  # fmt: skip
         cloze = tasks.load(model, "wikipedia_cloze", limit=r.args.questions)
-        r.run("GPT-2 cloze", model, cloze, few=True)
+        r.run("GPT-2 cloze", model, cloze)
 
 
 def minilm(r: Runner) -> None:
@@ -252,13 +244,13 @@ def minilm(r: Runner) -> None:
 
 
 def smollm2(r: Runner) -> None:
-    if r.todo("SmolLM2 perplexity", few=True):
+    if r.todo("SmolLM2 perplexity"):
         model = pj.load_pretrained(sources.smollm2_gguf())
         ppl = tasks.load(model, "wikipedia_leads", limit=r.args.llama_rows, max_length=256)
         labels = ["segments (paper)", "k-means + salient", "value tilt", "all four"]
         r.alone("SmolLM2 (perplexity)", model, lambda plan: ppl.score(r.mesh, plan), [16], 256,
                 labels)  # fmt: skip
-        r.run("SmolLM2 perplexity", model, ppl, few=True)
+        r.run("SmolLM2 perplexity", model, ppl)
 
 
 def bert(r: Runner) -> None:
@@ -267,14 +259,14 @@ def bert(r: Runner) -> None:
         r.record["skipped"] = [*(s for s in r.record["skipped"] if s != skipped), skipped]
         return
     grids_ = {layout: f"BERT classifier ({layout})" for layout in ("unpadded", "padded")}
-    if not any(r.todo(g, few=True) for g in grids_.values()):
+    if not any(r.todo(g) for g in grids_.values()):
         return
     model = pj.load_pretrained(r.args.classifier)
     for layout, grid in grids_.items():
-        if r.todo(grid, few=True):
+        if r.todo(grid):
             task = tasks.load(model, "fine_food_reviews", limit=r.args.classifier_reviews,
                               layout=layout)  # fmt: skip
-            r.run(grid, model, task, few=True)
+            r.run(grid, model, task)
 
 
 def markdown(record) -> str:

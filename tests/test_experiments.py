@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,6 @@ def test_table_compress_resume_computes_only_the_missing_cells(monkeypatch):
 
 def test_table_compress_recost_keeps_the_metric_and_measures_once_per_plan(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
-    import types
 
     import table_compress
 
@@ -180,14 +180,15 @@ def test_table_compress_recost_keeps_the_metric_and_measures_once_per_plan(monke
     assert calls == [(2, 4, "kmeans", 256)] * 2  # (the real `_measure` is cached per plan)
 
 
-def test_table_compress_few_crs_end_at_the_local_length(monkeypatch):
+def test_table_compress_grids_every_cr_up_to_the_local_length(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
     import table_compress
 
-    assert table_compress.wanted_crs(256, 2, few=True) == [4, 16, 64, 128]
-    assert table_compress.wanted_crs(256, 8, few=True) == [4, 16, 32]
-    assert table_compress.wanted_crs(197, 2, few=True) == [4, 16, 64, 99]
-    assert table_compress.wanted_crs(256, 8, few=False) == [1, 2, 4, 8, 16, 32]
+    runner = types.SimpleNamespace(args=types.SimpleNamespace(smoke=False))
+    crs = table_compress.Runner.crs(runner, 256)
+    assert crs(2) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert crs(8) == [1, 2, 4, 8, 16, 32]
+    assert table_compress.Runner.crs(runner, 197)(2) == [1, 2, 4, 8, 16, 32, 64, 99]
 
 
 @pytest.mark.parametrize(
