@@ -14,9 +14,13 @@ exact model, run as `single`). With `--mixed`, two more: each step at a CR drawn
 all four changes of DESIGN.md 1b (`Plan.best`); the CR = 1 arm and the start are then also
 scored under `Plan.best` (training-free references for the last arm); `--distill W` adds
 one more, mixed prism+ that also learns the exact starting model's predictions (KL weight W,
-`TrainConfig.distill`). Every arm is scored at
-`--eval-crs` with the compressor it was trained with. BERT: the whole recipe from
-all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
+`TrainConfig.distill`); `--mixed-crs` of `--cr` alone makes the prism+ arm a single-CR one
+(and leaves out the paper's, a copy of the single-CR arm). Every arm is scored at
+`--eval-crs` with the compressor it was trained with, and each score is also given as points
+from exact (the CR = 1 arm at CR = 1) with the standard error of that paired difference over
+the same test examples (every example's hit is kept in the JSON, `hits`). BERT: the whole
+recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs
+padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
 150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
@@ -25,11 +29,13 @@ experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
 
 import common
+import numpy as np
 
 from prism_jax.configs import LOGIT_BIASES
 from prism_jax.evaluation.tasks import LAYOUTS
@@ -74,11 +80,63 @@ class Config:
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
-    if args.distill and (args.family != "vit" or not args.mixed):
-        # (BERT starts from a fresh head: there is no model worth distilling from)
-        print("robust_finetune.py: error: --distill is for --family vit --mixed", file=sys.stderr)
+    problem = usage_problem(args)
+    if problem:
+        print(f"robust_finetune.py: error: {problem}", file=sys.stderr)
         return 2
 
+    run = setup(args)
+    results = {}
+    for arm in arms(args):
+        results[arm.name] = run_arm(arm, run)
+        print(arm.name, {cr: round(100 * v, 2) for cr, v in results[arm.name]["accuracy"].items()},
+              flush=True)  # fmt: skip
+    add_gaps(results)
+    text = markdown(results, run)
+    print(text)
+    stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
+    stem += run.longer.replace("-", "_")
+    record = {"family": args.family, "devices": args.devices, "cr": args.cr,
+              "logit_bias": args.logit_bias, "layout": args.layout,
+              "recipe": run.recipe, "results": results}  # fmt: skip
+    common.save(args, stem, record, text, lambda png: plot(results, run.eval_crs, args, png))
+
+
+def usage_problem(args: Config) -> str | None:
+    """What is wrong with the flags together, before anything trains (None: nothing)."""
+    if args.distill and (args.family != "vit" or not args.mixed):
+        # (BERT starts from a fresh head: there is no model worth distilling from)
+        return "--distill is for --family vit --mixed"
+    for flag, text in (("--eval-crs", args.eval_crs), ("--mixed-crs", args.mixed_crs)):
+        if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", text):
+            return f"argument {flag}: expected CRs >= 1, comma-separated: {text!r}"
+    if 1 not in crs_of(args.eval_crs):
+        return "argument --eval-crs: must include 1 (the exact reference of every gap)"
+    return None
+
+
+def crs_of(text: str) -> list[int]:
+    """The CRs of a comma-separated flag: `1,2,16` -> [1, 2, 16]."""
+    return [int(c) for c in text.split(",")]
+
+
+@dataclasses.dataclass
+class Run:
+    """What every arm of one run shares."""
+
+    args: Config
+    recipe: dict
+    longer: str  # "" or "-steps<n>": the checkpoint and results names of other step counts
+    dataset: str
+    eval_crs: list[int]
+    base: object  # the starting model
+    task: object  # the test set, scored at every CR
+    examples: dict  # the training set
+    cfg: object  # train.TrainConfig
+    mesh: object
+
+
+def setup(args: Config) -> Run:
     import prism_jax as pj
     from prism_jax.evaluation import tasks
     from prism_jax.training import train
@@ -87,98 +145,158 @@ def main(argv=None):
     longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
     recipe = {**recipe, "steps": args.steps or recipe["steps"]}  # (the smoke's too)
     dataset = {"bert": "fine_food_reviews", "vit": "fashion_mnist_local"}[args.family]
-    eval_crs = [1, args.cr] if args.smoke else [int(c) for c in args.eval_crs.split(",")]
+    eval_crs = [1, args.cr] if args.smoke else crs_of(args.eval_crs)
     base = start_model(args.family, args.smoke)
     length = recipe["max_length"]
-    train_task = tasks.load(base, dataset, split="train", max_length=length)
-    task = tasks.load(base, dataset, limit=recipe["limit"], max_length=length, layout=args.layout)
-    examples = train_task.train_examples
+    examples = tasks.load(base, dataset, split="train", max_length=length).train_examples
     if args.smoke:
         examples = {k: v[:16] for k, v in examples.items()}
-    cfg = train.TrainConfig(
-        steps=recipe["steps"],
-        batch_size=recipe["batch_size"],
-        lr=recipe["lr"],
-        warmup=recipe["warmup"],
-        checkpoint_every=25,
-    )
-    mesh = pj.edge_mesh(args.devices)
-    bias = args.logit_bias
-    paper, best = pj.Plan(logit_bias=bias), pj.Plan.best(1, logit_bias=bias)
-    mixed = [int(c) for c in (("1," + str(args.cr)) if args.smoke else args.mixed_crs).split(",")]
-    # (name, training plan or None, mixed CRs or None, the compressor it is scored with)
-    arms = [
-        # BERT starts from a fresh random head: nothing to score before training.
-        *([("start (no extra training)", None, None, paper)] if args.family == "vit" else []),
-        *([("start, prism+", None, None, best)] if args.family == "vit" and args.mixed else []),
-        ("trained at CR=1", pj.Plan(strategy="single"), None, paper),
-        (f"trained at N={args.devices} CR={args.cr}", pj.Plan(cr=args.cr, logit_bias=bias),
-         None, paper),
-    ]  # fmt: skip
-    if args.mixed:
-        label = "{" + ",".join(map(str, mixed)) + "}"
-        arms += [
-            ("trained at CR=1, scored prism+", pj.Plan(strategy="single"), None, best),
-            (f"mixed CR {label}", pj.Plan(cr=args.cr, logit_bias=bias), mixed, paper),
-            (f"mixed CR {label}, prism+", pj.Plan.best(args.cr, logit_bias=bias), mixed, best),
-        ]  # fmt: skip
-    arms = [(*arm, 0.0) for arm in arms]  # and the weight of distillation
-    if args.distill:
-        name = f"mixed CR {label}, prism+, distilled ({args.distill:g})"
-        arms.append((name, pj.Plan.best(args.cr, logit_bias=bias), mixed, best, args.distill))
-    results, trained = {}, {}
-    for name, plan, crs, template, distill in arms:
-        tic = time.perf_counter()
-        model = base
-        if plan is not None:
-            tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
-            tag = "cr1" if plan.strategy == "single" else f"prism-{tag}"
-            tag += "" if crs is None else "-mixed-" + "-".join(map(str, crs))
-            tag += "" if plan.paper else "-prism+"
-            tag += f"-distill{distill:g}" if distill else ""
-            tag += longer
-            ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
-            data = examples
-            if args.layout == "unpadded" and plan.strategy == "prism":  # each input at its length
-                relaid = tasks.unpadded(
-                    {k: v for k, v in examples.items() if k != "labels"}, args.devices
-                )
-                data = {**relaid, "labels": examples["labels"]}
-            if tag not in trained:
-                arm_cfg = dataclasses.replace(cfg, distill=distill)
-                run = train.train(base, data, arm_cfg, plan=plan, mesh=mesh, crs=crs,
-                                  checkpoint_dir=ckpt, restart=args.restart)  # fmt: skip
-                trained[tag] = run.model
-            model = trained[tag]
-        minutes = (time.perf_counter() - tic) / 60
-        plans = {cr: dataclasses.replace(template, cr=cr) for cr in eval_crs}
-        scores = {cr: task.score(mesh, plans[cr], model) for cr in eval_crs}
-        results[name] = {"train_minutes": minutes, "accuracy": scores, "crs": crs,
-                         "distill": distill,
-                         "scored_with": "paper" if template.paper else "prism+"}  # fmt: skip
-        print(name, {cr: round(100 * v, 2) for cr, v in scores.items()}, flush=True)
+    task = tasks.load(base, dataset, limit=recipe["limit"], max_length=length, layout=args.layout)
+    keys = ("steps", "batch_size", "lr", "warmup")
+    cfg = train.TrainConfig(**{k: recipe[k] for k in keys}, checkpoint_every=25)
+    return Run(args, recipe, longer, dataset, eval_crs, base, task, examples, cfg,
+               pj.edge_mesh(args.devices))  # fmt: skip
 
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    plan: object | None  # the training plan; None: the start, not trained
+    crs: list[int] | None  # mixed-CR training's CRs
+    template: object  # the plan it is scored with (its CR replaced)
+    distill: float = 0.0
+
+
+def arms(args: Config) -> list[Arm]:
+    """Every arm of the run, in order. `--mixed-crs` equal to `--cr` alone makes the prism+
+    arm a single-CR one (the paper's would repeat the single-CR arm, so it is left out)."""
+    import prism_jax as pj
+
+    bias, n, cr = args.logit_bias, args.devices, args.cr
+    paper, best = pj.Plan(logit_bias=bias), pj.Plan.best(1, logit_bias=bias)
+    mixed = [1, cr] if args.smoke else crs_of(args.mixed_crs)
+    vit = args.family == "vit"  # BERT starts from a fresh random head: nothing to score
+    out = [
+        *([Arm("start (no extra training)", None, None, paper)] if vit else []),
+        *([Arm("start, prism+", None, None, best)] if vit and args.mixed else []),
+        Arm("trained at CR=1", pj.Plan(strategy="single"), None, paper),
+        Arm(f"trained at N={n} CR={cr}", pj.Plan(cr=cr, logit_bias=bias), None, paper),
+    ]
+    if not args.mixed:
+        return out
+    label = "{" + ",".join(map(str, mixed)) + "}"
+    single = mixed == [cr]
+    prism_plus = pj.Plan.best(cr, logit_bias=bias)
+    out.append(Arm("trained at CR=1, scored prism+", pj.Plan(strategy="single"), None, best))
+    if not single:
+        out.append(Arm(f"mixed CR {label}", pj.Plan(cr=cr, logit_bias=bias), mixed, paper))
+    name = f"trained at N={n} CR={cr}, prism+" if single else f"mixed CR {label}, prism+"
+    out.append(Arm(name, prism_plus, mixed, best))
+    if args.distill:
+        out.append(Arm(f"{name}, distilled ({args.distill:g})", prism_plus, mixed, best,
+                       args.distill))  # fmt: skip
+    return out
+
+
+_TRAINED: dict = {}  # checkpoint tag -> trained model, within one run
+
+
+def run_arm(arm: Arm, run: Run) -> dict:
+    """Train `arm` (or resume it from its checkpoint) and score it at every CR."""
+    tic = time.perf_counter()
+    model = run.base if arm.plan is None else trained(arm, run)
+    minutes = (time.perf_counter() - tic) / 60
+    hits = {cr: run.task.correct(run.mesh, dataclasses.replace(arm.template, cr=cr), model)
+            for cr in run.eval_crs}  # fmt: skip
+    return {
+        "train_minutes": minutes,
+        "accuracy": {cr: float(h.mean()) for cr, h in hits.items()},
+        "examples": run.task.examples,
+        "hits": {cr: np.packbits(h).tobytes().hex() for cr, h in hits.items()},  # bits, in order
+        "crs": arm.crs,
+        "distill": arm.distill,
+        "scored_with": "paper" if arm.template.paper else "prism+",
+    }
+
+
+_TRAINED: dict = {}  # checkpoint tag -> trained model, within one run
+
+
+def trained(arm: Arm, run: Run):
+    """`arm`'s model, trained now or resumed from its checkpoint (once per run and tag)."""
+    from prism_jax.evaluation import tasks
+    from prism_jax.training import train
+
+    args = run.args
+    tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
+    tag = "cr1" if arm.plan.strategy == "single" else f"prism-{tag}"
+    tag += "" if arm.crs is None else "-mixed-" + "-".join(map(str, arm.crs))
+    tag += "" if arm.plan.paper else "-prism+"
+    tag += f"-distill{arm.distill:g}" if arm.distill else ""
+    tag += run.longer
+    if tag in _TRAINED:
+        return _TRAINED[tag]
+    ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
+    data = run.examples
+    if args.layout == "unpadded" and arm.plan.strategy == "prism":  # each input at its length
+        inputs = {k: v for k, v in data.items() if k != "labels"}
+        data = {**tasks.unpadded(inputs, args.devices), "labels": data["labels"]}
+    cfg = dataclasses.replace(run.cfg, distill=arm.distill)
+    _TRAINED[tag] = train.train(run.base, data, cfg, plan=arm.plan, mesh=run.mesh, crs=arm.crs,
+                                checkpoint_dir=ckpt, restart=args.restart).model  # fmt: skip
+    return _TRAINED[tag]
+
+
+EXACT = "trained at CR=1"  # the reference: this arm at CR = 1
+
+
+def _hits(result: dict, cr) -> np.ndarray:
+    packed = np.frombuffer(bytes.fromhex(result["hits"][cr]), np.uint8)
+    return np.unpackbits(packed, count=result["examples"]).astype(bool)
+
+
+def add_gaps(results: dict) -> None:
+    """Each arm's accuracy minus exact's (EXACT at CR = 1) at every CR, in points, with the
+    standard error of that paired difference over the same test examples: `gap[cr]` =
+    [points, standard error]."""
+    from prism_jax.evaluation.metrics import paired_difference
+
+    reference = _hits(results[EXACT], 1)
+    for r in results.values():
+        r["gap"] = {cr: [100 * v for v in paired_difference(_hits(r, cr), reference)]
+                    for cr in r["hits"]}  # fmt: skip
+
+
+def markdown(results: dict, run: Run) -> str:
+    """The accuracy table, then each arm's distance from exact with its paired error."""
+    args, recipe, crs = run.args, run.recipe, run.eval_crs
+    head = "| model | " + " | ".join(f"CR={cr}" for cr in crs)
     lines = [
         f"### Robust fine-tuning, {args.family}: accuracy (%) at N = {args.devices}, "
         f"logit bias {args.logit_bias}, {args.layout}",
         "",
         f"{recipe['steps']} steps, batch {recipe['batch_size']}, lr {recipe['lr']}; "
-        f"{task.examples} {dataset} test examples.",
+        f"{run.task.examples} {run.dataset} test examples.",
         "",
-        "| model | " + " | ".join(f"CR={cr}" for cr in eval_crs) + " | train min |",
-        "|---|" + "---:|" * (len(eval_crs) + 1),
+        head + " | train min |",
+        "|---|" + "---:|" * (len(crs) + 1),
     ]
     for name, r in results.items():
-        cells = [f"{100 * r['accuracy'][cr]:.1f}" for cr in eval_crs]
+        cells = [f"{100 * r['accuracy'][cr]:.1f}" for cr in crs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_minutes']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
-    stem += longer.replace("-", "_")
-    record = {"family": args.family, "devices": args.devices, "cr": args.cr,
-              "logit_bias": args.logit_bias, "layout": args.layout,
-              "recipe": recipe, "results": results}  # fmt: skip
-    common.save(args, stem, record, text, lambda png: plot(results, eval_crs, args, png))
+    exact = 100 * results[EXACT]["accuracy"][1]
+    lines += [
+        "",
+        f"Points from exact ({EXACT} at CR = 1, {exact:.1f} %), ± the standard error of the "
+        "paired difference over the same test examples:",
+        "",
+        head + " |",
+        "|---|" + "---:|" * len(crs),
+    ]
+    for name, r in results.items():
+        cells = [f"{r['gap'][cr][0]:+.1f} ± {r['gap'][cr][1]:.1f}" for cr in crs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results, crs, args, path):

@@ -255,6 +255,9 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["overlap_probe.py", "--layers", "0"], "--layers must be >= 1"),
         (["robust_finetune.py", "--family", "bert", "--distill", "1"], "--distill is for"),
         (["robust_finetune.py", "--steps", "0"], "argument --steps: expected int >= 1"),
+        (["robust_finetune.py", "--eval-crs", "2,16"], "--eval-crs: must include 1"),
+        (["robust_finetune.py", "--mixed-crs", "1,0"], "--mixed-crs: expected CRs >= 1"),
+        (["robust_finetune.py", "--eval-crs", "1,x"], "--eval-crs: expected CRs >= 1"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
     ],
@@ -269,6 +272,53 @@ def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()
     assert message in line and "Traceback" not in line
+
+
+def test_robust_finetune_mixed_crs_of_one_cr_is_a_single_cr_prism_plus_arm(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    def arms(*argv):
+        args = rf.common.parse(rf.Config, rf.__doc__, ["--family", "vit", *argv], devices=None)
+        return {arm.name: arm for arm in rf.arms(args)}
+
+    single = arms("--mixed", "--mixed-crs", "16")
+    assert not any(name.startswith("mixed CR") for name in single)  # no copy of the N=4 arm
+    arm = single["trained at N=4 CR=16, prism+"]
+    assert arm.crs == [16] and not arm.plan.paper and arm.plan.cr == 16
+    assert {"mixed CR {1,16}", "mixed CR {1,16}, prism+"} <= set(
+        arms("--mixed", "--mixed-crs", "1,16")
+    )
+
+
+def test_robust_finetune_gaps_are_paired_differences_from_the_exact_arm(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    rng = np.random.default_rng(0)
+    exact = rng.random(203) < 0.9
+    worse = exact & (rng.random(203) < 0.95)  # loses ~5 % of exact's hits, gains none
+
+    def arm(hits: dict) -> dict:
+        return {"examples": 203, "accuracy": {cr: h.mean() for cr, h in hits.items()},
+                "hits": {cr: np.packbits(h).tobytes().hex() for cr, h in hits.items()},
+                "train_minutes": 0.0}  # fmt: skip
+
+    results = {rf.EXACT: arm({1: exact, 16: worse}), "other": arm({1: worse, 16: exact})}
+    rf.add_gaps(results)
+    lost = (exact & ~worse).mean()
+    assert results[rf.EXACT]["gap"][1] == [0.0, 0.0]
+    points, se = results[rf.EXACT]["gap"][16]
+    assert points == pytest.approx(-100 * lost)
+    assert se == pytest.approx(100 * np.std(worse.astype(float) - exact, ddof=1) / np.sqrt(203))
+    assert results["other"]["gap"][16] == [0.0, 0.0]
+    run = types.SimpleNamespace(args=types.SimpleNamespace(family="vit", devices=4,
+                                logit_bias="log_count", layout="padded"),
+                                recipe={"steps": 3, "batch_size": 2, "lr": 0.1},
+                                eval_crs=[1, 16], task=types.SimpleNamespace(examples=203),
+                                dataset="d")  # fmt: skip
+    text = rf.markdown(results, run)
+    assert f"| other | {-100 * lost:+.1f} ± {se:.1f} | +0.0 ± 0.0 |" in text
 
 
 def test_probe_tilt_is_exact_for_an_isotropic_spread(monkeypatch):

@@ -154,12 +154,29 @@ def test_image_classification_task(hf_models):
     np.testing.assert_allclose(cr1, exact, atol=ATOL_MODEL, rtol=0)
     assert task.score(None, None) == float((exact.argmax(-1) == labels).mean())
     assert task.score(pj.edge_mesh(4), pj.Plan(cr=1)) == task.score(None, None)
+    hits = task.correct(pj.edge_mesh(4), pj.Plan(cr=4))  # per example, in order
+    np.testing.assert_array_equal(
+        hits, pj.infer(model, {"pixel_values": x}, mesh=pj.edge_mesh(4), plan=pj.Plan(cr=4))[
+            "logits"].argmax(-1) == labels)  # fmt: skip
+    assert task.score(pj.edge_mesh(4), pj.Plan(cr=4)) == hits.mean()
     # colour images of another size go through the image processor
     colour = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert tasks.image_pixels(model, colour).shape == (2, 1, 28, 28)
     with pytest.raises(pj.PrismError, match="holds images"):
         bert = models.with_classifier(pj.load_pretrained(hf_models("bert")[1]), 2)
         tasks.load(bert, "fashion_mnist_local")
+
+
+def test_paired_difference():
+    a = np.array([1, 1, 0, 1, 0, 1], bool)
+    b = np.array([1, 0, 0, 1, 1, 1], bool)
+    points, se = metrics.paired_difference(a, b)
+    d = np.array([0, 1, 0, 0, -1, 0], float)
+    assert points == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(6))
+    assert metrics.paired_difference(a, a) == (0.0, 0.0)
+    for x, y in ((a, b[:5]), (a[:1], b[:1]), (a.reshape(2, 3), b.reshape(2, 3))):
+        with pytest.raises(pj.PrismError, match="paired difference"):
+            metrics.paired_difference(x, y)
 
 
 def test_grid_crs_and_markdown(tmp_path):

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from prism_jax import cost
+from prism_jax.errors import PrismError
 from prism_jax.evaluation import sweep
 from prism_jax.models import Model
 from prism_jax.partition import infer, next_token_logprobs
@@ -126,13 +127,40 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of a classifier on an HF-style batch of examples (every batch at one
     shape: the last is padded, so one program serves them all)."""
+    return float(
+        correct(model, examples, labels, mesh=mesh, plan=plan, batch_size=batch_size).mean()
+    )
+
+
+def correct(
+    model: Model,
+    examples: dict,
+    labels: np.ndarray,
+    *,
+    mesh=None,
+    plan: Plan | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """`[n]` bool: whether the classifier's top-1 class is each example's label (for paired
+    comparisons of two models or plans on the same examples)."""
     n = len(labels)
-    correct = 0
+    hits = np.zeros(n, bool)
     for start in range(0, n, batch_size):
         batch = padded_rows(examples, start, batch_size)
         logits = infer(model, batch, mesh=mesh, plan=plan)["logits"][: n - start]
-        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
-    return correct / n
+        hits[start : start + len(logits)] = logits.argmax(-1) == labels[start : start + batch_size]
+    return hits
+
+
+def paired_difference(hits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Accuracy of `hits` minus that of `reference` (`[n]` bools, the same examples) and the
+    standard error of that difference, from the per-example differences: far smaller than
+    either accuracy's own error when the two mostly agree."""
+    if np.shape(hits) != np.shape(reference) or np.ndim(hits) != 1 or len(hits) < 2:
+        raise PrismError(f"paired difference: two [n >= 2] arrays, got {np.shape(hits)} and "
+                         f"{np.shape(reference)}")  # fmt: skip
+    d = np.asarray(hits, np.float64) - np.asarray(reference, np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def perplexity(

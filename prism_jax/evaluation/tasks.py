@@ -35,6 +35,9 @@ class Task:
     score: Callable
     train_examples: dict | None = None  # HF batch + labels, for fine-tuning
     higher_is_better: bool = True
+    # classification: (mesh, plan, model=...) -> `[examples]` bool, each example right or not
+    # (`score` is its mean), for paired comparisons on the same examples
+    correct: Callable | None = None
 
 
 def unpadded(batch: dict, devices: int) -> dict:
@@ -90,13 +93,17 @@ def _classification(model, dataset, split, limit, max_length, layout, data_dir) 
             f"{model.config.num_labels} classes"
         )
 
-    def score(mesh, plan, model=model):
+    def correct(mesh, plan, model=model):
         batch = examples
         if relay is not None and mesh is not None and plan.strategy != "single":
             batch = relay(examples, mesh.shape[AXIS])
-        return metrics.accuracy(model, batch, labels, mesh=mesh, plan=plan)
+        return metrics.correct(model, batch, labels, mesh=mesh, plan=plan)
 
-    return Task(dataset, "accuracy", len(labels), seq_len, score, {**examples, "labels": labels})
+    def score(mesh, plan, model=model):
+        return float(correct(mesh, plan, model).mean())
+
+    train = {**examples, "labels": labels}
+    return Task(dataset, "accuracy", len(labels), seq_len, score, train, correct=correct)
 
 
 def image_pixels(model: Model, images: np.ndarray) -> np.ndarray:
