@@ -116,20 +116,9 @@ def agreement_sweep(
     )
 
 
-def accuracy(
-    model: Model,
-    examples: dict,
-    labels: np.ndarray,
-    *,
-    mesh=None,
-    plan: Plan | None = None,
-    batch_size: int = 64,
-) -> float:
-    """Top-1 accuracy of a classifier on an HF-style batch of examples (every batch at one
-    shape: the last is padded, so one program serves them all)."""
-    return float(
-        correct(model, examples, labels, mesh=mesh, plan=plan, batch_size=batch_size).mean()
-    )
+def accuracy(model: Model, examples: dict, labels: np.ndarray, **kw) -> float:
+    """Top-1 accuracy of a classifier: the mean of `correct` (same arguments)."""
+    return float(correct(model, examples, labels, **kw).mean())
 
 
 def correct(
@@ -142,7 +131,8 @@ def correct(
     batch_size: int = 64,
 ) -> np.ndarray:
     """`[n]` bool: whether the classifier's top-1 class is each example's label (for paired
-    comparisons of two models or plans on the same examples)."""
+    comparisons of two models or plans on the same examples). Every batch runs at one shape
+    (the last is padded), so one program serves them all."""
     n = len(labels)
     hits = np.zeros(n, bool)
     for start in range(0, n, batch_size):
