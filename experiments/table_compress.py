@@ -1,6 +1,6 @@
 """What a device sends, at equal bytes: the paper's segment means against content-aware groups.
 
-Command:  .venv/bin/python experiments/table_compress.py          (about 2 hours on 2 cores)
+Command:  .venv/bin/python experiments/table_compress.py          (about 2.5 hours on 2 cores)
 Smoke:    .venv/bin/python experiments/table_compress.py --smoke  (the ViT, seconds)
 
 Training-free, each compressor of DESIGN.md section 1b at the same V = ceil(L / CR) vectors
