@@ -29,6 +29,7 @@ experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import time
@@ -203,13 +204,11 @@ _TRAINED: dict = {}  # checkpoint tag -> trained model, within one run
 
 def run_arm(arm: Arm, run: Run) -> dict:
     """Train `arm` (or resume it from its checkpoint) and score it at every CR."""
-    tic = time.perf_counter()
-    model = run.base if arm.plan is None else trained(arm, run)
-    minutes = (time.perf_counter() - tic) / 60
+    model, minutes = (run.base, 0.0) if arm.plan is None else trained(arm, run)
     hits = {cr: run.task.correct(run.mesh, dataclasses.replace(arm.template, cr=cr), model)
             for cr in run.eval_crs}  # fmt: skip
     return {
-        "train_minutes": minutes,
+        "train_minutes": minutes,  # None: trained by an earlier run that did not record it
         "accuracy": {cr: float(h.mean()) for cr, h in hits.items()},
         "examples": run.task.examples,
         "hits": {cr: np.packbits(h).tobytes().hex() for cr, h in hits.items()},  # bits, in order
@@ -219,11 +218,14 @@ def run_arm(arm: Arm, run: Run) -> dict:
     }
 
 
-_TRAINED: dict = {}  # checkpoint tag -> trained model, within one run
+_TRAINED: dict = {}  # checkpoint tag -> the model trained (or resumed) in this run
+MINUTES = "train_minutes.json"  # beside an arm's checkpoints: the minutes its training took
 
 
-def trained(arm: Arm, run: Run):
-    """`arm`'s model, trained now or resumed from its checkpoint (once per run and tag)."""
+def trained(arm: Arm, run: Run) -> tuple[object, float | None]:
+    """`arm`'s model, trained now or resumed from its checkpoint, and the minutes its training
+    took (kept beside the checkpoints, so that a resumed arm reports them too; 0 for a second
+    arm of the same training in one run)."""
     from prism_jax.evaluation import tasks
     from prism_jax.training import train
 
@@ -235,16 +237,36 @@ def trained(arm: Arm, run: Run):
     tag += f"-distill{arm.distill:g}" if arm.distill else ""
     tag += run.longer
     if tag in _TRAINED:
-        return _TRAINED[tag]
+        return _TRAINED[tag], 0.0
     ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
     data = run.examples
     if args.layout == "unpadded" and arm.plan.strategy == "prism":  # each input at its length
         inputs = {k: v for k, v in data.items() if k != "labels"}
         data = {**tasks.unpadded(inputs, args.devices), "labels": data["labels"]}
     cfg = dataclasses.replace(run.cfg, distill=arm.distill)
-    _TRAINED[tag] = train.train(run.base, data, cfg, plan=arm.plan, mesh=run.mesh, crs=arm.crs,
-                                checkpoint_dir=ckpt, restart=args.restart).model  # fmt: skip
-    return _TRAINED[tag]
+    tic = time.perf_counter()
+    done = train.train(run.base, data, cfg, plan=arm.plan, mesh=run.mesh, crs=arm.crs,
+                       checkpoint_dir=ckpt, restart=args.restart)  # fmt: skip
+    minutes = (time.perf_counter() - tic) / 60
+    _TRAINED[tag] = done.model
+    if ckpt is None:
+        return done.model, minutes
+    return done.model, _spent(ckpt / MINUTES, minutes, done.resumed_from, cfg.steps)
+
+
+def _spent(path: Path, minutes: float, resumed_from: int | None, steps: int) -> float | None:
+    """The arm's training minutes in all: this run's `minutes`, plus what `path` holds from
+    the runs it resumed (None when they left nothing there). Written back to `path`."""
+    before = json.loads(path.read_text())["train_minutes"] if path.exists() else None
+    if resumed_from is None:  # trained from the start in this run
+        total = minutes
+    elif resumed_from >= steps:  # nothing left to train: the minutes are the earlier run's
+        return before
+    else:
+        total = None if before is None else before + minutes
+    if total is not None:
+        path.write_text(json.dumps({"train_minutes": total}))
+    return total
 
 
 EXACT = "trained at CR=1"  # the reference: this arm at CR = 1
@@ -283,7 +305,8 @@ def markdown(results: dict, run: Run) -> str:
     ]
     for name, r in results.items():
         cells = [f"{100 * r['accuracy'][cr]:.1f}" for cr in crs]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_minutes']:.1f} |")
+        minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} |")
     exact = 100 * results[EXACT]["accuracy"][1]
     lines += [
         "",

@@ -321,6 +321,21 @@ def test_robust_finetune_gaps_are_paired_differences_from_the_exact_arm(monkeypa
     assert f"| other | {-100 * lost:+.1f} ± {se:.1f} | +0.0 ± 0.0 |" in text
 
 
+def test_robust_finetune_keeps_an_arms_training_minutes_beside_its_checkpoints(
+    monkeypatch, tmp_path
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    path = tmp_path / rf.MINUTES
+    assert rf._spent(path, 7.5, None, 300) == 7.5  # trained from the start
+    assert rf._spent(path, 0.02, 300, 300) == 7.5  # resumed at the end: the earlier minutes
+    assert rf._spent(path, 2.0, 100, 300) == 9.5  # resumed part-way: added
+    assert json.loads(path.read_text()) == {"train_minutes": 9.5}
+    assert rf._spent(tmp_path / "none.json", 0.02, 300, 300) is None  # an older run: unknown
+    assert rf._spent(tmp_path / "none.json", 2.0, 100, 300) is None
+
+
 def test_probe_tilt_is_exact_for_an_isotropic_spread(monkeypatch):
     """Within-group deviations with covariance exactly s2 I make C_g = s2 W_k^T W_v: the
     shipped tilt and the best scalar recover the term exactly (no rotary keys)."""
