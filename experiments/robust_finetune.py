@@ -135,6 +135,7 @@ class Run:
     examples: dict  # the training set
     cfg: object  # train.TrainConfig
     mesh: object
+    models: dict = dataclasses.field(default_factory=dict)  # checkpoint tag -> trained model
 
 
 def setup(args: Config) -> Run:
@@ -199,9 +200,6 @@ def arms(args: Config) -> list[Arm]:
     return out
 
 
-_TRAINED: dict = {}  # checkpoint tag -> trained model, within one run
-
-
 def run_arm(arm: Arm, run: Run) -> dict:
     """Train `arm` (or resume it from its checkpoint) and score it at every CR."""
     model, minutes = (run.base, 0.0) if arm.plan is None else trained(arm, run)
@@ -218,7 +216,6 @@ def run_arm(arm: Arm, run: Run) -> dict:
     }
 
 
-_TRAINED: dict = {}  # checkpoint tag -> the model trained (or resumed) in this run
 MINUTES = "train_minutes.json"  # beside an arm's checkpoints: the minutes its training took
 
 
@@ -236,8 +233,8 @@ def trained(arm: Arm, run: Run) -> tuple[object, float | None]:
     tag += "" if arm.plan.paper else "-prism+"
     tag += f"-distill{arm.distill:g}" if arm.distill else ""
     tag += run.longer
-    if tag in _TRAINED:
-        return _TRAINED[tag], 0.0
+    if tag in run.models:
+        return run.models[tag], 0.0
     ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
     data = run.examples
     if args.layout == "unpadded" and arm.plan.strategy == "prism":  # each input at its length
@@ -248,7 +245,7 @@ def trained(arm: Arm, run: Run) -> tuple[object, float | None]:
     done = train.train(run.base, data, cfg, plan=arm.plan, mesh=run.mesh, crs=arm.crs,
                        checkpoint_dir=ckpt, restart=args.restart)  # fmt: skip
     minutes = (time.perf_counter() - tic) / 60
-    _TRAINED[tag] = done.model
+    run.models[tag] = done.model
     if ckpt is None:
         return done.model, minutes
     return done.model, _spent(ckpt / MINUTES, minutes, done.resumed_from, cfg.steps)
