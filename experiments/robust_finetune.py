@@ -15,12 +15,13 @@ all four changes of DESIGN.md 1b (`Plan.best`); the CR = 1 arm and the start are
 scored under `Plan.best` (training-free references for the last arm); `--distill W` adds
 one more, mixed prism+ that also learns the exact starting model's predictions (KL weight W,
 `TrainConfig.distill`); `--mixed-crs` of `--cr` alone makes the prism+ arm a single-CR one
-(and leaves out the paper's, a copy of the single-CR arm). Every arm is scored at
-`--eval-crs` with the compressor it was trained with, and each score is also given as points
-from exact (the CR = 1 arm at CR = 1) with the standard error of that paired difference over
-the same test examples (every example's hit is kept in the JSON, `hits`). BERT: the whole
-recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs
-padded to 128).
+(and leaves out the paper's, a copy of the single-CR arm); `--no-paper` leaves out both arms
+trained with the paper's segments (half the training, when only prism+ against exact is
+asked). Every arm is scored at `--eval-crs` with the compressor it was trained with, and each
+score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard error
+of that paired difference over the same test examples (every example's hit is kept in the
+JSON, `hits`). BERT: the whole recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of
+the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
 150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
@@ -68,6 +69,9 @@ class Config:
     eval_crs: str = common.setting("1,2,4,8,16,32", "CRs to score every arm at")
     mixed_crs: str = common.setting("1,2,4,8,16", "the mixed-CR arms' training CRs")
     mixed: bool = common.setting(False, "also the mixed-CR arms (paper's segments, prism+)")
+    no_paper: bool = common.setting(
+        False, "with --mixed, leave out the arms trained with the paper's segments"
+    )
     steps: int | None = common.setting(None, "training steps an arm (default: the recipe's)")
     distill: float = common.setting(
         0.0, "with --mixed, one more arm: mixed prism+ with this weight of distillation (ViT)"
@@ -108,6 +112,8 @@ def usage_problem(args: Config) -> str | None:
     if args.distill and (args.family != "vit" or not args.mixed):
         # (BERT starts from a fresh head: there is no model worth distilling from)
         return "--distill is for --family vit --mixed"
+    if args.no_paper and not args.mixed:
+        return "--no-paper is for --mixed (without it every trained arm but CR = 1 is the paper's)"
     for flag, text in (("--eval-crs", args.eval_crs), ("--mixed-crs", args.mixed_crs)):
         if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", text):
             return f"argument {flag}: expected CRs >= 1, comma-separated: {text!r}"
@@ -182,15 +188,16 @@ def arms(args: Config) -> list[Arm]:
         *([Arm("start (no extra training)", None, None, paper)] if vit else []),
         *([Arm("start, prism+", None, None, best)] if vit and args.mixed else []),
         Arm("trained at CR=1", pj.Plan(strategy="single"), None, paper),
-        Arm(f"trained at N={n} CR={cr}", pj.Plan(cr=cr, logit_bias=bias), None, paper),
-    ]
+        *([] if args.no_paper else
+          [Arm(f"trained at N={n} CR={cr}", pj.Plan(cr=cr, logit_bias=bias), None, paper)]),
+    ]  # fmt: skip
     if not args.mixed:
         return out
     label = "{" + ",".join(map(str, mixed)) + "}"
     single = mixed == [cr]
     prism_plus = pj.Plan.best(cr, logit_bias=bias)
     out.append(Arm("trained at CR=1, scored prism+", pj.Plan(strategy="single"), None, best))
-    if not single:
+    if not single and not args.no_paper:
         out.append(Arm(f"mixed CR {label}", pj.Plan(cr=cr, logit_bias=bias), mixed, paper))
     name = f"trained at N={n} CR={cr}, prism+" if single else f"mixed CR {label}, prism+"
     out.append(Arm(name, prism_plus, mixed, best))

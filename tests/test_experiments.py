@@ -258,6 +258,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--eval-crs", "2,16"], "--eval-crs: must include 1"),
         (["robust_finetune.py", "--mixed-crs", "1,0"], "--mixed-crs: expected CRs >= 1"),
         (["robust_finetune.py", "--eval-crs", "1,x"], "--eval-crs: expected CRs >= 1"),
+        (["robust_finetune.py", "--no-paper"], "--no-paper is for --mixed"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
     ],
@@ -289,6 +290,19 @@ def test_robust_finetune_mixed_crs_of_one_cr_is_a_single_cr_prism_plus_arm(monke
     assert {"mixed CR {1,16}", "mixed CR {1,16}, prism+"} <= set(
         arms("--mixed", "--mixed-crs", "1,16")
     )
+
+
+def test_robust_finetune_no_paper_trains_only_exact_and_prism_plus(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    argv = ["--family", "vit", "--mixed", "--mixed-crs", "1,16", "--no-paper"]
+    args = rf.common.parse(rf.Config, rf.__doc__, argv, devices=None)
+    trained = [arm for arm in rf.arms(args) if arm.plan is not None]
+    assert [arm.name for arm in trained] == [
+        "trained at CR=1", "trained at CR=1, scored prism+", "mixed CR {1,16}, prism+"
+    ]  # fmt: skip
+    assert all(not arm.plan.paper or arm.plan.strategy == "single" for arm in trained)
 
 
 def test_robust_finetune_gaps_are_paired_differences_from_the_exact_arm(monkeypatch):
