@@ -9,7 +9,10 @@ the inference program as it runs (`scanned`: the stacked layers through one `lax
 of the same program with the layers unrolled in Python (`unrolled`: what every program was
 before the layers were stacked, and what `cost` still lowers for its FLOP counts, since
 XLA's cost analysis counts a loop body once). Both `single` and prism at N = 4, CR = 4.
-Ratio = scanned / unrolled (< 1: scanning compiles faster).
+Ratio = scanned / unrolled (< 1: scanning compiles faster). Then what `cost` now takes for
+the FLOPs instead of the whole unrolled program (`cost.measured_flops`: for models of more
+than `cost.SHALLOW` layers, unrolled copies of 2 and 3 layers, extrapolated in depth), its
+seconds and its FLOPs against the whole unrolled program's.
 Writes experiments/results/bench_compile.{json,md}.
 """
 
@@ -46,15 +49,28 @@ def _tiny(name: str):
 SMOKE = Config(models=("smollm2-135m",), tokens=16, devices=2, cr=2, out="")
 
 
-def compile_seconds(cfg, plan, *, devices: int, tokens: int, straight: bool) -> tuple[float, float]:
-    """(trace + lower, compile) seconds of one fresh program."""
+def compile_seconds(cfg, plan, *, devices: int, tokens: int, straight: bool) -> tuple:
+    """(trace + lower, compile) seconds of one fresh program, and its FLOPs."""
     from prism_jax import cost
 
     tic = time.perf_counter()
     lowered = cost.lower(cfg, plan, devices=devices, seq_len=tokens, straight=straight)
     lowered_at = time.perf_counter()
-    lowered.compile()
-    return lowered_at - tic, time.perf_counter() - lowered_at
+    flops = cost.compiled_flops(lowered.compile())
+    return lowered_at - tic, time.perf_counter() - lowered_at, flops
+
+
+def cost_seconds(cfg, plan, *, devices: int, tokens: int) -> tuple[float, float]:
+    """Seconds `cost` takes for a program's FLOPs, and the FLOPs (no program reused: for a
+    model of SHALLOW layers or fewer it is the unrolled one, compiled again)."""
+    import jax
+
+    from prism_jax import cost
+
+    jax.clear_caches()
+    tic = time.perf_counter()
+    flops = cost.measured_flops(cfg, plan, devices=devices, seq_len=tokens)
+    return time.perf_counter() - tic, flops
 
 
 def run(cfg: Config, *, smoke: bool) -> list[dict]:
@@ -77,7 +93,9 @@ def run(cfg: Config, *, smoke: bool) -> list[dict]:
                 **{f"{k}_lower_s": v[0] for k, v in times.items()},
                 **{f"{k}_compile_s": v[1] for k, v in times.items()},
             }
-            row["ratio"] = sum(times["scanned"]) / sum(times["unrolled"])
+            row["ratio"] = sum(times["scanned"][:2]) / sum(times["unrolled"][:2])
+            row["cost_s"], flops = cost_seconds(model_cfg, plan, devices=n, tokens=cfg.tokens)
+            row["cost_flops_ratio"] = flops / times["unrolled"][2]
             rows.append(row)
     return rows
 
@@ -89,14 +107,15 @@ def markdown(rows: list[dict], cfg: Config) -> str:
         "`.venv/bin/python experiments/bench_compile.py`",
         "",
         "| model (layers) | run | unrolled: lower + compile (s) | scanned: lower + compile (s) "
-        "| scanned / unrolled |",
-        "|---|---|---:|---:|---:|",
+        "| scanned / unrolled | cost's FLOPs (s) | its FLOPs / unrolled's |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} ({r['depth']}) | {r['run']} | "
             f"{r['unrolled_lower_s']:.2f} + {r['unrolled_compile_s']:.2f} | "
-            f"{r['scanned_lower_s']:.2f} + {r['scanned_compile_s']:.2f} | {r['ratio']:.2f} |"
+            f"{r['scanned_lower_s']:.2f} + {r['scanned_compile_s']:.2f} | {r['ratio']:.2f} | "
+            f"{r['cost_s']:.2f} | {r['cost_flops_ratio']:.7f} |"
         )
     return "\n".join(lines) + "\n"
 

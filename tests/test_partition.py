@@ -310,6 +310,6 @@ def test_scanned_layers_equal_the_unrolled_program(name, hf_models, rng, monkeyp
 
     def flops(straight):
         lowered = cost.lower(model.config, plan, devices=2, seq_len=12, straight=straight)
-        return cost._flops(lowered.compile())
+        return cost.compiled_flops(lowered.compile())
 
     assert flops(False) < 0.8 * flops(True)  # XLA counts the scan's body once
