@@ -73,6 +73,9 @@ class Config:
         False, "with --mixed, leave out the arms trained with the paper's segments"
     )
     steps: int | None = common.setting(None, "training steps an arm (default: the recipe's)")
+    test_examples: int | None = common.setting(
+        None, "test examples every arm is scored on (default: the recipe's 1,000)"
+    )
     distill: float = common.setting(
         0.0, "with --mixed, one more arm: mixed prism+ with this weight of distillation (ViT)"
     )
@@ -101,6 +104,8 @@ def main(argv=None):
     print(text)
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
     stem += run.longer.replace("-", "_")
+    if run.recipe["limit"] != (SMOKE if args.smoke else RECIPES[args.family])["limit"]:
+        stem += f"_test{run.recipe['limit']}"  # another test set size: its own results file
     record = {"family": args.family, "devices": args.devices, "cr": args.cr,
               "logit_bias": args.logit_bias, "layout": args.layout,
               "recipe": run.recipe, "results": results}  # fmt: skip
@@ -152,6 +157,7 @@ def setup(args: Config) -> Run:
     recipe = SMOKE if args.smoke else RECIPES[args.family]
     longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
     recipe = {**recipe, "steps": args.steps or recipe["steps"]}  # (the smoke's too)
+    recipe["limit"] = args.test_examples or recipe["limit"]
     dataset = {"bert": "fine_food_reviews", "vit": "fashion_mnist_local"}[args.family]
     eval_crs = [1, args.cr] if args.smoke else crs_of(args.eval_crs)
     base = start_model(args.family, args.smoke)

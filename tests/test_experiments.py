@@ -259,6 +259,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--mixed-crs", "1,0"], "--mixed-crs: expected CRs >= 1"),
         (["robust_finetune.py", "--eval-crs", "1,x"], "--eval-crs: expected CRs >= 1"),
         (["robust_finetune.py", "--no-paper"], "--no-paper is for --mixed"),
+        (["robust_finetune.py", "--test-examples", "0"], "--test-examples: expected int >= 1"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
     ],
@@ -384,12 +385,18 @@ def test_probe_tilt_turns_queries_back_as_the_model_does(monkeypatch):
 
 @pytest.mark.slow
 def test_robust_finetune_other_steps_name_their_results(tmp_path, tfds_dir):
-    """--steps other than the recipe's trains and writes apart from the recipe's run."""
+    """--steps other than the recipe's trains, and --test-examples other than the recipe's
+    scores, apart from the recipe's run."""
     script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"
     argv = [sys.executable, str(script), "--smoke", "--family", "vit", "--steps", "3"]
     done = subprocess.run(
-        [*argv, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+        [*argv, "--test-examples", "4", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3.md").is_file()
-    assert "3 steps" in (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3.md").read_text()
+    text = (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3_test4.md").read_text()
+    assert "3 steps" in text and "4 fashion_mnist_local test examples" in text
+    record = json.loads(
+        (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3_test4.json").read_text()
+    )
+    assert {r["examples"] for r in record["results"].values()} == {4}
