@@ -94,6 +94,10 @@ def main(argv=None):
         return 2
 
     run = setup(args)
+    if run.task.examples < run.recipe["limit"] and args.test_examples:  # before any training
+        have = f"the {run.dataset} test split has {run.task.examples}"
+        print(f"robust_finetune.py: error: argument --test-examples: {have}", file=sys.stderr)
+        return 2
     results = {}
     for arm in arms(args):
         results[arm.name] = run_arm(arm, run)

@@ -383,6 +383,20 @@ def test_probe_tilt_turns_queries_back_as_the_model_does(monkeypatch):
     np.testing.assert_allclose(probe_tilt._turned_back(q, positions, 1e4), want, atol=1e-5)
 
 
+def test_robust_finetune_refuses_more_test_examples_than_the_split_has(tmp_path, tfds_dir):
+    """Asking for more test examples than there are: one line, exit 2, nothing trained."""
+    script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"
+    argv = ["--smoke", "--family", "vit", "--test-examples", "100000", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    *_, line = done.stderr.strip().splitlines()  # (before it: TFDS preparing the split)
+    assert "--test-examples: the fashion_mnist_local test split has" in line
+    assert "Traceback" not in done.stderr
+    assert "fine-tuning" not in done.stdout + done.stderr and not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_robust_finetune_other_steps_name_their_results(tmp_path, tfds_dir):
     """--steps other than the recipe's trains, and --test-examples other than the recipe's
