@@ -289,6 +289,7 @@ def measure(
     if dtype not in ("float32", "bfloat16"):
         raise PrismError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
+    sent, flops = _program_counts(cfg, plan, flops=True, **shape)
     dtype_bytes = 2 if dtype == "bfloat16" else 4
     return CostReport(
         model=name,
@@ -300,12 +301,12 @@ def measure(
         seq_len=seq_len,
         batch=batch,
         dtype=dtype,
-        bytes_sent=measured_bytes(cfg, plan, **shape),
+        bytes_sent=sent,
         bytes_closed_form=bytes_closed_form(
             cfg, plan, devices=devices, seq_len=seq_len, batch=batch, dtype_bytes=dtype_bytes
         ),
         bytes_voltage=_voltage_bytes(cfg, **shape),
-        flops=measured_flops(cfg, plan, **shape),
+        flops=flops,
         flops_single=_single_flops(cfg, seq_len=seq_len, batch=batch, dtype=dtype),
         flops_matmul=flops_closed_form(cfg, plan, devices=devices, seq_len=seq_len, batch=batch),
         flops_matmul_single=flops_closed_form(
@@ -317,18 +318,31 @@ def measure(
 SHALLOW = 5  # deeper models are counted from programs of 2 and 3 layers (`by_depth`)
 
 
-def by_depth(cfg: ModelConfig, count: Callable[[ModelConfig], float]) -> float:
-    """`count(cfg)` of a straight program, taken from shallower copies of the model when it
-    has more than SHALLOW layers: its layers are alike, so each adds the same bytes and FLOPs
-    and count(L) = count(2) + (L - 2) * (count(3) - count(2)). The time to lower and compile
-    for a cost then no longer grows with depth. Tested against the whole program: bytes
-    equal, FLOPs within 1e-6 (widths >= 64; at toy widths XLA fuses post-norm BERT's
-    residual stream across unrolled layers and counts earlier layers again in later ones,
-    work the scanned program never does, so the whole program counts more)."""
+def by_depth(cfg: ModelConfig, count: Callable[[ModelConfig], tuple]) -> tuple:
+    """`count(cfg)`, a tuple of counts of a straight program, taken from shallower copies of
+    the model when it has more than SHALLOW layers: its layers are alike, so each adds the
+    same bytes and FLOPs and count(L) = count(2) + (L - 2) * (count(3) - count(2)). The time
+    to lower and compile for a cost then no longer grows with depth. Tested against the whole
+    program: bytes equal, FLOPs within 1e-6 (widths >= 64; at toy widths XLA fuses post-norm
+    BERT's residual stream across unrolled layers and counts earlier layers again in later
+    ones, work the scanned program never does, so the whole program counts more)."""
     if cfg.depth <= SHALLOW:
         return count(cfg)
     two, three = (count(dataclasses.replace(cfg, depth=d)) for d in (2, 3))
-    return two + (cfg.depth - 2) * (three - two)
+    return tuple(a + (cfg.depth - 2) * (b - a) for a, b in zip(two, three, strict=True))
+
+
+def _program_counts(cfg: ModelConfig, plan: Plan, *, flops: bool, **shape) -> tuple[int, float]:
+    """(bytes one device sends, its FLOPs, or 0 without `flops`) of the straight program,
+    each depth `by_depth` needs lowered once (and compiled only for the FLOPs)."""
+
+    def count(c: ModelConfig) -> tuple[int, float]:
+        lowered = lower(c, plan, **shape)
+        sent = collective_bytes(lowered.as_text())[0]
+        return sent, compiled_flops(lowered.compile()) if flops else 0.0
+
+    sent, ops = by_depth(cfg, count)
+    return int(sent), ops
 
 
 @functools.cache
@@ -340,7 +354,7 @@ def measured_bytes(
     if plan.strategy == "single" or devices == 1:
         return 0
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
-    return int(by_depth(cfg, lambda c: collective_bytes(lower(c, plan, **shape).as_text())[0]))
+    return _program_counts(cfg, plan, flops=False, **shape)[0]
 
 
 def measured_flops(
@@ -348,7 +362,7 @@ def measured_flops(
 ) -> float:
     """FLOPs of one device's compiled program for one inference (XLA's cost analysis)."""
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)
-    return by_depth(cfg, lambda c: compiled_flops(lower(c, plan, **shape).compile()))
+    return _program_counts(cfg, plan, flops=True, **shape)[1]
 
 
 def _voltage_bytes(cfg: ModelConfig, **shape) -> int:
