@@ -108,7 +108,7 @@ def main(argv=None):
     print(text)
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
     stem += run.longer.replace("-", "_")
-    if run.recipe["limit"] != (SMOKE if args.smoke else RECIPES[args.family])["limit"]:
+    if run.recipe["limit"] != base_recipe(args)["limit"]:
         stem += f"_test{run.recipe['limit']}"  # another test set size: its own results file
     record = {"family": args.family, "devices": args.devices, "cr": args.cr,
               "logit_bias": args.logit_bias, "layout": args.layout,
@@ -153,12 +153,17 @@ class Run:
     models: dict = dataclasses.field(default_factory=dict)  # checkpoint tag -> trained model
 
 
+def base_recipe(args: Config) -> dict:
+    """The family's recipe (the smoke's with --smoke), before --steps and --test-examples."""
+    return SMOKE if args.smoke else RECIPES[args.family]
+
+
 def setup(args: Config) -> Run:
     import prism_jax as pj
     from prism_jax.evaluation import tasks
     from prism_jax.training import train
 
-    recipe = SMOKE if args.smoke else RECIPES[args.family]
+    recipe = base_recipe(args)
     longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
     recipe = {**recipe, "steps": args.steps or recipe["steps"]}  # (the smoke's too)
     recipe["limit"] = args.test_examples or recipe["limit"]
