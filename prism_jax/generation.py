@@ -139,23 +139,44 @@ def _shard_on(device, x: jax.Array) -> jax.Array:
     return next(s.data for s in x.addressable_shards if s.device == device)[0]
 
 
-def _choose(logits, key, *, temperature: float, top_k: int | None):
-    """Next token per row: argmax (temperature 0), else a sample of softmax(logits / T)
-    among the top_k most likely tokens."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen, in `transformers`' order: logits divided by the
+    temperature, then the top_k most likely tokens, then of those the nucleus: the most likely
+    tokens whose probabilities, most likely first, reach top_p (a token is kept when the
+    tokens more likely than it hold less than top_p; ties with the last one kept too).
+    Temperature 0 is greedy (top_k and top_p change nothing)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def filtered(self, logits: jax.Array) -> jax.Array:
+        """`[B, V]` float32 logits over the temperature, the tokens left out at -inf."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        if self.top_p is not None and self.top_p < 1:
+            ordered = -jnp.sort(-logits, axis=-1)  # most likely first
+            probs = jax.nn.softmax(ordered, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # held by the more likely tokens
+            kept = jnp.where(before < self.top_p, ordered, jnp.inf)  # the first always
+            logits = jnp.where(logits < kept.min(-1, keepdims=True), -jnp.inf, logits)
+        return logits
+
+    def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """Next token per row `[B]` int32 from `[B, V]` logits."""
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.filtered(logits), axis=-1).astype(jnp.int32)
 
 
 TRACES = {"decode": 0}  # how often the decode step was traced (tests assert it once per shape)
 
 
 @functools.cache
-def decode_program(graphdef, temperature: float, top_k: int | None):
+def decode_program(graphdef, sampling: Sampling):
     """One compiled decode step `(params, caches, ids, positions, index, key) -> (next ids,
     caches)`: the same program for every token (`index`, the cache slot, is traced)."""
 
@@ -163,7 +184,7 @@ def decode_program(graphdef, temperature: float, top_k: int | None):
         TRACES["decode"] += 1
         module = nnx.merge(graphdef, params)
         logits, caches = module.decode(ids, positions, caches, index)
-        return _choose(logits, key, temperature=temperature, top_k=top_k), caches
+        return sampling.choose(logits, key), caches
 
     return jax.jit(step, donate_argnums=(1,))
 
@@ -187,7 +208,7 @@ def _end_ids(model: Model, eos) -> set[int]:
     return {int(eos)}
 
 
-def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k) -> None:
+def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k, top_p) -> None:
     if model.config.head != "lm" or not model.config.causal:
         raise PrismError("generation needs a causal LM (GPT-2 or Llama with an LM head)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
@@ -198,6 +219,8 @@ def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k) -> None
         raise PrismError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.config.vocab_size):
         raise PrismError(f"top_k must be an integer in [1, vocabulary size], got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise PrismError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def run(
@@ -209,6 +232,7 @@ def run(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     eos=True,
     on_token: Callable[[int, np.ndarray], None] | None = None,
@@ -222,14 +246,19 @@ def run(
       max_new_tokens: tokens to generate per row.
       temperature: 0 for greedy decoding, else sampling at this temperature.
       top_k: sample among the k most likely tokens only.
+      top_p: sample among the most likely tokens that together hold this probability
+        (nucleus sampling), after top_k.
       seed: sampling seed (the same seed gives the same tokens).
       eos: True stops a row at the model's end-of-sequence id(s), an int at that id, False
         never; a stopped row is padded with the model's pad id.
       on_token: called as `on_token(step, ids [B])` after every step (streaming).
     """
     plan = plan or Plan()
-    _check(model, plan, max_new_tokens, temperature, top_k)
-    single = mesh is None or plan.strategy == "single"
+    _check(model, plan, max_new_tokens, temperature, top_k, top_p)
+    sampling = Sampling(float(temperature), top_k, None if top_p is None else float(top_p))
+    # One device has no remote tokens: every plan is the exact model there (and a mesh of one
+    # device would carry its axis type into the decode's arrays).
+    single = mesh is None or plan.strategy == "single" or mesh.size == 1
     devices = 1 if single else mesh.shape[AXIS]
     prompt = left_pad(batch, model.config, devices, max_new_tokens)
     inputs, valid = model.prepare(prompt)
@@ -248,12 +277,11 @@ def run(
         logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
         params = place(model, last)  # the decoding device's copy, kept for the next call
     key = jax.random.key(seed)
-    ids = np.asarray(_choose(logits, jax.random.fold_in(key, 0), temperature=temperature,
-                             top_k=top_k))  # fmt: skip
+    ids = np.asarray(sampling.choose(logits, jax.random.fold_in(key, 0)))
     prefill_seconds = time.perf_counter() - tic
     prompt_slots = caches.keys.shape[2]
     caches = _grow(caches, max_new_tokens)
-    step = decode_program(model.graphdef, float(temperature), top_k)
+    step = decode_program(model.graphdef, sampling)
     ends, pad = _end_ids(model, eos), model.generation.get("pad_token_id")
     pad = pad if pad is not None else next(iter(ends), 0)
     out = np.full((b, max_new_tokens), pad, np.int32)
@@ -294,11 +322,11 @@ def _cache_bytes(cfg: ModelConfig, batch: int, slots: int, dtype_bytes: int = 4)
 
 
 def generate(model: Model, batch: dict, *, mesh=None, plan=None, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             eos=True) -> np.ndarray:  # fmt: skip
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, eos=True) -> np.ndarray:  # fmt: skip
     """New token ids `[B, max_new_tokens]` (DESIGN.md section 2; padded after end of
     sequence). See `run` for the arguments and for what the generation cost."""
     return run(
         model, batch, mesh=mesh, plan=plan, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, seed=seed, eos=eos,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos=eos,
     ).ids  # fmt: skip

@@ -4,6 +4,7 @@ prefill and the generated tokens appended to the last device (the NumPy referenc
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,12 +38,14 @@ def test_greedy_at_cr1_equals_transformers(name, hf_models, rng):
     model = pj.load_pretrained(directory)
     batch = tiny.random_batch(name, rng, batch=3, tokens=11)  # ragged, right-padded
     want = _hf_greedy(torch_model, generation.left_pad(batch, model.config, 1, NEW))
-    for n in (1, 2, 3, 4):
-        mesh = pj.edge_mesh(n) if n > 1 else None
+    for n in (None, 1, 2, 3, 4):  # None: no mesh; 1: a mesh of one device
+        mesh = None if n is None else pj.edge_mesh(n)
         got = pj.generate(
             model, batch, mesh=mesh, plan=pj.Plan(cr=1), max_new_tokens=NEW, eos=False
         )
         np.testing.assert_array_equal(got, want, err_msg=f"N={n}")
+    one = pj.generate(model, batch, mesh=pj.edge_mesh(1), plan=pj.Plan.best(4), max_new_tokens=NEW)
+    np.testing.assert_array_equal(one, pj.generate(model, batch, max_new_tokens=NEW))
 
 
 BEST = dict(grouping="kmeans", salient=1, value_tilt=True)  # Plan.best: the tilt kept in the cache
@@ -129,8 +132,55 @@ def test_sampling_is_reproducible_and_eos_pads(hf_models, rng):
 
 
 @pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(0.7, None, 0.9), (1.3, 50, 0.6), (1.0, None, 0.05), (0.5, 7, None)],
+)
+def test_sampling_filter_equals_transformers_warpers(temperature, top_k, top_p, rng):
+    """Temperature, top-k, then top-p (nucleus) keep the tokens `transformers` keeps."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = (rng.standard_normal((6, 300)) * 3).astype(np.float32)
+    got = np.asarray(generation.Sampling(temperature, top_k, top_p).filtered(jnp.asarray(logits)))
+    want = torch.tensor(logits)
+    warpers = [TemperatureLogitsWarper(temperature)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p else []
+    for warp in warpers:
+        want = warp(None, want)
+    want = want.numpy()
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert 1 <= (~np.isinf(got)).sum(1).min() and (np.isinf(got)).any()
+    kept = ~np.isinf(got)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6)
+
+
+def test_top_p_keeps_the_nucleus_and_its_ties():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.3, 0.0]]))
+    kept = ~np.isinf(np.asarray(generation.Sampling(1.0, None, 0.6).filtered(logits)))
+    # row 0: 0.5 holds less than 0.6, so the next (0.2) is kept, and its tie with it
+    assert kept.tolist() == [[True, True, True, False], [False, True, False, False]]
+    assert (~np.isinf(np.asarray(generation.Sampling(1.0, None, 1.0).filtered(logits)))).sum() == 7
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy(hf_models, rng):
+    model = pj.load_pretrained(hf_models("llama_lm")[1])
+    batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=7)
+    kw = dict(mesh=pj.edge_mesh(2), plan=pj.Plan(cr=2), max_new_tokens=8, eos=False)
+    np.testing.assert_array_equal(
+        pj.generate(model, batch, temperature=1.5, top_p=1e-6, seed=3, **kw),
+        pj.generate(model, batch, **kw),
+    )
+    full = pj.generate(model, batch, temperature=1.5, top_p=1.0, seed=3, **kw)
+    np.testing.assert_array_equal(full, pj.generate(model, batch, temperature=1.5, seed=3, **kw))
+
+
+@pytest.mark.parametrize(
     ("kw", "message"),
     [
+        (dict(max_new_tokens=4, top_p=0.0), "top_p must be a number in \\(0, 1\\]"),
+        (dict(max_new_tokens=4, top_p=1.5), "top_p must be a number in \\(0, 1\\]"),
+        (dict(max_new_tokens=4, top_p=float("nan")), "top_p must be a number in"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(max_new_tokens=-2), "max_new_tokens must be an integer >= 1"),
         (dict(max_new_tokens=60), "longer than the model's context of 64"),
@@ -152,12 +202,17 @@ def test_generate_cli(hf_models, capsys):
     r = json.loads(capsys.readouterr().out)
     assert len(r["ids"]) == 2 and len(r["ids"][0]) == 5 and r["prefill_bytes_per_device"] > 0
     assert 0 <= r["compare"]["token_agreement"] <= 1
+    sampled = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--json"]
+    assert cli.main(["generate", "--model", directory, "--prompt", "good tea", *sampled]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"][0]) == 32
     assert cli.main(["generate", "--model", directory, "--prompt", "good tea"]) == 0
     assert "tokens/s" in capsys.readouterr().out
     for bad, message in (
         (["--max-new-tokens", "0"], "argument --max-new-tokens"),
         (["--max-new-tokens", "-3"], "argument --max-new-tokens"),
         (["--temperature", "-1"], "argument --temperature"),
+        (["--top-p", "0"], "argument --top-p"),
+        (["--top-p", "1.01"], "argument --top-p"),
         (["--max-new-tokens", "63"], "longer than the model's context"),
         (["--chat"], "no chat template"),
     ):

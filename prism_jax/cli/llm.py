@@ -33,7 +33,7 @@ def run_generate(args) -> dict:
         batch["input_ids"][i, : len(r)], batch["attention_mask"][i, : len(r)] = r, 1
     stream = printing.TextStream(tok) if len(rows) == 1 and not args.json else None
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-              top_k=args.top_k, seed=args.seed)  # fmt: skip
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
     mesh = pj.edge_mesh(args.devices)
     run = generation.run(model, batch, mesh=mesh, plan=plan, on_token=stream, **kw)
     result = {

@@ -42,6 +42,10 @@ def positive_float(text: str) -> float:
     return _number(float, text, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 
 
+def probability(text: str) -> float:
+    return _number(float, text, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
 def port(text: str) -> int:
     return _number(int, text, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
 
@@ -271,6 +275,10 @@ def _generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k best")
+    p.add_argument(
+        "--top-p", type=probability, default=None,
+        help="sample among the most likely tokens that hold this probability (after --top-k)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--compare", action="store_true", help="also generate with the exact model and compare"
