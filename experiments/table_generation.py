@@ -1,29 +1,33 @@
 """Generation against compression: greedy agreement with the exact model, time to first token,
 decode speed, bytes and cache size, for SmolLM2-135M (real weights) and the GPT-2 task model.
 
-Command:  .venv/bin/python experiments/table_generation.py          (4.5 minutes on 2 cores)
+Command:  .venv/bin/python experiments/table_generation.py          (about 4 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_generation.py --smoke  (GPT-2 only; run by the tests)
 
 Prompts: the first 48 tokens of the first 8 held-out (test split) Wikipedia leads, one batch,
 right-padded by the tokenizer and left-padded for generation. Each (N, CR), N in {2, 4, 8}, CR
-in {1, 2, 4, 8, 16}, generates 32 tokens greedily (end of sequence ignored) with a partitioned
-prefill and a decode from the compressed cache (DESIGN.md section 1a), and is compared with
-the exact model's 32 tokens: the share of equal tokens and the mean length of the common
-prefix. Times: prefill (time to first token, the compile of a new shape included: the first
-(N, CR) of each N also compiles) and decode tokens/s per row (median step, after the compiling
-first); bytes each device sends in the prefill (none while decoding) and the cache bytes
-against the exact cache. Emulated devices share this machine's 2 cores.
+in {1, 2, 4, 8, 16}, and each compressor (`--compressors`: `paper`, the paper's segment
+means; `prism+`, `Plan.best`: k-means groups, a salient token, the value tilt) generates 32
+tokens greedily (end of sequence ignored) with a partitioned prefill and a decode from the
+compressed cache (DESIGN.md section 1a), and is compared with the exact model's 32 tokens:
+the share of equal tokens and the mean length of the common prefix. Times: prefill (time to
+first token, the compile of a new shape included: the first (N, CR) of each N also
+compiles) and decode tokens/s per row (median step, after the compiling first); bytes each
+device sends in the prefill (none while decoding) and the cache bytes against the exact
+cache. Emulated devices share this machine's 2 cores.
 Writes experiments/results/table_generation.{json,md,png} and the continuations of two
-prompts at CR = 1 and CR = 16 (N = 4) into the Markdown.
+prompts at CR = 1 and, with each compressor, CR = 16 (N = 4) into the Markdown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import common
 
 MODELS = {"SmolLM2-135M": None, "GPT-2 task model": common.HERE / "models" / "gpt2-wikipedia"}
+COMPRESSORS = ("paper", "prism+")
 
 
 @dataclasses.dataclass
@@ -32,6 +36,9 @@ class Config:
     prompts: int = common.setting(8, "prompts (test-split Wikipedia leads)")
     prompt_tokens: int = common.setting(48, "tokens of each lead used as its prompt")
     new_tokens: int = common.setting(32, "tokens generated per prompt")
+    compressors: str = common.setting(
+        ",".join(COMPRESSORS), "compressors compared, comma-separated: paper, prism+"
+    )
     out: str | None = common.setting(None, "results folder")
 
 
@@ -43,23 +50,38 @@ def agreement(got, exact) -> dict:
     return {"token_agreement": float(equal.mean()), "common_prefix": float(prefix.mean())}
 
 
-def sweep_model(name, model, batch, devices, crs, new_tokens):
+def compressors_of(text: str) -> list[str] | None:
+    """The compressors of a comma-separated flag, or None when one is unknown."""
+    names = text.split(",")
+    return names if set(names) <= set(COMPRESSORS) and len(set(names)) == len(names) else None
+
+
+def plan_of(compressor: str, cr: int):
+    import prism_jax as pj
+
+    return pj.Plan.best(cr) if compressor == "prism+" else pj.Plan(cr=cr)
+
+
+def sweep_model(name, model, batch, devices, crs, new_tokens, compressors):
     import prism_jax as pj
     from prism_jax import generation
 
     exact = generation.run(model, batch, max_new_tokens=new_tokens, eos=False)
     rows, samples = [], {}
     for n in devices:
-        for cr in crs:
-            run = generation.run(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=cr),
-                                 max_new_tokens=new_tokens, eos=False)  # fmt: skip
-            rows.append({"model": name, "devices": n, "cr": cr, **agreement(run.ids, exact.ids),
-                         "prefill_seconds": run.prefill_seconds,
-                         "tokens_per_second": run.tokens_per_second,
-                         "prefill_bytes": run.prefill_bytes, "cache_bytes": run.cache_bytes,
-                         "exact_cache_bytes": run.exact_cache_bytes})  # fmt: skip
-            print(rows[-1], flush=True)
-            samples[(n, cr)] = run.ids
+        for compressor in compressors:
+            for cr in crs:
+                plan = plan_of(compressor, cr)
+                run = generation.run(model, batch, mesh=pj.edge_mesh(n), plan=plan,
+                                     max_new_tokens=new_tokens, eos=False)  # fmt: skip
+                rows.append({"model": name, "compressor": compressor, "devices": n, "cr": cr,
+                             **agreement(run.ids, exact.ids),
+                             "prefill_seconds": run.prefill_seconds,
+                             "tokens_per_second": run.tokens_per_second,
+                             "prefill_bytes": run.prefill_bytes, "cache_bytes": run.cache_bytes,
+                             "exact_cache_bytes": run.exact_cache_bytes})  # fmt: skip
+                print(rows[-1], flush=True)
+                samples[(compressor, n, cr)] = run.ids
     return rows, samples, exact
 
 
@@ -75,6 +97,12 @@ def right_padded(rows: list[list[int]]) -> dict:
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
+    compressors = compressors_of(args.compressors)
+    if compressors is None:
+        choices = ", ".join(COMPRESSORS)
+        print(f"table_generation.py: error: argument --compressors: expected distinct names of "
+              f"{choices}, comma-separated: {args.compressors!r}", file=sys.stderr)  # fmt: skip
+        return 2
 
     import prism_jax as pj
     from prism_jax.data import sources, tfds_builders
@@ -91,29 +119,36 @@ def main(argv=None):
         tok = model.tokenizer
         prompts = [tok.encode_plain(t)[: args.prompt_tokens] for t in leads]
         batch = right_padded(prompts)
-        rows, samples, exact = sweep_model(name, model, batch, devices, crs, new)
+        rows, samples, exact = sweep_model(name, model, batch, devices, crs, new, compressors)
         results += rows
         n = 4 if 4 in devices else devices[0]
+        shown = [(compressors[0], crs[0])] + [(c, crs[-1]) for c in compressors]
         for i in range(min(2, count)):
-            by_cr = {cr: tok.decode(samples[(n, cr)][i]) for cr in (crs[0], crs[-1])}
-            texts.append((name, tok.decode(prompts[i]), by_cr, tok.decode(exact.ids[i])))
+            by_plan = {label(c, cr): tok.decode(samples[(c, n, cr)][i]) for c, cr in shown}
+            texts.append((name, tok.decode(prompts[i]), by_plan, tok.decode(exact.ids[i])))
     save(args, results, texts, crs)
+    return 0
+
+
+def label(compressor: str, cr: int) -> str:
+    return f"CR = {cr}" if cr == 1 else f"{compressor} CR = {cr}"
 
 
 def markdown(results, texts, crs) -> str:
-    head = "model | N | CR | token agreement | common prefix | TTFT (s) | tokens/s | "
+    head = "model | compressor | N | CR | token agreement | common prefix | TTFT (s) | tokens/s | "
     head += "prefill bytes/device | cache bytes | exact cache"
-    lines = [f"| {head} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| {head} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [
-        f"| {r['model']} | {r['devices']} | {r['cr']} | {100 * r['token_agreement']:.1f} % | "
+        f"| {r['model']} | {r['compressor']} | {r['devices']} | {r['cr']} | "
+        f"{100 * r['token_agreement']:.1f} % | "
         f"{r['common_prefix']:.1f} | {r['prefill_seconds']:.2f} | {r['tokens_per_second']:.1f} | "
         f"{r['prefill_bytes']:,} | {r['cache_bytes']:,} | {r['exact_cache_bytes']:,} |"
         for r in results
     ]
     lines += ["", f"Continuations (greedy, N = 4) at CR = {crs[0]} and CR = {crs[-1]}:", ""]
-    for name, prompt, by_cr, exact in texts:
+    for name, prompt, by_plan, exact in texts:
         lines += [f"**{name}**, prompt: {prompt!r}", ""]
-        lines += [f"- CR = {cr}: {text!r}" for cr, text in by_cr.items()]
+        lines += [f"- {plan}: {text!r}" for plan, text in by_plan.items()]
         lines += [f"- exact: {exact!r}", ""]
     return "\n".join(lines) + "\n"
 
@@ -128,9 +163,13 @@ def plot(results, path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for i, n in enumerate(sorted({r["devices"] for r in results})):
-            pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
-                   if r["model"] == name and r["devices"] == n]  # fmt: skip
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=f"C{i}", label=f"N={n}")
+            for compressor, style in zip(COMPRESSORS, ("-", "--"), strict=True):
+                pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
+                       if r["model"] == name and r["devices"] == n
+                       and r["compressor"] == compressor]  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=f"C{i}",
+                            label=f"N={n} {compressor}")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression rate CR")
         ax.set_ylabel("greedy tokens equal to exact (%)")
@@ -150,4 +189,4 @@ def save(args, results, texts, crs):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -262,6 +262,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--test-examples", "0"], "--test-examples: expected int >= 1"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
+        (["table_generation.py", "--compressors", "paper,best"], "--compressors: expected"),
+        (["table_generation.py", "--compressors", "paper,paper"], "--compressors: expected"),
     ],
 )
 def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):
