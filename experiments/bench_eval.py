@@ -152,4 +152,4 @@ def markdown(rows) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from prism_jax.cli import emulate_devices
-from prism_jax.cli.parser import Parser
+from prism_jax.cli.parser import EXIT_USAGE, Parser
+from prism_jax.errors import PrismError
 from prism_jax.evaluation import report
 
 HERE = Path(__file__).parent
@@ -82,6 +85,18 @@ def parse(config: type, doc: str, argv: list[str] | None = None, *, devices: int
     return cfg
 
 
+def run_script(main: Callable[[], int | None]) -> None:
+    """Exit with what a script's `main()` returns; a PrismError on the way (data that is not
+    installed, a checkpoint that does not load) is one line on stderr and exit 2, as in the
+    CLI, not a traceback."""
+    try:
+        code = main()
+    except PrismError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    sys.exit(code or 0)
+
+
 def _plain(hint) -> type:
     """`int | None` -> int: the type a flag's text is read as."""
     if isinstance(hint, types.UnionType):
@@ -89,9 +104,14 @@ def _plain(hint) -> type:
     return hint
 
 
+def results_dir(cfg) -> Path | None:
+    """Where a script writes: `--out`, else results/; None for a smoke without `--out`."""
+    return report.results_dir(cfg.out, cfg.smoke, RESULTS)
+
+
 def save(cfg, stem: str, record, text: str, plot=None) -> None:
     """`results/<stem>.{json,md,png}` (or `--out`); a smoke without `--out` writes nothing."""
-    report.save(report.results_dir(cfg.out, cfg.smoke, RESULTS), stem, record, text, plot)
+    report.save(results_dir(cfg), stem, record, text, plot)
 
 
 def first_layers(model, depth: int):

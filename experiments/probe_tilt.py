@@ -221,4 +221,4 @@ def markdown(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

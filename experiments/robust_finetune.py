@@ -17,11 +17,13 @@ one more, mixed prism+ that also learns the exact starting model's predictions (
 `TrainConfig.distill`); `--mixed-crs` of `--cr` alone makes the prism+ arm a single-CR one
 (and leaves out the paper's, a copy of the single-CR arm); `--no-paper` leaves out both arms
 trained with the paper's segments (half the training, when only prism+ against exact is
-asked). Every arm is scored at `--eval-crs` with the compressor it was trained with, and each
-score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard error
-of that paired difference over the same test examples (every example's hit is kept in the
-JSON, `hits`). BERT: the whole recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of
-the fine-food reviews, inputs padded to 128).
+asked); `--resume` takes the arms the results file of the same run (name and recipe) already
+holds, scored at every `--eval-crs`, from it, and trains only the others (checkpoints stay
+on one machine; the results file is committed). Every arm is scored at `--eval-crs` with the
+compressor it was trained with, and each score is also given as points from exact (the
+CR = 1 arm at CR = 1) with the standard error of that paired difference over the same test
+examples (every example's hit is kept in the JSON, `hits`). BERT: the whole recipe from
+all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
 150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
@@ -72,6 +74,9 @@ class Config:
     no_paper: bool = common.setting(
         False, "with --mixed, leave out the arms trained with the paper's segments"
     )
+    resume: bool = common.setting(
+        False, "take the arms this run's results file already holds (same recipe) from it"
+    )
     steps: int | None = common.setting(None, "training steps an arm (default: the recipe's)")
     test_examples: int | None = common.setting(
         None, "test examples every arm is scored on (default: the recipe's 1,000)"
@@ -98,22 +103,66 @@ def main(argv=None):
         have = f"the {run.dataset} test split has {run.task.examples}"
         print(f"robust_finetune.py: error: argument --test-examples: {have}", file=sys.stderr)
         return 2
+    stem = results_stem(run)
+    try:
+        earlier = earlier_results(run, stem) if args.resume else {}
+    except ValueError as e:  # before any training
+        print(f"robust_finetune.py: error: argument --resume: {e}", file=sys.stderr)
+        return 2
     results = {}
     for arm in arms(args):
-        results[arm.name] = run_arm(arm, run)
+        reused = reusable(earlier.get(arm.name), arm, run.eval_crs)
+        results[arm.name] = reused or run_arm(arm, run)
         print(arm.name, {cr: round(100 * v, 2) for cr, v in results[arm.name]["accuracy"].items()},
-              flush=True)  # fmt: skip
+              "(from the results file)" if reused else "", flush=True)  # fmt: skip
     add_gaps(results)
     text = markdown(results, run)
     print(text)
-    stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
-    stem += run.longer.replace("-", "_")
-    if run.recipe["limit"] != base_recipe(args)["limit"]:
-        stem += f"_test{run.recipe['limit']}"  # another test set size: its own results file
     record = {"family": args.family, "devices": args.devices, "cr": args.cr,
               "logit_bias": args.logit_bias, "layout": args.layout,
               "recipe": run.recipe, "results": results}  # fmt: skip
     common.save(args, stem, record, text, lambda png: plot(results, run.eval_crs, args, png))
+
+
+def results_stem(run: Run) -> str:
+    """The results file's name: the run's family, N, CR, bias, layout, and its steps and test
+    examples where they are not the recipe's."""
+    args = run.args
+    stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
+    stem += run.longer.replace("-", "_")
+    if run.recipe["limit"] != base_recipe(args)["limit"]:
+        stem += f"_test{run.recipe['limit']}"  # another test set size: its own results file
+    return stem
+
+
+def earlier_results(run: Run, stem: str) -> dict:
+    """The arms of this run's results file (`--resume`), keyed by name; {} when there is no
+    file. A file written with another recipe (steps, batch, learning rate, test examples) is
+    refused (ValueError): its arms are not this run's."""
+    folder = common.results_dir(run.args)
+    path = None if folder is None else folder / f"{stem}.json"
+    if path is None or not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    if record["recipe"] != json.loads(json.dumps(run.recipe)):
+        raise ValueError(f"{path} was written with another recipe ({record['recipe']})")
+    return record["results"]
+
+
+def reusable(result: dict | None, arm: Arm, crs: list[int]) -> dict | None:
+    """An arm's result from the results file, its CRs as integers again, when it is this arm
+    (the same training CRs, distillation and scoring compressor) scored at every CR of `crs`;
+    else None (the arm is trained, or resumed from its checkpoints, and scored again)."""
+    if result is None:
+        return None
+    same = (result["crs"] == arm.crs and result["distill"] == arm.distill
+            and result["scored_with"] == ("paper" if arm.template.paper else "prism+"))  # fmt: skip
+    if not same or not {str(cr) for cr in crs} <= set(result["hits"]):
+        return None
+    keep = {str(cr) for cr in crs}
+    by_cr = {k: {int(cr): v for cr, v in result[k].items() if cr in keep}
+             for k in ("accuracy", "hits")}  # fmt: skip
+    return {k: v for k, v in result.items() if k != "gap"} | by_cr
 
 
 def usage_problem(args: Config) -> str | None:
@@ -363,4 +412,4 @@ def plot(results, crs, args, path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_script(main)

@@ -376,4 +376,4 @@ def save(args, record):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

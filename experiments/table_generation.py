@@ -189,4 +189,4 @@ def save(args, results, texts, crs):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_script(main)

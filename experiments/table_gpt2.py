@@ -62,4 +62,4 @@ def save(results, args):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -114,4 +114,4 @@ def save(results, latency, args):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -416,3 +416,82 @@ def test_robust_finetune_other_steps_name_their_results(tmp_path, tfds_dir):
         (tmp_path / "robust_vit_n4_cr16_log_count_padded_steps3_test4.json").read_text()
     )
     assert {r["examples"] for r in record["results"].values()} == {4}
+
+
+def test_robust_finetune_resume_takes_only_the_same_arm_scored_at_every_cr(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    args = rf.common.parse(
+        rf.Config, rf.__doc__, ["--family", "vit", "--mixed", "--mixed-crs", "1,16", "--distill",
+                                "1", "--out", str(tmp_path)], devices=None,
+    )  # fmt: skip
+    arms = {arm.name: arm for arm in rf.arms(args)}
+    mixed, distilled = (
+        arms["mixed CR {1,16}, prism+"],
+        arms["mixed CR {1,16}, prism+, distilled (1)"],
+    )
+    saved = {"crs": [1, 16], "distill": 0.0, "scored_with": "prism+", "examples": 8,
+             "train_minutes": 3.0, "accuracy": {"1": 0.5, "16": 0.25, "2": 0.5},
+             "hits": {"1": "f0", "16": "c0", "2": "f0"}, "gap": {"1": [0, 0]}}  # fmt: skip
+    got = rf.reusable(saved, mixed, [1, 16])
+    assert got["accuracy"] == {1: 0.5, 16: 0.25} and got["hits"] == {1: "f0", 16: "c0"}
+    assert "gap" not in got and got["train_minutes"] == 3.0  # gaps are taken again
+    assert rf.reusable(saved, distilled, [1, 16]) is None  # another arm
+    assert rf.reusable(saved, mixed, [1, 4, 16]) is None  # not scored at CR = 4
+    assert rf.reusable(None, mixed, [1, 16]) is None
+    assert rf.reusable({**saved, "crs": [1, 2, 16]}, mixed, [1, 16]) is None
+
+    run = types.SimpleNamespace(args=args, recipe={"steps": 150, "limit": 1000})
+    assert rf.earlier_results(run, "stem") == {}  # no file yet: every arm trains
+    record = {"recipe": {"steps": 150, "limit": 1000}, "results": {mixed.name: saved}}
+    (tmp_path / "stem.json").write_text(json.dumps(record))
+    assert rf.earlier_results(run, "stem") == {mixed.name: saved}
+    run.recipe = {"steps": 300, "limit": 1000}
+    with pytest.raises(ValueError, match="written with another recipe"):
+        rf.earlier_results(run, "stem")
+
+
+@pytest.mark.slow
+def test_robust_finetune_resume_trains_only_the_arms_its_results_lack(tmp_path, tfds_dir):
+    script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"
+    argv = [sys.executable, str(script), "--smoke", "--family", "vit", "--mixed", "--no-paper",
+            "--out", str(tmp_path)]  # fmt: skip
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    done = subprocess.run([*argv, "--distill", "1", "--resume"], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("(from the results file)") == 5  # all but the distilled arm
+    assert done.stderr.count("fine-tuning") and "distilled (1)" in done.stdout
+    record = json.loads((tmp_path / "robust_vit_n4_cr16_log_count_padded.json").read_text())
+    assert len(record["results"]) == 6
+    record["recipe"]["lr"] *= 2
+    (tmp_path / "robust_vit_n4_cr16_log_count_padded.json").write_text(json.dumps(record))
+    refused = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "written with another recipe" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_scripts_prism_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    """Data that is not installed (a PrismError in any script) ends as the CLI's bad input does."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import common
+
+    from prism_jax.errors import PrismError
+
+    def missing():
+        raise PrismError("Fashion-MNIST not found in /nowhere (apt-get install ...)")
+
+    monkeypatch.setattr(sys, "argv", ["table_vit.py"])
+    with pytest.raises(SystemExit) as done:
+        common.run_script(missing)
+    assert done.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "table_vit.py: error: Fashion-MNIST not found in /nowhere (apt-get install ...)\n"
+    )
+    for code in (None, 0, 2):
+        with pytest.raises(SystemExit) as done:
+            common.run_script(lambda code=code: code)
+        assert done.value.code == (code or 0)
