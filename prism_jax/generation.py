@@ -190,13 +190,9 @@ def decode_program(graphdef, sampling: Sampling):
 
 
 def _grow(cache: KVCache, extra: int) -> KVCache:
-    """Room for `extra` generated tokens at the end of the layers' caches (`[depth, B, C,
-    ...]`; not yet visible)."""
-
-    def grow(x):
-        return jnp.pad(x, ((0, 0), (0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 3))
-
-    return KVCache(*(None if x is None else grow(x) for x in cache))
+    """Room for `extra` generated tokens at the end of the layers' caches (stacked on a
+    leading layer axis, `[depth, B, C, ...]`; not yet visible)."""
+    return jax.vmap(lambda layer: layer.grown(extra))(cache)
 
 
 def _end_ids(model: Model, eos) -> set[int]:

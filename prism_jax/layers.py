@@ -107,6 +107,8 @@ class KVCache(NamedTuple):
       bias: `[B, C]` float32 logit bias (log count of a remote mean, else 0).
       stats: `[B, C, 1 | 3]` float32 value-tilt statistics of each slot (zero but for remote
         means; `compress.group_means`), or None without the tilt.
+      tilt: `[G, K, K]` float32 matrices M_h of the value tilt (this layer's weights, computed
+        once in the prefill, not at every decoded token), or None without the tilt.
     """
 
     keys: jax.Array
@@ -114,6 +116,18 @@ class KVCache(NamedTuple):
     mask: jax.Array
     bias: jax.Array
     stats: jax.Array | None = None
+    tilt: jax.Array | None = None
+
+    def grown(self, extra: int) -> KVCache:
+        """Room for `extra` more slots at the end (not yet visible)."""
+
+        def grow(x):
+            return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+
+        slotted = ("keys", "values", "mask", "bias", "stats")
+        return self._replace(
+            **{f: grow(getattr(self, f)) for f in slotted if getattr(self, f) is not None}
+        )
 
 
 class Attention(nnx.Module):
@@ -148,14 +162,15 @@ class Attention(nnx.Module):
         keys, values, mask, bias, stats = self._keys_values(a, ex)  # [B, M, G*K] each
         m = keys.shape[1]
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
+        tilt = None if stats is None else self._tilt_matrices()
         if stats is not None:
-            out = self._tilted(q, keys, values, mask, bias, stats)
+            out = self._tilted(q, keys, values, mask, bias, stats, tilt)
         else:
             out = attend(q, keys, values, mask, bias, loops=not ex.straight)  # [B, L, H, K]
         cache = None
         if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
-            cache = KVCache(keys, values, mask[:, 0, -1], seen, stats)
+            cache = KVCache(keys, values, mask[:, 0, -1], seen, stats, tilt)
         return self.o(out.reshape(b, l, h * k)), cache
 
     def _keys_values(self, a: jax.Array, ex: exchange.Exchange):
@@ -184,10 +199,18 @@ class Attention(nnx.Module):
         values = jnp.concatenate([local_values, self.v(means)], axis=1)
         return keys, values, mask, bias, stats
 
-    def _tilted(self, q, keys, values, mask, bias, stats) -> jax.Array:
+    def _tilt_matrices(self) -> jax.Array:
+        """`[G, K, K]` float32 M_h = W_k^(h)T W_v^(h) of each KV head, from this device's own
+        weights (DESIGN.md section 1b.4)."""
+        g, k = self.kv_heads, self.head_dim
+        wk = self.k.kernel[...].reshape(-1, g, k)  # [D, G, K]
+        wv = self.v.kernel[...].reshape(-1, g, k)
+        return jnp.einsum("dgk,dgj->gkj", wk, wv).astype(jnp.float32)
+
+    def _tilted(self, q, keys, values, mask, bias, stats, m_h) -> jax.Array:
         """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
         each head's output gains (sum over remote rows m of p_m * s2_m) * q~_h M_h, with
-        q~_h = q_h / sqrt(K) and M_h = W_k^(h)T W_v^(h) from this device's own weights. With
+        q~_h = q_h / sqrt(K) and `m_h` the `_tilt_matrices`. With
         rotary keys (derived in `compress`'s docstring) each row's term first turns the query
         back by the group's expected rotation: sum_m p_m s2_m (E_m[R]^T q~_h) M_h."""
         b, l, h, k = q.shape
@@ -209,9 +232,6 @@ class Attention(nnx.Module):
             c = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * cos)
             s = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * sin)
             turned = c * qg - s * _rotate_half(qg)
-        wk = self.k.kernel[...].reshape(-1, g, k)  # [D, G, K]
-        wv = self.v.kernel[...].reshape(-1, g, k)
-        m_h = jnp.einsum("dgk,dgj->gkj", wk, wv).astype(jnp.float32)  # [G, K, K]
         out = out + jnp.einsum("blgrk,gkj->blgrj", turned, m_h)
         return out.reshape(b, l, h, k).astype(q.dtype)
 
@@ -237,7 +257,7 @@ class Attention(nnx.Module):
         if cache.stats is None:
             out = attend(q, keys, values, visible, bias)
         else:  # the remote means keep their tilt; own and generated slots have none (exact)
-            out = self._tilted(q, keys, values, visible, bias, cache.stats)
+            out = self._tilted(q, keys, values, visible, bias, cache.stats, cache.tilt)
         return self.o(out.reshape(b, 1, h * k)), cache._replace(keys=keys, values=values, mask=mask)
 
     def _keys(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
