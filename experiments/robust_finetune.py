@@ -18,8 +18,9 @@ one more, mixed prism+ that also learns the exact starting model's predictions (
 (and leaves out the paper's, a copy of the single-CR arm); `--no-paper` leaves out both arms
 trained with the paper's segments (half the training, when only prism+ against exact is
 asked); `--resume` takes the arms the results file of the same run (name and recipe) already
-holds, scored at every `--eval-crs`, from it, and trains only the others (checkpoints stay
-on one machine; the results file is committed). Every arm is scored at `--eval-crs` with the
+holds, scored at every `--eval-crs`, from it, trains only the others and keeps the file's
+arms this run does not list (checkpoints stay on one machine; the results file is
+committed). Every arm is scored at `--eval-crs` with the
 compressor it was trained with, and each score is also given as points from exact (the
 CR = 1 arm at CR = 1) with the standard error of that paired difference over the same test
 examples (every example's hit is kept in the JSON, `hits`). BERT: the whole recipe from
@@ -115,6 +116,8 @@ def main(argv=None):
         results[arm.name] = reused or run_arm(arm, run)
         print(arm.name, {cr: round(100 * v, 2) for cr, v in results[arm.name]["accuracy"].items()},
               "(from the results file)" if reused else "", flush=True)  # fmt: skip
+    for name, result in earlier.items():  # the file's arms that this run does not list: kept
+        results.setdefault(name, scored(result))
     add_gaps(results)
     text = markdown(results, run)
     print(text)
@@ -159,8 +162,14 @@ def reusable(result: dict | None, arm: Arm, crs: list[int]) -> dict | None:
             and result["scored_with"] == ("paper" if arm.template.paper else "prism+"))  # fmt: skip
     if not same or not {str(cr) for cr in crs} <= set(result["hits"]):
         return None
-    keep = {str(cr) for cr in crs}
-    by_cr = {k: {int(cr): v for cr, v in result[k].items() if cr in keep}
+    return scored(result, crs)
+
+
+def scored(result: dict, crs: list[int] | None = None) -> dict:
+    """An arm's result read back from JSON: its CRs integers again (only `crs`, when given),
+    its gaps left to `add_gaps`."""
+    keep = None if crs is None else set(crs)
+    by_cr = {k: {int(cr): v for cr, v in result[k].items() if keep is None or int(cr) in keep}
              for k in ("accuracy", "hits")}  # fmt: skip
     return {k: v for k, v in result.items() if k != "gap"} | by_cr
 
@@ -371,8 +380,8 @@ def markdown(results: dict, run: Run) -> str:
         head + " | train min |",
         "|---|" + "---:|" * (len(crs) + 1),
     ]
-    for name, r in results.items():
-        cells = [f"{100 * r['accuracy'][cr]:.1f}" for cr in crs]
+    for name, r in results.items():  # ("-": an arm kept from the results file, not at that CR)
+        cells = [f"{100 * r['accuracy'][cr]:.1f}" if cr in r["accuracy"] else "-" for cr in crs]
         minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} |")
     exact = 100 * results[EXACT]["accuracy"][1]
@@ -385,7 +394,8 @@ def markdown(results: dict, run: Run) -> str:
         "|---|" + "---:|" * len(crs),
     ]
     for name, r in results.items():
-        cells = [f"{r['gap'][cr][0]:+.1f} ± {r['gap'][cr][1]:.1f}" for cr in crs]
+        cells = [f"{r['gap'][cr][0]:+.1f} ± {r['gap'][cr][1]:.1f}" if cr in r["gap"] else "-"
+                 for cr in crs]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -398,7 +408,8 @@ def plot(results, crs, args, path):
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, r in results.items():
-        ax.plot(crs, [100 * r["accuracy"][cr] for cr in crs], marker="o", ms=3, label=name)
+        at = [cr for cr in crs if cr in r["accuracy"]]
+        ax.plot(at, [100 * r["accuracy"][cr] for cr in at], marker="o", ms=3, label=name)
     ax.axvline(args.cr, color="k", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"compression rate CR (N = {args.devices})")

@@ -441,6 +441,8 @@ def test_robust_finetune_resume_takes_only_the_same_arm_scored_at_every_cr(monke
     assert rf.reusable(saved, mixed, [1, 4, 16]) is None  # not scored at CR = 4
     assert rf.reusable(None, mixed, [1, 16]) is None
     assert rf.reusable({**saved, "crs": [1, 2, 16]}, mixed, [1, 16]) is None
+    kept = rf.scored(saved)  # an arm of the file that a run does not list: every CR kept
+    assert kept["accuracy"] == {1: 0.5, 16: 0.25, 2: 0.5} and "gap" not in kept
 
     run = types.SimpleNamespace(args=args, recipe={"steps": 150, "limit": 1000})
     assert rf.earlier_results(run, "stem") == {}  # no file yet: every arm trains
@@ -466,6 +468,10 @@ def test_robust_finetune_resume_trains_only_the_arms_its_results_lack(tmp_path, 
     assert done.stderr.count("fine-tuning") and "distilled (1)" in done.stdout
     record = json.loads((tmp_path / "robust_vit_n4_cr16_log_count_padded.json").read_text())
     assert len(record["results"]) == 6
+    again = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "fine-tuning" not in again.stderr  # nothing trains
+    kept = json.loads((tmp_path / "robust_vit_n4_cr16_log_count_padded.json").read_text())
+    assert kept["results"] == record["results"]  # the distilled arm, not listed, is kept
     record["recipe"]["lr"] *= 2
     (tmp_path / "robust_vit_n4_cr16_log_count_padded.json").write_text(json.dumps(record))
     refused = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=600)
