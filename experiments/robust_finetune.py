@@ -20,10 +20,10 @@ trained with the paper's segments (half the training, when only prism+ against e
 asked); `--resume` takes the arms the results file of the same run (name and recipe) already
 holds, scored at every `--eval-crs`, from it, trains only the others and keeps the file's
 arms this run does not list (checkpoints stay on one machine; the results file is
-committed). Every arm is scored at `--eval-crs` with the
-compressor it was trained with, and each score is also given as points from exact (the
-CR = 1 arm at CR = 1) with the standard error of that paired difference over the same test
-examples (every example's hit is kept in the JSON, `hits`). BERT: the whole recipe from
+committed). Every arm is scored at `--eval-crs` with the compressor it was trained with, and
+each score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard
+error of that paired difference over the same test examples (every example's hit is kept in
+the JSON, `hits`). BERT: the whole recipe from
 all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
 150 steps at batch 128. Writes
