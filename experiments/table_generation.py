@@ -145,12 +145,29 @@ def markdown(results, texts, crs) -> str:
         f"{r['prefill_bytes']:,} | {r['cache_bytes']:,} | {r['exact_cache_bytes']:,} |"
         for r in results
     ]
+    lines += decode_speed_ratios(results)
     lines += ["", f"Continuations (greedy, N = 4) at CR = {crs[0]} and CR = {crs[-1]}:", ""]
     for name, prompt, by_plan, exact in texts:
         lines += [f"**{name}**, prompt: {prompt!r}", ""]
         lines += [f"- {plan}: {text!r}" for plan, text in by_plan.items()]
         lines += [f"- exact: {exact!r}", ""]
     return "\n".join(lines) + "\n"
+
+
+def decode_speed_ratios(results) -> list[str]:
+    """Markdown lines: each model's prism+ decode speed against the paper's segments at the
+    same N and CR, the mean over those cells of this run (none with one compressor)."""
+    speed = {(r["model"], r["compressor"], r["devices"], r["cr"]): r["tokens_per_second"]
+             for r in results}  # fmt: skip
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        ratios = [v / speed[(m, "paper", n, cr)] for (m, c, n, cr), v in speed.items()
+                  if m == name and c == "prism+" and (m, "paper", n, cr) in speed]  # fmt: skip
+        if ratios:
+            mean = sum(ratios) / len(ratios)
+            lines.append(f"{name}: prism+ decodes at {mean:.2f} of the paper's segments' "
+                         f"tokens/s (mean over {len(ratios)} cells, same N and CR)")  # fmt: skip
+    return [""] + lines if lines else []
 
 
 def plot(results, path) -> None:

@@ -501,3 +501,18 @@ def test_a_scripts_prism_error_is_one_line_and_exit_2(monkeypatch, capsys):
         with pytest.raises(SystemExit) as done:
             common.run_script(lambda code=code: code)
         assert done.value.code == (code or 0)
+
+
+def test_table_generation_reports_prism_plus_decode_speed_against_the_papers(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import table_generation
+
+    def row(compressor, n, cr, speed):
+        return {"model": "m", "compressor": compressor, "devices": n, "cr": cr,
+                "tokens_per_second": speed}  # fmt: skip
+
+    rows = [row("paper", 2, 1, 10.0), row("prism+", 2, 1, 8.0),
+            row("paper", 2, 4, 20.0), row("prism+", 2, 4, 20.0)]  # fmt: skip
+    [blank, line] = table_generation.decode_speed_ratios(rows)
+    assert blank == "" and "decodes at 0.90 of the paper's" in line and "2 cells" in line
+    assert table_generation.decode_speed_ratios(rows[::2]) == []  # the paper's alone
