@@ -9,9 +9,12 @@ Smoke:    .venv/bin/python experiments/bench_speed.py --smoke  (seconds; run by 
 (b) `prism` at N = 4 emulated CPU devices, CR in {1, 8, 32}, against `single`, MiniLM.
     The emulated devices share this machine's 2 cores, so this measures overhead and
     compute saved, not the parallel speed-up of real edge devices.
-(c) Peak memory of each: a fresh process loads the model, notes its RSS, runs the
-    configuration twice (compile + one call) and reports how far its peak RSS (VmHWM) rose
-    above that; compiler memory counts, emulated devices count together.
+(c) Peak memory of each: a fresh process loads both models, reads every weight (so that
+    a weight mapped from its file but not yet read is not counted, as it was before
+    2026-12-06: the rise then held the weights or not as the mapping happened to go),
+    resets its peak RSS (VmHWM) to its RSS, runs the configuration twice (compile + one
+    call) and reports how far the peak rose; compiler memory counts, emulated devices
+    count together.
 
 Compile time is kept apart (the first call); times are medians of `--repeats` calls.
 Writes experiments/results/bench_speed.{json,md}.
@@ -78,22 +81,34 @@ def peak_mb(model: str, t: int, run: str, cfg: Config) -> float:
 
 
 def _peak_child(model: str, t: int, run: str, batch: int, devices: int) -> None:
-    """In a fresh process: load, note RSS, run twice, print the peak's rise in MB."""
+    """In a fresh process: load, read every weight, reset the peak, note RSS, run twice,
+    print the peak's rise in MB."""
     cfg = Config(batch=batch, lengths=(t,), crs=(), devices=devices, bert_base=True)
     with tempfile.TemporaryDirectory() as tmp:
         name, ours, reference = next(m for m in _models(cfg, Path(tmp)) if m[0] == model)
         fn = _runner(ours, reference, run, batch, t, devices)
+        _read_weights(ours, reference)
+        _reset_peak()
         base = _status("VmRSS")
         fn()
         fn()
         print((_status("VmHWM") - base) / 2**20)
 
 
-def _measure(fn, repeats: int) -> dict:
-    from prism_jax.evaluation.timing import timed
+def _reset_peak() -> None:
+    """VmHWM := VmRSS (Linux: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
-    first, steady = timed(fn, repeats=repeats)
-    return {"first_call_s": first, "s": steady}
+
+def _read_weights(model, reference) -> None:
+    """Read every weight of both models in place (sums, no copies)."""
+    import jax
+    import torch
+
+    jax.block_until_ready(jax.tree.map(lambda x: x.sum(), model.params))
+    with torch.inference_mode():
+        for tensor in [*reference.parameters(), *reference.buffers()]:
+            tensor.sum()
 
 
 def _models(cfg: Config, tmp: Path):
@@ -152,11 +167,14 @@ def _runner(model, reference, run: str, batch: int, t: int, devices: int):
     return functools.partial(lambda *a: jax.block_until_ready(fn(*a)), *args)
 
 
-def run(cfg: Config) -> list[dict]:
+def run(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(one row per configuration, one floor row per model and T). The runs of one model
+    and T are timed in turn, call by call, so that a drift of the machine's speed during
+    the run moves them alike."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    rows = []
+    rows, floors = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, reference in _models(cfg, Path(tmp)):
             for t in cfg.lengths:
@@ -164,10 +182,9 @@ def run(cfg: Config) -> list[dict]:
                 runs = ["torch", "single"]
                 if name == "all-MiniLM-L6-v2":
                     runs += [f"prism-CR{cr}" for cr in cfg.crs]
-                measured = {}
+                fns = {r: _runner(model, reference, r, cfg.batch, t, cfg.devices) for r in runs}
+                measured = _interleaved(fns, cfg.repeats)
                 for run_name in runs:
-                    fn = _runner(model, reference, run_name, cfg.batch, t, cfg.devices)
-                    measured[run_name] = _measure(fn, cfg.repeats)
                     row = {**base, "run": run_name, **measured[run_name]}
                     if run_name != "torch":
                         against = "torch" if run_name == "single" else "single"
@@ -175,10 +192,87 @@ def run(cfg: Config) -> list[dict]:
                     if cfg.memory:
                         row["peak_mb"] = peak_mb(name, t, run_name, cfg)
                     rows.append(row)
-    return rows
+                floors.append(
+                    {**base, **_floor(model.config, cfg.batch, t, measured["torch"]["s"])}
+                )
+    return rows, floors
 
 
-def markdown(rows: list[dict]) -> str:
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """{name: {"first_call_s", "s"}}: each function's first call, then `repeats` rounds
+    calling every function once in turn; "s" is the median of its rounds."""
+    import statistics
+    import time
+
+    def clock(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    first = {name: clock(fn) for name, fn in fns.items()}
+    rounds = [{name: clock(fn) for name, fn in fns.items()} for _ in range(repeats)]
+    return {
+        name: {"first_call_s": first[name], "s": statistics.median(r[name] for r in rounds)}
+        for name in fns
+    }
+
+
+def _floor(config, batch: int, t: int, torch_s: float) -> dict:
+    """What 0.8x PyTorch asks of this CPU: the model's matrix-product FLOPs
+    (`cost.flops_closed_form`, one device), the rate PyTorch's whole forward reached on them,
+    the best rate this machine gave one of the model's own products (either framework), and
+    the floor: the ratio to PyTorch of a forward that ran every product at that best rate
+    and everything else in no time."""
+    from prism_jax import cost
+    from prism_jax.plan import Plan
+
+    flops = cost.flops_closed_form(
+        config, Plan(strategy="single"), devices=1, seq_len=t, batch=batch
+    )
+    best = _best_product_rate(batch * t, config.width, config.mlp_width)
+    return {
+        "matmul_gflop": flops / 1e9,
+        "torch_s": torch_s,
+        "torch_gflops": flops / torch_s / 1e9,
+        "best_product_gflops": best / 1e9,
+        "floor": flops / best / torch_s,
+    }
+
+
+def _best_product_rate(rows: int, width: int, mlp: int, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of the layer's products ([rows, D] x [D, D], [D, F], [F, D] in
+    float32), each timed as the median of `repeats` calls in JAX and in PyTorch."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    def seconds(call, *args) -> float:
+        call(*args)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call(*args)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rng = np.random.default_rng(0)
+    product = jax.jit(jnp.matmul)
+    best = 0.0
+    for k, n in ((width, width), (width, mlp), (mlp, width)):
+        a = rng.standard_normal((rows, k), np.float32)
+        b = rng.standard_normal((k, n), np.float32)
+        fastest = min(
+            seconds(lambda x, y: product(x, y).block_until_ready(), jnp.asarray(a), jnp.asarray(b)),
+            seconds(torch.matmul, torch.from_numpy(a), torch.from_numpy(b)),
+        )
+        best = max(best, 2 * rows * k * n / fastest)
+    return best
+
+
+def markdown(rows: list[dict], floors: list[dict]) -> str:
     lines = [
         "| model | B x T | run | first call (s) | steady (s) | peak RSS rise (MB) | ratio |",
         "|---|---|---|---:|---:|---:|---|",
@@ -189,6 +283,23 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['batch']} x {r['tokens']} | {r['run']} | "
             f"{r['first_call_s']:.2f} | {r['s']:.4f} | {peak} | {ratio} |"
+        )
+    lines += [
+        "",
+        "What 0.8x PyTorch asks of this CPU: the matrix products' FLOPs, the rate PyTorch's",
+        "forward reached on them, the best rate measured for one of the model's products (JAX or",
+        "PyTorch, same run), and the floor: jax / torch for a forward running every product at",
+        "that best rate and nothing else.",
+        "",
+        "| model | B x T | matmul GFLOP | torch (s) | torch GFLOP/s | best product GFLOP/s "
+        "| floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for f in floors:
+        lines.append(
+            f"| {f['model']} | {f['batch']} x {f['tokens']} | {f['matmul_gflop']:.1f} | "
+            f"{f['torch_s']:.4f} | {f['torch_gflops']:.0f} | {f['best_product_gflops']:.0f} | "
+            f"{f['floor']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -205,13 +316,15 @@ def main(argv=None):
         model, t, run_name, batch, devices = args.peak
         return _peak_child(model, int(t), run_name, int(batch), int(devices))
     cfg = SMOKE if args.smoke else Config(repeats=args.repeats)
-    rows = run(cfg)
-    text = markdown(rows)
+    rows, floors = run(cfg)
+    text = markdown(rows, floors)
     print(text)
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "bench_speed.json").write_text(
+            json.dumps({"runs": rows, "floor": floors}, indent=2) + "\n"
+        )
         (out / "bench_speed.md").write_text(
             "# Wall time and peak memory (one run, 2-core CPU)\n\n"
             "`.venv/bin/python experiments/bench_speed.py`\n\n" + text

@@ -4,10 +4,11 @@ All four compute the same function (tested against `jax.nn.dot_product_attention
 
 - `dense`: logits `[B, H, L, M]` at once, softmax in float32, normalised after the value
   product. Fastest for short key rows.
-- `tiled`: the same, one (batch row, KV head) tile at a time (`lax.map`), so that a tile's
-  logits stay in the CPU's caches. On this project's 2-core CPU it beats `dense` from about
-  256 keys on (`experiments/profile_attention.py`): there the passes over `[B, H, L, M]`
-  (mask, maximum, exponential, sum), bound by memory bandwidth, cost more than the products.
+- `tiled`: the same, one (batch row, KV head) tile at a time (one flat `lax.map`), so that a
+  tile's logits stay in the CPU's caches. On this project's 2-core CPU it beats `dense` from
+  about 128 keys on (`experiments/profile_attention.py`): there the passes over
+  `[B, H, L, M]` (mask, maximum, exponential, sum), bound by memory bandwidth, cost more than
+  the products.
 - `blocked`: an online softmax over key blocks (`lax.scan`), never holding more than
   `[B, H, L, block]` logits: a running maximum, a running sum and a running output per query
   row, rescaled when a block raises the maximum; masks and the log-count bias are cut into
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-TILED_FROM = 256  # key rows from which `attend` computes tile by tile on the CPU
+TILED_FROM = 128  # key rows from which `attend` computes tile by tile on the CPU
 BLOCK = 256  # default key rows per block of `blocked`
 
 
@@ -99,31 +100,30 @@ def blocked(q, keys, values, mask, bias=None, *, block: int = BLOCK) -> jax.Arra
 
 
 def tiled(q, keys, values, mask, bias=None) -> jax.Array:
-    """`attend` one (batch row, KV head) tile at a time (`lax.map`): a tile's logits
-    `[R, L, M]` stay in the CPU's caches through the mask, maximum, exponential and sum,
-    where `dense` streams `[B, H, L, M]` through memory for each of those passes."""
+    """`attend` one (batch row, KV head) tile at a time, in one flat `lax.map` over the B·G
+    tiles: a tile's logits `[R·L, M]` stay in the CPU's caches through the mask, maximum,
+    exponential and sum, where `dense` streams `[B, H, L, M]` through memory for each of those
+    passes. Each tile is two plain matrix products (its R query heads stacked as rows)."""
     b, l, h, k = q.shape
     m, g = keys.shape[1], keys.shape[2]
-    qg = _grouped_queries(q, g).transpose(0, 2, 1, 3, 4)  # [B, G, L, R, K]
-    keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [B, G, M, K]
+    r = h // g
+    rows = _grouped_queries(q, g).transpose(0, 2, 3, 1, 4).reshape(b * g, r * l, k)
+    keys, values = (x.transpose(0, 2, 1, 3).reshape(b * g, m, k) for x in (keys, values))
     bias = jnp.zeros((b, 1, 1, m), jnp.float32) if bias is None else bias
 
-    def row(xs):  # one batch row: [G, L, R, K], [G, M, K] x 2, [1, L|1, M], [1, 1, M]
-        q_row, k_row, v_row, mask_row, bias_row = xs
+    def tile(xs):  # [R·L, K] queries, [M, K] keys and values of tile i = (batch row, KV head)
+        q_tile, k_tile, v_tile, i = xs
+        row_mask, row_bias = (lax.dynamic_index_in_dim(x, i // g, False) for x in (mask, bias))
+        logits = jnp.einsum("nk,mk->nm", q_tile, k_tile, preferred_element_type=jnp.float32)
+        logits = jnp.where(row_mask, logits.reshape(r, l, m) + row_bias, -jnp.inf)  # [R, L, M]
+        weights = jnp.exp(logits - _finite(logits.max(-1))[..., None]).reshape(r * l, m)
+        out = jnp.einsum("nm,mk->nk", weights, v_tile, preferred_element_type=jnp.float32)
+        total = weights.sum(-1)[:, None]
+        return out / jnp.where(total > 0, total, 1)
 
-        def head(ys):  # one KV head and its R query heads
-            q_head, k_head, v_head = ys
-            logits = jnp.einsum("lrk,mk->rlm", q_head, k_head, preferred_element_type=jnp.float32)
-            logits = jnp.where(mask_row, logits + bias_row, -jnp.inf)  # [R, L, M]
-            weights = jnp.exp(logits - _finite(logits.max(-1))[..., None])
-            out = jnp.einsum("rlm,mk->lrk", weights, v_head, preferred_element_type=jnp.float32)
-            total = weights.sum(-1).T  # [L, R]
-            return out / jnp.where(total > 0, total, 1)[..., None]
-
-        return lax.map(head, (q_row, k_row, v_row))  # [G, L, R, K]
-
-    out = lax.map(row, (qg, keys, values, mask, bias))  # [B, G, L, R, K]
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, l, h, k).astype(q.dtype)
+    out = lax.map(tile, (rows, keys, values, jnp.arange(b * g)))  # [B·G, R·L, K]
+    out = out.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)  # [B, L, G, R, K]
+    return out.reshape(b, l, h, k).astype(q.dtype)
 
 
 def fused(q, keys, values, mask, bias=None) -> jax.Array:

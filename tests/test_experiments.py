@@ -1,5 +1,6 @@
 """Every experiment's --smoke runs (fresh processes: each sets up its own devices)."""
 
+import functools
 import json
 import re
 import subprocess
@@ -516,3 +517,31 @@ def test_table_generation_reports_prism_plus_decode_speed_against_the_papers(mon
     [blank, line] = table_generation.decode_speed_ratios(rows)
     assert blank == "" and "decodes at 0.90 of the paper's" in line and "2 cells" in line
     assert table_generation.decode_speed_ratios(rows[::2]) == []  # the paper's alone
+
+
+def test_bench_speed_times_runs_in_turn_and_states_the_floor(monkeypatch):
+    """Runs are timed call by call in turn, and the floor is the products' FLOPs at the best
+    measured rate over PyTorch's time."""
+    import os
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the import appends
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import bench_speed
+
+    from prism_jax import cost
+
+    calls = []
+    fns = {name: functools.partial(calls.append, name) for name in ("torch", "single")}
+    measured = bench_speed._interleaved(fns, 3)
+    assert calls == ["torch", "single"] * 4  # first calls, then three rounds
+    assert all(set(m) == {"first_call_s", "s"} and m["s"] >= 0 for m in measured.values())
+
+    monkeypatch.setattr(bench_speed, "_best_product_rate", lambda rows, width, mlp: 2e11)
+    cfg = cost.resolve_config("bert-base")[1]
+    floor = bench_speed._floor(cfg, 8, 128, 0.5)
+    rows, d, f = 8 * 128, 768, 3072
+    flops = 12 * (8 * rows * d * d + 4 * rows * d * f + 4 * rows * 128 * d)
+    assert floor["matmul_gflop"] == pytest.approx(flops / 1e9)
+    assert floor["floor"] == pytest.approx(flops / 2e11 / 0.5)
+    text = bench_speed.markdown([], [{"model": "m", "batch": 8, "tokens": 128, **floor}])
+    assert f"| {floor['floor']:.2f} |" in text
