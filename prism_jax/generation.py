@@ -46,8 +46,10 @@ class Generation:
       steps: tokens produced per row (at most max_new_tokens; fewer when every row ended).
       prefill_bytes: bytes each device sent in the prefill (the closed form, equal to the
         compiled program's; none during decoding).
-      cache_bytes: bytes of the decode cache (prompt part and generated tokens).
-      exact_cache_bytes: the same for an exact cache of the whole prompt.
+      cache_bytes: bytes of the decode cache (prompt part and generated tokens): keys,
+        values and, with the value tilt, its per-slot statistics and matrices M_h, read
+        from the cache's own arrays (masks and biases aside).
+      exact_cache_bytes: the keys and values of an exact cache of the whole prompt.
     """
 
     ids: np.ndarray
@@ -307,14 +309,23 @@ def run(
         prefill_bytes=cost.bytes_closed_form(
             model.config, plan, devices=devices, seq_len=t, batch=b
         ),
-        cache_bytes=_cache_bytes(model.config, b, prompt_slots + max_new_tokens),
-        exact_cache_bytes=_cache_bytes(model.config, b, t + max_new_tokens),
+        cache_bytes=_cache_bytes(caches),
+        exact_cache_bytes=_exact_cache_bytes(
+            model.config, b, t + max_new_tokens, caches.keys.dtype.itemsize
+        ),
     )
 
 
-def _cache_bytes(cfg: ModelConfig, batch: int, slots: int, dtype_bytes: int = 4) -> int:
-    """Keys and values of every layer (masks and biases aside)."""
-    return cfg.depth * batch * slots * cfg.kv_width * dtype_bytes
+def _cache_bytes(cache: KVCache) -> int:
+    """Keys, values and the value tilt's statistics and matrices M_h of every layer, read
+    from the cache's own arrays (masks and biases aside)."""
+    kept = (cache.keys, cache.values, cache.stats, cache.tilt)
+    return sum(x.nbytes for x in kept if x is not None)
+
+
+def _exact_cache_bytes(cfg: ModelConfig, batch: int, slots: int, itemsize: int) -> int:
+    """Keys and values of every layer of an exact cache of `slots` tokens."""
+    return cfg.depth * batch * slots * cfg.kv_width * itemsize
 
 
 def generate(model: Model, batch: dict, *, mesh=None, plan=None, max_new_tokens: int,

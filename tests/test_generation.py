@@ -97,6 +97,23 @@ def test_cached_decode_equals_recomputing_with_tokens_on_the_last_device(
     assert moved or kw
 
 
+@pytest.mark.parametrize(("name", "stats_width"), [("gpt2_lm", 1), ("llama_lm", 3)])
+def test_cache_bytes_count_the_value_tilts_state(hf_models, rng, name, stats_width):
+    """prism+'s cache holds, beyond the paper's keys and values, a float (rotary: three) of
+    tilt statistics per slot and M_h `[G, K, K]` per layer; `cache_bytes` counts them."""
+    model = pj.load_pretrained(hf_models(name)[1])
+    cfg = model.config
+    batch = tiny.random_batch(name, rng, batch=2, tokens=12)
+    kw = dict(mesh=pj.edge_mesh(2), max_new_tokens=3, eos=False)
+    paper = generation.run(model, batch, plan=pj.Plan(cr=2), **kw)
+    tilted = generation.run(model, batch, plan=pj.Plan.best(2), **kw)
+    slots, left = divmod(paper.cache_bytes, cfg.depth * 2 * cfg.kv_width * 4)
+    assert left == 0 and slots < 12 + 3  # keys and values only, fewer slots than exact
+    assert paper.exact_cache_bytes == cfg.depth * 2 * (12 + 3) * cfg.kv_width * 4
+    tilt = cfg.depth * 4 * (2 * slots * stats_width + cfg.kv_heads * cfg.head_dim**2)
+    assert tilted.cache_bytes == paper.cache_bytes + tilt
+
+
 def test_one_compiled_decode_step_serves_every_token(hf_models, rng):
     model = pj.load_pretrained(hf_models("llama_lm")[1])
     batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=7)
