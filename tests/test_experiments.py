@@ -536,12 +536,14 @@ def test_bench_speed_times_runs_in_turn_and_states_the_floor(monkeypatch):
     assert calls == ["torch", "single"] * 4  # first calls, then three rounds
     assert all(set(m) == {"first_call_s", "s"} and m["s"] >= 0 for m in measured.values())
 
-    monkeypatch.setattr(bench_speed, "_best_product_rate", lambda rows, width, mlp: 2e11)
+    rates = {"jax": 1e11, "torch": 2e11}
+    monkeypatch.setattr(bench_speed, "_best_product_rates", lambda rows, width, mlp: rates)
     cfg = cost.resolve_config("bert-base")[1]
     floor = bench_speed._floor(cfg, 8, 128, 0.5)
     rows, d, f = 8 * 128, 768, 3072
     flops = 12 * (8 * rows * d * d + 4 * rows * d * f + 4 * rows * 128 * d)
     assert floor["matmul_gflop"] == pytest.approx(flops / 1e9)
     assert floor["floor"] == pytest.approx(flops / 2e11 / 0.5)
+    assert floor["floor_jax_rate"] == pytest.approx(flops / 1e11 / 0.5)
     text = bench_speed.markdown([], [{"model": "m", "batch": 8, "tokens": 128, **floor}])
-    assert f"| {floor['floor']:.2f} |" in text
+    assert f"| {floor['floor_jax_rate']:.2f} | {floor['floor']:.2f} |" in text
