@@ -79,6 +79,7 @@ class Config:
         False, "take the arms this run's results file already holds (same recipe) from it"
     )
     steps: int | None = common.setting(None, "training steps an arm (default: the recipe's)")
+    lr: float | None = common.setting(None, "peak learning rate (default: the recipe's)")
     test_examples: int | None = common.setting(
         None, "test examples every arm is scored on (default: the recipe's 1,000)"
     )
@@ -128,8 +129,8 @@ def main(argv=None):
 
 
 def results_stem(run: Run) -> str:
-    """The results file's name: the run's family, N, CR, bias, layout, and its steps and test
-    examples where they are not the recipe's."""
+    """The results file's name: the run's family, N, CR, bias, layout, and its steps, learning
+    rate and test examples where they are not the recipe's."""
     args = run.args
     stem = f"robust_{args.family}_n{args.devices}_cr{args.cr}_{args.logit_bias}_{args.layout}"
     stem += run.longer.replace("-", "_")
@@ -186,6 +187,8 @@ def usage_problem(args: Config) -> str | None:
             return f"argument {flag}: expected CRs >= 1, comma-separated: {text!r}"
     if 1 not in crs_of(args.eval_crs):
         return "argument --eval-crs: must include 1 (the exact reference of every gap)"
+    if args.lr == 0:
+        return "argument --lr: expected a learning rate > 0"
     return None
 
 
@@ -200,7 +203,7 @@ class Run:
 
     args: Config
     recipe: dict
-    longer: str  # "" or "-steps<n>": the checkpoint and results names of other step counts
+    longer: str  # "", "-steps<n>", "-lr<x>" or both: the names of another step count or lr
     dataset: str
     eval_crs: list[int]
     base: object  # the starting model
@@ -212,8 +215,21 @@ class Run:
 
 
 def base_recipe(args: Config) -> dict:
-    """The family's recipe (the smoke's with --smoke), before --steps and --test-examples."""
+    """The family's recipe (the smoke's with --smoke), before --steps, --lr and
+    --test-examples."""
     return SMOKE if args.smoke else RECIPES[args.family]
+
+
+def recipe_of(args: Config) -> tuple[dict, str]:
+    """(this run's recipe, its names' suffix): the family's recipe with --steps, --lr and
+    --test-examples applied; the suffix names another step count or learning rate, so that
+    their checkpoints and results stay apart from the recipe's."""
+    recipe = base_recipe(args)
+    longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
+    longer += "" if args.lr in (None, recipe["lr"]) else f"-lr{args.lr:g}"
+    recipe = {**recipe, "steps": args.steps or recipe["steps"], "lr": args.lr or recipe["lr"]}
+    recipe["limit"] = args.test_examples or recipe["limit"]
+    return recipe, longer
 
 
 def setup(args: Config) -> Run:
@@ -221,10 +237,7 @@ def setup(args: Config) -> Run:
     from prism_jax.evaluation import tasks
     from prism_jax.training import train
 
-    recipe = base_recipe(args)
-    longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
-    recipe = {**recipe, "steps": args.steps or recipe["steps"]}  # (the smoke's too)
-    recipe["limit"] = args.test_examples or recipe["limit"]
+    recipe, longer = recipe_of(args)
     dataset = {"bert": "fine_food_reviews", "vit": "fashion_mnist_local"}[args.family]
     eval_crs = [1, args.cr] if args.smoke else crs_of(args.eval_crs)
     base = start_model(args.family, args.smoke)

@@ -261,6 +261,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--eval-crs", "1,x"], "--eval-crs: expected CRs >= 1"),
         (["robust_finetune.py", "--no-paper"], "--no-paper is for --mixed"),
         (["robust_finetune.py", "--test-examples", "0"], "--test-examples: expected int >= 1"),
+        (["robust_finetune.py", "--lr", "0"], "argument --lr: expected a learning rate > 0"),
+        (["robust_finetune.py", "--lr=-1e-3"], "argument --lr: expected float >= 0"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
         (["table_generation.py", "--compressors", "paper,best"], "--compressors: expected"),
@@ -547,3 +549,26 @@ def test_bench_speed_times_runs_in_turn_and_states_the_floor(monkeypatch):
     assert floor["floor_jax_rate"] == pytest.approx(flops / 1e11 / 0.5)
     text = bench_speed.markdown([], [{"model": "m", "batch": 8, "tokens": 128, **floor}])
     assert f"| {floor['floor_jax_rate']:.2f} | {floor['floor']:.2f} |" in text
+
+
+def test_robust_finetune_another_lr_or_steps_trains_and_writes_apart(monkeypatch):
+    """--lr and --steps other than the recipe's change the recipe and name its checkpoints
+    and results file apart; the recipe's own values name nothing new."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    def named(*argv):
+        args = rf.common.parse(rf.Config, rf.__doc__, ["--family", "vit", *argv], devices=None)
+        recipe, longer = rf.recipe_of(args)
+        run = types.SimpleNamespace(args=args, recipe=recipe, longer=longer)
+        return recipe, longer, rf.results_stem(run)
+
+    recipe, longer, stem = named()
+    assert longer == "" and recipe == rf.RECIPES["vit"]
+    assert named("--lr", "5e-4", "--steps", "150")[1] == ""  # the recipe's own values
+    recipe, longer, stem = named("--lr", "1e-3")
+    assert recipe["lr"] == 1e-3 and recipe["steps"] == rf.RECIPES["vit"]["steps"]
+    assert longer == "-lr0.001" and stem == "robust_vit_n4_cr16_log_count_padded_lr0.001"
+    recipe, longer, stem = named("--steps", "300", "--lr", "2e-4", "--test-examples", "10000")
+    assert (recipe["steps"], recipe["lr"], recipe["limit"]) == (300, 2e-4, 10000)
+    assert stem == "robust_vit_n4_cr16_log_count_padded_steps300_lr0.0002_test10000"
