@@ -246,7 +246,6 @@ def main(argv=None):
     from prism_jax.evaluation import report
 
     report.save(Path(cfg.out) if cfg.out else None, "profile_attention", rows, markdown(rows, cfg))
-    return rows
 
 
 if __name__ == "__main__":

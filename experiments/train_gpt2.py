@@ -14,7 +14,6 @@ end). Writes the HF checkpoint directory (committed: 14 MB) and results/train_gp
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def main(argv=None):
             out.parent / "train_gpt2.json" if args.smoke else HERE / "results" / "train_gpt2.json"
         )
         results.write_text(json.dumps(record, indent=2) + "\n")
-    return test_ppl if math.isfinite(test_ppl) else None
 
 
 if __name__ == "__main__":

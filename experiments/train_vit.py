@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import common
-import numpy as np
 
 HERE = common.HERE
 # One cosine schedule, AdamW with warm-up, down to 0 at the last step: 6 epochs of the 60,000
@@ -103,7 +102,6 @@ def main(argv=None):
             out.parent / "train_vit.json" if args.smoke else HERE / "results" / "train_vit.json"
         )
         results.write_text(json.dumps(record, indent=2) + "\n")
-    return float(np.asarray(final))
 
 
 if __name__ == "__main__":

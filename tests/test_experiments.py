@@ -1,5 +1,6 @@
 """Every experiment's --smoke runs (fresh processes: each sets up its own devices)."""
 
+import ast
 import functools
 import json
 import re
@@ -572,3 +573,42 @@ def test_robust_finetune_another_lr_or_steps_trains_and_writes_apart(monkeypatch
     recipe, longer, stem = named("--steps", "300", "--lr", "2e-4", "--test-examples", "10000")
     assert (recipe["steps"], recipe["lr"], recipe["limit"]) == (300, 2e-4, 10000)
     assert stem == "robust_vit_n4_cr16_log_count_padded_steps300_lr0.0002_test10000"
+
+
+def _returns(fn: ast.FunctionDef):
+    """The return statements of `fn` itself (not of functions defined inside it)."""
+    todo = list(fn.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Return):
+            yield node
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+@pytest.mark.parametrize("script", [s if isinstance(s, str) else s.values[0] for s in SCRIPTS])
+def test_a_scripts_main_returns_an_exit_code(script):
+    """`common.run_script` exits with what `main()` returns: an int, None, or what a function
+    of the script annotated `-> int` or `-> None` returns, never a result (a float or a list
+    would end a finished run with exit 1)."""
+    tree = ast.parse((Path(__file__).parents[1] / "experiments" / script).read_text())
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def exit_code(value) -> bool:
+        if value is None or (isinstance(value, ast.Constant) and type(value.value) is int):
+            return True
+        if isinstance(value, ast.IfExp):
+            return exit_code(value.body) and exit_code(value.orelse)
+        if isinstance(value, ast.Name):
+            return value.id.startswith("EXIT_")
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
+            called = defs.get(value.func.id)
+            return called is not None and ast.unparse(called.returns or ast.Constant("?")) in (
+                "int",
+                "None",
+                "int | None",
+            )
+        return False
+
+    bad = [ast.unparse(r) for r in _returns(defs["main"]) if not exit_code(r.value)]
+    assert not bad, f"{script}: main() {bad}"
