@@ -245,21 +245,14 @@ def _floor(config, batch: int, t: int, torch_s: float) -> dict:
 def _best_product_rates(rows: int, width: int, mlp: int, repeats: int = 10) -> dict:
     """{"jax", "torch"}: FLOP/s of each framework's fastest of the layer's products
     ([rows, D] x [D, D], [D, F], [F, D] in float32), each the median of `repeats` calls."""
-    import statistics
-    import time
-
     import jax
     import jax.numpy as jnp
     import torch
 
-    def seconds(call, *args) -> float:
-        call(*args)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call(*args)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    from prism_jax.evaluation.timing import timed
+
+    def seconds(call, *args) -> float:  # median of `repeats` calls after a first one
+        return timed(lambda: call(*args), repeats=repeats)[1]
 
     rng = np.random.default_rng(0)
     product = jax.jit(jnp.matmul)
@@ -272,10 +265,8 @@ def _best_product_rates(rows: int, width: int, mlp: int, repeats: int = 10) -> d
             lambda x, y: product(x, y).block_until_ready(), jnp.asarray(a), jnp.asarray(b)
         )
         torch_s = seconds(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))
-        rates = {
-            "jax": max(rates["jax"], flops / jax_s),
-            "torch": max(rates["torch"], flops / torch_s),
-        }
+        rates["jax"] = max(rates["jax"], flops / jax_s)
+        rates["torch"] = max(rates["torch"], flops / torch_s)
     return rates
 
 
