@@ -12,18 +12,22 @@ Arms with the same recipe, data order and steps: one fine-tunes under `prism` at
 exact model, run as `single`). With `--mixed`, two more: each step at a CR drawn from
 `--mixed-crs` (every CR once per cycle, `train.step_cr`), with the paper's segments and with
 all four changes of DESIGN.md 1b (`Plan.best`); the CR = 1 arm and the start are then also
-scored under `Plan.best` (training-free references for the last arm); `--distill W` adds
-one more, mixed prism+ that also learns the exact starting model's predictions (KL weight W,
+scored under `Plan.best` (training-free references for the last arm); `--distill W` adds one
+more, mixed prism+ that also learns the exact starting model's predictions (KL weight W,
 `TrainConfig.distill`); `--mixed-crs` of `--cr` alone makes the prism+ arm a single-CR one
 (and leaves out the paper's, a copy of the single-CR arm); `--no-paper` leaves out both arms
 trained with the paper's segments (half the training, when only prism+ against exact is
 asked); `--resume` takes the arms the results file of the same run (name and recipe) already
 holds, scored at every `--eval-crs`, from it, trains only the others and keeps the file's
 arms this run does not list (checkpoints stay on one machine; the results file is
-committed). Every arm is scored at `--eval-crs` with the compressor it was trained with, and
-each score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard
-error of that paired difference over the same test examples (every example's hit is kept in
-the JSON, `hits`). BERT: the whole recipe from
+committed); `--exact-from FILE` takes the CR = 1 model's arms from another run's results
+file on the same test examples (a longer run measured against a shorter run's exact arm,
+without training it again), and `--distilled-only` leaves the undistilled mixed prism+ arm
+out. Every arm is scored at `--eval-crs` with the compressor it was trained with, and each
+score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard error
+of that paired difference over the same test examples (every example's hit is kept in the
+JSON, `hits`).
+BERT: the whole recipe from
 all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
 150 steps at batch 128. Writes
@@ -86,6 +90,14 @@ class Config:
     distill: float = common.setting(
         0.0, "with --mixed, one more arm: mixed prism+ with this weight of distillation (ViT)"
     )
+    distilled_only: bool = common.setting(
+        False, "with --distill, leave out the mixed prism+ arm without distillation"
+    )
+    exact_from: str | None = common.setting(
+        None,
+        "take the CR = 1 arms (the exact reference) from this results file, scored on "
+        "the same test examples, instead of training them (a longer run against a shorter's)",
+    )
     logit_bias: str = common.setting("log_count", "logit bias", choices=LOGIT_BIASES)
     layout: str = common.setting("padded", "BERT inputs", choices=LAYOUTS)
     checkpoints: str = common.setting(str(HERE.parent / "artifacts"), "checkpoint folders")
@@ -110,6 +122,11 @@ def main(argv=None):
         earlier = earlier_results(run, stem) if args.resume else {}
     except ValueError as e:  # before any training
         print(f"robust_finetune.py: error: argument --resume: {e}", file=sys.stderr)
+        return 2
+    try:
+        earlier |= exact_results(run, Path(args.exact_from)) if args.exact_from else {}
+    except ValueError as e:  # before any training
+        print(f"robust_finetune.py: error: argument --exact-from: {e}", file=sys.stderr)
         return 2
     results = {}
     for arm in arms(args):
@@ -153,6 +170,34 @@ def earlier_results(run: Run, stem: str) -> dict:
     return record["results"]
 
 
+EXACT_ARMS = ("trained at CR=1", "trained at CR=1, scored prism+")  # the CR = 1 model's arms
+
+
+def exact_results(run: Run, path: Path) -> dict:
+    """The CR = 1 model's arms of another results file (`--exact-from`), keyed by name, each
+    with `from` naming the file and its steps. Refused (ValueError) unless the file is of the
+    same family, N, bias and layout, scored on the same test examples, and holds each of those
+    arms that this run lists scored at every `--eval-crs`: else they would train here."""
+    args = run.args
+    record = json.loads(path.read_text())
+    same = {"family": args.family, "devices": args.devices, "logit_bias": args.logit_bias,
+            "layout": args.layout}  # fmt: skip
+    other = {k: record.get(k) for k in same}
+    if other != same or record["recipe"]["limit"] != run.recipe["limit"]:
+        other["test examples"] = record["recipe"]["limit"]
+        raise ValueError(f"{path} is another run's ({other}): its CR = 1 arms are not this one's")
+    steps = record["recipe"]["steps"]
+    taken = {}
+    for arm in arms(args):
+        if arm.name not in EXACT_ARMS:
+            continue
+        result = record["results"].get(arm.name)
+        if reusable(result, arm, run.eval_crs) is None:
+            raise ValueError(f"{path} lacks {arm.name!r} scored at CR = {run.eval_crs}")
+        taken[arm.name] = {**result, "from": f"{path.name}, {steps} steps"}  # as in a file
+    return taken
+
+
 def reusable(result: dict | None, arm: Arm, crs: list[int]) -> dict | None:
     """An arm's result from the results file, its CRs as integers again, when it is this arm
     (the same training CRs, distillation and scoring compressor) scored at every CR of `crs`;
@@ -180,6 +225,10 @@ def usage_problem(args: Config) -> str | None:
     if args.distill and (args.family != "vit" or not args.mixed):
         # (BERT starts from a fresh head: there is no model worth distilling from)
         return "--distill is for --family vit --mixed"
+    if args.exact_from and not Path(args.exact_from).is_file():
+        return f"argument --exact-from: no results file {args.exact_from}"
+    if args.distilled_only and not args.distill:
+        return "--distilled-only is for --distill"
     if args.no_paper and not args.mixed:
         return "--no-paper is for --mixed (without it every trained arm but CR = 1 is the paper's)"
     for flag, text in (("--eval-crs", args.eval_crs), ("--mixed-crs", args.mixed_crs)):
@@ -286,7 +335,8 @@ def arms(args: Config) -> list[Arm]:
     if not single and not args.no_paper:
         out.append(Arm(f"mixed CR {label}", pj.Plan(cr=cr, logit_bias=bias), mixed, paper))
     name = f"trained at N={n} CR={cr}, prism+" if single else f"mixed CR {label}, prism+"
-    out.append(Arm(name, prism_plus, mixed, best))
+    if not args.distilled_only:
+        out.append(Arm(name, prism_plus, mixed, best))
     if args.distill:
         out.append(Arm(f"{name}, distilled ({args.distill:g})", prism_plus, mixed, best,
                        args.distill))  # fmt: skip
@@ -396,7 +446,8 @@ def markdown(results: dict, run: Run) -> str:
     for name, r in results.items():  # ("-": an arm kept from the results file, not at that CR)
         cells = [f"{100 * r['accuracy'][cr]:.1f}" if cr in r["accuracy"] else "-" for cr in crs]
         minutes = "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} |")
+        label = f"{name} ({r['from']})" if "from" in r else name  # another run's arm
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {minutes} |")
     exact = 100 * results[EXACT]["accuracy"][1]
     lines += [
         "",

@@ -264,6 +264,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--test-examples", "0"], "--test-examples: expected int >= 1"),
         (["robust_finetune.py", "--lr", "0"], "argument --lr: expected a learning rate > 0"),
         (["robust_finetune.py", "--lr=-1e-3"], "argument --lr: expected float >= 0"),
+        (["robust_finetune.py", "--mixed", "--distilled-only"], "--distilled-only is for"),
+        (["robust_finetune.py", "--exact-from", "/nowhere.json"], "--exact-from: no results"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
         (["table_generation.py", "--compressors", "paper,best"], "--compressors: expected"),
@@ -456,6 +458,68 @@ def test_robust_finetune_resume_takes_only_the_same_arm_scored_at_every_cr(monke
     run.recipe = {"steps": 300, "limit": 1000}
     with pytest.raises(ValueError, match="written with another recipe"):
         rf.earlier_results(run, "stem")
+
+
+def test_robust_finetune_distilled_only_leaves_out_the_undistilled_mixed_arm(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    argv = ["--family", "vit", "--mixed", "--mixed-crs", "1,16", "--no-paper", "--distill", "1"]
+    names = [
+        arm.name for arm in rf.arms(rf.common.parse(rf.Config, rf.__doc__, argv, devices=None))
+    ]
+    assert "mixed CR {1,16}, prism+" in names
+    only = rf.common.parse(rf.Config, rf.__doc__, [*argv, "--distilled-only"], devices=None)
+    trained = [arm.name for arm in rf.arms(only) if arm.plan is not None]
+    assert trained == ["trained at CR=1", "trained at CR=1, scored prism+",
+                       "mixed CR {1,16}, prism+, distilled (1)"]  # fmt: skip
+
+
+def test_robust_finetune_exact_from_takes_the_cr1_arms_of_the_same_test_set(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    argv = ["--family", "vit", "--mixed", "--mixed-crs", "1,16", "--no-paper", "--steps", "600"]
+    args = rf.common.parse(rf.Config, rf.__doc__, argv, devices=None)
+    arm = {"crs": None, "distill": 0.0, "examples": 8, "train_minutes": 3.0,
+           "accuracy": {"1": 0.5, "16": 0.25}, "hits": {"1": "f0", "16": "c0"}}  # fmt: skip
+    mixed = {**arm, "crs": [1, 16], "scored_with": "prism+"}
+    results = {rf.EXACT: {**arm, "scored_with": "paper"},
+               "trained at CR=1, scored prism+": {**arm, "scored_with": "prism+"},
+               "mixed CR {1,16}, prism+": mixed}  # fmt: skip
+    record = {"family": "vit", "devices": 4, "cr": 16, "logit_bias": "log_count",
+              "layout": "padded", "recipe": {"steps": 300, "limit": 1000},
+              "results": results}  # fmt: skip
+    path = tmp_path / "shorter.json"
+    path.write_text(json.dumps(record))
+    run = types.SimpleNamespace(args=args, recipe={"steps": 600, "limit": 1000}, eval_crs=[1, 16])
+
+    taken = rf.exact_results(run, path)
+    assert set(taken) == {rf.EXACT, "trained at CR=1, scored prism+"}  # not the mixed arm
+    assert {r["from"] for r in taken.values()} == {"shorter.json, 300 steps"}
+    arms = {a.name: a for a in rf.arms(args)}
+    kept = rf.reusable(taken[rf.EXACT], arms[rf.EXACT], [1, 16])  # as main() takes it
+    assert kept["accuracy"] == {1: 0.5, 16: 0.25} and kept["from"] == "shorter.json, 300 steps"
+
+    run.eval_crs = [1, 4, 16]  # the file's arms are not scored at CR = 4: they would train
+    with pytest.raises(ValueError, match="lacks 'trained at CR=1' scored at CR = \\[1, 4, 16\\]"):
+        rf.exact_results(run, path)
+    run.eval_crs, run.recipe = [1, 16], {"steps": 600, "limit": 10000}  # other test examples
+    with pytest.raises(ValueError, match="another run's"):
+        rf.exact_results(run, path)
+    run.recipe = {"steps": 600, "limit": 1000}
+    path.write_text(json.dumps({**record, "devices": 2}))
+    with pytest.raises(ValueError, match="another run's"):
+        rf.exact_results(run, path)
+
+    results = {rf.EXACT: kept, "trained here": rf.scored(mixed)}
+    rf.add_gaps(results)
+    run = types.SimpleNamespace(args=args, recipe={"steps": 600, "batch_size": 2, "lr": 0.1},
+                                eval_crs=[1, 16], task=types.SimpleNamespace(examples=8),
+                                dataset="d")  # fmt: skip
+    text = rf.markdown(results, run)
+    assert "| trained at CR=1 (shorter.json, 300 steps) | 50.0 | 25.0 | 3.0 |" in text
+    assert "| trained here | 50.0 | 25.0 | 3.0 |" in text  # this run's arm: no source named
 
 
 @pytest.mark.slow
