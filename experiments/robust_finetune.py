@@ -22,11 +22,11 @@ holds, scored at every `--eval-crs`, from it, trains only the others and keeps t
 arms this run does not list (checkpoints stay on one machine; the results file is
 committed); `--exact-from FILE` takes the CR = 1 model's arms from another run's results
 file on the same test examples (a longer run measured against a shorter run's exact arm,
-without training it again), and `--distilled-only` leaves the undistilled mixed prism+ arm
-out. Every arm is scored at `--eval-crs` with the compressor it was trained with, and each
-score is also given as points from exact (the CR = 1 arm at CR = 1) with the standard error
-of that paired difference over the same test examples (every example's hit is kept in the
-JSON, `hits`).
+without training it again; a later `--resume` without it trains them), and `--distilled-
+only` leaves the undistilled mixed prism+ arm out. Every arm is scored at `--eval-crs` with
+the compressor it was trained with, and each score is also given as points from exact (the
+CR = 1 arm at CR = 1) with the standard error of that paired difference over the same test
+examples (every example's hit is kept in the JSON, `hits`).
 BERT: the whole recipe from
 all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
 ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
@@ -159,7 +159,8 @@ def results_stem(run: Run) -> str:
 def earlier_results(run: Run, stem: str) -> dict:
     """The arms of this run's results file (`--resume`), keyed by name; {} when there is no
     file. A file written with another recipe (steps, batch, learning rate, test examples) is
-    refused (ValueError): its arms are not this run's."""
+    refused (ValueError): its arms are not this run's; so are the arms it took from another
+    run's file (`--exact-from`): they are left out (trained now, unless taken again)."""
     folder = common.results_dir(run.args)
     path = None if folder is None else folder / f"{stem}.json"
     if path is None or not path.exists():
@@ -167,7 +168,7 @@ def earlier_results(run: Run, stem: str) -> dict:
     record = json.loads(path.read_text())
     if record["recipe"] != json.loads(json.dumps(run.recipe)):
         raise ValueError(f"{path} was written with another recipe ({record['recipe']})")
-    return record["results"]
+    return {name: r for name, r in record["results"].items() if "from" not in r}
 
 
 EXACT_ARMS = ("trained at CR=1", "trained at CR=1, scored prism+")  # the CR = 1 model's arms

@@ -455,6 +455,10 @@ def test_robust_finetune_resume_takes_only_the_same_arm_scored_at_every_cr(monke
     record = {"recipe": {"steps": 150, "limit": 1000}, "results": {mixed.name: saved}}
     (tmp_path / "stem.json").write_text(json.dumps(record))
     assert rf.earlier_results(run, "stem") == {mixed.name: saved}
+    taken = {**saved, "crs": None, "from": "shorter.json, 150 steps"}  # --exact-from's arm
+    record["results"][rf.EXACT] = taken
+    (tmp_path / "stem.json").write_text(json.dumps(record))
+    assert rf.earlier_results(run, "stem") == {mixed.name: saved}  # not this run's: trains
     run.recipe = {"steps": 300, "limit": 1000}
     with pytest.raises(ValueError, match="written with another recipe"):
         rf.earlier_results(run, "stem")
