@@ -22,15 +22,14 @@ holds, scored at every `--eval-crs`, from it, trains only the others and keeps t
 arms this run does not list (checkpoints stay on one machine; the results file is
 committed); `--exact-from FILE` takes the CR = 1 model's arms from another run's results
 file on the same test examples (a longer run measured against a shorter run's exact arm,
-without training it again; a later `--resume` without it trains them), and `--distilled-
-only` leaves the undistilled mixed prism+ arm out. Every arm is scored at `--eval-crs` with
-the compressor it was trained with, and each score is also given as points from exact (the
-CR = 1 arm at CR = 1) with the standard error of that paired difference over the same test
-examples (every example's hit is kept in the JSON, `hits`).
-BERT: the whole recipe from
-all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs padded to 128).
-ViT: further training of the Fashion-MNIST task model (from scratch would be another hour),
-150 steps at batch 128. Writes
+without training it again; a later `--resume` without it trains them), and
+`--distilled-only` leaves the undistilled mixed prism+ arm out. Every arm is scored at
+`--eval-crs` with the compressor it was trained with, and each score is also given as points
+from exact (the CR = 1 arm at CR = 1) with the standard error of that paired difference over
+the same test examples (every example's hit is kept in the JSON, `hits`). BERT: the whole
+recipe from all-MiniLM-L6-v2 with a fresh head (one epoch of the fine-food reviews, inputs
+padded to 128). ViT: further training of the Fashion-MNIST task model (from scratch would be
+another hour), 150 steps at batch 128. Writes
 experiments/results/robust_{family}_n{N}_cr{CR}_{bias}_{layout}.{json,md,png}.
 """
 

@@ -526,6 +526,32 @@ def test_robust_finetune_exact_from_takes_the_cr1_arms_of_the_same_test_set(monk
     assert "| trained here | 50.0 | 25.0 | 3.0 |" in text  # this run's arm: no source named
 
 
+def test_robust_finetune_exact_from_another_runs_file_is_one_line_and_exit_2(
+    monkeypatch, tmp_path, capsys
+):
+    """A results file of another test set: refused by main() in one line, before training."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    record = {"family": "vit", "devices": 4, "logit_bias": "log_count", "layout": "padded",
+              "recipe": {"steps": 150, "limit": 10000}, "results": {}}  # fmt: skip
+    (tmp_path / "other.json").write_text(json.dumps(record))
+
+    def setup(args):  # the run without its model and data
+        recipe, longer = rf.recipe_of(args)
+        task = types.SimpleNamespace(examples=1000)
+        return types.SimpleNamespace(args=args, recipe=recipe, longer=longer, dataset="d",
+                                     eval_crs=[1, 16], task=task)  # fmt: skip
+
+    monkeypatch.setattr(rf, "setup", setup)
+    monkeypatch.setattr(rf, "run_arm", lambda *a: pytest.fail("an arm ran"))
+    argv = ["--family", "vit", "--eval-crs", "1,16", "--exact-from", str(tmp_path / "other.json")]
+    assert rf.main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("robust_finetune.py: error: argument --exact-from: ")
+    assert "is another run's" in line and "'test examples': 10000" in line
+
+
 @pytest.mark.slow
 def test_robust_finetune_resume_trains_only_the_arms_its_results_lack(tmp_path, tfds_dir):
     script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"
