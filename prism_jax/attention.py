@@ -8,7 +8,9 @@ All four compute the same function (tested against `jax.nn.dot_product_attention
   tile's logits stay in the CPU's caches. On this project's 2-core CPU it beats `dense` from
   about 128 keys on (`experiments/profile_attention.py`): there the passes over
   `[B, H, L, M]` (mask, maximum, exponential, sum), bound by memory bandwidth, cost more than
-  the products.
+  the products. Its gradient is its own (a custom VJP, tile by tile from each row's
+  log-sum-exp), not JAX's differentiation of the map, which keeps every tile's probabilities
+  (`experiments/bench_train_attention.py` times training through each).
 - `blocked`: an online softmax over key blocks (`lax.scan`), never holding more than
   `[B, H, L, block]` logits: a running maximum, a running sum and a running output per query
   row, rescaled when a block raises the maximum; masks and the log-count bias are cut into
@@ -103,27 +105,97 @@ def tiled(q, keys, values, mask, bias=None) -> jax.Array:
     """`attend` one (batch row, KV head) tile at a time, in one flat `lax.map` over the B·G
     tiles: a tile's logits `[R·L, M]` stay in the CPU's caches through the mask, maximum,
     exponential and sum, where `dense` streams `[B, H, L, M]` through memory for each of those
-    passes. Each tile is two plain matrix products (its R query heads stacked as rows)."""
+    passes. Each tile is two plain matrix products (its R query heads stacked as rows).
+
+    Differentiated tile by tile too (`_tiles`' VJP): the forward keeps each row's log-sum-exp
+    and the backward recomputes a tile's probabilities from it, so neither pass stores the
+    `[B, H, L, M]` probabilities that autodiff through the map would stack."""
     b, l, h, k = q.shape
     m, g = keys.shape[1], keys.shape[2]
     r = h // g
     rows = _grouped_queries(q, g).transpose(0, 2, 3, 1, 4).reshape(b * g, r * l, k)
     keys, values = (x.transpose(0, 2, 1, 3).reshape(b * g, m, k) for x in (keys, values))
     bias = jnp.zeros((b, 1, 1, m), jnp.float32) if bias is None else bias
+    out = _tiles(rows, keys, values, mask, bias)  # [B·G, R·L, K] float32
+    out = out.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)  # [B, L, G, R, K]
+    return out.reshape(b, l, h, k).astype(q.dtype)
+
+
+def _tile_logits(q_tile, k_tile, row_mask, row_bias) -> jax.Array:
+    """One tile's `[R·L, M]` float32 logits: the bias added, masked keys at -inf (`row_mask`
+    `[1, L|1, M]` and `row_bias` `[1, 1, M]` broadcast over the R heads of the tile)."""
+    n, m = q_tile.shape[0], k_tile.shape[0]
+    heads = n // row_mask.shape[1]  # R, or R·L where one mask row holds for every query row
+    logits = jnp.einsum("nk,mk->nm", q_tile, k_tile, preferred_element_type=jnp.float32)
+    logits = jnp.where(row_mask, logits.reshape(heads, -1, m) + row_bias, -jnp.inf)
+    return logits.reshape(n, m)
+
+
+def _tile_forward(rows, keys, values, mask, bias):
+    """`_tiles`' value and each row's log-sum-exp `[B·G, R·L]` (+inf for a row that sees no
+    key, so that its recomputed probabilities are 0)."""
+    g = rows.shape[0] // mask.shape[0]
 
     def tile(xs):  # [R·L, K] queries, [M, K] keys and values of tile i = (batch row, KV head)
         q_tile, k_tile, v_tile, i = xs
-        row_mask, row_bias = (lax.dynamic_index_in_dim(x, i // g, False) for x in (mask, bias))
-        logits = jnp.einsum("nk,mk->nm", q_tile, k_tile, preferred_element_type=jnp.float32)
-        logits = jnp.where(row_mask, logits.reshape(r, l, m) + row_bias, -jnp.inf)  # [R, L, M]
-        weights = jnp.exp(logits - _finite(logits.max(-1))[..., None]).reshape(r * l, m)
+        row_mask, row_bias = _batch_row(i // g, mask, bias)
+        logits = _tile_logits(q_tile, k_tile, row_mask, row_bias)
+        top = _finite(logits.max(-1))
+        weights = jnp.exp(logits - top[:, None])
         out = jnp.einsum("nm,mk->nk", weights, v_tile, preferred_element_type=jnp.float32)
-        total = weights.sum(-1)[:, None]
-        return out / jnp.where(total > 0, total, 1)
+        total = weights.sum(-1)
+        seen = total > 0
+        out = out / jnp.where(seen, total, 1)[:, None]
+        return out, jnp.where(seen, top + jnp.log(jnp.where(seen, total, 1)), jnp.inf)
 
-    out = lax.map(tile, (rows, keys, values, jnp.arange(b * g)))  # [B·G, R·L, K]
-    out = out.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)  # [B, L, G, R, K]
-    return out.reshape(b, l, h, k).astype(q.dtype)
+    return lax.map(tile, (rows, keys, values, jnp.arange(rows.shape[0])))
+
+
+def _batch_row(index, *xs) -> tuple[jax.Array, ...]:
+    """Row `index` of each of `xs` (the batch axis dropped)."""
+    return tuple(lax.dynamic_index_in_dim(x, index, keepdims=False) for x in xs)
+
+
+@jax.custom_vjp
+def _tiles(rows, keys, values, mask, bias) -> jax.Array:
+    """Softmax attention per tile: `rows` `[B·G, R·L, K]` (scaled queries), `keys`, `values`
+    `[B·G, M, K]`, `mask` `[B, 1, L|1, M]`, `bias` `[B, 1, 1, M]`; `[B·G, R·L, K]` float32."""
+    return _tile_forward(rows, keys, values, mask, bias)[0]
+
+
+def _tiles_fwd(rows, keys, values, mask, bias):
+    out, lse = _tile_forward(rows, keys, values, mask, bias)
+    return out, (rows, keys, values, mask, bias, out, lse)
+
+
+def _tiles_bwd(saved, d_out):
+    """The softmax backward per tile, with P = exp(logits - lse) recomputed:
+    dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K, dK = dSᵀ Q, d bias = Σ rows dS
+    (summed over the G tiles of a batch row). The mask has no cotangent."""
+    rows, keys, values, mask, bias, out, lse = saved
+    b, g = mask.shape[0], rows.shape[0] // mask.shape[0]
+    delta = (d_out * out).sum(-1)  # [B·G, R·L]
+
+    def tile(xs):
+        q_tile, k_tile, v_tile, do_tile, delta_tile, lse_tile, i = xs
+        row_mask, row_bias = _batch_row(i // g, mask, bias)
+        logits = _tile_logits(q_tile, k_tile, row_mask, row_bias)
+        p = jnp.exp(logits - lse_tile[:, None])  # [R·L, M]
+        f32 = jnp.float32
+        dv = jnp.einsum("nm,nk->mk", p, do_tile, preferred_element_type=f32)
+        dp = jnp.einsum("nk,mk->nm", do_tile, v_tile.astype(f32), preferred_element_type=f32)
+        ds = p * (dp - delta_tile[:, None])
+        dq = jnp.einsum("nm,mk->nk", ds, k_tile.astype(f32), preferred_element_type=f32)
+        dk = jnp.einsum("nm,nk->mk", ds, q_tile.astype(f32), preferred_element_type=f32)
+        return dq.astype(q_tile.dtype), dk.astype(k_tile.dtype), dv.astype(v_tile.dtype), ds.sum(0)
+
+    xs = (rows, keys, values, d_out, delta, lse, jnp.arange(rows.shape[0]))
+    dq, dk, dv, d_bias = lax.map(tile, xs)
+    d_bias = d_bias.reshape(b, g, -1).sum(1)[:, None, None, :].astype(bias.dtype)
+    return dq, dk, dv, None, d_bias
+
+
+_tiles.defvjp(_tiles_fwd, _tiles_bwd)
 
 
 def fused(q, keys, values, mask, bias=None) -> jax.Array:

@@ -26,18 +26,8 @@ CORES = {
 }
 
 
-@pytest.mark.parametrize("core", CORES)
-@pytest.mark.parametrize(
-    ("b", "l", "m", "h", "g", "kind"),
-    [
-        (2, 13, 13, 4, 4, "padding"),
-        (3, 7, 7, 6, 2, "causal"),
-        (2, 5, 11, 6, 3, "prism"),  # local causal block, then remote means of earlier devices
-        (2, 9, 17, 2, 1, "log_count"),
-        (3, 1, 21, 4, 2, "decode"),  # one query row against a cache
-    ],
-)
-def test_attention_core_equals_dot_product_attention(core, b, l, m, h, g, kind):
+def _case(b, l, m, h, g, kind):
+    """Queries, keys, values, a mask of `kind` and log-count biases (None for plain masks)."""
     rng = np.random.default_rng(l * m + h)
     k_dim = 8
     q = rng.standard_normal((b, l, h, k_dim)).astype(np.float32)
@@ -52,14 +42,73 @@ def test_attention_core_equals_dot_product_attention(core, b, l, m, h, g, kind):
         local = np.tril(np.ones((l, l), bool))
         mask[:, :, :, :l] = valid[:, None, None, :l] & local
         mask[:, :, :, l:] = valid[:, None, None, l:] & (np.arange(m - l) < 4)  # earlier devices
+    if kind == "one_row":
+        mask = mask[:, :, :1]  # one mask row for every query row
     bias = None
     if kind in ("log_count", "prism"):
         counts = rng.integers(1, 9, (b, m))
-        bias = np.where(np.arange(m) >= l, np.log(counts), 0).astype(np.float32)
-        bias = bias[:, None, None, :]
-    got = CORES[core](q, keys, values, jnp.asarray(mask), None if bias is None else bias)
+        bias = np.where(np.arange(m) >= l, np.log(counts), 0).astype(np.float32)[:, None, None]
+    return q, keys, values, jnp.asarray(mask), bias
+
+
+CASES = [
+    (2, 13, 13, 4, 4, "padding"),
+    (2, 6, 10, 4, 2, "one_row"),
+    (3, 7, 7, 6, 2, "causal"),
+    (2, 5, 11, 6, 3, "prism"),  # local causal block, then remote means of earlier devices
+    (2, 9, 17, 2, 1, "log_count"),
+    (3, 1, 21, 4, 2, "decode"),  # one query row against a cache
+]
+
+
+@pytest.mark.parametrize("core", CORES)
+@pytest.mark.parametrize(("b", "l", "m", "h", "g", "kind"), CASES)
+def test_attention_core_equals_dot_product_attention(core, b, l, m, h, g, kind):
+    q, keys, values, mask, bias = _case(b, l, m, h, g, kind)
+    got = CORES[core](q, keys, values, mask, bias)
     want = _reference(q, keys, values, mask, bias)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("core", ["dense", "tiled", "blocked-5"])
+@pytest.mark.parametrize(("b", "l", "m", "h", "g", "kind"), CASES)
+def test_attention_core_gradients_equal_dot_product_attention(core, b, l, m, h, g, kind):
+    """Gradients in queries, keys, values and the log-count bias (`tiled` has its own VJP, the
+    others are differentiated by JAX) against the reference's, for a random cotangent."""
+    q, keys, values, mask, bias = _case(b, l, m, h, g, kind)
+    bias = np.zeros((b, 1, 1, m), np.float32) if bias is None else bias
+    cotangent = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+
+    def gradients(fn):
+        loss = lambda *args: (fn(*args[:3], mask, args[3]) * cotangent).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, keys, values, bias)
+
+    got, want = gradients(CORES[core]), gradients(_reference)
+    for name, a, w in zip(("q", "keys", "values", "bias"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=2e-6, rtol=1e-5, err_msg=name)
+
+
+def test_tiled_gradients_are_zero_for_rows_that_see_nothing_and_bf16_stays_close():
+    """A query row that sees no key has a constant (zero) output: zero gradient, no NaN; keys
+    that no row sees get none either. bfloat16 gradients stay near float32's."""
+    q, keys, values, mask, _ = _case(2, 6, 9, 4, 2, "causal")
+    mask = np.array(mask)
+    mask[0, 0, 3] = False  # batch row 0, query row 3: sees nothing
+    mask[1, 0, :, 5:] = False  # batch row 1: keys 5.. unseen
+    mask = jnp.asarray(mask)
+
+    def gradients(*args):
+        loss = lambda q, k, v: attention.tiled(q, k, v, mask).astype(jnp.float32).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(*args)
+
+    dq, dk, dv = (np.asarray(x) for x in gradients(q, keys, values))
+    assert all(np.all(np.isfinite(x)) for x in (dq, dk, dv))
+    assert np.all(dq[0, 3] == 0) and np.any(dq[0, 2] != 0)
+    assert np.all(dk[1, 5:] == 0) and np.all(dv[1, 5:] == 0) and np.any(dv[1, :5] != 0)
+    half = gradients(*(jnp.asarray(x, jnp.bfloat16) for x in (q, keys, values)))
+    for h, f in zip(half, (dq, dk, dv), strict=True):
+        assert h.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(h, np.float32), f, atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("core", CORES)
