@@ -16,9 +16,9 @@ from tests.conftest import FAST_COMPILE
 
 # The network testbed and the overlap probe build namespaces (root): slow, kept out of CI.
 # So are the smokes that take 10-40 s each and whose parts the unit tests cover (`make slow`
-# runs them), to keep the CI suite well under 15 minutes on 2 cores: the attention cores
-# (test_attention), scanned layers (test_partition), training (test_train), generation
-# (test_generation), the ViT grid (table_compress's smoke, test_tasks).
+# runs them), to keep the CI suite well under 15 minutes on 2 cores: the attention cores and
+# their gradients (test_attention), scanned layers (test_partition), training (test_train),
+# generation (test_generation), the ViT grid (table_compress's smoke, test_tasks).
 SLOW = {
     "edge_testbed.py",
     "overlap_probe.py",
@@ -26,6 +26,7 @@ SLOW = {
     "bench_forward.py",
     "bench_llama.py",
     "bench_speed.py",
+    "bench_train_attention.py",
     "profile_attention.py",
     "robust_finetune.py",
     "table_bert.py",
