@@ -419,3 +419,40 @@ def test_distillation_pulls_toward_the_exact_starting_model(hf_models, rng):
         for name, run in (("plain", plain), ("kept", kept))
     }
     assert after["kept"] < 0.5 * after["plain"], after
+
+
+@pytest.mark.parametrize(
+    ("name", "plan", "n"),
+    [  # prism+ without its tilt: the tilt's attention is its own (layers.Attention._tilted)
+        ("llama_lm", dataclasses.replace(pj.Plan.best(3), value_tilt=False), 2),
+        ("bert_cls", pj.Plan(strategy="single"), None),
+    ],
+)
+def test_training_through_the_tiled_core_equals_training_through_dense(
+    name, plan, n, hf_models, rng, monkeypatch
+):
+    """`attend` picks `tiled` (with its own VJP) from `TILED_FROM` keys on: a few steps
+    through it, inside the mesh's `shard_map` and the scanned layers, give the losses and
+    parameters that `dense` gives (grouped KV heads and k-means groups included)."""
+    from prism_jax import attention, partition
+
+    model = pj.load_pretrained(hf_models(name)[1])
+    examples = _examples(name, rng)
+    cfg = train.TrainConfig(steps=3, batch_size=8, lr=3e-3)
+    runs = {}
+    for core, tiled_from in (("dense", 10**9), ("tiled", 1)):
+        monkeypatch.setattr(attention, "TILED_FROM", tiled_from)
+        partition.program.cache_clear()  # compiled programs keep the core they were traced with
+        train._step_function.cache_clear()
+        jax.clear_caches()
+        mesh = pj.edge_mesh(n) if n else None
+        runs[core] = train.train(model, examples, cfg, plan=plan, mesh=mesh, progress=False)
+    partition.program.cache_clear()
+    train._step_function.cache_clear()
+    np.testing.assert_allclose(runs["tiled"].losses, runs["dense"].losses, rtol=1e-5)
+    tiled, dense = (models.flat_params(runs[core].model.params) for core in ("tiled", "dense"))
+    assert tiled.keys() == dense.keys()
+    for path in tiled:
+        if path.endswith("attn.k.bias"):  # softmax ignores it (a constant per row): its exact
+            continue  # gradient is 0, and AdamW scales both cores' rounding up to a step
+        np.testing.assert_allclose(tiled[path], dense[path], rtol=1e-4, atol=1e-5, err_msg=path)
