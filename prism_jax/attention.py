@@ -19,8 +19,9 @@ All four compute the same function (tested against `jax.nn.dot_product_attention
 - `fused`: `jax.nn.dot_product_attention` with `implementation=None`, the choice left to
   JAX (in JAX 0.10 that is still its XLA path; cuDNN once JAX selects it by itself).
 
-`attend` chooses: `fused` when JAX's default backend is a GPU, else `tiled` from `TILED_FROM`
-keys on, else `dense`.
+`attend` chooses: on a GPU `fused` (`dense` for values wider than the keys, which
+`jax.nn.dot_product_attention` does not take); on the CPU `tiled` from `TILED_FROM` keys on,
+else `dense`.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ BLOCK = 256  # default key rows per block of `blocked`
 
 
 def attend(q, keys, values, mask, bias=None, *, loops: bool = True) -> jax.Array:
-    """Masked softmax attention: `q` `[B, L, H, K]` against `keys`, `values` `[B, M, G, K]`
-    (query head h reads KV head h // (H / G)), `mask` `[B, 1, L|1, M]` (padding, empty
-    groups, the partition-aware causal rule), `bias` `[B, 1, 1, M]` float32 (log counts) or
-    None. A row that sees no key gives zeros. Returns `[B, L, H, K]` in `q`'s dtype.
-    `loops=False` keeps to `dense` on the CPU (a straight-line program for XLA's cost
-    analysis, which counts a loop body once)."""
-    if jax.default_backend() == "gpu":
-        return fused(q, keys, values, mask, bias)
+    """Masked softmax attention: `q` `[B, L, H, K]` against `keys` `[B, M, G, K]` and `values`
+    `[B, M, G, Kv]` (query head h reads KV head h // (H / G); Kv is K but where a caller
+    carries extra columns through the same weights, as prism+'s tilt does), `mask`
+    `[B, 1, L|1, M]` (padding, empty groups, the partition-aware causal rule), `bias`
+    `[B, 1, 1, M]` float32 (log counts) or None. A row that sees no key gives zeros. Returns
+    `[B, L, H, Kv]` in `q`'s dtype. `loops=False` keeps to `dense` on the CPU (a straight-line
+    program for XLA's cost analysis, which counts a loop body once)."""
+    if jax.default_backend() == "gpu":  # `fused` takes values only as wide as the keys
+        wide = values.shape[-1] != q.shape[-1]
+        return (dense if wide else fused)(q, keys, values, mask, bias)
     if loops and keys.shape[1] >= TILED_FROM:
         return tiled(q, keys, values, mask, bias)
     return dense(q, keys, values, mask, bias)
@@ -51,19 +54,19 @@ def dense(q, keys, values, mask, bias=None) -> jax.Array:
     """`attend` with every logit at once: float32 logits with the mask applied once, and the
     normalisation divided out of the `[B, L, H, K]` output instead of the `[B, H, L, M]`
     probabilities (cheaper on the CPU than `jax.nn.dot_product_attention`)."""
-    b, l, h, k = q.shape
+    b, l, h, _ = q.shape
     qg = _grouped_queries(q, keys.shape[2])
     logits = _logits(qg, keys, mask, bias)  # [B, G, R, L, M]
     top = logits.max(-1)
     weights = jnp.exp(logits - _finite(top)[..., None])
     out = jnp.einsum("bgrlm,bmgk->blgrk", weights, values, preferred_element_type=jnp.float32)
-    return _normalised(out, weights.sum(-1)).reshape(b, l, h, k).astype(q.dtype)
+    return _normalised(out, weights.sum(-1)).reshape(b, l, h, -1).astype(q.dtype)
 
 
 def blocked(q, keys, values, mask, bias=None, *, block: int = BLOCK) -> jax.Array:
     """`attend` as an online softmax over key blocks of `block` rows (the last one padded with
     masked keys): peak memory `[B, H, L, block]` instead of `[B, H, L, M]`."""
-    b, l, h, k = q.shape
+    b, l, h, _ = q.shape
     m, g = keys.shape[1], keys.shape[2]
     count = -(-m // block)
     pad = count * block - m
@@ -98,7 +101,7 @@ def blocked(q, keys, values, mask, bias=None, *, block: int = BLOCK) -> jax.Arra
     xs = (blocks(keys, 1), blocks(values, 1), blocks(mask, 3), blocks(bias, 3))
     start = first(*(x[0] for x in xs))  # from the inputs, so it varies over a mesh axis as they do
     (_, total, out), _ = lax.scan(step, start, tuple(x[1:] for x in xs))
-    return _normalised(out, total).reshape(b, l, h, k).astype(q.dtype)
+    return _normalised(out, total).reshape(b, l, h, -1).astype(q.dtype)
 
 
 def tiled(q, keys, values, mask, bias=None) -> jax.Array:
@@ -114,11 +117,11 @@ def tiled(q, keys, values, mask, bias=None) -> jax.Array:
     m, g = keys.shape[1], keys.shape[2]
     r = h // g
     rows = _grouped_queries(q, g).transpose(0, 2, 3, 1, 4).reshape(b * g, r * l, k)
-    keys, values = (x.transpose(0, 2, 1, 3).reshape(b * g, m, k) for x in (keys, values))
+    keys, values = (x.transpose(0, 2, 1, 3).reshape(b * g, m, -1) for x in (keys, values))
     bias = jnp.zeros((b, 1, 1, m), jnp.float32) if bias is None else bias
-    out = _tiles(rows, keys, values, mask, bias)  # [B·G, R·L, K] float32
-    out = out.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)  # [B, L, G, R, K]
-    return out.reshape(b, l, h, k).astype(q.dtype)
+    out = _tiles(rows, keys, values, mask, bias)  # [B·G, R·L, Kv] float32
+    out = out.reshape(b, g, r, l, -1).transpose(0, 3, 1, 2, 4)  # [B, L, G, R, Kv]
+    return out.reshape(b, l, h, -1).astype(q.dtype)
 
 
 def _tile_logits(q_tile, k_tile, row_mask, row_bias) -> jax.Array:

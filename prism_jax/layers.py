@@ -164,7 +164,7 @@ class Attention(nnx.Module):
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
         tilt = None if stats is None else self._tilt_matrices()
         if stats is not None:
-            out = self._tilted(q, keys, values, mask, bias, stats, tilt)
+            out = self._tilted(q, keys, values, mask, bias, stats, tilt, loops=not ex.straight)
         else:
             out = attend(q, keys, values, mask, bias, loops=not ex.straight)  # [B, L, H, K]
         cache = None
@@ -207,33 +207,38 @@ class Attention(nnx.Module):
         wv = self.v.kernel[...].reshape(-1, g, k)
         return jnp.einsum("dgk,dgj->gkj", wk, wv).astype(jnp.float32)
 
-    def _tilted(self, q, keys, values, mask, bias, stats, m_h) -> jax.Array:
+    def _tilted(self, q, keys, values, mask, bias, stats, m_h, *, loops=True) -> jax.Array:
         """Masked softmax attention plus the first-order value tilt of DESIGN.md section 1b.4:
         each head's output gains (sum over remote rows m of p_m * s2_m) * q~_h M_h, with
         q~_h = q_h / sqrt(K) and `m_h` the `_tilt_matrices`. With
         rotary keys (derived in `compress`'s docstring) each row's term first turns the query
-        back by the group's expected rotation: sum_m p_m s2_m (E_m[R]^T q~_h) M_h."""
+        back by the group's expected rotation: sum_m p_m s2_m (E_m[R]^T q~_h) M_h.
+
+        The sums over m weigh each row by the same p_m as its value, so they ride through
+        `attend` as extra value columns (s2_m; rotary: s2_m E_m[cos], s2_m E_m[sin]): one
+        softmax, on whichever core `attend` picks, all in float32."""
         b, l, h, k = q.shape
-        g = keys.shape[2]
-        r = h // g  # query heads per KV head
-        qg = q.reshape(b, l, g, r, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(k))
-        logits = jnp.einsum("blgrk,bmgk->bgrlm", qg, keys.astype(jnp.float32))
-        if bias is not None:
-            logits = logits + bias[:, :, None]  # [B, 1, 1, 1, M]
-        logits = jnp.where(mask[:, :, None], logits, -jnp.inf)  # [B, 1, 1, L|1, M]
-        p = jax.nn.softmax(logits, axis=-1)
-        p = jnp.where(jnp.isnan(p), 0, p)  # a row that sees nothing (padding) attends to none
-        out = jnp.einsum("bgrlm,bmgk->blgrk", p, values.astype(jnp.float32))
-        s2 = stats[..., 0]  # [B, M]
-        if self.rope_theta is None:
-            turned = jnp.einsum("bgrlm,bm->blgr", p, s2)[..., None] * qg
-        else:
+        m, g = keys.shape[1], keys.shape[2]
+        f32 = jnp.float32
+        s2 = stats[..., :1].astype(f32)  # [B, M, 1]
+        carried = s2  # the columns the tilt's sums need, J of them
+        if self.rope_theta is not None:
             cos, sin = mean_rotation(stats[..., 1], stats[..., 2], k, self.rope_theta)
-            c = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * cos)
-            s = jnp.einsum("bgrlm,bmk->blgrk", p, s2[..., None] * sin)
+            carried = jnp.concatenate([s2 * cos, s2 * sin], axis=-1)  # [B, M, 2K]
+        carried = jnp.broadcast_to(carried[:, :, None], (b, m, g, carried.shape[-1]))
+        wide = jnp.concatenate([values.astype(f32), carried], axis=-1)  # [B, M, G, K + J]
+        both = attend(q.astype(f32), keys.astype(f32), wide, mask, bias, loops=loops)
+        out, weighted = both[..., :k], both[..., k:]  # [B, L, H, K], [B, L, H, J]
+        qg = q.astype(f32) / jnp.sqrt(f32(k))
+        if self.rope_theta is None:
+            turned = weighted * qg
+        else:
+            c, s = jnp.split(weighted, 2, axis=-1)
             turned = c * qg - s * _rotate_half(qg)
-        out = out + jnp.einsum("blgrk,gkj->blgrj", turned, m_h)
-        return out.reshape(b, l, h, k).astype(q.dtype)
+        r = h // g  # query heads per KV head
+        turned = turned.reshape(b, l, g, r, k)
+        out = out + jnp.einsum("blgrk,gkj->blgrj", turned, m_h).reshape(b, l, h, k)
+        return out.astype(q.dtype)
 
     def decode(self, a: jax.Array, cache: KVCache, index: jax.Array, positions: jax.Array):
         """One new token per row: `a` `[B, 1, D]` at `positions` `[B]`; its key and value are

@@ -144,3 +144,25 @@ def test_attend_goes_tile_by_tile_past_tiled_from(monkeypatch):
     np.testing.assert_allclose(attention.attend(q, kv, kv, mask), want, atol=1e-6)
     monkeypatch.setattr(attention, "TILED_FROM", 7)
     assert "scan" not in traced()
+
+
+@pytest.mark.parametrize("core", ["attend", "dense", "tiled", "blocked-5"])
+def test_values_wider_than_keys_carry_extra_columns_through_the_same_weights(core):
+    """Values of Kv != K columns (prism+'s tilt sums ride along that way): each column block
+    gets what attention over it alone gives, and so do the gradients."""
+    q, keys, values, mask, bias = _case(2, 5, 11, 6, 3, "prism")
+    extra = np.random.default_rng(2).standard_normal(values.shape[:3] + (3,)).astype(np.float32)
+    wide = np.concatenate([values, extra], axis=-1)
+    got = np.asarray(CORES[core](q, keys, wide, mask, bias))
+    assert got.shape == q.shape[:3] + (wide.shape[-1],)
+    np.testing.assert_allclose(got[..., :8], _reference(q, keys, values, mask, bias), atol=1e-6)
+    extra_alone = _reference(q, keys, np.pad(extra, ((0, 0), (0, 0), (0, 0), (0, 5))), mask, bias)
+    np.testing.assert_allclose(got[..., 8:], np.asarray(extra_alone)[..., :3], atol=1e-6)
+
+    def loss(fn, v):
+        return lambda q, k: (fn(q, k, v, mask, bias)[..., :8] ** 2).sum()
+
+    got_grads = jax.grad(loss(CORES[core], wide), argnums=(0, 1))(q, keys)
+    want_grads = jax.grad(loss(_reference, values), argnums=(0, 1))(q, keys)
+    for a, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=2e-6, rtol=1e-5)

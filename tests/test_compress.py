@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import cli, compress, cost
+from prism_jax import attention, cli, compress, cost, partition
 from prism_jax.errors import PrismError
 from tests import reference, tiny
 from tests.conftest import ATOL_LAYER
@@ -61,6 +61,24 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "n", "kw"), CASES)
 def test_compressor_matches_numpy_reference(name, n, kw, hf_models, rng):
+    _matches_reference(name, n, kw, hf_models, rng)
+
+
+@pytest.mark.parametrize(("name", "n", "kw"), [c for c in CASES if c[2].get("value_tilt")])
+def test_tilt_through_the_tiled_core_matches_numpy_reference(
+    name, n, kw, hf_models, rng, monkeypatch
+):
+    """The tilt's sums ride through `attend` as extra value columns: on the tiled core too
+    (`attend` picks it from `TILED_FROM` keys on; compiled programs keep their core)."""
+    monkeypatch.setattr(attention, "TILED_FROM", 1)
+    partition.program.cache_clear()
+    try:
+        _matches_reference(name, n, kw, hf_models, rng)
+    finally:
+        partition.program.cache_clear()
+
+
+def _matches_reference(name, n, kw, hf_models, rng):
     torch_model, directory = hf_models(name)
     model = pj.load_pretrained(directory)
     batch = tiny.random_batch(name, rng, tokens=17)
