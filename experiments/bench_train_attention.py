@@ -19,7 +19,10 @@ each with the attention core as `attend` picks it now (`tiled`, differentiated b
 the probabilities recomputed tile by tile from each row's log-sum-exp), as `dense`, and as
 `tiled` differentiated by JAX through its `lax.map` (what training ran before the VJP; JAX then
 keeps every tile's probabilities for the backward pass). Two programs each: `forward` (the
-inference program) and `train step` (cross-entropy, its gradients and an AdamW update).
+inference program) and `train step` (cross-entropy, its gradients and an AdamW update); and
+for the text models a third, `prism+ forward`: prism+ (`Plan.best(16)`, its value tilt's sums
+carried through `attend` as extra value columns) on 4 emulated devices, 1,024 tokens (each
+device 256 of its own and the others' means), `tiled` against `dense`.
 Times are medians of `--repeats` calls after a first (compiling) one; ratio = time / dense's
 (< 1: faster than dense). Every setting compiles afresh (JAX's caches cleared).
 Writes experiments/results/bench_train_attention.{json,md}.
@@ -29,10 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+)
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,11 +53,17 @@ class Config:
     batch: int = 8  # text models; the ViT trains at batch 128 as train_vit.py does
     vit_batch: int = 128
     tokens: int = 256
+    prism_tokens: int = 1024  # prism+'s forward: a device's own 256 and the others' means
+    devices: int = 4
+    cr: int = 16
     repeats: int = 5
     out: str = str(Path(__file__).parent / "results")
 
 
-SMOKE = Config(models=("vit", "llama"), batch=2, vit_batch=2, tokens=12, repeats=1, out="")
+SMOKE = Config(
+    models=("vit", "llama"), batch=2, vit_batch=2, tokens=12, prism_tokens=24, devices=2, cr=2,
+    repeats=1, out="",
+)  # fmt: skip
 
 
 SIZES = {  # width, layers, query heads, KV heads, MLP width of the text models
@@ -72,7 +85,8 @@ def model_config(name: str, cfg: Config):
     sizes = SIZES[name]
     if smoke:
         sizes = dict(width=16, depth=2, heads=2, kv_heads=1 if name == "llama" else 2, mlp_width=32)
-    text = dict(vocab_size=4096, max_positions=max(cfg.tokens, 16), head_dim=None, **sizes)
+    positions = max(cfg.tokens, cfg.prism_tokens, 16)
+    text = dict(vocab_size=4096, max_positions=positions, head_dim=None, **sizes)
     if name == "bert":
         preset = configs.PRESETS["bert-base"]()
         return dataclasses.replace(preset, head="classifier", num_labels=2, pooler=True, **text)
@@ -97,8 +111,8 @@ def batch(model, cfg: Config, rng: np.random.Generator) -> dict:
     return out
 
 
-def programs(model, examples: dict):
-    """(forward, train step) as jitted callables of the model's params, and their inputs."""
+def program(model, examples: dict, which: str):
+    """The `which` ("forward" or "train step") program on `examples`, a jitted callable."""
     import jax
     import optax
 
@@ -126,11 +140,26 @@ def programs(model, examples: dict):
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
+    if which == "forward":
+        return lambda: jax.block_until_ready(logits(model.params))
     opt_state, step = opt.init(model.params), jax.jit(step)
-    return (
-        lambda: jax.block_until_ready(logits(model.params)),
-        lambda: jax.block_until_ready(step(model.params, opt_state)),
-    )
+    return lambda: jax.block_until_ready(step(model.params, opt_state))[-1:]  # the loss
+
+
+def prism_forward(model, examples: dict, cfg: Config):
+    """prism+ (`Plan.best(cfg.cr)`: groups, salient token, value tilt) on `cfg.devices`
+    emulated devices: the jitted program of the model's params, inputs placed on the mesh."""
+    import jax
+
+    from prism_jax import partition
+    from prism_jax.plan import Plan
+
+    mesh = partition.edge_mesh(cfg.devices)
+    fn = partition.program(model.graphdef, model.config, Plan.best(cfg.cr), mesh)
+    inputs, valid = model.prepare({k: v for k, v in examples.items() if k != "labels"})
+    inputs, valid = partition.shard_inputs(inputs, valid, mesh)
+    params = partition.place(model, mesh)
+    return lambda: jax.block_until_ready(fn(params, inputs, valid)[0])
 
 
 @contextlib.contextmanager
@@ -159,41 +188,48 @@ def run(cfg: Config) -> list[dict]:
     import jax
 
     from prism_jax import models
-    from prism_jax.evaluation.timing import timed
 
     rows = []
     for name in cfg.models:
         model = models.init(model_config(name, cfg))
-        examples = batch(model, cfg, np.random.default_rng(0))
-        for program in ("forward", "train step"):
-            seconds, outputs = {}, {}
-            for core_name in CORES:
-                with core(core_name):
-                    forward, step = programs(model, examples)
-                    fn = forward if program == "forward" else step
-                    _, seconds[core_name] = timed(fn, repeats=cfg.repeats)
-                    outputs[core_name] = np.asarray(fn()[-1] if program == "train step" else fn())
-            for core_name in CORES:  # the same logits, the same loss
-                np.testing.assert_allclose(
-                    outputs[core_name], outputs["dense"], rtol=1e-4, atol=1e-5
-                )
-            for core_name in CORES:
-                rows.append(
-                    {
-                        "model": name,
-                        "tokens": int(model.prepare(examples)[1].shape[1]),
-                        "program": program,
-                        "core": core_name,
-                        "ms": seconds[core_name] * 1e3,
-                        "ratio": seconds[core_name] / seconds["dense"],
-                    }
-                )
-                print(
-                    f"{name:6s} {program:10s} {core_name:32s} {rows[-1]['ms']:9.1f} ms  "
-                    f"ratio {rows[-1]['ratio']:.2f}",
-                    flush=True,
-                )
+        rng = np.random.default_rng(0)
+        examples = batch(model, cfg, rng)
+        tokens = int(model.prepare(examples)[1].shape[1])
+        for which in ("forward", "train step"):
+            make = functools.partial(program, model, examples, which)
+            rows += _timed_cores(cfg, name, tokens, which, make, CORES)
+        if model.config.family != "vit":  # the ViT's devices hold 50 tokens: never tiled
+            long = dataclasses.replace(cfg, tokens=cfg.prism_tokens)
+            make = functools.partial(prism_forward, model, batch(model, long, rng), cfg)
+            which = f"prism+ forward, N = {cfg.devices}, CR = {cfg.cr}"
+            rows += _timed_cores(cfg, name, cfg.prism_tokens, which, make, CORES[:2])
         jax.clear_caches()
+    return rows
+
+
+def _timed_cores(cfg: Config, name: str, tokens: int, program: str, make, cores) -> list[dict]:
+    """One row per core: `make()`'s callable timed under each (made afresh per core), its
+    outputs checked equal to dense's."""
+    import jax
+
+    from prism_jax.evaluation.timing import timed
+
+    seconds, outputs = {}, {}
+    for core_name in cores:
+        with core(core_name):
+            fn = make()
+            _, seconds[core_name] = timed(fn, repeats=cfg.repeats)
+            outputs[core_name] = [np.asarray(x) for x in jax.tree.leaves(fn())]
+    for core_name in cores:  # the same outputs (logits or hidden states, or the step's loss)
+        for got, want in zip(outputs[core_name], outputs["dense"], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    rows = []
+    for core_name in cores:
+        ratio = seconds[core_name] / seconds["dense"]
+        rows.append(dict(model=name, tokens=tokens, program=program, core=core_name,
+                         ms=seconds[core_name] * 1e3, ratio=ratio))  # fmt: skip
+        print(f"{name:6s} {program:34s} {core_name:32s} {rows[-1]['ms']:9.1f} ms  "
+              f"ratio {ratio:.2f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -206,6 +242,7 @@ def markdown(rows: list[dict], cfg: Config) -> str:
         f"Medians of {cfg.repeats} calls after a compiling one; ratio = time / dense's (< 1:",
         "faster). `tiled` is what `attend` runs past `TILED_FROM` keys (its own VJP);",
         "`autodiff through the map` is the same forward differentiated by JAX (before the VJP).",
+        f"prism+ forward: `Plan.best({cfg.cr})` on {cfg.devices} emulated devices (one machine).",
         "",
         "| model | tokens | program | core | ms | ratio to dense |",
         "|---|---:|---|---|---:|---:|",
