@@ -256,19 +256,7 @@ def markdown(rows: list[dict], cfg: Config) -> str:
 
 
 def main(argv=None):
-    from prism_jax.cli.parser import Parser
-
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny models, writes nothing")
-    parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
-    args = parser.parse_args(argv)
-    cfg = SMOKE if args.smoke else dataclasses.replace(Config(), repeats=args.repeats)
-    rows = run(cfg)
-    print(markdown(rows, cfg))
-    from prism_jax.evaluation import report
-
-    out = Path(cfg.out) if cfg.out else None
-    report.save(out, "bench_train_attention", rows, markdown(rows, cfg))
+    common.timing_main(__doc__, Config(), SMOKE, run, markdown, "bench_train_attention", argv)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,20 @@ def save(cfg, stem: str, record, text: str, plot=None) -> None:
     report.save(results_dir(cfg), stem, record, text, plot)
 
 
+def timing_main(doc: str, full, smoke, run, markdown, stem: str, argv=None) -> None:
+    """The `main` of a timing script: `--smoke` (the `smoke` config, writes nothing) or the
+    `full` config with `--repeats`; `run(cfg)` gives the rows, `markdown(rows, cfg)` the table,
+    printed and written to `<full.out>/<stem>.{json,md}`."""
+    parser = Parser(description=doc.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
+    parser.add_argument("--repeats", type=positive_int, default=full.repeats)
+    args = parser.parse_args(argv)
+    cfg = smoke if args.smoke else dataclasses.replace(full, repeats=args.repeats)
+    rows = run(cfg)
+    print(markdown(rows, cfg))
+    report.save(Path(cfg.out) if cfg.out else None, stem, rows, markdown(rows, cfg))
+
+
 def first_layers(model, depth: int):
     """The model cut to its first `depth` layers (real weights; for the smoke)."""
     from prism_jax import models
