@@ -1,6 +1,6 @@
 """Training through the attention core on the CPU: `tiled` against `dense`, one run.
 
-Command:  .venv/bin/python experiments/bench_train_attention.py          (about 4 minutes, 2 cores)
+Command:  .venv/bin/python experiments/bench_train_attention.py          (a few minutes, 2 cores)
 Smoke:    .venv/bin/python experiments/bench_train_attention.py --smoke  (seconds; run by the tests)
 
 `attend` computes attention tile by tile (`attention.tiled`) from `TILED_FROM` keys on, because
@@ -58,11 +58,12 @@ class Config:
     cr: int = 16
     repeats: int = 5
     out: str = str(Path(__file__).parent / "results")
+    smoke: bool = False  # narrow, shallow models of the same families
 
 
 SMOKE = Config(
     models=("vit", "llama"), batch=2, vit_batch=2, tokens=12, prism_tokens=24, devices=2, cr=2,
-    repeats=1, out="",
+    repeats=1, out="", smoke=True,
 )  # fmt: skip
 
 
@@ -77,13 +78,12 @@ def model_config(name: str, cfg: Config):
     """The config of model `name` (the smoke: narrow and shallow, same families)."""
     from prism_jax import configs
 
-    smoke = cfg.tokens < 128
     if name == "vit":
         import train_vit
 
-        return train_vit.vit_config(smoke)
+        return train_vit.vit_config(cfg.smoke)
     sizes = SIZES[name]
-    if smoke:
+    if cfg.smoke:
         sizes = dict(width=16, depth=2, heads=2, kv_heads=1 if name == "llama" else 2, mlp_width=32)
     positions = max(cfg.tokens, cfg.prism_tokens, 16)
     text = dict(vocab_size=4096, max_positions=positions, head_dim=None, **sizes)

@@ -254,6 +254,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
     ("argv", "message"),
     [
         (["bench_speed.py", "--repeats", "0"], "argument --repeats: expected int >= 1"),
+        (["bench_train_attention.py", "--repeats", "0"], "argument --repeats: expected int"),
+        (["profile_attention.py", "--repeats", "x"], "argument --repeats: expected int"),
         (["edge_testbed.py", "--rates", "0"], "argument --rates: expected integers >= 1"),
         (["overlap_probe.py", "--layers", "0"], "--layers must be >= 1"),
         (["robust_finetune.py", "--family", "bert", "--distill", "1"], "--distill is for"),
