@@ -178,6 +178,8 @@ def test_checkpoints_resume_only_their_own_run(tmp_path, hf_models, rng):
     longer = dataclasses.replace(cfg, steps=3, checkpoint_every=2)  # extending is resuming
     run = train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)
     assert run.resumed_from == 2 and len(run.losses) == 1
+    with pytest.raises(pj.PrismError, match="up to step 3, past steps=2"):  # never shortened
+        train.train(model, examples, cfg, checkpoint_dir=tmp_path, progress=False)
     (tmp_path / "run.json").unlink()
     with pytest.raises(pj.PrismError, match="no run.json"):
         train.train(model, examples, longer, checkpoint_dir=tmp_path, progress=False)

@@ -224,9 +224,8 @@ def train(
     try:
         start = 0
         if ckpt:
-            start, state = _resume(
-                ckpt, run_record(model, examples, cfg, plan, mesh, crs), state, restart
-            )
+            record = run_record(model, examples, cfg, plan, mesh, crs)
+            start, state = _resume(ckpt, record, state, restart, steps=cfg.steps)
         losses, evals = [], []
         bar = tqdm(
             range(start, cfg.steps), desc="fine-tuning", disable=not progress, initial=start,
@@ -325,14 +324,23 @@ def _step_inputs(model: Model, hf: dict, labels: np.ndarray, idx: np.ndarray, me
     return *shard_inputs(inputs, valid, mesh), targets, weights
 
 
-def _resume(ckpt: Checkpoints, record: dict, state, restart: bool):
-    """(first step, state): the latest checkpoint of this run, or step 0 for a new one."""
+def _resume(ckpt: Checkpoints, record: dict, state, restart: bool, *, steps: int):
+    """(first step, state): the latest checkpoint of this run, or step 0 for a new one. A
+    run may be extended, not shortened: checkpoints past `steps` are refused (else the model
+    returned would have trained longer than asked)."""
     if restart:
         ckpt.clear()
-    if ckpt.latest_step() is None:
+    latest = ckpt.latest_step()
+    if latest is None:
         ckpt.record_run(record)
         return 0, state
     ckpt.check_run(record)
+    if latest > steps:
+        raise PrismError(
+            f"{ckpt.directory} holds this run's checkpoints up to step {latest}, past steps="
+            f"{steps}; ask for steps >= {latest}, use another directory, or start over with "
+            "restart=True (--restart)"
+        )
     return ckpt.restore(state)
 
 
