@@ -22,8 +22,11 @@ holds, scored at every `--eval-crs`, from it, trains only the others and keeps t
 arms this run does not list (checkpoints stay on one machine; the results file is
 committed); `--exact-from FILE` takes the CR = 1 model's arms from another run's results
 file on the same test examples (a longer run measured against a shorter run's exact arm,
-without training it again; a later `--resume` without it trains them), and
-`--distilled-only` leaves the undistilled mixed prism+ arm out. Every arm is scored at
+without training it again; a later `--resume` without it trains them),
+`--distilled-only` leaves the undistilled mixed prism+ arm out, and `--start-steps S` (ViT)
+starts every arm, and the distillation teacher, from the CR = 1 arm trained S steps (robust
+fine-tuning of a converged exact model; the exact reference is then that model trained
+`--steps` more at CR = 1, and "start" the model itself). Every arm is scored at
 `--eval-crs` with the compressor it was trained with, and each score is also given as points
 from exact (the CR = 1 arm at CR = 1) with the standard error of that paired difference over
 the same test examples (every example's hit is kept in the JSON, `hits`). BERT: the whole
@@ -91,6 +94,12 @@ class Config:
     )
     distilled_only: bool = common.setting(
         False, "with --distill, leave out the mixed prism+ arm without distillation"
+    )
+    start_steps: int | None = common.setting(
+        None,
+        "ViT: start every arm from the CR = 1 arm trained this many steps (its checkpoints, "
+        "trained first where missing): robust fine-tuning of a converged exact model, which "
+        "is also the distillation teacher",
     )
     exact_from: str | None = common.setting(
         None,
@@ -227,6 +236,8 @@ def usage_problem(args: Config) -> str | None:
         return "--distill is for --family vit --mixed"
     if args.exact_from and not Path(args.exact_from).is_file():
         return f"argument --exact-from: no results file {args.exact_from}"
+    if args.start_steps and args.family != "vit":
+        return "--start-steps is for --family vit (BERT's start is a fresh head)"
     if args.distilled_only and not args.distill:
         return "--distilled-only is for --distill"
     if args.no_paper and not args.mixed:
@@ -252,7 +263,7 @@ class Run:
 
     args: Config
     recipe: dict
-    longer: str  # "", "-steps<n>", "-lr<x>" or both: the names of another step count or lr
+    longer: str  # "", "-steps<n>", "-lr<x>", "-from<s>": another step count, lr or start
     dataset: str
     eval_crs: list[int]
     base: object  # the starting model
@@ -270,14 +281,17 @@ def base_recipe(args: Config) -> dict:
 
 
 def recipe_of(args: Config) -> tuple[dict, str]:
-    """(this run's recipe, its names' suffix): the family's recipe with --steps, --lr and
-    --test-examples applied; the suffix names another step count or learning rate, so that
-    their checkpoints and results stay apart from the recipe's."""
+    """(this run's recipe, its names' suffix): the family's recipe with --steps, --lr,
+    --test-examples and --start-steps applied; the suffix names another step count, learning
+    rate or start, so that their checkpoints and results stay apart from the recipe's."""
     recipe = base_recipe(args)
     longer = "" if args.steps in (None, recipe["steps"]) else f"-steps{args.steps}"
     longer += "" if args.lr in (None, recipe["lr"]) else f"-lr{args.lr:g}"
     recipe = {**recipe, "steps": args.steps or recipe["steps"], "lr": args.lr or recipe["lr"]}
     recipe["limit"] = args.test_examples or recipe["limit"]
+    if args.start_steps:  # (absent otherwise: earlier results files stay this recipe's)
+        recipe["start_steps"] = args.start_steps
+        longer += f"-from{args.start_steps}"
     return recipe, longer
 
 
@@ -297,8 +311,24 @@ def setup(args: Config) -> Run:
     task = tasks.load(base, dataset, limit=recipe["limit"], max_length=length, layout=args.layout)
     keys = ("steps", "batch_size", "lr", "warmup")
     cfg = train.TrainConfig(**{k: recipe[k] for k in keys}, checkpoint_every=25)
-    return Run(args, recipe, longer, dataset, eval_crs, base, task, examples, cfg,
-               pj.edge_mesh(args.devices))  # fmt: skip
+    run = Run(args, recipe, longer, dataset, eval_crs, base, task, examples, cfg,
+              pj.edge_mesh(args.devices))  # fmt: skip
+    if args.start_steps:
+        run.base = converged_start(run)
+    return run
+
+
+def converged_start(run: Run):
+    """The CR = 1 arm of this recipe trained `--start-steps` steps (from the family's start
+    model, as `--steps` of that many would train it; resumed from its checkpoints, which a
+    run with that `--steps` leaves): the start of every arm of a `--start-steps` run."""
+    steps = run.args.start_steps
+    args = dataclasses.replace(run.args, steps=steps, start_steps=None)
+    recipe, longer = recipe_of(args)
+    first = dataclasses.replace(run, args=args, recipe=recipe, longer=longer, models={},
+                                cfg=dataclasses.replace(run.cfg, steps=steps))  # fmt: skip
+    exact = next(arm for arm in arms(args) if arm.name == EXACT)
+    return trained(exact, first)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,12 +400,7 @@ def trained(arm: Arm, run: Run) -> tuple[object, float | None]:
     from prism_jax.training import train
 
     args = run.args
-    tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
-    tag = "cr1" if arm.plan.strategy == "single" else f"prism-{tag}"
-    tag += "" if arm.crs is None else "-mixed-" + "-".join(map(str, arm.crs))
-    tag += "" if arm.plan.paper else "-prism+"
-    tag += f"-distill{arm.distill:g}" if arm.distill else ""
-    tag += run.longer
+    tag = checkpoint_tag(arm, run)
     if tag in run.models:
         return run.models[tag], 0.0
     ckpt = None if args.smoke else Path(args.checkpoints) / f"robust-{args.family}-{tag}"
@@ -392,6 +417,18 @@ def trained(arm: Arm, run: Run) -> tuple[object, float | None]:
     if ckpt is None:
         return done.model, minutes
     return done.model, _spent(ckpt / MINUTES, minutes, done.resumed_from, cfg.steps)
+
+
+def checkpoint_tag(arm: Arm, run: Run) -> str:
+    """The name of `arm`'s checkpoint folder (after `robust-{family}-`) in `run`: its plan,
+    training CRs, distillation, and the run's other steps, lr or start."""
+    args = run.args
+    tag = f"n{args.devices}-cr{args.cr}-{args.logit_bias}-{args.layout}"
+    tag = "cr1" if arm.plan.strategy == "single" else f"prism-{tag}"
+    tag += "" if arm.crs is None else "-mixed-" + "-".join(map(str, arm.crs))
+    tag += "" if arm.plan.paper else "-prism+"
+    tag += f"-distill{arm.distill:g}" if arm.distill else ""
+    return tag + run.longer
 
 
 def _spent(path: Path, minutes: float, resumed_from: int | None, steps: int) -> float | None:
@@ -432,12 +469,14 @@ def add_gaps(results: dict) -> None:
 def markdown(results: dict, run: Run) -> str:
     """The accuracy table, then each arm's distance from exact with its paired error."""
     args, recipe, crs = run.args, run.recipe, run.eval_crs
+    start = recipe.get("start_steps")
+    start = f" from the CR = 1 arm at {start} steps" if start else ""
     head = "| model | " + " | ".join(f"CR={cr}" for cr in crs)
     lines = [
         f"### Robust fine-tuning, {args.family}: accuracy (%) at N = {args.devices}, "
         f"logit bias {args.logit_bias}, {args.layout}",
         "",
-        f"{recipe['steps']} steps, batch {recipe['batch_size']}, lr {recipe['lr']}; "
+        f"{recipe['steps']} steps{start}, batch {recipe['batch_size']}, lr {recipe['lr']}; "
         f"{run.task.examples} {run.dataset} test examples.",
         "",
         head + " | train min |",

@@ -1,6 +1,7 @@
 """Every experiment's --smoke runs (fresh processes: each sets up its own devices)."""
 
 import ast
+import dataclasses
 import functools
 import json
 import re
@@ -269,6 +270,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["robust_finetune.py", "--lr=-1e-3"], "argument --lr: expected float >= 0"),
         (["robust_finetune.py", "--mixed", "--distilled-only"], "--distilled-only is for"),
         (["robust_finetune.py", "--exact-from", "/nowhere.json"], "--exact-from: no results"),
+        (["robust_finetune.py", "--start-steps", "5"], "--start-steps is for --family vit"),
+        (["robust_finetune.py", "--family", "vit", "--start-steps", "0"], "expected int >= 1"),
         (["table_compress.py", "--images", "0"], "argument --images: expected int >= 1"),
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
         (["table_generation.py", "--compressors", "paper,best"], "--compressors: expected"),
@@ -360,6 +363,37 @@ def test_robust_finetune_keeps_an_arms_training_minutes_beside_its_checkpoints(
     assert json.loads(path.read_text()) == {"train_minutes": 9.5}
     assert rf._spent(tmp_path / "none.json", 0.02, 300, 300) is None  # an older run: unknown
     assert rf._spent(tmp_path / "none.json", 2.0, 100, 300) is None
+
+
+def test_robust_finetune_start_steps_starts_from_the_cr1_arm_a_longer_run_trained(monkeypatch):
+    """--start-steps S: every arm starts from the CR = 1 arm of the `--steps S` run (its
+    checkpoint folder, so that run's checkpoints are reused), and the run's names say so."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import robust_finetune as rf
+
+    def parse(*argv):
+        return rf.common.parse(rf.Config, rf.__doc__, ["--family", "vit", *argv], devices=None)
+
+    def run_of(args):
+        recipe, longer = rf.recipe_of(args)
+        cfg = dataclasses.make_dataclass("TrainConfig", [("steps", int)])(recipe["steps"])
+        return rf.Run(args, recipe, longer, "d", [1], "base", None, {}, cfg, None)
+
+    args = parse("--mixed", "--steps", "40", "--start-steps", "280")
+    run = run_of(args)
+    assert run.recipe["start_steps"] == 280 and run.recipe["steps"] == 40
+    assert run.longer == "-steps40-from280" and rf.results_stem(run).endswith("_steps40_from280")
+    assert "start_steps" not in run_of(parse("--steps", "40")).recipe  # earlier files' recipe
+    asked = []
+    monkeypatch.setattr(rf, "trained", lambda arm, r: asked.append((arm, r)) or ("start", 0.0))
+    assert rf.converged_start(run) == "start"
+    [(arm, first)] = asked
+    assert arm.name == rf.EXACT and arm.plan.strategy == "single"
+    assert first.cfg.steps == 280 and first.recipe["steps"] == 280
+    longer = run_of(parse("--mixed", "--steps", "280"))  # the run that trained it
+    assert rf.checkpoint_tag(arm, first) == rf.checkpoint_tag(arm, longer) == "cr1-steps280"
+    distilled = next(a for a in rf.arms(args) if a.distill or a.crs)  # this run's own arms
+    assert rf.checkpoint_tag(distilled, run).endswith("-steps40-from280")
 
 
 def test_probe_tilt_is_exact_for_an_isotropic_spread(monkeypatch):
