@@ -161,8 +161,9 @@ def _batch_row(index, *xs) -> tuple[jax.Array, ...]:
 
 @jax.custom_vjp
 def _tiles(rows, keys, values, mask, bias) -> jax.Array:
-    """Softmax attention per tile: `rows` `[B·G, R·L, K]` (scaled queries), `keys`, `values`
-    `[B·G, M, K]`, `mask` `[B, 1, L|1, M]`, `bias` `[B, 1, 1, M]`; `[B·G, R·L, K]` float32."""
+    """Softmax attention per tile: `rows` `[B·G, R·L, K]` (scaled queries), `keys` `[B·G, M,
+    K]`, `values` `[B·G, M, Kv]`, `mask` `[B, 1, L|1, M]`, `bias` `[B, 1, 1, M]`; returns
+    `[B·G, R·L, Kv]` float32."""
     return _tile_forward(rows, keys, values, mask, bias)[0]
 
 

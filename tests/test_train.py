@@ -226,6 +226,11 @@ def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
     # the same command again resumes from the last checkpoint: nothing left to do
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
+    # fewer steps than the directory holds: one line, exit 2, not the longer-trained model
+    fewer = [*argv[: argv.index("--steps") + 1], "2", *argv[argv.index("--steps") + 2 :]]
+    assert cli.main(fewer) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "up to step 3, past steps=2" in line and "Traceback" not in line
 
 
 def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
