@@ -100,8 +100,9 @@ def _parts(cfg: Config, t: int):
     graphdef, params = nnx.split(block)
 
     def jax_layer(params, x, valid):
-        ex = exchange.make_exchange(single, valid, causal=False, axis_name=None, devices=1)
-        return nnx.merge(graphdef, params)(x, ex)[0]  # (rows, no cache)
+        ex = exchange.Exchange(single)
+        local = exchange.local_view(ex, valid)
+        return nnx.merge(graphdef, params)(x, ex, local, layers.Mode())[0]  # (rows, no cache)
 
     def jit(fn):
         return jax.jit(fn)

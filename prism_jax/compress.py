@@ -69,10 +69,13 @@ def kmeans(keys: jax.Array, groups: jax.Array, count: int, iters: int) -> jax.Ar
 
 
 def assign(plan: Plan, valid: jax.Array, keys: jax.Array | None, local_len: int):
-    """The groups of DESIGN.md section 1b for V = ceil(L / CR): `[B, L]` group ids, -1 for
-    padding. Salient tokens take groups 0..s-1 (one each), the rest V - s balanced groups
-    (then k-means when asked). With V = 1 the device sends its one mean."""
+    """Which of the V = ceil(L / CR) groups each local token joins: `[B, L]` group ids, -1
+    for padding. `segments` (the paper): fixed runs of CR positions. Otherwise DESIGN.md
+    section 1b: salient tokens take groups 0..s-1 (one each), the rest V - s balanced groups
+    (then k-means when asked); with V = 1 the device sends its one mean."""
     v = plan.segments(local_len)
+    if plan.grouping == "segments":
+        return jnp.where(valid, jnp.arange(local_len) // min(plan.cr, local_len), -1)
     s = min(plan.salient, v - 1)
     rest = valid
     ids = jnp.full(valid.shape, -1, jnp.int32)
@@ -105,15 +108,20 @@ def group_means(
       tilt statistics `[B, V, 1 | 3]` float32 (s2 [, mean position, position variance]),
       zero for an empty group, or None without `inputs`.
     """
-    onehot = groups[..., None] == jnp.arange(count)  # [B, L, V]
-    counts = onehot.sum(1, dtype=jnp.int32)
+    b, l = groups.shape
+    # Group g of row r sums into bucket r*V + g, padding into one bucket past the end: each
+    # token is added once (O(L*W), not a one-hot product over V).
+    buckets = jnp.where(groups >= 0, groups + count * jnp.arange(b)[:, None], b * count)
+    counts = jnp.zeros(b * count + 1, jnp.int32).at[buckets.reshape(-1)].add(1)
+    counts = counts[:-1].reshape(b, count)
     per = jnp.maximum(counts, 1).astype(jnp.float32)[..., None]
-    # Select, not multiply: a NaN or inf in a padded row must not reach a group's sum.
-    weights = onehot.astype(jnp.float32)
 
-    def mean_of(values):
+    def mean_of(values):  # [B, L, W] -> [B, V, W], float32
+        # Select, not multiply: a NaN or inf in a padded row must not reach a group's sum.
         picked = jnp.where(groups[..., None] >= 0, values.astype(jnp.float32), 0)
-        return jnp.einsum("blv,blw->bvw", weights, picked) / per
+        flat = picked.reshape(b * l, -1)
+        sums = jax.ops.segment_sum(flat, buckets.reshape(-1), num_segments=b * count + 1)
+        return sums[:-1].reshape(b, count, -1) / per
 
     means = mean_of(x).astype(x.dtype)
     if inputs is None:
@@ -124,7 +132,7 @@ def group_means(
     if positions is not None:  # two passes: positions reach thousands, their spread is small
         at = jnp.broadcast_to(positions, groups.shape).astype(jnp.float32)[..., None]
         centre = mean_of(at)  # [B, V, 1]
-        offset = at - jnp.einsum("blv,bvw->blw", weights, centre)
+        offset = at - jnp.take_along_axis(centre, jnp.maximum(groups, 0)[..., None], axis=1)
         stats += [centre[..., 0], mean_of(offset**2)[..., 0]]
     stats = jnp.stack(stats, axis=-1)  # [B, V, 1 | 3]
     return means, counts, jnp.where(counts[..., None] > 0, stats, 0)

@@ -12,8 +12,9 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
+from prism_jax.checks import as_int
 from prism_jax.errors import PrismError
-from prism_jax.plan import EXCHANGES, LOGIT_BIASES, STRATEGIES, Plan, as_int
+from prism_jax.plan import EXCHANGES, LOGIT_BIASES, STRATEGIES, Plan
 
 __all__ = ["EXCHANGES", "LOGIT_BIASES", "STRATEGIES", "Plan", "as_int"]  # re-exported
 

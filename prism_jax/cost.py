@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import models
+from prism_jax import checks, models
 from prism_jax.checkpoints import hf, safetensors
 from prism_jax.configs import PRESETS, ModelConfig
 from prism_jax.errors import PrismError
@@ -50,6 +50,11 @@ def bytes_closed_form(
     section 1a); with the value tilt 4 more bytes a group for each float32 statistic
     (`tilt_stats`: its spread, and a rotary group's position mean and variance, section 1b);
     nothing for `single` or a single device."""
+    checks.instance("plan", plan, Plan, "a prism_jax.Plan")
+    devices = checks.integer("devices", devices, 1)
+    seq_len = checks.integer("seq_len", seq_len, 1)
+    batch = checks.integer("batch", batch, 1)
+    dtype_bytes = checks.integer("dtype_bytes", dtype_bytes, 1, 8)
     if plan.strategy == "single" or devices == 1:
         return 0
     l = local_len(seq_len, devices)
@@ -238,6 +243,15 @@ class CostReport:
         }
 
 
+def _param_dtype(model) -> str:
+    """A `Model`'s parameter dtype (its first floating leaf), else float32."""
+    if isinstance(model, models.Model):
+        for leaf in jax.tree.leaves(model.params):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                return jnp.dtype(leaf.dtype).name
+    return "float32"
+
+
 def resolve_config(model) -> tuple[str, ModelConfig]:
     """A preset name, checkpoint directory, `Model` or `ModelConfig` -> (name, config)."""
 
@@ -247,7 +261,7 @@ def resolve_config(model) -> tuple[str, ModelConfig]:
         return model.config.family, model.config
     if str(model) in PRESETS:
         return str(model), PRESETS[str(model)]()
-    directory = Path(model)
+    directory = Path(checks.path("model", model))
     if not directory.is_dir():
         raise PrismError(
             f"{model} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
@@ -263,7 +277,7 @@ def measure(
     devices: int,
     seq_len: int | None = None,
     batch: int = 1,
-    dtype: str = "float32",
+    dtype: str | None = None,
 ) -> CostReport:
     """Bytes and FLOPs per device for one inference, from the compiled programs.
 
@@ -275,17 +289,23 @@ def measure(
       devices: N.
       seq_len: T; a ViT's is fixed by its image and patch size (1 + P).
       batch: B.
-      dtype: `float32` or `bfloat16`, for weights and activations.
+      dtype: `float32` or `bfloat16`, for weights and activations; None: a `Model`'s own
+        parameter dtype, else float32.
     """
+    checks.instance("plan", plan, Plan, "a prism_jax.Plan, e.g. pj.Plan(cr=8)")
     name, cfg = resolve_config(model)
     if cfg.family == "vit":
         if seq_len not in (None, cfg.max_positions):
-            raise PrismError(f"a ViT sees {cfg.max_positions} tokens, not {seq_len}")
+            raise PrismError(f"a ViT sees {cfg.max_positions} tokens, not {seq_len!r}")
         seq_len = cfg.max_positions
-    if seq_len is None or seq_len < 1 or seq_len > cfg.max_positions:
-        raise PrismError(f"--seq-len must be in [1, {cfg.max_positions}], got {seq_len}")
+    if checks.as_int(seq_len) is None or not 1 <= seq_len <= cfg.max_positions:
+        raise PrismError(f"--seq-len must be in [1, {cfg.max_positions}], got {seq_len!r}")
+    devices = checks.integer("devices", devices, 1)
     if devices > seq_len:
         raise PrismError(f"{devices} devices but only {seq_len} tokens")
+    batch = checks.integer("batch", batch, 1)
+    if dtype is None:
+        dtype = _param_dtype(model)
     if dtype not in ("float32", "bfloat16"):
         raise PrismError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)

@@ -4,7 +4,7 @@ from a compressed cache on the device that owns the end of the sequence.
 Prompts are left-padded (as `transformers` pads for generation, positions counted from each
 row's first valid token) to N*L tokens, so that every row ends on the last device. The prefill
 is the ordinary partitioned forward with the plan; each attention layer keeps what the last
-query row saw: `[remote K/V means | own K/V]`. With a causal mask those means never change
+query row saw: `[own K/V | remote K/V means]`. With a causal mask those means never change
 afterwards, so the last device decodes alone: zero bytes per new token, and a cache whose
 remote part is CR times smaller than the exact one. One compiled decode step (the cache
 preallocated, written with `dynamic_update_slice`) serves every token.
@@ -24,13 +24,13 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import cost, exchange
+from prism_jax import checks, cost, exchange, partition
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
-from prism_jax.layers import KVCache
+from prism_jax.layers import KVCache, Mode
 from prism_jax.models import Model
 from prism_jax.models.inputs import attention_mask, ids_field
-from prism_jax.partition import AXIS, place, put
+from prism_jax.partition import AXIS, place, put, spread
 from prism_jax.plan import Plan
 
 
@@ -93,18 +93,6 @@ def left_pad(batch: dict, cfg: ModelConfig, devices: int, max_new_tokens: int) -
     return {"input_ids": out_ids, "attention_mask": out_mask, "position_ids": positions}
 
 
-def _prefill_forward(graphdef, params, inputs, valid, *, cfg, plan, axis_name, devices):
-    module = nnx.merge(graphdef, params)
-    ex = exchange.make_exchange(
-        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices
-    )
-    (tokens, _), kept = nnx.capture(module, nnx.Intermediate)(
-        inputs, dataclasses.replace(ex, keep_cache=True)
-    )
-    caches = _sown(kept["encoder"]["caches"])
-    return tokens["logits"][:, -1], caches  # [B, V] of the last position, the layers' caches
-
-
 def _sown(value) -> KVCache:
     """The stacked KVCache the encoder sowed (Flax keeps sown values in a tuple, in a
     Variable)."""
@@ -117,23 +105,17 @@ def prefill_program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None):
     """`(params, inputs, valid) -> (last logits [B, V], KVCache [depth, ...])` of the device
     that owns the end of the sequence (every device's, stacked on a leading axis, with a
     mesh: the caller keeps the last)."""
-    plan = plan.for_model(cfg)
-    if mesh is None:
-        fn = functools.partial(
-            _prefill_forward, graphdef, cfg=cfg, plan=plan, axis_name=None, devices=1
-        )
-        return jax.jit(fn)
-    n = mesh.shape[AXIS]
 
-    def per_device(params, inputs, valid):
-        out = _prefill_forward(
-            graphdef, params, inputs, valid, cfg=cfg, plan=plan, axis_name=AXIS, devices=n
+    def per_device(params, inputs, valid, *, ex):
+        local = exchange.local_view(ex, valid, inputs.get("position_ids"))
+        module = nnx.merge(graphdef, params)
+        (tokens, _), kept = nnx.capture(module, nnx.Intermediate)(
+            inputs, ex, local, Mode(keep_cache=True)
         )
-        return jax.tree.map(lambda x: x[None], out)
+        out = tokens["logits"][:, -1], _sown(kept["encoder"]["caches"])  # [B, V], the caches
+        return out if ex.axis_name is None else jax.tree.map(lambda x: x[None], out)
 
-    return jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS), P()), out_specs=P(AXIS))
-    )
+    return spread(per_device, cfg, plan, mesh, out_specs=P(AXIS))
 
 
 def _shard_on(device, x: jax.Array) -> jax.Array:
@@ -154,18 +136,22 @@ class Sampling:
     top_p: float | None = None
 
     def filtered(self, logits: jax.Array) -> jax.Array:
-        """`[B, V]` float32 logits over the temperature, the tokens left out at -inf."""
-        logits = logits.astype(jnp.float32) / self.temperature
+        """`[B, V]` float32 logits over the temperature, the tokens left out at -inf. The
+        top_k tokens are ranked on the raw logits (dividing by a temperature > 0 keeps the
+        order, and float32 would tie them at a huge one), and the best logit is subtracted
+        first, so that a tiny temperature leaves 0 for the best token, not inf."""
+        logits = logits.astype(jnp.float32)
+        scaled = (logits - logits.max(-1, keepdims=True)) / self.temperature
         if self.top_k is not None:
             kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
+            scaled = jnp.where(logits < kth, -jnp.inf, scaled)
         if self.top_p is not None and self.top_p < 1:
-            ordered = -jnp.sort(-logits, axis=-1)  # most likely first
+            ordered = -jnp.sort(-scaled, axis=-1)  # most likely first
             probs = jax.nn.softmax(ordered, axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs  # held by the more likely tokens
             kept = jnp.where(before < self.top_p, ordered, jnp.inf)  # the first always
-            logits = jnp.where(logits < kept.min(-1, keepdims=True), -jnp.inf, logits)
-        return logits
+            scaled = jnp.where(scaled < kept.min(-1, keepdims=True), -jnp.inf, scaled)
+        return scaled
 
     def choose(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """Next token per row `[B]` int32 from `[B, V]` logits."""
@@ -198,27 +184,101 @@ def _grow(cache: KVCache, extra: int) -> KVCache:
 
 
 def _end_ids(model: Model, eos) -> set[int]:
+    """The token ids that end a row: `eos` True takes the model's own."""
     if eos is True:
         value = model.generation.get("eos_token_id")
         return set(value if isinstance(value, list) else [] if value is None else [value])
     if eos is False or eos is None:
         return set()
-    return {int(eos)}
+    vocab = model.config.vocab_size
+    many = eos if isinstance(eos, list | tuple) else [eos]
+    if not many:
+        raise PrismError("eos must be True, False, a token id or a non-empty list of ids, got []")
+    return {checks.integer("eos", i, 0, vocab - 1) for i in many}
 
 
-def _check(model: Model, plan: Plan, max_new_tokens, temperature, top_k, top_p) -> None:
+def _key(seed) -> jax.Array:
+    """A threefry key from a 64-bit seed, both halves used (`jax.random.key` keeps 32 bits
+    without x64; seeds below 2^32 give its very keys)."""
+    s = checks.seed(seed) % 2**64
+    return jax.random.wrap_key_data(np.array([s >> 32, s & 0xFFFFFFFF], np.uint32))
+
+
+def _sampling(model: Model, max_new_tokens, temperature, top_k, top_p) -> Sampling:
+    """The arguments of `run` checked (each bad one a PrismError naming it) -> `Sampling`."""
     if model.config.head != "lm" or not model.config.causal:
         raise PrismError("generation needs a causal LM (GPT-2 or Llama with an LM head)")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
-        raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise PrismError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise PrismError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= model.config.vocab_size):
-        raise PrismError(f"top_k must be an integer in [1, vocabulary size], got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise PrismError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    checks.integer("max_new_tokens", max_new_tokens, 1)
+    temperature = checks.number("temperature", temperature, 0.0)
+    if top_k is not None:
+        top_k = checks.integer("top_k", top_k, 1, model.config.vocab_size)
+    if top_p is not None:
+        top_p = checks.number("top_p", top_p, 0.0, 1.0, open_low=True)
+    return Sampling(temperature, top_k, top_p)
+
+
+@dataclasses.dataclass
+class _Prefilled:
+    """What the prefill hands the decode loop: the first new tokens, the caches and params on
+    the decoding device, and the prompt's layout."""
+
+    ids: np.ndarray  # [B] the first new token of each row
+    caches: KVCache  # [depth, B, C, ...] on the decoding device
+    params: object  # the model's params on the decoding device
+    valid: np.ndarray  # [B, T] the left-padded prompt's validity
+    devices: int
+    seconds: float
+
+
+def _prefill(model, prompt: dict, plan: Plan, mesh, sampling: Sampling, key) -> _Prefilled:
+    """The partitioned prefill (or one device's, without a mesh) up to the first new token."""
+    inputs, valid = model.prepare(prompt)
+    tic = time.perf_counter()
+    if mesh is None:
+        fn = prefill_program(model.graphdef, model.config, plan, None)
+        logits, caches = fn(model.params, inputs, valid)
+        params = model.params
+    else:
+        fn = prefill_program(model.graphdef, model.config, plan, mesh)
+        inputs = {k: put(v, mesh, P(None, AXIS)) for k, v in inputs.items()}
+        stacked = fn(place(model, mesh), inputs, put(valid, mesh, P()))
+        last = mesh.devices.flat[-1]  # the device that owns the end of the sequence
+        logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
+        params = place(model, last)  # the decoding device's copy, kept for the next call
+    ids = np.asarray(sampling.choose(logits, jax.random.fold_in(key, 0)))
+    devices = 1 if mesh is None else mesh.shape[AXIS]
+    return _Prefilled(ids, caches, params, valid, devices, time.perf_counter() - tic)
+
+
+def _decode(model, first: _Prefilled, sampling, key, max_new_tokens, ends, on_token):
+    """Decode on one device from the compressed cache until every row ended or
+    `max_new_tokens` were produced -> (ids [B, max_new_tokens], step seconds, steps, caches)."""
+    prompt_slots = first.caches.keys.shape[2]
+    caches = _grow(first.caches, max_new_tokens)
+    step = decode_program(model.graphdef, sampling)
+    pad = model.generation.get("pad_token_id")
+    pad = pad if pad is not None else next(iter(sorted(ends)), 0)
+    b = len(first.ids)
+    out = np.full((b, max_new_tokens), pad, np.int32)
+    done = np.zeros(b, bool)
+    positions = first.valid.sum(1).astype(np.int32)  # the next token's position in each row
+    ids, step_seconds, steps = first.ids, [], 0
+    for i in range(max_new_tokens):
+        out[~done, i] = ids[~done]
+        steps += 1
+        if on_token is not None:
+            on_token(i, out[:, i])
+        done |= np.isin(ids, list(ends))
+        if done.all() or i == max_new_tokens - 1:
+            break
+        tic = time.perf_counter()
+        ids, caches = step(
+            first.params, caches, jnp.asarray(ids), jnp.asarray(positions + i), prompt_slots + i,
+            jax.random.fold_in(key, i + 1),
+        )  # fmt: skip
+        ids = np.asarray(ids)
+        step_seconds.append(time.perf_counter() - tic)
+    return out, step_seconds, steps, caches
 
 
 def run(
@@ -237,6 +297,11 @@ def run(
 ) -> Generation:
     """Generate with a partitioned prefill and a decode from the compressed cache.
 
+    At CR = 1 (and with voltage) every row's tokens are the exact model's, whatever its batch
+    mates. At CR > 1 they depend on the batch: prompts are left-padded to the longest, so a
+    row's tokens sit at other positions of the devices (and in other groups) than they would
+    alone. Generate one prompt per call where that matters.
+
     Args:
       model: a causal LM (GPT-2, Llama).
       batch: `input_ids` and optionally `attention_mask` (any padding side).
@@ -246,69 +311,38 @@ def run(
       top_k: sample among the k most likely tokens only.
       top_p: sample among the most likely tokens that together hold this probability
         (nucleus sampling), after top_k.
-      seed: sampling seed (the same seed gives the same tokens).
-      eos: True stops a row at the model's end-of-sequence id(s), an int at that id, False
-        never; a stopped row is padded with the model's pad id.
+      seed: sampling seed (the same seed gives the same tokens), 64 bits.
+      eos: True stops a row at the model's end-of-sequence id(s), a token id or a list of ids
+        at those, False never; a stopped row is padded with the model's pad id.
       on_token: called as `on_token(step, ids [B])` after every step (streaming).
     """
-    plan = plan or Plan()
-    _check(model, plan, max_new_tokens, temperature, top_k, top_p)
-    sampling = Sampling(float(temperature), top_k, None if top_p is None else float(top_p))
+    plan, mesh = partition.checked(model, plan, mesh)
+    sampling = _sampling(model, max_new_tokens, temperature, top_k, top_p)
+    key = _key(seed)
+    ends = _end_ids(model, eos)
     # One device has no remote tokens: every plan is the exact model there (and a mesh of one
     # device would carry its axis type into the decode's arrays).
-    single = mesh is None or plan.strategy == "single" or mesh.size == 1
-    devices = 1 if single else mesh.shape[AXIS]
-    prompt = left_pad(batch, model.config, devices, max_new_tokens)
-    inputs, valid = model.prepare(prompt)
-    b, t = valid.shape
-    tic = time.perf_counter()
-    if single:
-        logits, caches = prefill_program(model.graphdef, model.config, plan, None)(
-            model.params, inputs, valid
-        )
-        params = model.params
-    else:
-        fn = prefill_program(model.graphdef, model.config, plan, mesh)
-        inputs = {k: put(v, mesh, P(None, AXIS)) for k, v in inputs.items()}
-        stacked = fn(place(model, mesh), inputs, put(valid, mesh, P()))
-        last = mesh.devices.flat[-1]  # the device that owns the end of the sequence
-        logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
-        params = place(model, last)  # the decoding device's copy, kept for the next call
-    key = jax.random.key(seed)
-    ids = np.asarray(sampling.choose(logits, jax.random.fold_in(key, 0)))
-    prefill_seconds = time.perf_counter() - tic
-    prompt_slots = caches.keys.shape[2]
-    caches = _grow(caches, max_new_tokens)
-    step = decode_program(model.graphdef, sampling)
-    ends, pad = _end_ids(model, eos), model.generation.get("pad_token_id")
-    pad = pad if pad is not None else next(iter(ends), 0)
-    out = np.full((b, max_new_tokens), pad, np.int32)
-    done = np.zeros(b, bool)
-    positions = valid.sum(1).astype(np.int32)  # the next token's position in each row
-    step_seconds, steps = [], 0
-    for i in range(max_new_tokens):
-        out[~done, i] = ids[~done]
-        steps += 1
-        if on_token is not None:
-            on_token(i, out[:, i])
-        done |= np.isin(ids, list(ends))
-        if done.all() or i == max_new_tokens - 1:
-            break
-        tic = time.perf_counter()
-        ids, caches = step(
-            params, caches, jnp.asarray(ids), jnp.asarray(positions + i), prompt_slots + i,
-            jax.random.fold_in(key, i + 1),
-        )  # fmt: skip
-        ids = np.asarray(ids)
-        step_seconds.append(time.perf_counter() - tic)
+    if mesh is not None and (plan.strategy == "single" or mesh.size == 1):
+        mesh = None
+    prompt = left_pad(batch, model.config, 1 if mesh is None else mesh.shape[AXIS], max_new_tokens)
+    first = _prefill(model, prompt, plan, mesh, sampling, key)
+    ids, step_seconds, steps, caches = _decode(
+        model, first, sampling, key, max_new_tokens, ends, on_token
+    )
+    b, t = first.valid.shape
     return Generation(
-        ids=out,
-        prefill_seconds=prefill_seconds,
+        ids=ids,
+        prefill_seconds=first.seconds,
         step_seconds=step_seconds,
         steps=steps,
         prefill_bytes=cost.bytes_closed_form(
-            model.config, plan, devices=devices, seq_len=t, batch=b
-        ),
+            model.config,
+            plan,
+            devices=first.devices,
+            seq_len=t,
+            batch=b,
+            dtype_bytes=caches.keys.dtype.itemsize,
+        ),  # fmt: skip
         cache_bytes=_cache_bytes(caches),
         exact_cache_bytes=_exact_cache_bytes(
             model.config, b, t + max_new_tokens, caches.keys.dtype.itemsize

@@ -15,10 +15,10 @@ from prism_jax.configs import ACTIVATIONS, ModelConfig
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU as PyTorch and HF write it, x/2 (1 + erf(x / sqrt 2)): the same function as
-    `jax.nn.gelu(approximate=False)` (which uses erfc, to within 1e-6 here), cheaper on
-    XLA:CPU."""
-    return 0.5 * x * (1 + lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+    """Exact GELU as PyTorch and HF define it, x/2 (1 + erf(x / sqrt 2)), written with erfc:
+    x/2 erfc(-x / sqrt 2). The erf form rounds 1 + erf(x) near 1 and, with XLA:CPU's erf on
+    some processors, is 2 ulp off for x around 5 (measured 9.9e-7 against 3.8e-7 here)."""
+    return 0.5 * x * lax.erfc(-x * jnp.asarray(0.7071067811865476, x.dtype))
 
 
 _FUNCTIONS = {  # the functions behind `configs.ACTIVATIONS`' names
@@ -97,8 +97,8 @@ def mean_rotation(centre: jax.Array, variance: jax.Array, k: int, theta: float):
 
 class KVCache(NamedTuple):
     """One layer's decode cache (DESIGN.md section 1a): the keys and values the last prefill
-    query saw (`[remote K/V means | own K/V]` on the device that owns the end of the
-    sequence), then room for the generated tokens' own.
+    query saw (on the device that owns the end of the sequence: `[own K/V | remote K/V
+    means]`), then room for the generated tokens' own.
 
     Attributes:
       keys, values: `[B, C, H_kv, K]`.
@@ -130,16 +130,28 @@ class KVCache(NamedTuple):
         )
 
 
+class Mode(NamedTuple):
+    """How a forward pass is traced (static): `unrolled` runs the layers as a Python loop with
+    dense attention, for XLA's cost analysis, which counts a loop body once (`cost`);
+    `keep_cache` keeps what each layer's last query saw, the decode cache (a prefill for
+    generation)."""
+
+    unrolled: bool = False
+    keep_cache: bool = False
+
+
+PLAIN = Mode()  # an inference pass
+
+
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) attention, restructured for PRISM (DESIGN.md section 1,
     step 4; section 1a for K/V exchange and rotary keys).
 
-    Queries come from the local tokens only. Keys and values come from what
-    `exchange.keys_and_mask` returns: the local tokens (single), all tokens (voltage), or the
-    local tokens followed by the other devices' group means (prism). With `exchange="hidden"`
-    what travels is attention inputs, projected here; with `"kv"` it is keys (rotated at their
-    own positions, where the tokens live) and values. No device projects another device's
-    individual tokens.
+    Queries come from the local tokens only; keys and values are [local tokens | what
+    `exchange.share` returns for the other devices]: nothing (single), their tokens (voltage)
+    or their group means (prism). With `exchange="hidden"` what travels is attention inputs,
+    projected here when they arrive; with `"kv"` it is keys (rotated at their own positions,
+    where the tokens live) and values. No device projects another device's individual tokens.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -151,53 +163,52 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, g, k
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, a: jax.Array, ex: exchange.Exchange) -> tuple[jax.Array, KVCache | None]:
-        """`[B, L, D]` attention output of the local rows, and (`ex.keep_cache`, a prefill for
-        generation) the `KVCache` of what the last query row saw, else None."""
+    def __call__(
+        self, a: jax.Array, ex: exchange.Exchange, local: exchange.Local, mode: Mode = PLAIN
+    ) -> tuple[jax.Array, KVCache | None]:
+        """`[B, L, D]` attention output of the local rows, and (`mode.keep_cache`, a prefill
+        for generation) the `KVCache` of what the last query row saw, else None."""
         b, l, _ = a.shape
         h, g, k = self.heads, self.kv_heads, self.head_dim
         q = self.q(a).reshape(b, l, h, k)
         if self.rope_theta is not None:
-            q = rotate(q, ex.token_positions(), self.rope_theta)
-        keys, values, mask, bias, stats = self._keys_values(a, ex)  # [B, M, G*K] each
+            q = rotate(q, local.positions, self.rope_theta)
+        keys, values, remote = self._keys_values(a, ex, local)  # [B, L + M, G*K] each
         m = keys.shape[1]
         keys, values = keys.reshape(b, m, g, k), values.reshape(b, m, g, k)
+        mask, bias, stats = remote.mask, remote.bias, remote.stats
+        loops = not mode.unrolled
         tilt = None if stats is None else self._tilt_matrices()
         if stats is not None:
-            out = self._tilted(q, keys, values, mask, bias, stats, tilt, loops=not ex.straight)
+            out = self._tilted(q, keys, values, mask, bias, stats, tilt, loops=loops)
         else:
-            out = attend(q, keys, values, mask, bias, loops=not ex.straight)  # [B, L, H, K]
+            out = attend(q, keys, values, mask, bias, loops=loops)  # [B, L, H, K]
         cache = None
-        if ex.keep_cache:  # generation: what the last query row saw becomes the decode cache
+        if mode.keep_cache:  # generation: what the last query row saw becomes the decode cache
             seen = jnp.zeros((b, m), jnp.float32) if bias is None else bias[:, 0, 0]
             cache = KVCache(keys, values, mask[:, 0, -1], seen, stats, tilt)
         return self.o(out.reshape(b, l, h * k)), cache
 
-    def _keys_values(self, a: jax.Array, ex: exchange.Exchange):
-        """Keys and values `[B, M, G*K]` of what this device attends to, with the mask, logit
-        bias and tilt statistics of `exchange.keys_and_mask`."""
-        grouped = ex.plan.strategy == "prism" and (ex.plan.salient or ex.plan.grouping == "kmeans")
-        if self.rope_theta is not None or ex.plan.exchange == "kv":
-            local_keys = self._keys(a, ex)
-            local = jnp.concatenate([local_keys, self.v(a)], axis=-1)  # [B, L, 2*G*K]
-            at = None if self.rope_theta is None else ex.token_positions()
-            kv, mask, bias, stats = exchange.keys_and_mask(
-                local, ex, keys=local_keys, inputs=a, positions=at
-            )
-            return *jnp.split(kv, 2, axis=-1), mask, bias, stats
-        if ex.plan.strategy != "prism" or ex.axis_name is None or ex.devices == 1:
-            kv_in, mask, bias, stats = exchange.keys_and_mask(a, ex, inputs=a)
-            return self.k(kv_in), self.v(kv_in), mask, bias, stats
-        # The local rows' keys and values do not wait for the exchange (the runtime may compute
-        # them while the means travel); the means are projected when they arrive.
-        local_keys, local_values = self.k(a), self.v(a)
-        rows, mask, bias, stats = exchange.keys_and_mask(
-            a, ex, keys=local_keys if grouped else None, inputs=a
+    def _keys_values(self, a: jax.Array, ex: exchange.Exchange, local: exchange.Local):
+        """Keys and values `[B, L + M, G*K]` of [local tokens | remote rows], and the
+        `exchange.Remote` they came with."""
+        rotary = self.rope_theta is not None
+        keys = self._keys(a, local.positions)
+        values = self.v(a)
+        hidden = ex.plan.exchange == "hidden"
+        sent = a if hidden else jnp.concatenate([keys, values], axis=-1)  # [B, L, W]
+        remote = exchange.share(
+            ex, local, sent, keys=keys, inputs=a, positions=local.positions if rotary else None
         )
-        means = rows[:, a.shape[1] :]
-        keys = jnp.concatenate([local_keys, self.k(means)], axis=1)
-        values = jnp.concatenate([local_values, self.v(means)], axis=1)
-        return keys, values, mask, bias, stats
+        # Remote means are projected when they arrive (hidden exchange); the local rows' keys
+        # and values did not wait for them (the runtime may compute them while means travel).
+        if hidden:
+            far_keys, far_values = self.k(remote.rows), self.v(remote.rows)
+        else:
+            far_keys, far_values = jnp.split(remote.rows, 2, axis=-1)
+        keys = jnp.concatenate([keys, far_keys.astype(keys.dtype)], axis=1)
+        values = jnp.concatenate([values, far_values.astype(values.dtype)], axis=1)
+        return keys, values, remote
 
     def _tilt_matrices(self) -> jax.Array:
         """`[G, K, K]` float32 M_h = W_k^(h)T W_v^(h) of each KV head, from this device's own
@@ -265,14 +276,14 @@ class Attention(nnx.Module):
             out = self._tilted(q, keys, values, visible, bias, cache.stats, cache.tilt)
         return self.o(out.reshape(b, 1, h * k)), cache._replace(keys=keys, values=values, mask=mask)
 
-    def _keys(self, a: jax.Array, ex: exchange.Exchange) -> jax.Array:
-        """`[B, L, G*K]` keys of the local tokens, rotated at their positions (rotary)."""
+    def _keys(self, a: jax.Array, positions: jax.Array) -> jax.Array:
+        """`[B, L, G*K]` keys of the local tokens, rotated at their `positions` (rotary)."""
         b, l, _ = a.shape
         keys = self.k(a)
         if self.rope_theta is None:
             return keys
         keys = keys.reshape(b, l, self.kv_heads, self.head_dim)
-        return rotate(keys, ex.token_positions(), self.rope_theta).reshape(b, l, -1)
+        return rotate(keys, positions, self.rope_theta).reshape(b, l, -1)
 
 
 class Block(nnx.Module):
@@ -285,13 +296,13 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
         self.norm_first = cfg.norm_first
 
-    def __call__(self, x: jax.Array, ex: exchange.Exchange) -> tuple[jax.Array, KVCache | None]:
-        """The layer's output rows, and its decode cache (None unless `ex.keep_cache`)."""
+    def __call__(self, x: jax.Array, ex: exchange.Exchange, local: exchange.Local, mode: Mode):
+        """The layer's output rows, and its decode cache (None unless `mode.keep_cache`)."""
         if self.norm_first:
-            h, cache = self.attn(self.ln1(x), ex)
+            h, cache = self.attn(self.ln1(x), ex, local, mode)
             x = x + h
             return x + self.mlp(self.ln2(x)), cache
-        h, cache = self.attn(x, ex)
+        h, cache = self.attn(x, ex, local, mode)
         x = self.ln1(x + h)
         return self.ln2(x + self.mlp(x)), cache
 
@@ -307,7 +318,7 @@ class Encoder(nnx.Module):
 
     The Blocks' parameters are stacked on a leading layer axis (`blocks.attn.q.kernel` is
     `[depth, D, H*K]`) and the layers run as one `lax.scan`, so a model compiles one layer
-    whatever its depth. `ex.straight` unrolls the scan instead (XLA's cost analysis counts
+    whatever its depth. `Mode.unrolled` unrolls the scan instead (XLA's cost analysis counts
     a loop body once: `cost` measures FLOPs on the unrolled program)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -320,14 +331,16 @@ class Encoder(nnx.Module):
         self.depth = cfg.depth
         self.ln_f = norm(cfg, rngs) if cfg.norm_first else None
 
-    def __call__(self, x: jax.Array, ex: exchange.Exchange) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, ex: exchange.Exchange, local: exchange.Local, mode: Mode = PLAIN
+    ) -> jax.Array:
         graphdef, params = nnx.split(self.blocks)
 
         def layer(x, layer_params):
-            return nnx.merge(graphdef, layer_params)(x, ex)
+            return nnx.merge(graphdef, layer_params)(x, ex, local, mode)
 
-        x, caches = _layers(layer, x, params, self.depth, unrolled=ex.straight)
-        if ex.keep_cache:  # a prefill for generation: every layer's cache, stacked
+        x, caches = _layers(layer, x, params, self.depth, unrolled=mode.unrolled)
+        if mode.keep_cache:  # a prefill for generation: every layer's cache, stacked
             self.sow(nnx.Intermediate, "caches", caches)
         return self.ln_f(x) if self.ln_f is not None else x
 

@@ -16,11 +16,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import exchange
+from prism_jax import checks, exchange
+from prism_jax.checks import as_int
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
+from prism_jax.layers import PLAIN, Mode
 from prism_jax.models import Model
-from prism_jax.plan import Plan, as_int
+from prism_jax.plan import Plan
 
 AXIS = "edge"
 
@@ -47,68 +49,66 @@ def edge_mesh(n: int) -> Mesh:
     return jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Explicit,), devices=available[:n])
 
 
-def _forward(
-    graphdef,
-    params,
-    inputs,
-    valid,
-    *,
-    cfg: ModelConfig,
-    plan: Plan,
-    axis_name: str | None,
-    devices: int,
-    straight: bool = False,
-):
-    """One device's forward pass: merge the module, build its Exchange, run it."""
-    module = nnx.merge(graphdef, params)
-    ex = exchange.make_exchange(
-        plan, valid, causal=cfg.causal, axis_name=axis_name, devices=devices, straight=straight
+def forward(graphdef, params, inputs, valid, ex: exchange.Exchange, mode: Mode = PLAIN):
+    """One device's forward pass: merge the module, take its view of the inference, run it."""
+    local = exchange.local_view(ex, valid, inputs.get("position_ids"))
+    return nnx.merge(graphdef, params)(inputs, ex, local, mode)
+
+
+def spread(per_device, cfg: ModelConfig, plan: Plan, mesh: Mesh | None, *, out_specs):
+    """The one `jax.jit(jax.shard_map(...))` site: `per_device(params, inputs, valid, *, ex)`,
+    one device's work, compiled for the reference path (no mesh) or over `mesh` with the
+    params replicated, the inputs split along the token axis and the validity of every
+    position replicated. The plan's `exchange` is resolved for the model first
+    (`Plan.for_model`)."""
+    plan = plan.for_model(cfg)
+    if mesh is None:
+        ex = exchange.Exchange(plan, None, 1, cfg.causal)
+        return jax.jit(functools.partial(per_device, ex=ex))
+    if plan.strategy == "single":  # split over a mesh, each device would see only its tokens
+        raise PrismError("strategy 'single' runs on one device: call it without a mesh")
+    ex = exchange.Exchange(plan, AXIS, mesh.shape[AXIS], cfg.causal)
+    return jax.jit(
+        jax.shard_map(
+            functools.partial(per_device, ex=ex),
+            mesh=mesh,
+            in_specs=(P(), P(None, AXIS), P()),
+            out_specs=out_specs,
+        )
     )
-    return module(inputs, ex)
 
 
 @functools.cache
 def program(graphdef, cfg: ModelConfig, plan: Plan, mesh: Mesh | None, *, straight=False):
     """The compiled inference program `(params, inputs, valid) -> (tokens, cls)`.
 
-    Without a mesh: the single-device reference. With one: a `jax.jit(jax.shard_map(...))`
-    whose per-device outputs come back as tokens `[B, N*L, ...]` and cls rows `[N, B, ...]`.
-    The plan's `exchange` is resolved for the model first (`Plan.for_model`). `straight`
-    traces it without loops, for `cost` (`exchange.Exchange.straight`).
+    Without a mesh: the single-device reference. With one: per-device outputs come back as
+    tokens `[B, N*L, ...]` and cls rows `[N, B, ...]`. `straight` traces it without loops,
+    for `cost` (`layers.Mode.unrolled`).
     """
-    plan = plan.for_model(cfg)
-    kw = dict(cfg=cfg, plan=plan, straight=straight)
-    if mesh is None:
-        fn = functools.partial(_forward, graphdef, axis_name=None, devices=1, **kw)
-        return jax.jit(fn)
-    if plan.strategy == "single":  # split over a mesh, each device would see only its tokens
-        raise PrismError("strategy 'single' runs on one device: call it without a mesh")
-    n = mesh.shape[AXIS]
+    mode = Mode(unrolled=straight)
 
-    def per_device(params, inputs, valid):
-        tokens, cls = _forward(graphdef, params, inputs, valid, axis_name=AXIS, devices=n, **kw)
-        return tokens, jax.tree.map(lambda x: x[None], cls)
+    def per_device(params, inputs, valid, *, ex):
+        tokens, cls = forward(graphdef, params, inputs, valid, ex, mode)
+        if ex.axis_name is not None:  # one CLS row per device, stacked
+            cls = jax.tree.map(lambda x: x[None], cls)
+        return tokens, cls
 
-    return jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(), P(None, AXIS), P()),
-            out_specs=(P(None, AXIS), P(AXIS)),
-        )
-    )
+    return spread(per_device, cfg, plan, mesh, out_specs=(P(None, AXIS), P(AXIS)))
 
 
 def place(model: Model, where: Mesh | jax.Device):
     """The model's params replicated on every device of a mesh, or on one device (cached per
-    mesh or device, for these very params: a model whose params were replaced is placed anew)."""
-    source, placed = model.placed.get(where, (None, None))
-    if source is not model.params:
+    mesh or device for these very arrays: params replaced, or a weight updated in place, are
+    placed anew)."""
+    leaves = jax.tree.leaves(model.params)
+    source, placed = model.placed.get(where, ((), None))
+    if len(source) != len(leaves) or any(a is not b for a, b in zip(source, leaves, strict=True)):
         if isinstance(where, Mesh):
             placed = jax.tree.map(lambda x: put(x, where, P()), model.params)
         else:
             placed = jax.device_put(model.params, where)
-        model.placed[where] = (model.params, placed)
+        model.placed[where] = (tuple(leaves), placed)  # the leaves kept: their ids stay unique
     return placed
 
 
@@ -134,6 +134,19 @@ def shard_inputs(inputs: dict, valid: np.ndarray, mesh: Mesh):
     return inputs, put(pad_tokens(valid), mesh, P())
 
 
+def checked(model, plan, mesh) -> tuple[Plan, Mesh | None]:
+    """The public API's `model`, `plan` and `mesh` arguments checked (a `Model`, a `Plan` or
+    None for `Plan()`, None or a mesh with an "edge" axis); returns (plan, mesh)."""
+    checks.instance("model", model, Model, "a prism_jax.Model (pj.load_pretrained)")
+    plan = Plan() if plan is None else plan
+    checks.instance("plan", plan, Plan, "a prism_jax.Plan, e.g. pj.Plan(cr=8)")
+    if mesh is not None:
+        checks.instance("mesh", mesh, Mesh, "a mesh from pj.edge_mesh(n), or None")
+        if mesh.axis_names != (AXIS,):
+            raise PrismError(f"mesh must have the one axis {AXIS!r}, got {mesh.axis_names}")
+    return plan, mesh
+
+
 def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | None = None):
     """Run one inference (DESIGN.md section 2).
 
@@ -150,7 +163,7 @@ def infer(model: Model, batch: dict, *, mesh: Mesh | None = None, plan: Plan | N
       order, padding dropped; `logits` when the checkpoint has a head (`[B, C]` classifier,
       `[B, T, V]` LM); `pooler_output` when it has a pooler.
     """
-    plan = plan or Plan()
+    plan, mesh = checked(model, plan, mesh)
     inputs, valid = model.prepare(batch)
     if mesh is None or plan.strategy == "single":
         tokens, cls = program(model.graphdef, model.config, plan, None)(model.params, inputs, valid)
@@ -207,9 +220,9 @@ def next_token_logprobs(
     Args:
       where: `[B, S]` positions t to score (each < T - 1); None scores every t: `[B, T-1]`.
     """
+    plan, mesh = checked(model, plan, mesh)
     if model.config.head != "lm":
         raise PrismError("next-token log-probabilities need an LM head")
-    plan = plan or Plan()
     inputs, valid = model.prepare(batch)
     ids = np.asarray(batch["input_ids"], np.int32)
     t = valid.shape[1]

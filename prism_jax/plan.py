@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 
+from prism_jax.checks import as_int
 from prism_jax.errors import PrismError
 
 STRATEGIES = ("single", "voltage", "prism")
@@ -19,14 +19,13 @@ EXCHANGES = ("auto", "hidden", "kv")
 GROUPINGS = ("segments", "balanced", "kmeans")
 
 
-def as_int(value) -> int | None:
-    """`value` as a Python int if it is an integer (NumPy integers too, bools not), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+# The fields that say how a device compresses what it sends (prism only).
+COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt")
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise PrismError(f"unknown {name} {value!r}; choose one of {allowed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,9 +42,9 @@ class Plan:
       grouping: `segments` (the paper: fixed runs of CR positions), `balanced` (V = ceil(L/CR)
         equal runs of valid tokens) or `kmeans` (Lloyd's iterations in key space from the
         balanced groups); DESIGN.md section 1b.
-      kmeans_iters: iterations of `kmeans`.
-      salient: how many tokens per device (farthest from the device's mean key) are sent
-        exactly, each as its own group, out of the same V (0: none; at most V - 1).
+      kmeans_iters: iterations of `kmeans` (at most 1000).
+      salient: 1 sends the token farthest from the device's mean key exactly, as its own
+        group, out of the same V (when V >= 2); 0: none. Not with `segments`.
       value_tilt: each group also sends its spread, and the receiver tilts the group's
         value toward the query to first order (hidden exchange).
     """
@@ -60,27 +59,35 @@ class Plan:
     value_tilt: bool = False
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise PrismError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        cr = as_int(self.cr)
-        if cr is None or cr < 1:
-            raise PrismError(f"compression rate must be an integer >= 1, got {self.cr!r}")
-        object.__setattr__(self, "cr", cr)  # a NumPy integer becomes a plain, hashable int
-        if self.logit_bias not in LOGIT_BIASES:
-            raise PrismError(
-                f"unknown logit_bias {self.logit_bias!r}; choose one of {LOGIT_BIASES}"
-            )
-        if self.exchange not in EXCHANGES:
-            raise PrismError(f"unknown exchange {self.exchange!r}; choose one of {EXCHANGES}")
-        if self.grouping not in GROUPINGS:
-            raise PrismError(f"unknown grouping {self.grouping!r}; choose one of {GROUPINGS}")
-        for name, low in (("kmeans_iters", 1), ("salient", 0)):
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("logit_bias", self.logit_bias, LOGIT_BIASES)
+        _choice("exchange", self.exchange, EXCHANGES)
+        _choice("grouping", self.grouping, GROUPINGS)
+        for name, low, high in (("cr", 1, None), ("kmeans_iters", 1, 1000), ("salient", 0, 1)):
             value = as_int(getattr(self, name))
-            if value is None or value < low:
-                raise PrismError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, value)
+            if value is None or value < low or (high is not None and value > high):
+                within = f">= {low}" if high is None else f"in [{low}, {high}]"
+                what = "compression rate" if name == "cr" else name
+                raise PrismError(f"{what} must be an integer {within}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)  # a NumPy integer becomes a plain, hashable int
         if not isinstance(self.value_tilt, bool):
             raise PrismError(f"value_tilt must be True or False, got {self.value_tilt!r}")
+        if self.grouping == "segments" and self.salient:
+            raise PrismError(
+                "grouping='segments' (the paper's fixed runs of CR positions) has no room for a "
+                "salient token: use grouping='balanced' or 'kmeans' with salient"
+            )
+        if self.strategy != "prism":  # nothing is compressed: compressor settings would not apply
+            changed = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.name in COMPRESSOR and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise PrismError(
+                    f"{', '.join(changed)} set, but compressor settings apply only to "
+                    f"strategy='prism', not {self.strategy!r}"
+                )
 
     @classmethod
     def best(cls, cr: int, **kw) -> Plan:

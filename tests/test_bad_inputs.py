@@ -331,3 +331,168 @@ def test_damaged_checkpoint_is_one_line_in_a_fresh_process(dirs, capsys):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "checkpoint at step 1" in done.stderr and "is corrupt or partial" in done.stderr
+
+
+# --- the Python API's arguments: one PrismError naming the argument (checks.py) --------------
+
+
+def _lm_call(**kw):
+    """generate on the tiny GPT-2 with one argument changed."""
+
+    def call(m, b):
+        args = {"max_new_tokens": 2} | kw
+        return pj.generate(m["gpt2_lm"], b["gpt2_lm"], **args)
+
+    return call
+
+
+def _other_axis_mesh():
+    return jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+
+
+API_CASES = {
+    "plan a string": (
+        lambda m, b: pj.infer(m["bert_cls"], b["bert_cls"], plan="prism"),
+        "plan must be a prism_jax.Plan",
+    ),
+    "plan a dict": (
+        lambda m, b: pj.infer(m["bert_cls"], b["bert_cls"], plan={"cr": 2}),
+        "plan must be a prism_jax.Plan",
+    ),
+    "mesh an int": (
+        lambda m, b: pj.infer(m["bert_cls"], b["bert_cls"], mesh=4),
+        "mesh must be a mesh",
+    ),
+    "mesh of another axis": (
+        lambda m, b: pj.infer(m["bert_cls"], b["bert_cls"], mesh=_other_axis_mesh()),
+        "mesh must have the one axis 'edge'",
+    ),
+    "model a path": (
+        lambda m, b: pj.infer("bert", b["bert_cls"]),
+        "model must be a prism_jax.Model",
+    ),
+    "load None": (lambda m, b: pj.load_pretrained(None), "name must be a path"),
+    "load 42": (lambda m, b: pj.load_pretrained(42), "name must be a path"),
+    "load as int8": (
+        lambda m, b: pj.load_pretrained(m["dir"], dtype="int8"),
+        "dtype must be one of",
+    ),
+    "load as int32": (
+        lambda m, b: pj.load_pretrained(m["dir"], dtype=np.int32),
+        "dtype must be one of",
+    ),
+    "load as bool": (lambda m, b: pj.load_pretrained(m["dir"], dtype=bool), "dtype must be one of"),
+    "temperature a word": (_lm_call(temperature="hot"), "temperature must be a number"),
+    "temperature None": (_lm_call(temperature=None), "temperature must be a number"),
+    "temperature past float32": (_lm_call(temperature=1e39), "temperature must be a number"),
+    "temperature 0 in float32": (_lm_call(temperature=1e-46), "temperature must be a number"),
+    "seed a word": (_lm_call(seed="a"), "seed must be an integer"),
+    "seed a fraction": (_lm_call(seed=1.5), "seed must be an integer"),
+    "seed past 64 bits": (_lm_call(seed=2**64), "seed must be an integer"),
+    "eos a word": (_lm_call(eos="x"), "eos must be an integer"),
+    "eos past the vocabulary": (_lm_call(eos=10**12), "eos must be an integer in"),
+    "eos an empty list": (_lm_call(eos=[]), "a non-empty list of ids"),
+    "top_k True": (_lm_call(top_k=True, temperature=1.0), "top_k must be an integer"),
+    "top_p True": (_lm_call(top_p=True, temperature=1.0), "top_p must be a number"),
+    "max_new_tokens a float": (_lm_call(max_new_tokens=2.0), "max_new_tokens must be an integer"),
+    "cost batch 0": (
+        lambda m, b: pj.measure_cost("bert-base", pj.Plan(), devices=2, seq_len=8, batch=0),
+        "batch must be an integer >= 1",
+    ),
+    "cost batch -1": (
+        lambda m, b: pj.measure_cost("bert-base", pj.Plan(), devices=2, seq_len=8, batch=-1),
+        "batch must be an integer >= 1",
+    ),
+    "cost seq_len a fraction": (
+        lambda m, b: pj.measure_cost("bert-base", pj.Plan(), devices=2, seq_len=16.5),
+        "--seq-len must be in",
+    ),
+    "cost plan None": (
+        lambda m, b: pj.measure_cost("bert-base", None, devices=2, seq_len=8),
+        "plan must be a prism_jax.Plan",
+    ),
+    "cost model None": (
+        lambda m, b: pj.measure_cost(None, pj.Plan(), devices=2, seq_len=8),
+        "model must be a path",
+    ),
+    "closed form, 0 devices": (
+        lambda m, b: pj.cost.bytes_closed_form(
+            m["bert_cls"].config, pj.Plan(), devices=0, seq_len=8
+        ),
+        "devices must be an integer >= 1",
+    ),
+    "closed form, -2 devices": (
+        lambda m, b: pj.cost.bytes_closed_form(
+            m["bert_cls"].config, pj.Plan(), devices=-2, seq_len=8
+        ),
+        "devices must be an integer >= 1",
+    ),
+    "a misspelt batch key": (
+        lambda m, b: pj.infer(
+            m["bert_cls"], {**b["bert_cls"], "attention_masks": b["bert_cls"]["attention_mask"]}
+        ),
+        "the batch has \\['attention_masks'\\]",
+    ),
+    "pixels for BERT": (
+        lambda m, b: pj.infer(
+            m["bert_cls"], {**b["bert_cls"], "pixel_values": np.zeros((1, 3, 4, 4))}
+        ),
+        "the batch has \\['pixel_values'\\]",
+    ),
+    "a row with no valid token": (
+        lambda m, b: pj.infer(
+            m["bert_cls"],
+            {**b["bert_cls"], "attention_mask": np.array([[1, 1, 1, 1, 1, 1], [0] * 6])},
+        ),
+        "attention_mask row 1 has no valid token",
+    ),
+    "voltage with a CR": (
+        lambda m, b: pj.Plan(strategy="voltage", cr=8),
+        "cr set, but compressor settings apply only to strategy='prism'",
+    ),
+    "single with a grouping": (
+        lambda m, b: pj.Plan(strategy="single", grouping="kmeans"),
+        "grouping set, but compressor",
+    ),
+    "salient 100": (
+        lambda m, b: pj.Plan(grouping="balanced", salient=100),
+        r"salient must be an integer in \[0, 1\]",
+    ),
+    "segments with a salient token": (
+        lambda m, b: pj.Plan(salient=1),
+        "grouping='segments' .* no room for a salient token",
+    ),
+}
+
+
+@pytest.fixture
+def api(hf_models, rng):
+    """(models by name, a batch for each, and a checkpoint directory) for API_CASES."""
+    names = ("bert_cls", "gpt2_lm")
+    m = {n: pj.load_pretrained(hf_models(n)[1]) for n in names}
+    m["dir"] = hf_models("bert_cls")[1]
+    b = {n: tiny.random_batch(n, rng, batch=2, tokens=6) for n in names}
+    return m, b
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_python_bad_argument_names_it(case, api):
+    call, message = API_CASES[case]
+    with pytest.raises(pj.PrismError, match=message):
+        call(*api)
+
+
+def test_numpy_numbers_and_id_lists_are_taken_by_generate(api):
+    m, b = api
+    model, batch = m["gpt2_lm"], b["gpt2_lm"]
+    plain = pj.generate(model, batch, max_new_tokens=2, temperature=1.0, top_k=5, top_p=0.5)
+    numpy = pj.generate(
+        model, batch, max_new_tokens=np.int64(2), temperature=np.float32(1.0),
+        top_k=np.int64(5), top_p=np.float32(0.5), seed=np.uint64(0),
+    )  # fmt: skip
+    np.testing.assert_array_equal(numpy, plain)
+    first = pj.generate(model, batch, max_new_tokens=1, eos=False)[:, 0]
+    stopped = pj.generate(model, batch, max_new_tokens=3, eos=[int(first[0]), int(first[1])])
+    assert stopped.shape == (2, 3)
+    pad = model.generation.get("pad_token_id", int(min(first)))
+    assert (stopped[:, 1:] == pad).all()  # both rows ended on their first token

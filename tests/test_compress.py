@@ -50,8 +50,8 @@ CASES = [
     ("bert_cls", 2, dict(cr=4, grouping="kmeans", salient=1, value_tilt=True)),
     ("gpt2_lm", 4, dict(cr=2, value_tilt=True)),
     ("gpt2_lm", 3, dict(cr=3, grouping="kmeans", salient=1, value_tilt=True)),
-    ("vit_cls", 3, dict(cr=2, salient=1)),
-    ("vit_cls", 2, dict(cr=5, salient=2, grouping="kmeans", kmeans_iters=2)),
+    ("vit_cls", 3, dict(cr=2, grouping="balanced", salient=1)),
+    ("vit_cls", 2, dict(cr=5, salient=1, grouping="kmeans", kmeans_iters=2)),
     ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1)),
     ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1, value_tilt=True)),  # rotary tilt
     ("llama_lm", 2, dict(cr=4, value_tilt=True)),
@@ -141,8 +141,11 @@ def test_rotary_tilt_bytes_equal_closed_form():
 def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
     for kw, message in (
         (dict(grouping="random"), "unknown grouping"),
-        (dict(salient=-1), "salient must be an integer >= 0"),
-        (dict(kmeans_iters=0), "kmeans_iters must be an integer >= 1"),
+        (dict(salient=-1), r"salient must be an integer in \[0, 1\]"),
+        (dict(grouping="balanced", salient=100), r"salient must be an integer in \[0, 1\]"),
+        (dict(salient=1), "grouping='segments' .* has no room for a salient token"),
+        (dict(kmeans_iters=0), r"kmeans_iters must be an integer in \[1, 1000\]"),
+        (dict(kmeans_iters=2**31), r"kmeans_iters must be an integer in \[1, 1000\]"),
         (dict(value_tilt="yes"), "value_tilt must be True or False"),
     ):
         with pytest.raises(PrismError, match=message):
@@ -160,7 +163,7 @@ def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
 COMBOS = [
     dict(grouping="balanced"),
     dict(grouping="kmeans"),
-    dict(salient=1),
+    dict(grouping="balanced", salient=1),
     dict(value_tilt=True),
     dict(grouping="kmeans", salient=1, value_tilt=True),
 ]

@@ -40,11 +40,10 @@ def test_means_of_projections_are_projections_of_means(rng):
 
 def test_single_path_masks_padding_and_future():
     valid = jnp.array([[True, True, True, False]])
-    ex = exchange.make_exchange(
-        pj.Plan(strategy="single"), valid, causal=True, axis_name=None, devices=1
-    )
-    kv, mask, bias, _ = exchange.keys_and_mask(jnp.zeros((1, 4, 2)), ex)
-    assert bias is None and kv.shape == (1, 4, 2)
+    ex = exchange.Exchange(pj.Plan(strategy="single"), causal=True)
+    remote = exchange.share(ex, exchange.local_view(ex, valid), jnp.zeros((1, 4, 2)))
+    mask = remote.mask
+    assert remote.bias is None and remote.rows.shape == (1, 0, 2)
     want = np.tril(np.ones((4, 4), bool)) & np.array([True, True, True, False])
     np.testing.assert_array_equal(mask[0, 0], want)
 
@@ -56,8 +55,9 @@ def test_prism_mask_bias_and_collective_per_device():
     mesh = pj.edge_mesh(n)
 
     def per_device(a, valid):
-        ex = exchange.make_exchange(pj.Plan(cr=cr), valid, causal=True, axis_name="edge", devices=n)
-        kv, mask, bias, _ = exchange.keys_and_mask(a, ex)
+        ex = exchange.Exchange(pj.Plan(cr=cr), "edge", n, causal=True)
+        _, mask, bias, _ = remote = exchange.share(ex, exchange.local_view(ex, valid), a)
+        kv = jnp.concatenate([a, remote.rows], axis=1)
         return kv, mask[:, :, -1:], bias  # mask of the last local query
 
     from jax.sharding import NamedSharding
@@ -112,17 +112,17 @@ def test_segment_means_allocate_nothing_for_a_cr_beyond_l(rng):
 def test_counts_travel_exactly_in_the_payload(dtype, rng):
     means = jnp.asarray(rng.standard_normal((2, 3, 5)), dtype)
     counts = jnp.asarray([[0, 1, 301], [255, 257, 2**20 + 1]], jnp.int32)
-    packed = exchange.pack_counts(means, counts)
+    packed = exchange.encode(means, counts)
     assert packed.dtype == dtype and packed.shape[-1] == 5 + 4 // jnp.dtype(dtype).itemsize
-    got_means, got_counts, none = exchange.unpack_counts(packed, 5)
+    got_means, got_counts, none = exchange.decode(packed, 5)
     np.testing.assert_array_equal(got_counts, counts)
     np.testing.assert_array_equal(np.asarray(got_means, np.float32), np.asarray(means, np.float32))
     assert none is None
     # float32 statistics (the value tilt's) ride in the same 4-byte words, bit for bit
     stats = jnp.asarray(rng.standard_normal((2, 3, 3)) * 1e3, jnp.float32)
-    packed = exchange.pack_counts(means, counts, stats)
+    packed = exchange.encode(means, counts, stats)
     assert packed.shape[-1] == 5 + 4 * 4 // jnp.dtype(dtype).itemsize
-    got_means, got_counts, got_stats = exchange.unpack_counts(packed, 5)
+    got_means, got_counts, got_stats = exchange.decode(packed, 5)
     np.testing.assert_array_equal(got_counts, counts)
     np.testing.assert_array_equal(got_stats, stats)
     np.testing.assert_array_equal(np.asarray(got_means, np.float32), np.asarray(means, np.float32))

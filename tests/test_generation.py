@@ -236,3 +236,22 @@ def test_generate_cli(hf_models, capsys):
         assert cli.main(["generate", "--model", directory, "--prompt", "good tea", *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_bytes_of_a_bfloat16_model_are_counted_in_bfloat16(hf_models, rng):
+    """A bf16 model sends bf16 means: the prefill's bytes and `measure_cost` of the Model
+    equal the lowered bf16 program's, not float32's."""
+    from prism_jax import cost
+
+    model = pj.load_pretrained(hf_models("llama_lm")[1], dtype="bfloat16")
+    batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=8)
+    plan = pj.Plan(cr=2)
+    out = generation.run(model, batch, mesh=pj.edge_mesh(2), plan=plan, max_new_tokens=2)
+    measured = cost.measured_bytes(
+        model.config, plan, devices=2, seq_len=8, batch=2, dtype="bfloat16"
+    )
+    assert out.prefill_bytes == measured > 0
+    f32 = cost.bytes_closed_form(model.config, plan, devices=2, seq_len=8, batch=2)
+    assert measured < f32
+    report = pj.measure_cost(model, plan, devices=2, seq_len=8, batch=2)
+    assert report.dtype == "bfloat16" and report.bytes_sent == report.bytes_closed_form == measured

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from prism_jax import models
+from prism_jax import checks, models
 from prism_jax.checkpoints import gguf, preprocess, safetensors, tables
 from prism_jax.checkpoints.tables import ARCHITECTURES, resolve_architecture
 from prism_jax.configs import ModelConfig
@@ -146,11 +146,12 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
       name: a directory with `config.json` and `model.safetensors` (or a sharded index),
         a llama.cpp `.gguf` file (dequantized), or a hub id, resolved through
         `huggingface_hub`'s cache (fails clearly offline).
-      dtype: parameter dtype.
+      dtype: parameter dtype, a float type (float32, bfloat16, float16, float64).
 
     Returns:
       A `Model`, with the directory's tokenizer or image processor when present.
     """
+    name, dtype = checks.path("name", name), checks.float_dtype(dtype)
     if str(name).endswith(".gguf"):
         return _load_gguf(Path(name), dtype)
     directory = resolve_directory(name)

@@ -7,8 +7,8 @@ import numpy as np
 from flax import nnx
 
 from prism_jax.configs import BertConfig
-from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder, cls_layers, cls_outputs, embed_lookup, layer_norm
+from prism_jax.exchange import Exchange, Local
+from prism_jax.layers import PLAIN, Encoder, cls_layers, cls_outputs, embed_lookup, layer_norm
 from prism_jax.models.inputs import ids_field, token_batch
 
 
@@ -24,16 +24,14 @@ class Bert(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.pooler, self.head = cls_layers(cfg, rngs)
 
-    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange, local: Local, mode=PLAIN):
         """Local tokens in, `(per-token outputs, outputs read from the CLS row)` out."""
-        # HF's optional position_ids (a relaid batch, `tasks.unpadded`); else the global index.
-        pos = inputs["position_ids"] if "position_ids" in inputs else ex.positions()[None]
         x = (
             embed_lookup(self.word, inputs["input_ids"])
-            + embed_lookup(self.pos, pos)
+            + embed_lookup(self.pos, local.positions)
             + embed_lookup(self.type, inputs["token_type_ids"])
         )  # [B, L, D]
-        x = self.encoder(self.ln_embed(x), ex)
+        x = self.encoder(self.ln_embed(x), ex, local, mode)
         cls = cls_outputs(x, self.pooler, self.head, classify_pooled=True)
         return {"last_hidden_state": x}, cls
 

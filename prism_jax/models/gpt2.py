@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from flax import nnx
 
 from prism_jax.configs import GPT2Config
-from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder, embed_lookup
+from prism_jax.exchange import Exchange, Local
+from prism_jax.layers import PLAIN, Encoder, embed_lookup
 from prism_jax.models.inputs import lm_batch
 
 
@@ -22,14 +20,10 @@ class GPT2(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.lm_head = cfg.head == "lm"
 
-    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange, local: Local, mode=PLAIN):
         """Local tokens in; logits stay with their device (DESIGN.md section 1)."""
-        if "position_ids" in inputs:  # HF's optional position ids (left-padded prompts)
-            ex = dataclasses.replace(ex, position_ids=inputs["position_ids"])
-        x = embed_lookup(self.wte, inputs["input_ids"]) + embed_lookup(
-            self.wpe, ex.token_positions()
-        )
-        x = self.encoder(x, ex)  # [B, L, D]
+        x = embed_lookup(self.wte, inputs["input_ids"]) + embed_lookup(self.wpe, local.positions)
+        x = self.encoder(x, ex, local, mode)  # [B, L, D]
         tokens = {"last_hidden_state": x}
         if self.lm_head:
             tokens["logits"] = self.logits(x)

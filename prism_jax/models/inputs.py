@@ -43,6 +43,20 @@ def ids_field(batch, name: str, upper: int, like: tuple[int, ...] | None = None)
     return x.astype(np.int32)
 
 
+def known_fields(batch, allowed: tuple[str, ...]) -> None:
+    """Refuse a batch field the family does not take (a misspelt `attention_masks` would
+    otherwise leave every token valid)."""
+    if not isinstance(batch, Mapping):
+        raise PrismError(
+            f"a batch is a dict of HF names (input_ids, ...), got {type(batch).__name__}"
+        )
+    unknown = sorted(set(batch) - set(allowed), key=str)
+    if unknown:
+        raise PrismError(
+            f"the batch has {unknown}, which this model does not take; it takes {list(allowed)}"
+        )
+
+
 def attention_mask(batch, shape: tuple[int, ...]) -> np.ndarray:
     """The `[B, T]` validity from `attention_mask` (0/1 in any numeric dtype), all valid if
     absent."""
@@ -53,11 +67,18 @@ def attention_mask(batch, shape: tuple[int, ...]) -> np.ndarray:
         raise PrismError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(shape)}")
     if not np.isin(mask, (0, 1)).all():  # NaN included: it is neither
         raise PrismError("attention_mask must hold only 0 and 1")
+    empty = np.flatnonzero(~mask.astype(bool).any(1))
+    if empty.size:
+        raise PrismError(f"attention_mask row {empty[0]} has no valid token (all zeros)")
     return mask.astype(bool)
+
+
+TEXT_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def token_batch(cfg: ModelConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`input_ids` and `attention_mask` `[B, T]` -> (inputs, validity), checked against cfg."""
+    known_fields(batch, TEXT_FIELDS)
     ids = ids_field(batch, "input_ids", cfg.vocab_size)
     if ids.shape[1] > cfg.max_positions:
         raise PrismError(
@@ -73,4 +94,6 @@ def lm_batch(cfg: ModelConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.n
     inputs, valid = token_batch(cfg, batch)
     if batch.get("position_ids") is not None:
         inputs["position_ids"] = ids_field(batch, "position_ids", cfg.max_positions, valid.shape)
+    if batch.get("token_type_ids") is not None:  # tokenizers write zeros; an LM has no types
+        ids_field(batch, "token_type_ids", 1, valid.shape)
     return inputs, valid

@@ -6,14 +6,12 @@ keys and values (DESIGN.md section 1a), never hidden means.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from flax import nnx
 
 from prism_jax.configs import LlamaConfig
-from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder, embed_lookup
+from prism_jax.exchange import Exchange, Local
+from prism_jax.layers import PLAIN, Encoder, embed_lookup
 from prism_jax.models.inputs import lm_batch
 
 
@@ -29,11 +27,9 @@ class Llama(nnx.Module):
             nnx.Linear(cfg.width, cfg.vocab_size, use_bias=False, rngs=rngs) if untied else None
         )
 
-    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange, local: Local, mode=PLAIN):
         """Local tokens in; logits stay with their device (DESIGN.md section 1)."""
-        if "position_ids" in inputs:  # HF's optional position ids (left-padded prompts)
-            ex = dataclasses.replace(ex, position_ids=inputs["position_ids"])
-        x = self.encoder(embed_lookup(self.embed, inputs["input_ids"]), ex)  # [B, L, D]
+        x = self.encoder(embed_lookup(self.embed, inputs["input_ids"]), ex, local, mode)
         tokens = {"last_hidden_state": x}
         if self.lm_head:
             tokens["logits"] = self.logits(x)

@@ -13,9 +13,9 @@ from flax import nnx
 
 from prism_jax.configs import ViTConfig
 from prism_jax.errors import PrismError
-from prism_jax.exchange import Exchange
-from prism_jax.layers import Encoder, cls_layers, cls_outputs
-from prism_jax.models.inputs import field
+from prism_jax.exchange import Exchange, Local
+from prism_jax.layers import PLAIN, Encoder, cls_layers, cls_outputs
+from prism_jax.models.inputs import field, known_fields
 
 
 class ViT(nnx.Module):
@@ -29,12 +29,12 @@ class ViT(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.pooler, self.head = cls_layers(cfg, rngs)
 
-    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange):
-        positions = ex.positions()  # [L]
+    def __call__(self, inputs: dict[str, jax.Array], ex: Exchange, local: Local, mode=PLAIN):
+        positions = local.index  # [L]
         x = self.patch(inputs["patches"].astype(self.patch.kernel.dtype))  # [B, L, D], param dtype
         x = jnp.where((positions == 0)[None, :, None], self.cls[...], x)
         x = x + jnp.take(self.pos[...], positions, axis=0, mode="clip")[None]
-        x = self.encoder(x, ex)
+        x = self.encoder(x, ex, local, mode)
         cls = cls_outputs(x, self.pooler, self.head, classify_pooled=False)
         return {"last_hidden_state": x}, cls
 
@@ -48,6 +48,7 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
 
 def prepare(cfg: ViTConfig, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`pixel_values` `[B, C, H, W]` -> (`patches` `[B, 1+P, C*p*p]` with a CLS slot, validity)."""
+    known_fields(batch, ("pixel_values",))
     pixels = field(batch, "pixel_values", kinds="iuf", ndim=4).astype(np.float32)
     want = (cfg.channels, cfg.image_size, cfg.image_size)
     if pixels.shape[1:] != want:

@@ -22,11 +22,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from prism_jax.checks import as_int
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
 from prism_jax.models import Model
 from prism_jax.partition import AXIS, place, program, put, shard_inputs
-from prism_jax.plan import Plan, as_int
+from prism_jax.plan import Plan
 from prism_jax.training.checkpoint import Checkpoints
 
 
@@ -205,23 +206,10 @@ def train(
     labels = np.asarray(examples.get("labels", np.zeros(1, np.int32)), np.int32)
     hf = {k: np.asarray(v) for k, v in examples.items() if k != "labels"}
     n = len(next(iter(hf.values())))
-    opt = optimizer(cfg)
-    step_fns = {}
-
-    def step_fn(step, *args):
-        cr = plan.cr if crs is None else step_cr(crs, cfg.seed, step)
-        if cr not in step_fns:
-            at_cr = dataclasses.replace(plan, cr=cr)
-            step_fns[cr] = _step_function(model.graphdef, model.config, cfg, at_cr, mesh)
-        return step_fns[cr](*args)
-
-    params = place(model, mesh) if mesh is not None else model.params
-    teacher = params if cfg.distill else None  # the starting model, also when resumed
-    state = {"params": params, "opt": opt.init(params)}
-    if mesh is not None:  # all of the state on the mesh (the step count too), as restore puts it
-        state = jax.tree.map(lambda x: put(x, mesh, P()), state)
+    step_fn = _stepper(model, cfg, plan, mesh, crs)
     ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep) if checkpoint_dir else None
     try:
+        state, teacher = _initial_state(model, cfg, mesh)
         start = 0
         if ckpt:
             record = run_record(model, examples, cfg, plan, mesh, crs)
@@ -234,16 +222,12 @@ def train(
         for step in bar:
             idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
             tic = time.perf_counter()
-            params, opt_state, value, finite = step_fn(
-                step, state["params"], state["opt"], teacher,
-                *_step_inputs(model, hf, labels, idx, mesh),
-            )  # fmt: skip
-            if not finite:  # keep the last good state: never step or checkpoint into NaN
-                raise PrismError(_not_finite(step + 1, float(value), ckpt))
-            state = {"params": params, "opt": opt_state}
-            losses.append(float(value))
-            rate = len(idx) / (time.perf_counter() - tic)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{rate:.1f}")
+            state, value = _step(step_fn, step, state, teacher, ckpt,
+                                 _step_inputs(model, hf, labels, idx, mesh))  # fmt: skip
+            losses.append(value)
+            bar.set_postfix(
+                loss=f"{losses[-1]:.4f}", ex_per_s=f"{len(idx) / (time.perf_counter() - tic):.1f}"
+            )
             if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 ckpt.save(step + 1, state)
                 if on_checkpoint:
@@ -259,6 +243,40 @@ def train(
     return Run(_host_model(model, state), losses, start or None, evals)
 
 
+def _stepper(model: Model, cfg: TrainConfig, plan: Plan, mesh, crs):
+    """`step_fn(step, *args)`: the compiled training step at the step's CR (`plan.cr`, or a
+    draw from `crs` for mixed-CR training), each CR's compiled once."""
+    compiled = {}
+
+    def step_fn(step, *args):
+        cr = plan.cr if crs is None else step_cr(crs, cfg.seed, step)
+        if cr not in compiled:
+            at_cr = dataclasses.replace(plan, cr=cr)
+            compiled[cr] = _step_function(model.graphdef, model.config, cfg, at_cr, mesh)
+        return compiled[cr](*args)
+
+    return step_fn
+
+
+def _initial_state(model: Model, cfg: TrainConfig, mesh):
+    """The train state at step 0 (`{"params", "opt"}`, all of it on the mesh if any, the step
+    count too, as a restore puts it) and the distillation teacher (the starting params)."""
+    params = place(model, mesh) if mesh is not None else model.params
+    state = {"params": params, "opt": optimizer(cfg).init(params)}
+    if mesh is not None:
+        state = jax.tree.map(lambda x: put(x, mesh, P()), state)
+    return state, params if cfg.distill else None
+
+
+def _step(step_fn, step: int, state, teacher, ckpt, batch):
+    """One optimizer step -> (the new state, its loss); a step that is not finite stops
+    training with the last good state kept (never stepped or saved into)."""
+    params, opt_state, value, finite = step_fn(step, state["params"], state["opt"], teacher, *batch)
+    if not finite:
+        raise PrismError(_not_finite(step + 1, float(value), ckpt))
+    return {"params": params, "opt": opt_state}, float(value)
+
+
 def _positive_cr(value) -> int:
     cr = as_int(value)
     if cr is None or cr < 1:
@@ -266,13 +284,10 @@ def _positive_cr(value) -> int:
     return cr
 
 
-@functools.cache
-def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, mesh):
-    """The jitted training step `(params, opt_state, teacher, inputs, valid, targets,
-    weights) -> (params, opt_state, loss, finite)`; `finite` is False when the loss or the
-    update is not. `teacher`: the starting parameters, run exactly (`voltage` on a mesh) for
-    `cfg.distill`, else None. Cached, so that a resumed or repeated run in the same process
-    compiles nothing again."""
+def gradients(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, mesh):
+    """`(params, teacher, inputs, valid, targets, weights) -> (loss, grads)` of one batch
+    (not jitted; `_step_function` traces it into the step). `teacher`: the starting
+    parameters, run exactly (`voltage` on a mesh) for `cfg.distill`, else None."""
     head = model_cfg.head
     if head not in ("classifier", "lm"):
         raise PrismError("fine-tuning needs a classifier or LM head")
@@ -280,7 +295,6 @@ def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Pla
     exact = None  # the teacher's program: exact on the mesh (`voltage`), else the same one
     if cfg.distill:
         exact = program(graphdef, model_cfg, Plan(strategy="voltage"), mesh) if mesh else forward
-    opt = optimizer(cfg)
 
     def outputs(fn, params, inputs, valid):
         tokens, cls = fn(params, inputs, valid)
@@ -288,7 +302,7 @@ def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Pla
             cls = {k: jax.reshard(v, NamedSharding(mesh, P()))[0] for k, v in cls.items()}
         return (cls if head == "classifier" else tokens)["logits"]
 
-    def step_fn(params, opt_state, teacher, inputs, valid, targets, weights):
+    def value_and_grad(params, teacher, inputs, valid, targets, weights):
         if cfg.distill:
             reference = outputs(exact, teacher, inputs, valid)
 
@@ -299,7 +313,22 @@ def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Pla
                 value += cfg.distill * distillation(head, got, reference, weights)
             return value
 
-        value, grads = jax.value_and_grad(objective)(params)
+        return jax.value_and_grad(objective)(params)
+
+    return value_and_grad
+
+
+@functools.cache
+def _step_function(graphdef, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, mesh):
+    """The jitted training step `(params, opt_state, teacher, inputs, valid, targets,
+    weights) -> (params, opt_state, loss, finite)`; `finite` is False when the loss or the
+    update is not. Cached, so that a resumed or repeated run in the same process compiles
+    nothing again."""
+    value_and_grad = gradients(graphdef, model_cfg, cfg, plan, mesh)
+    opt = optimizer(cfg)
+
+    def step_fn(params, opt_state, teacher, *batch):
+        value, grads = value_and_grad(params, teacher, *batch)
         updates, opt_state = opt.update(grads, opt_state, params)
         finite = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(updates))
         return optax.apply_updates(params, updates), opt_state, value, finite
