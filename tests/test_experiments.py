@@ -743,3 +743,62 @@ def test_a_scripts_main_returns_an_exit_code(script):
 
     bad = [ast.unparse(r) for r in _returns(defs["main"]) if not exit_code(r.value)]
     assert not bad, f"{script}: main() {bad}"
+
+
+# Every way an output folder can be unusable, and the words that name it: the folder is new
+# in a missing folder, in a file, or in a folder nobody may write (sysfs: even root), or it
+# is a file itself.
+BAD_OUT = [
+    ("missing/out", "does not exist"),
+    ("file/out", "is not a folder"),
+    ("/sys/prism-out", "cannot write there"),
+    ("file", "is not a folder"),
+]
+
+
+def _bad_out(tmp_path, where: str) -> str:
+    (tmp_path / "file").write_text("")
+    return where if where.startswith("/") else str(tmp_path / where)
+
+
+@pytest.mark.parametrize(("where", "message"), BAD_OUT)
+def test_out_folder_refuses_a_folder_it_could_not_write(where, message, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import argparse
+
+    import common
+
+    assert common.out_folder(str(tmp_path)) == str(tmp_path)  # exists, takes a file
+    assert common.out_folder(str(tmp_path / "new")) == str(tmp_path / "new")  # made when written
+    assert not (tmp_path / "new").exists()  # (checked, not made: a failed run leaves nothing)
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        common.out_folder(_bad_out(tmp_path, where))
+
+
+# Each script with a bad output folder (its `--out`, and the checkpoint folders of the
+# training scripts): one of the BAD_OUT cases in turn, so that each case meets several scripts.
+BAD_OUT_RUNS = [
+    (script, flag, *BAD_OUT[i % len(BAD_OUT)])
+    for i, (script, flag) in enumerate(
+        [(s if isinstance(s, str) else s.values[0], "--out") for s in SCRIPTS]
+        + [("train_vit.py", "--checkpoint-dir"), ("robust_finetune.py", "--checkpoints")]
+    )
+]
+
+
+@pytest.mark.parametrize(("script", "flag", "where", "message"), BAD_OUT_RUNS)
+def test_a_scripts_bad_output_folder_is_one_line_and_exit_2_before_the_work(
+    script, flag, where, message, tmp_path
+):
+    """A folder the results could not be written to is refused as the flags are read (a
+    smoke run takes seconds to minutes; this must end within the interpreter's start)."""
+    bad = _bad_out(tmp_path, where)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "experiments" / script), "--smoke",
+         flag, bad],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line == f"{script}: error: argument {flag}: {bad}" + line.split(bad, 1)[1]
+    assert message in line and "Traceback" not in line
