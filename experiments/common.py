@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
+
+import provenance
 
 from prism_jax.cli import emulate_devices
 from prism_jax.cli.parser import EXIT_USAGE, Parser
@@ -146,9 +149,35 @@ def results_dir(cfg) -> Path | None:
     return report.results_dir(cfg.out, cfg.smoke, RESULTS)
 
 
-def save(cfg, stem: str, record, text: str, plot=None) -> None:
-    """`results/<stem>.{json,md,png}` (or `--out`); a smoke without `--out` writes nothing."""
-    report.save(results_dir(cfg), stem, record, text, plot)
+def save(cfg, stem: str, record, text: str | None, plot=None) -> None:
+    """`results/<stem>.{json,md,png}` (or `--out`, `write`); a smoke without `--out` writes
+    nothing."""
+    write(results_dir(cfg), stem, record, text, plot)
+
+
+def write(folder: Path | None, stem: str, record, text: str | None = None, plot=None) -> None:
+    """`<folder>/<stem>.json`: `record` (a list goes under "rows") after this run's
+    provenance (command, commit, date, machine, packages; a record that holds an earlier
+    run's, resumed from its file, keeps it under "earlier_runs"); `.md`: `text` with the
+    provenance beneath; `.png`: `plot(path)`. Nothing for a folder of None."""
+    if folder is None:
+        return
+    record = dict(record) if isinstance(record, dict) else {"rows": record}
+    earlier = record.pop("earlier_runs", [])
+    earlier += [record.pop("provenance")] if "provenance" in record else []
+    head = {
+        "provenance": provenance.of_this_run(),
+        **({"earlier_runs": earlier} if earlier else {}),
+    }
+    record = {**head, **record}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    if text is not None:
+        (folder / f"{stem}.md").write_text(
+            text.rstrip("\n") + "\n\n" + provenance.line(record) + "\n"
+        )
+    if plot is not None:
+        plot(folder / f"{stem}.png")
 
 
 def timing_main(doc: str, full, smoke, run, markdown, stem: str, argv=None) -> None:
@@ -164,7 +193,7 @@ def timing_main(doc: str, full, smoke, run, markdown, stem: str, argv=None) -> N
     cfg = smoke if args.smoke else dataclasses.replace(full, repeats=args.repeats)
     rows = run(cfg)
     print(markdown(rows, cfg))
-    report.save(results_dir(args), stem, rows, markdown(rows, cfg))
+    save(args, stem, rows, markdown(rows, cfg))
 
 
 def first_layers(model, depth: int):

@@ -38,7 +38,7 @@ SLOW = {
     "train_gpt2.py",
     "train_vit.py",
 }
-HELPERS = {"common.py", "testbed_net.py"}  # modules the scripts share, not scripts
+HELPERS = {"common.py", "provenance.py", "testbed_net.py"}  # modules the scripts share
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
@@ -47,7 +47,8 @@ SCRIPTS = [
 
 
 # What each smoke must leave behind: result files in --out, a model in --out, or (the
-# benchmarks, which write nothing in a smoke) a printed table row with a measured number.
+# benchmarks) a printed table row with a measured number; and every results file written,
+# this run's provenance.
 RESULTS = {
     "probe_tilt.py",
     "table_bert.py",
@@ -66,9 +67,9 @@ MODELS = {"train_gpt2.py", "train_vit.py"}
 def test_smoke(script, tmp_path, tfds_dir):
     root = Path(__file__).parents[1]
     out = tmp_path / "out"
-    extra = ["--out", str(out)] if script in RESULTS | MODELS else []
+    argv = [f"experiments/{script}", "--smoke", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(root / "experiments" / script), "--smoke", *extra],
+        [sys.executable, str(root / argv[0]), *argv[1:]],
         capture_output=True,
         text=True,
         timeout=600,
@@ -95,6 +96,30 @@ def test_smoke(script, tmp_path, tfds_dir):
         assert pj.load_pretrained(out).config.family in ("gpt2", "vit")
     else:
         assert re.search(r"^\|[^\n]*\d\.\d+[^\n]*\|\s*$", done.stdout, re.MULTILINE), done.stdout
+    written = [tmp_path / f"{script[:-3]}.json"] if script in MODELS else sorted(out.glob("*.json"))
+    assert written  # (with --out, a smoke writes its results too)
+    for path in written:
+        _assert_provenance(json.loads(path.read_text()), argv, root)
+        md = path.with_suffix(".md")
+        assert not md.exists() or md.read_text().splitlines()[-1].startswith("Written by: comm")
+
+
+def _assert_provenance(record: dict, argv: list[str], root: Path) -> None:
+    """Every field of a results file's provenance is there, and is this run's."""
+    import datetime
+    import importlib.metadata
+    import shlex
+
+    got = record["provenance"]
+    assert got["command"].endswith(shlex.join(argv))
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert got["commit"] == head and isinstance(got["uncommitted_changes"], bool)
+    age = datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(got["date"])
+    assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1)
+    assert got["machine"]["cpu"] and got["machine"]["cores"] >= 1
+    assert got["packages"]["jax"] == importlib.metadata.version("jax")
+    assert got["packages"]["numpy"] == importlib.metadata.version("numpy")
 
 
 def test_demo_main_job(capsys):
@@ -802,3 +827,30 @@ def test_a_scripts_bad_output_folder_is_one_line_and_exit_2_before_the_work(
     [line] = done.stderr.splitlines()
     assert line == f"{script}: error: argument {flag}: {bad}" + line.split(bad, 1)[1]
     assert message in line and "Traceback" not in line
+
+
+def test_results_written_again_keep_the_earlier_runs_provenance(tmp_path, monkeypatch):
+    """A record resumed from its file (table_compress --resume) holds rows of an earlier run:
+    the new file records this run and keeps the earlier one's provenance beside it; a list
+    of rows goes under "rows"; a file of before provenance was recorded says so."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import common
+    import provenance
+
+    monkeypatch.setattr(sys, "argv", ["experiments/table_x.py", "--resume"])
+    common.write(tmp_path, "first", [{"cr": 1}], "| a | b |")
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["rows"] == [{"cr": 1}] and first["provenance"]["command"].endswith(
+        "experiments/table_x.py --resume"
+    )
+    common.write(tmp_path, "again", first, "| a | b |")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["earlier_runs"] == [first["provenance"]] and again["rows"] == first["rows"]
+    common.write(tmp_path, "third", again)
+    assert len(json.loads((tmp_path / "third.json").read_text())["earlier_runs"]) == 2
+    assert not (tmp_path / "third.md").exists()  # (no text: the JSON alone)
+    md = (tmp_path / "again.md").read_text().splitlines()
+    assert md[0] == "| a | b |" and md[-1] == provenance.line(again)
+    assert "machine " + again["provenance"]["machine"]["cpu"] in md[-1]
+    old = provenance.line({"rows": []})
+    assert old.count("not recorded") == len(provenance.FIELDS)
