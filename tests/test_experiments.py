@@ -38,7 +38,9 @@ SLOW = {
     "train_gpt2.py",
     "train_vit.py",
 }
-HELPERS = {"common.py", "provenance.py", "testbed_net.py"}  # modules the scripts share
+# Modules the scripts share, and the index of their results (index.py, headlines.py): not
+# experiments.
+HELPERS = {"common.py", "provenance.py", "testbed_net.py", "index.py", "headlines.py"}
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
@@ -854,3 +856,45 @@ def test_results_written_again_keep_the_earlier_runs_provenance(tmp_path, monkey
     assert "machine " + again["provenance"]["machine"]["cpu"] in md[-1]
     old = provenance.line({"rows": []})
     assert old.count("not recorded") == len(provenance.FIELDS)
+
+
+def test_the_committed_results_index_is_what_the_generator_writes(monkeypatch):
+    """results/INDEX.md cannot go stale: it equals what index.py makes of the results files
+    (run `.venv/bin/python experiments/index.py` after an experiment)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import index
+
+    committed = (index.RESULTS / index.NAME).read_text()
+    assert committed == index.generate(index.RESULTS)
+    assert index.main(["--check"]) == 0
+    rows = [line for line in committed.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(list(index.RESULTS.rglob("*.json")))
+
+
+def test_the_results_index_reads_provenance_and_headlines_and_says_when_stale(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import common
+    import index
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["experiments/train_vit.py", "--smoke"])
+    common.write(results, "train_vit", {"minutes": 2.0, "test_accuracy": 0.875})
+    (results / "nobody.json").write_text(json.dumps({"rows": []}))  # no provenance, no kind
+    assert index.main(["--results", str(results)]) == 0
+    text = (results / "INDEX.md").read_text()
+    [vit] = [line for line in text.splitlines() if "`train_vit.json`" in line]
+    assert "experiments/train_vit.py --smoke`" in vit and "test accuracy 87.5 % (2.0 min)" in vit
+    assert "not recorded" not in vit and "cores" in vit and "jax " in vit
+    [other] = [line for line in text.splitlines() if "`nobody.json`" in line]
+    assert other.count("not recorded") == 5 and "no headline figure" in other
+    assert index.main(["--results", str(results), "--check"]) == 0
+    common.write(results, "train_vit", {"minutes": 2.0, "test_accuracy": 0.9})  # a new run
+    capsys.readouterr()
+    assert index.main(["--results", str(results), "--check"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "INDEX.md is stale" in line
+    with pytest.raises(SystemExit) as done:
+        index.main(["--results", str(tmp_path / "none")])
+    assert done.value.code == 2
