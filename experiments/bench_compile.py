@@ -124,7 +124,7 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model (writes only to --out)")
     common.add_out(parser)
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config()

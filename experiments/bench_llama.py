@@ -151,7 +151,9 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one tiny shape, writes nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one tiny shape (writes only to --out)"
+    )
     parser.add_argument("--repeats", type=common.positive_int, default=5)
     parser.add_argument(
         "--new", type=common.positive_int, default=64, help="decoded tokens per run"

@@ -305,7 +305,7 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (writes only to --out)")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     parser.add_argument("--peak", nargs=5, help=argparse.SUPPRESS)
     common.add_out(parser)

@@ -186,7 +186,7 @@ def timing_main(doc: str, full, smoke, run, markdown, stem: str, argv=None) -> N
     `markdown(rows, cfg)` the table, printed and written to `<--out>/<stem>.{json,md}`
     (default: results/)."""
     parser = Parser(description=doc.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (writes only to --out)")
     parser.add_argument("--repeats", type=positive_int, default=full.repeats)
     add_out(parser)
     args = parser.parse_args(argv)

@@ -149,7 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11, help="timed runs of each program")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a cluster may take")
     common.add_out(parser)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one rate, no files")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one rate (writes only to --out)"
+    )
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
