@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 )
+
+import common  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,6 @@ class Config:
     tokens: int = 128
     devices: int = 4
     cr: int = 4
-    out: str = str(Path(__file__).parent / "results")
 
 
 def _tiny(name: str):
@@ -46,7 +46,7 @@ def _tiny(name: str):
     return dataclasses.replace(cfg, width=32, heads=2, kv_heads=1, mlp_width=64, depth=3)
 
 
-SMOKE = Config(models=("smollm2-135m",), tokens=16, devices=2, cr=2, out="")
+SMOKE = Config(models=("smollm2-135m",), tokens=16, devices=2, cr=2)
 
 
 def compile_seconds(cfg, plan, *, devices: int, tokens: int, straight: bool) -> tuple:
@@ -124,15 +124,14 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model (writes only to --out)")
+    common.add_out(parser)
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config()
     rows = run(cfg, smoke=args.smoke)
     print(markdown(rows, cfg))
-    from prism_jax.evaluation import report
-
-    report.save(Path(cfg.out) if cfg.out else None, "bench_compile", rows, markdown(rows, cfg))
+    common.save(args, "bench_compile", rows, markdown(rows, cfg))
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(main)

@@ -28,7 +28,7 @@ class Config:
     smoke: bool = common.setting(False, "2 questions, 2 rows, one cell")
     questions: int = common.setting(48, "cloze questions")
     rows: int = common.setting(32, "perplexity rows of 256 tokens")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def host_cloze_scores(model, batch, target, mesh, plan) -> np.ndarray:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-from pathlib import Path
 
 import common
 import numpy as np
@@ -26,10 +24,9 @@ class Config:
     batch: int = 8
     lengths: tuple[int, ...] = (128, 512)
     repeats: int = 10
-    out: str = str(Path(__file__).parent / "results")
 
 
-SMOKE = Config(batch=2, lengths=(16,), repeats=2, out="")
+SMOKE = Config(batch=2, lengths=(16,), repeats=2)
 
 
 def run(cfg: Config) -> list[dict]:
@@ -79,21 +76,16 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (writes only to --out)")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
+    common.add_out(parser)
     args = parser.parse_args(argv)
     cfg = SMOKE if args.smoke else Config(repeats=args.repeats)
     rows = run(cfg)
     table = common.speed_table(rows)
     print(table)
-    if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_forward.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "bench_forward.md").write_text(
-            "# all-MiniLM-L6-v2 forward, one CPU device\n\n"
-            "`.venv/bin/python experiments/bench_forward.py`\n\n" + table + "\n"
-        )
+    text = "# all-MiniLM-L6-v2 forward, one CPU device\n\n" + table + "\n"
+    common.save(args, "bench_forward", rows, text)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Config:
     smoke: bool = common.setting(False, "tiny models, T = 32, on whatever device there is")
     repeats: int = common.setting(10, "timed calls per shape")
     budget_s: float = common.setting(240.0, "skip shapes that would start after this")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def _models(smoke: bool):

@@ -21,17 +21,12 @@ Writes experiments/results/bench_llama.{json,md}.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import common
 import numpy as np
-
-OUT = Path(__file__).parent / "results"
-
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes "
@@ -156,11 +151,14 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="one tiny shape, writes nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one tiny shape (writes only to --out)"
+    )
     parser.add_argument("--repeats", type=common.positive_int, default=5)
     parser.add_argument(
         "--new", type=common.positive_int, default=64, help="decoded tokens per run"
     )
+    common.add_out(parser)
     args = parser.parse_args(argv)
     smoke = args.smoke
     shapes = [(1, 16)] if smoke else [(1, 128), (1, 512), (4, 128), (4, 512)]
@@ -177,15 +175,9 @@ def main(argv=None):
         + decode_markdown(decoded)
     )
     print(table)
-    if not smoke:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "bench_llama.json").write_text(
-            json.dumps({"prefill": rows, "decode": decoded}, indent=2) + "\n"
-        )
-        (OUT / "bench_llama.md").write_text(
-            "# SmolLM2-135M on one CPU device: prefill (logits of every position) and greedy "
-            "decode\n\n`.venv/bin/python experiments/bench_llama.py`\n\n" + table + "\n"
-        )
+    heading = "# SmolLM2-135M on one CPU device: prefill (logits of every position), greedy decode"
+    record = {"prefill": rows, "decode": decoded}
+    common.save(args, "bench_llama", record, heading + "\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

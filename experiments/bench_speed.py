@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -48,11 +47,10 @@ class Config:
     repeats: int = 5
     bert_base: bool = True
     memory: bool = True
-    out: str = str(Path(__file__).parent / "results")
 
 
 SMOKE = Config(
-    batch=2, lengths=(32,), crs=(1, 8), devices=2, repeats=1, bert_base=False, memory=False, out=""
+    batch=2, lengths=(32,), crs=(1, 8), devices=2, repeats=1, bert_base=False, memory=False
 )
 
 
@@ -307,9 +305,10 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, writes nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (writes only to --out)")
     parser.add_argument("--repeats", type=common.positive_int, default=Config.repeats)
     parser.add_argument("--peak", nargs=5, help=argparse.SUPPRESS)
+    common.add_out(parser)
     args = parser.parse_args(argv)
     if args.peak:
         model, t, run_name, batch, devices = args.peak
@@ -318,16 +317,8 @@ def main(argv=None):
     rows, floors = run(cfg)
     text = markdown(rows, floors)
     print(text)
-    if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_speed.json").write_text(
-            json.dumps({"runs": rows, "floor": floors}, indent=2) + "\n"
-        )
-        (out / "bench_speed.md").write_text(
-            "# Wall time and peak memory (one run, 2-core CPU)\n\n"
-            "`.venv/bin/python experiments/bench_speed.py`\n\n" + text
-        )
+    heading = "# Wall time and peak memory (one run, 2-core CPU)\n\n"
+    common.save(args, "bench_speed", {"runs": rows, "floor": floors}, heading + text)
 
 
 if __name__ == "__main__":

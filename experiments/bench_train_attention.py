@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -57,13 +56,12 @@ class Config:
     devices: int = 4
     cr: int = 16
     repeats: int = 5
-    out: str = str(Path(__file__).parent / "results")
     smoke: bool = False  # narrow, shallow models of the same families
 
 
 SMOKE = Config(
     models=("vit", "llama"), batch=2, vit_batch=2, tokens=12, prism_tokens=24, devices=2, cr=2,
-    repeats=1, out="", smoke=True,
+    repeats=1, smoke=True,
 )  # fmt: skip
 
 

@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from testbed_net import ROOT, SUBNET, burst_bytes, run_nodes, usable
+import common
+from testbed_net import SUBNET, burst_bytes, run_nodes, usable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +50,11 @@ class Config:
     predict_nodes: tuple[int, ...] = (2, 4, 8)
     repeats: int = 3
     timeout: float = 900
-    out: str = str(ROOT / "experiments" / "results")
 
 
 SMOKE = Config(
     models=(("tiny", 32),), nodes=(2,), rates_mbit=(50,), crs=(4,), repeats=1, timeout=180,
-    out="", predict_nodes=(2,),
+    predict_nodes=(2,),
 )  # fmt: skip
 
 
@@ -317,7 +317,7 @@ def main(argv=None):
     parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: all)")
     parser.add_argument("--crs", type=_positive_ints, help="prism CRs, comma-separated")
     parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
-    parser.add_argument("--out", help="results folder (default: experiments/results)")
+    common.add_out(parser)
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
     for flag, kind in [("--rank", int), ("--nodes", int), ("--model", str), ("--seq-len", int),
                        ("--timeout", float), ("--result", str)]:  # fmt: skip
@@ -332,7 +332,7 @@ def main(argv=None):
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
     chosen = {"models": args.models, "rates_mbit": args.rates, "crs": args.crs,
-              "repeats": args.repeats, "out": args.out}  # fmt: skip
+              "repeats": args.repeats}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     from prism_jax.cli import emulate_devices
@@ -352,16 +352,10 @@ def main(argv=None):
         + prediction_markdown(preds)
     )  # fmt: skip
     print(text)
-    if cfg.out:
-        out = Path(cfg.out)
-        record = {"rows": rows, "predictions": preds}
-        (out / "edge_testbed.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "edge_testbed.md").write_text(
-            "# Edge testbed: namespaces, tbf-limited uplinks, one process per node\n\n"
-            "`sudo .venv/bin/python experiments/edge_testbed.py`\n\n" + text
-        )
-        plot(rows, out / "edge_testbed.png")
+    heading = "# Edge testbed: namespaces, tbf-limited uplinks, one process per node\n\n"
+    record = {"rows": rows, "predictions": preds}
+    common.save(args, "edge_testbed", record, heading + text, lambda png: plot(rows, png))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_script(main)

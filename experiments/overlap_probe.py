@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from testbed_net import ROOT, SUBNET, run_nodes, usable
+import common
+from testbed_net import SUBNET, run_nodes, usable
 
 MESSAGE_BYTES = 12 * 8 * 768 * 4  # bert-base, T = 256, N = 2, CR = 16: 12 layers x 8 means
 RATES = (10, 50)  # Mbit/s (unlimited: the gather takes a few ms, too short to compare)
@@ -148,8 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=_ints, default=[1, 4, 12], help="rounds, comma-separated")
     parser.add_argument("--repeats", type=int, default=11, help="timed runs of each program")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a cluster may take")
-    parser.add_argument("--out", default=str(ROOT / "experiments" / "results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one rate, no files")
+    common.add_out(parser)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one rate (writes only to --out)"
+    )
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -167,16 +169,10 @@ def main(argv=None) -> int:
     lines = summary(rows)
     text = markdown(lines, args)
     print(text)
-    if args.smoke:
-        return 0
-    out = Path(args.out)
-    (out / "overlap_probe.json").write_text(json.dumps({"rows": rows, "summary": lines}, indent=2))
-    (out / "overlap_probe.md").write_text(
-        "# Does the runtime overlap a collective with independent compute?\n\n"
-        "`sudo .venv/bin/python experiments/overlap_probe.py`\n\n" + text
-    )
+    heading = "# Does the runtime overlap a collective with independent compute?\n\n"
+    common.save(args, "overlap_probe", {"rows": rows, "summary": lines}, heading + text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.run_script(main)

@@ -43,7 +43,7 @@ class Config:
     rows: int = common.setting(4, "held-out Wikipedia rows of 256 tokens")
     devices: int = common.setting(4, "N")
     cr: int = common.setting(16, "tokens per group (the paper's segments)")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def reference(name: str):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -42,10 +41,9 @@ class Config:
     heads: int = 12
     mlp: int = 3072
     repeats: int = 7
-    out: str = str(Path(__file__).parent / "results")
 
 
-SMOKE = Config(batch=2, lengths=(16,), blocks=(8,), width=32, heads=4, mlp=64, repeats=1, out="")
+SMOKE = Config(batch=2, lengths=(16,), blocks=(8,), width=32, heads=4, mlp=64, repeats=1)
 
 
 def _timed(fn, repeats: int) -> float:

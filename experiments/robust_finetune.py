@@ -108,9 +108,9 @@ class Config:
     )
     logit_bias: str = common.setting("log_count", "logit bias", choices=LOGIT_BIASES)
     layout: str = common.setting("padded", "BERT inputs", choices=LAYOUTS)
-    checkpoints: str = common.setting(str(HERE.parent / "artifacts"), "checkpoint folders")
+    checkpoints: str = common.output(str(HERE.parent / "artifacts"), "checkpoint folders")
     restart: bool = common.setting(False, "discard checkpoints, start over")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ class Config:
     smoke: bool = common.setting(False, "a few reviews, N = 2, seconds")
     model: str = common.setting(str(MODEL), "a BERT classifier directory")
     limit: int = common.setting(200, "test reviews (default 200)")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def main(argv=None):

@@ -78,7 +78,7 @@ class Config:
     models: str | None = common.setting(  # (a list: nargs)
         None, "only these models, in this order (default: all)", nargs="+", choices=MODELS
     )
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def alone_rows(name, model, score, crs, seq_len, labels):

@@ -35,10 +35,9 @@ class Config:
     headline: tuple[str, int, int, int] = ("bert-base", 256, 2, 128)
     compressor_model: tuple[str, int] = ("bert-base", 256)
     compressor_crs: tuple[int, ...] = (4, 16, 64, 128)
-    out: str = str(Path(__file__).parent / "results")
 
 
-def smoke_config(out: str) -> Config:
+def smoke_config() -> Config:
     from prism_jax.configs import BertConfig
 
     tiny = BertConfig(
@@ -58,7 +57,6 @@ def smoke_config(out: str) -> Config:
         headline=(tiny, 32, 2, 8),
         compressor_model=(tiny, 32),
         compressor_crs=(8,),
-        out=out,
     )
 
 
@@ -174,19 +172,16 @@ def plot(result: dict, path: Path) -> None:
 @dataclasses.dataclass
 class Flags:
     smoke: bool = common.setting(False, "a tiny model, seconds")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def main(argv=None):
     args = common.parse(Flags, __doc__, argv)
-    from prism_jax.evaluation import report
-
-    cfg = smoke_config(args.out or "") if args.smoke else Config(out=args.out or Config.out)
+    cfg = smoke_config() if args.smoke else Config()
     result = run(cfg)
     text = markdown(result)
     print(text)
-    out = Path(cfg.out) if cfg.out else None
-    report.save(out, "table_cost", result, text, lambda png: plot(result, png))
+    common.save(args, "table_cost", result, text, lambda png: plot(result, png))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Config:
     compressors: str = common.setting(
         ",".join(COMPRESSORS), "compressors compared, comma-separated: paper, prism+"
     )
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def agreement(got, exact) -> dict:

@@ -26,7 +26,7 @@ class Config:
     rows: int = common.setting(32, "test rows of 256 tokens")
     questions: int = common.setting(136, "cloze questions (0: none)", minimum=0)
     cloze_biases: str = common.setting("log_count,none", "logit biases for the cloze grid")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ class Config:
     questions: int = common.setting(16, "cloze questions (0: none)", minimum=0)
     cloze_len: int = common.setting(128, "tokens per cloze candidate (context left-truncated)")
     max_cr: int = common.setting(32, "largest compression rate")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def prefill(model, devices: int, crs: list[int], seq_len: int, repeats: int = 3) -> list[dict]:

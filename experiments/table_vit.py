@@ -69,7 +69,7 @@ class Config:
     smoke: bool = common.setting(False, "a few images, N = 2, seconds")
     model: str = common.setting(str(MODEL), "a ViT classifier directory")
     limit: int = common.setting(1000, "test images (default 1000)")
-    out: str | None = common.setting(None, "results folder")
+    out: str | None = common.output(None, "results folder")
 
 
 def main(argv=None):

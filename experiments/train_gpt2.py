@@ -13,7 +13,6 @@ end). Writes the HF checkpoint directory (committed: 14 MB) and results/train_gp
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -105,10 +104,7 @@ def main(argv=None):
             "evals": run.evals,
             "losses_every_20": run.losses[::20],
         }
-        results = (
-            out.parent / "train_gpt2.json" if args.smoke else HERE / "results" / "train_gpt2.json"
-        )
-        results.write_text(json.dumps(record, indent=2) + "\n")
+        common.write(out.parent if args.smoke else common.RESULTS, "train_gpt2", record)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes the HF checkpoint directory (committed: under 1 MB) and results/train_vit
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -98,10 +97,7 @@ def main(argv=None):
             "losses_every_50": run.losses[::50],
             "resumed_from": run.resumed_from,
         }
-        results = (
-            out.parent / "train_vit.json" if args.smoke else HERE / "results" / "train_vit.json"
-        )
-        results.write_text(json.dumps(record, indent=2) + "\n")
+        common.write(out.parent if args.smoke else common.RESULTS, "train_vit", record)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ SLOW = {
     "train_gpt2.py",
     "train_vit.py",
 }
-HELPERS = {"common.py", "testbed_net.py"}  # modules the scripts share, not scripts
+# Modules the scripts share, and the index of their results (index.py, headlines.py): not
+# experiments.
+HELPERS = {"common.py", "provenance.py", "testbed_net.py", "index.py", "headlines.py"}
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
@@ -47,7 +49,8 @@ SCRIPTS = [
 
 
 # What each smoke must leave behind: result files in --out, a model in --out, or (the
-# benchmarks, which write nothing in a smoke) a printed table row with a measured number.
+# benchmarks) a printed table row with a measured number; and every results file written,
+# this run's provenance.
 RESULTS = {
     "probe_tilt.py",
     "table_bert.py",
@@ -66,9 +69,9 @@ MODELS = {"train_gpt2.py", "train_vit.py"}
 def test_smoke(script, tmp_path, tfds_dir):
     root = Path(__file__).parents[1]
     out = tmp_path / "out"
-    extra = ["--out", str(out)] if script in RESULTS | MODELS else []
+    argv = [f"experiments/{script}", "--smoke", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(root / "experiments" / script), "--smoke", *extra],
+        [sys.executable, str(root / argv[0]), *argv[1:]],
         capture_output=True,
         text=True,
         timeout=600,
@@ -95,6 +98,30 @@ def test_smoke(script, tmp_path, tfds_dir):
         assert pj.load_pretrained(out).config.family in ("gpt2", "vit")
     else:
         assert re.search(r"^\|[^\n]*\d\.\d+[^\n]*\|\s*$", done.stdout, re.MULTILINE), done.stdout
+    written = [tmp_path / f"{script[:-3]}.json"] if script in MODELS else sorted(out.glob("*.json"))
+    assert written  # (with --out, a smoke writes its results too)
+    for path in written:
+        _assert_provenance(json.loads(path.read_text()), argv, root)
+        md = path.with_suffix(".md")
+        assert not md.exists() or md.read_text().splitlines()[-1].startswith("Written by: comm")
+
+
+def _assert_provenance(record: dict, argv: list[str], root: Path) -> None:
+    """Every field of a results file's provenance is there, and is this run's."""
+    import datetime
+    import importlib.metadata
+    import shlex
+
+    got = record["provenance"]
+    assert got["command"].endswith(shlex.join(argv))
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert got["commit"] == head and isinstance(got["uncommitted_changes"], bool)
+    age = datetime.datetime.now(datetime.UTC) - datetime.datetime.fromisoformat(got["date"])
+    assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1)
+    assert got["machine"]["cpu"] and got["machine"]["cores"] >= 1
+    assert got["packages"]["jax"] == importlib.metadata.version("jax")
+    assert got["packages"]["numpy"] == importlib.metadata.version("numpy")
 
 
 def test_demo_main_job(capsys):
@@ -743,3 +770,131 @@ def test_a_scripts_main_returns_an_exit_code(script):
 
     bad = [ast.unparse(r) for r in _returns(defs["main"]) if not exit_code(r.value)]
     assert not bad, f"{script}: main() {bad}"
+
+
+# Every way an output folder can be unusable, and the words that name it: the folder is new
+# in a missing folder, in a file, or in a folder nobody may write (sysfs: even root), or it
+# is a file itself.
+BAD_OUT = [
+    ("missing/out", "does not exist"),
+    ("file/out", "is not a folder"),
+    ("/sys/prism-out", "cannot write there"),
+    ("file", "is not a folder"),
+]
+
+
+def _bad_out(tmp_path, where: str) -> str:
+    (tmp_path / "file").write_text("")
+    return where if where.startswith("/") else str(tmp_path / where)
+
+
+@pytest.mark.parametrize(("where", "message"), BAD_OUT)
+def test_out_folder_refuses_a_folder_it_could_not_write(where, message, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import argparse
+
+    import common
+
+    assert common.out_folder(str(tmp_path)) == str(tmp_path)  # exists, takes a file
+    assert common.out_folder(str(tmp_path / "new")) == str(tmp_path / "new")  # made when written
+    assert not (tmp_path / "new").exists()  # (checked, not made: a failed run leaves nothing)
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        common.out_folder(_bad_out(tmp_path, where))
+
+
+# Each script with a bad output folder (its `--out`, and the checkpoint folders of the
+# training scripts): one of the BAD_OUT cases in turn, so that each case meets several scripts.
+BAD_OUT_RUNS = [
+    (script, flag, *BAD_OUT[i % len(BAD_OUT)])
+    for i, (script, flag) in enumerate(
+        [(s if isinstance(s, str) else s.values[0], "--out") for s in SCRIPTS]
+        + [("train_vit.py", "--checkpoint-dir"), ("robust_finetune.py", "--checkpoints")]
+    )
+]
+
+
+@pytest.mark.parametrize(("script", "flag", "where", "message"), BAD_OUT_RUNS)
+def test_a_scripts_bad_output_folder_is_one_line_and_exit_2_before_the_work(
+    script, flag, where, message, tmp_path
+):
+    """A folder the results could not be written to is refused as the flags are read (a
+    smoke run takes seconds to minutes; this must end within the interpreter's start)."""
+    bad = _bad_out(tmp_path, where)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "experiments" / script), "--smoke",
+         flag, bad],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line == f"{script}: error: argument {flag}: {bad}" + line.split(bad, 1)[1]
+    assert message in line and "Traceback" not in line
+
+
+def test_results_written_again_keep_the_earlier_runs_provenance(tmp_path, monkeypatch):
+    """A record resumed from its file (table_compress --resume) holds rows of an earlier run:
+    the new file records this run and keeps the earlier one's provenance beside it; a list
+    of rows goes under "rows"; a file of before provenance was recorded says so."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import common
+    import provenance
+
+    monkeypatch.setattr(sys, "argv", ["experiments/table_x.py", "--resume"])
+    common.write(tmp_path, "first", [{"cr": 1}], "| a | b |")
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["rows"] == [{"cr": 1}] and first["provenance"]["command"].endswith(
+        "experiments/table_x.py --resume"
+    )
+    common.write(tmp_path, "again", first, "| a | b |")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["earlier_runs"] == [first["provenance"]] and again["rows"] == first["rows"]
+    common.write(tmp_path, "third", again)
+    assert len(json.loads((tmp_path / "third.json").read_text())["earlier_runs"]) == 2
+    assert not (tmp_path / "third.md").exists()  # (no text: the JSON alone)
+    md = (tmp_path / "again.md").read_text().splitlines()
+    assert md[0] == "| a | b |" and md[-1] == provenance.line(again)
+    assert "machine " + again["provenance"]["machine"]["cpu"] in md[-1]
+    old = provenance.line({"rows": []})
+    assert old.count("not recorded") == len(provenance.FIELDS)
+
+
+def test_the_committed_results_index_is_what_the_generator_writes(monkeypatch):
+    """results/INDEX.md cannot go stale: it equals what index.py makes of the results files
+    (run `.venv/bin/python experiments/index.py` after an experiment)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import index
+
+    committed = (index.RESULTS / index.NAME).read_text()
+    assert committed == index.generate(index.RESULTS)
+    assert index.main(["--check"]) == 0
+    rows = [line for line in committed.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(list(index.RESULTS.rglob("*.json")))
+
+
+def test_the_results_index_reads_provenance_and_headlines_and_says_when_stale(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
+    import common
+    import index
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["experiments/train_vit.py", "--smoke"])
+    common.write(results, "train_vit", {"minutes": 2.0, "test_accuracy": 0.875})
+    (results / "nobody.json").write_text(json.dumps({"rows": []}))  # no provenance, no kind
+    assert index.main(["--results", str(results)]) == 0
+    text = (results / "INDEX.md").read_text()
+    [vit] = [line for line in text.splitlines() if "`train_vit.json`" in line]
+    assert "experiments/train_vit.py --smoke`" in vit and "test accuracy 87.5 % (2.0 min)" in vit
+    assert "not recorded" not in vit and "cores" in vit and "jax " in vit
+    [other] = [line for line in text.splitlines() if "`nobody.json`" in line]
+    assert other.count("not recorded") == 5 and "no headline figure" in other
+    assert index.main(["--results", str(results), "--check"]) == 0
+    common.write(results, "train_vit", {"minutes": 2.0, "test_accuracy": 0.9})  # a new run
+    capsys.readouterr()
+    assert index.main(["--results", str(results), "--check"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "INDEX.md is stale" in line
+    with pytest.raises(SystemExit) as done:
+        index.main(["--results", str(tmp_path / "none")])
+    assert done.value.code == 2
