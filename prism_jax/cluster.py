@@ -8,6 +8,7 @@ ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead p
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -34,14 +35,27 @@ def initialize(
 ) -> None:
     """Join (rank 0: host) the cluster of `nodes` processes at `coordinator` (HOST:PORT).
 
-    The coordinator binds to `bind` (loopback unless told otherwise).
+    The coordinator binds to `bind` (loopback unless told otherwise). Before JAX starts, node
+    0 takes the port itself and every other node says hello there with its rank and node
+    count: a port in use, an address that is not this machine's, two nodes with one rank or
+    nodes told different node counts are each one `PrismError` naming the cause (the runtime
+    would crash or wait out the timeout instead).
     """
 
     if nodes < 1 or not 0 <= rank < nodes:
         raise PrismError(f"rank must be in [0, {nodes}), got {rank}")
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise PrismError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+    host, port = coordinator_address(coordinator)
+    deadline = time.monotonic() + timeout_s
+    late = f"node {rank}: the cluster of {nodes} nodes at {coordinator} did not form within "
+    late += f"{timeout_s:g} s"
+    if rank == 0:
+        try:
+            server = _take_port(bind, port)
+        except PrismError as e:
+            raise PrismError(f"node 0: {e}") from None
+        _welcome(server, nodes, deadline, late)
+    else:
+        _hello((host, port), rank, nodes, deadline, late)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -49,7 +63,7 @@ def initialize(
             num_processes=nodes,
             process_id=rank,
             coordinator_bind_address=f"{bind}:{port}" if rank == 0 else None,
-            initialization_timeout=int(timeout_s),
+            initialization_timeout=max(int(deadline - time.monotonic()), 1),
             heartbeat_timeout_seconds=int(timeout_s),
         )
     except Exception as e:  # noqa: BLE001 - the runtime raises bare XlaRuntimeErrors
@@ -64,6 +78,139 @@ def initialize(
         )
     if os.environ.get(DIE_AFTER_JOIN) == str(rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def coordinator_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) -> (host, port), the port in [1, 65535]."""
+    host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise PrismError(f"coordinator must be HOST:PORT, PORT in [1, 65535]; got {text!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _take_port(bind: str, port: int) -> socket.socket:
+    """Node 0 listens on the coordinator port itself first: the runtime crashes (SIGSEGV)
+    where the port is taken or `bind` is not an address of this machine."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise PrismError(f"bind address {bind!r} is not a host name or address") from None
+    server = socket.socket(family, kind, proto)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the runtime's server
+    try:
+        server.bind(address)
+        server.listen()
+    except OSError as e:
+        server.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PrismError(
+                f"port {port} on {bind} is already in use (by another program, or "
+                "another node started with rank 0)"
+            ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise PrismError(f"bind address {bind} is not an address of this machine") from None
+        raise PrismError(f"cannot listen on {bind} port {port}: {e.strerror}") from None
+    return server
+
+
+_HELLO = "prism_jax_node"  # the key every handshake message carries
+
+
+def _welcome(server: socket.socket, nodes: int, deadline: float, late: str) -> None:
+    """Node 0: wait for a hello from every other rank; all agree, or all hear what differs."""
+    joined: dict[int, socket.socket] = {}
+    try:
+        while len(joined) < nodes - 1:
+            server.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                missing = ", ".join(str(r) for r in range(1, nodes) if r not in joined)
+                raise PrismError(f"{late} (no word from node {missing})") from None
+            hello = _receive(conn, min(time.monotonic() + 5, deadline))
+            if not (hello and all(type(hello.get(k)) is int for k in ("rank", "nodes"))):
+                conn.close()  # not a node of ours (a port scanner, a browser)
+                continue
+            problem = _disagreement(hello, nodes, joined)
+            if problem:
+                for c in [*joined.values(), conn]:
+                    _send(c, {"error": problem})
+                raise PrismError(f"node 0: {problem}")
+            joined[hello["rank"]] = conn
+        for c in joined.values():
+            _send(c, {"ok": True})
+    finally:
+        for c in joined.values():
+            c.close()
+        server.close()  # the runtime's server takes the port next
+
+
+def _disagreement(hello: dict, nodes: int, joined: dict) -> str | None:
+    rank, theirs = hello["rank"], hello["nodes"]
+    if theirs != nodes:
+        return (
+            f"node {rank} was started with {theirs} nodes, node 0 with {nodes}: give every "
+            "node the same --nodes"
+        )
+    if not 1 <= rank < nodes:
+        return f"a node was started with rank {rank}, outside [1, {nodes})"
+    if rank in joined:
+        return f"two nodes were started with rank {rank}: give each node its own --rank"
+    return None
+
+
+def _hello(address, rank: int, nodes: int, deadline: float, late: str) -> None:
+    """Another node: tell node 0 this node's rank and node count, and wait until it has
+    heard every node (retrying while node 0 is not up yet)."""
+    while time.monotonic() < deadline:
+        try:
+            conn = socket.create_connection(address, timeout=1)
+        except OSError:  # node 0 not listening yet
+            time.sleep(0.2)
+            continue
+        with conn:
+            _send(conn, {"rank": rank, "nodes": nodes})
+            answer = _receive(conn, deadline)
+        if answer is None:
+            time.sleep(0.2)  # node 0 went away mid-hello: it may be started again
+        elif answer is False:
+            raise PrismError(
+                f"node {rank}: {address[0]}:{address[1]} answers, but not as a prism-jax node 0 "
+                f"waiting for its nodes (a cluster that formed already, with another node of "
+                f"rank {rank}? another program?)"
+            )
+        elif "error" in answer:
+            raise PrismError(f"node {rank}: {answer['error']}")
+        elif answer.get("ok"):
+            return
+    raise PrismError(late)
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    with contextlib.suppress(OSError):  # a peer gone already hears nothing
+        conn.sendall(json.dumps({_HELLO: 1, **message}).encode() + b"\n")
+
+
+def _receive(conn: socket.socket, deadline: float):
+    """One handshake message from `conn` by `deadline`; None if the peer closed or said
+    nothing; `False` for bytes that are no handshake (another program on the port)."""
+    data = b""
+    while b"\n" not in data and len(data) < 4096:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = conn.recv(4096)
+        except OSError:
+            return None
+        if not chunk:
+            break
+        data += chunk
+    if not data:
+        return None
+    try:
+        message = json.loads(data.split(b"\n")[0])
+    except ValueError:
+        return False
+    return message if isinstance(message, dict) and message.pop(_HELLO, None) == 1 else False
 
 
 def check_consistent(rank: int, settings: dict) -> None:
@@ -185,9 +332,11 @@ def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None
     """Start `nodes` local node processes running `command`; rank 0's output is shown.
 
     Returns 0 when every node succeeds; otherwise ends the others and returns the first failed
-    node's exit code where it is a usage error (2) or a lost peer (3), else 1, naming the node.
-    SIGTERM (or Ctrl-C) to the launcher ends every node too.
+    node's exit code where it is a usage error (2) or a lost peer (3: also a node ended by a
+    signal), else 1, naming the node. SIGTERM (or Ctrl-C) to the launcher ends every node too.
     """
+    if port is not None:
+        _take_port("127.0.0.1", port).close()  # in use: one line now, before any node starts
     coordinator = f"127.0.0.1:{port or free_port()}"
     procs, logs = [], []
 
@@ -227,17 +376,27 @@ def _wait(procs, logs, timeout_s: float) -> int:
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            rank = min(failed, key=lambda r: (codes[r] != -signal.SIGKILL, r))  # a killed one
-            logs[rank].seek(0)
-            last = [line for line in logs[rank].read().splitlines() if "error" in line.lower()]
-            reason = last[-1] if last else f"exit code {codes[rank]}"
-            print(f"prism-jax launch: error: node {rank} failed: {reason}", file=sys.stderr)
-            return codes[rank] if codes[rank] in (2, 3) else 1
+            rank = min(failed, key=lambda r: (codes[r] > 0, r))  # one killed, if any
+            return _report(rank, codes[rank], logs[rank])
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.05)
     print(f"prism-jax launch: error: no result within {timeout_s:g} s", file=sys.stderr)
     return 1
+
+
+def _report(rank: int, code: int, log) -> int:
+    """One line on the failed node; the launcher's exit code: a node ended by a signal is a
+    lost node (3), a node's usage error (2) or lost peer (3) is passed on, anything else 1."""
+    if code < 0:
+        names = {int(s): s.name for s in signal.Signals}
+        reason = f"lost: ended by signal {names.get(-code, -code)}"
+    else:
+        log.seek(0)
+        last = [line for line in log.read().splitlines() if "error" in line.lower()]
+        reason = last[-1] if last else f"exit code {code}"
+    print(f"prism-jax launch: error: node {rank} failed: {reason}", file=sys.stderr)
+    return 3 if code < 0 else code if code in (2, 3) else 1
 
 
 def _end(procs) -> None:
