@@ -8,7 +8,6 @@ ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead p
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from prism_jax import handshake
 from prism_jax.errors import PrismError
 
 # Test hook: a node whose rank is named here kills itself once the cluster has formed.
@@ -44,18 +44,18 @@ def initialize(
 
     if nodes < 1 or not 0 <= rank < nodes:
         raise PrismError(f"rank must be in [0, {nodes}), got {rank}")
-    host, port = coordinator_address(coordinator)
+    host, port = handshake.coordinator_address(coordinator)
     deadline = time.monotonic() + timeout_s
     late = f"node {rank}: the cluster of {nodes} nodes at {coordinator} did not form within "
     late += f"{timeout_s:g} s"
     if rank == 0:
         try:
-            server = _take_port(bind, port)
+            server = handshake.take_port(bind, port)
         except PrismError as e:
             raise PrismError(f"node 0: {e}") from None
-        _welcome(server, nodes, deadline, late)
+        handshake.welcome(server, nodes, deadline, late)
     else:
-        _hello((host, port), rank, nodes, deadline, late)
+        handshake.hello((host, port), rank, nodes, deadline, late)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -78,139 +78,6 @@ def initialize(
         )
     if os.environ.get(DIE_AFTER_JOIN) == str(rank):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def coordinator_address(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[::1]:PORT` for IPv6) -> (host, port), the port in [1, 65535]."""
-    host, _, port = text.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise PrismError(f"coordinator must be HOST:PORT, PORT in [1, 65535]; got {text!r}")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _take_port(bind: str, port: int) -> socket.socket:
-    """Node 0 listens on the coordinator port itself first: the runtime crashes (SIGSEGV)
-    where the port is taken or `bind` is not an address of this machine."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError):
-        raise PrismError(f"bind address {bind!r} is not a host name or address") from None
-    server = socket.socket(family, kind, proto)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the runtime's server
-    try:
-        server.bind(address)
-        server.listen()
-    except OSError as e:
-        server.close()
-        if e.errno == errno.EADDRINUSE:
-            raise PrismError(
-                f"port {port} on {bind} is already in use (by another program, or "
-                "another node started with rank 0)"
-            ) from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise PrismError(f"bind address {bind} is not an address of this machine") from None
-        raise PrismError(f"cannot listen on {bind} port {port}: {e.strerror}") from None
-    return server
-
-
-_HELLO = "prism_jax_node"  # the key every handshake message carries
-
-
-def _welcome(server: socket.socket, nodes: int, deadline: float, late: str) -> None:
-    """Node 0: wait for a hello from every other rank; all agree, or all hear what differs."""
-    joined: dict[int, socket.socket] = {}
-    try:
-        while len(joined) < nodes - 1:
-            server.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                missing = ", ".join(str(r) for r in range(1, nodes) if r not in joined)
-                raise PrismError(f"{late} (no word from node {missing})") from None
-            hello = _receive(conn, min(time.monotonic() + 5, deadline))
-            if not (hello and all(type(hello.get(k)) is int for k in ("rank", "nodes"))):
-                conn.close()  # not a node of ours (a port scanner, a browser)
-                continue
-            problem = _disagreement(hello, nodes, joined)
-            if problem:
-                for c in [*joined.values(), conn]:
-                    _send(c, {"error": problem})
-                raise PrismError(f"node 0: {problem}")
-            joined[hello["rank"]] = conn
-        for c in joined.values():
-            _send(c, {"ok": True})
-    finally:
-        for c in joined.values():
-            c.close()
-        server.close()  # the runtime's server takes the port next
-
-
-def _disagreement(hello: dict, nodes: int, joined: dict) -> str | None:
-    rank, theirs = hello["rank"], hello["nodes"]
-    if theirs != nodes:
-        return (
-            f"node {rank} was started with {theirs} nodes, node 0 with {nodes}: give every "
-            "node the same --nodes"
-        )
-    if not 1 <= rank < nodes:
-        return f"a node was started with rank {rank}, outside [1, {nodes})"
-    if rank in joined:
-        return f"two nodes were started with rank {rank}: give each node its own --rank"
-    return None
-
-
-def _hello(address, rank: int, nodes: int, deadline: float, late: str) -> None:
-    """Another node: tell node 0 this node's rank and node count, and wait until it has
-    heard every node (retrying while node 0 is not up yet)."""
-    while time.monotonic() < deadline:
-        try:
-            conn = socket.create_connection(address, timeout=1)
-        except OSError:  # node 0 not listening yet
-            time.sleep(0.2)
-            continue
-        with conn:
-            _send(conn, {"rank": rank, "nodes": nodes})
-            answer = _receive(conn, deadline)
-        if answer is None:
-            time.sleep(0.2)  # node 0 went away mid-hello: it may be started again
-        elif answer is False:
-            raise PrismError(
-                f"node {rank}: {address[0]}:{address[1]} answers, but not as a prism-jax node 0 "
-                f"waiting for its nodes (a cluster that formed already, with another node of "
-                f"rank {rank}? another program?)"
-            )
-        elif "error" in answer:
-            raise PrismError(f"node {rank}: {answer['error']}")
-        elif answer.get("ok"):
-            return
-    raise PrismError(late)
-
-
-def _send(conn: socket.socket, message: dict) -> None:
-    with contextlib.suppress(OSError):  # a peer gone already hears nothing
-        conn.sendall(json.dumps({_HELLO: 1, **message}).encode() + b"\n")
-
-
-def _receive(conn: socket.socket, deadline: float):
-    """One handshake message from `conn` by `deadline`; None if the peer closed or said
-    nothing; `False` for bytes that are no handshake (another program on the port)."""
-    data = b""
-    while b"\n" not in data and len(data) < 4096:
-        conn.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            chunk = conn.recv(4096)
-        except OSError:
-            return None
-        if not chunk:
-            break
-        data += chunk
-    if not data:
-        return None
-    try:
-        message = json.loads(data.split(b"\n")[0])
-    except ValueError:
-        return False
-    return message if isinstance(message, dict) and message.pop(_HELLO, None) == 1 else False
 
 
 def check_consistent(rank: int, settings: dict) -> None:
@@ -304,8 +171,9 @@ def _lost(rank: int, who: str) -> None:
     os._exit(3)  # skip atexit: jax.distributed's shutdown would wait for the dead peer
 
 
-def watchdog(rank: int, timeout_s: float) -> threading.Timer:
-    """End this process (exit 3) with a clear line if it is still running after `timeout_s`."""
+def watchdog(rank: int, timeout_s: float, *, grace_s: float = 0) -> threading.Timer:
+    """End this process (exit 3) with a clear line if it is still running after `timeout_s`
+    (and `grace_s` more, for a more precise report of the same deadline to come first)."""
 
     def expire():
         print(
@@ -316,7 +184,7 @@ def watchdog(rank: int, timeout_s: float) -> threading.Timer:
         )
         os._exit(3)
 
-    timer = threading.Timer(timeout_s, expire)
+    timer = threading.Timer(timeout_s + grace_s, expire)
     timer.daemon = True
     timer.start()
     return timer
@@ -336,7 +204,9 @@ def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None
     signal), else 1, naming the node. SIGTERM (or Ctrl-C) to the launcher ends every node too.
     """
     if port is not None:
-        _take_port("127.0.0.1", port).close()  # in use: one line now, before any node starts
+        handshake.take_port(
+            "127.0.0.1", port
+        ).close()  # in use: one line now, before any node starts
     coordinator = f"127.0.0.1:{port or free_port()}"
     procs, logs = [], []
 

@@ -316,7 +316,7 @@ def _inner(args) -> argparse.Namespace:
 def _run_node(args):
     inner = _inner(args)
     result_out = cluster.keep_stdout_for_results()  # the runtime's own prints go to stderr
-    timer = cluster.watchdog(args.rank, args.timeout)
+    timer = cluster.watchdog(args.rank, args.timeout, grace_s=2)  # forming reports first
     cluster.initialize(
         args.rank, args.nodes, args.coordinator, bind=args.bind, timeout_s=args.timeout
     )

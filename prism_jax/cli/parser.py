@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import math
 
+from prism_jax import handshake
 from prism_jax.data.tfds_builders import LOCAL
+from prism_jax.errors import PrismError
 from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, Plan
 
 EXIT_USAGE = 2
@@ -52,11 +54,12 @@ def port(text: str) -> int:
 
 def coordinator(text: str) -> str:
     """`HOST:PORT` with the port in [1, 65535] (node 0 listens there)."""
-    host, _, number = text.rpartition(":")
-    if not host or not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= 65535:
+    try:
+        handshake.coordinator_address(text)
+    except PrismError:
         raise argparse.ArgumentTypeError(
             f"HOST:PORT with a port in [1, 65535] expected, got {text!r}"
-        )
+        ) from None
     return text
 
 
