@@ -121,6 +121,10 @@ def hello(address, rank: int, nodes: int, deadline: float, late: str) -> None:
     while time.monotonic() < deadline:
         try:
             conn = socket.create_connection(address, timeout=1)
+        except socket.gaierror:
+            raise PrismError(
+                f"node {rank}: coordinator host {address[0]!r} is not a host name or address"
+            ) from None
         except OSError:  # node 0 not listening yet
             time.sleep(0.2)
             continue

@@ -281,6 +281,8 @@ def test_a_node_at_a_port_that_is_no_node_0_is_refused():
         address = f"127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(pj.PrismError, match="answers, but not as a prism-jax node 0"):
             cluster.initialize(1, 2, address, timeout_s=10)
+    with pytest.raises(pj.PrismError, match="coordinator host 'nohost.invalid' is not a host"):
+        cluster.initialize(1, 2, "nohost.invalid:29500", timeout_s=10)
 
 
 def test_launch_eval_matches_emulated_devices(hf_models, capsys):
