@@ -2,7 +2,10 @@
 
 Each process owns one CPU device; the `"edge"` mesh spans the processes and `pj.infer` runs
 unchanged on it. Failures end in bounded time: forming the cluster has a deadline, a watchdog
-ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead peer.
+ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead peer. Before JAX
+starts, `handshake` checks the port, the address and every node's rank and node count, which
+the runtime would crash on. `pj.infer` and the evaluation run across nodes; generation not yet
+(its decode keeps the last device's shard, which other processes do not hold).
 """
 
 from __future__ import annotations
