@@ -58,7 +58,7 @@ def welcome(server: socket.socket, nodes: int, deadline: float, late: str) -> No
     """Node 0: wait for a hello from every other rank; all agree, or all hear what differs."""
     joined: dict[int, socket.socket] = {}
     try:
-        while len(joined) < nodes - 1:
+        while _drop_dead(joined) < nodes - 1:
             server.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 conn, _ = server.accept()
@@ -69,8 +69,7 @@ def welcome(server: socket.socket, nodes: int, deadline: float, late: str) -> No
             if not (said and all(type(said.get(k)) is int for k in ("rank", "nodes"))):
                 conn.close()  # not a node of ours (a port scanner, a browser)
                 continue
-            if said["rank"] in joined and not _alive(joined[said["rank"]]):
-                joined.pop(said["rank"]).close()  # that node died: this is it, started again
+            _drop_dead(joined)  # a node started again is no second node of its rank
             problem = _disagreement(said, nodes, joined)
             if problem:
                 for c in [*joined.values(), conn]:
@@ -98,6 +97,14 @@ def _disagreement(said: dict, nodes: int, joined: dict) -> str | None:
     if rank in joined:
         return f"two nodes were started with rank {rank}: give each node its own --rank"
     return None
+
+
+def _drop_dead(joined: dict) -> int:
+    """Forget the nodes that died waiting for the answer (they may be started again); returns
+    how many are left."""
+    for rank in [r for r, conn in joined.items() if not _alive(conn)]:
+        joined.pop(rank).close()
+    return len(joined)
 
 
 def _alive(conn: socket.socket) -> bool:
