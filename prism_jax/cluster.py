@@ -2,7 +2,10 @@
 
 Each process owns one CPU device; the `"edge"` mesh spans the processes and `pj.infer` runs
 unchanged on it. Failures end in bounded time: forming the cluster has a deadline, a watchdog
-ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead peer.
+ends a node whose run outlasts its timeout, and JAX's heartbeats notice a dead peer. Before JAX
+starts, `handshake` checks the port, the address and every node's rank and node count, which
+the runtime would crash on. `pj.infer` and the evaluation run across nodes; generation not yet
+(its decode keeps the last device's shard, which other processes do not hold).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from prism_jax import handshake
 from prism_jax.errors import PrismError
 
 # Test hook: a node whose rank is named here kills itself once the cluster has formed.
@@ -34,14 +38,27 @@ def initialize(
 ) -> None:
     """Join (rank 0: host) the cluster of `nodes` processes at `coordinator` (HOST:PORT).
 
-    The coordinator binds to `bind` (loopback unless told otherwise).
+    The coordinator binds to `bind` (loopback unless told otherwise). Before JAX starts, node
+    0 takes the port itself and every other node says hello there with its rank and node
+    count: a port in use, an address that is not this machine's, two nodes with one rank or
+    nodes told different node counts are each one `PrismError` naming the cause (the runtime
+    would crash or wait out the timeout instead).
     """
 
     if nodes < 1 or not 0 <= rank < nodes:
         raise PrismError(f"rank must be in [0, {nodes}), got {rank}")
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise PrismError(f"coordinator must be HOST:PORT, got {coordinator!r}")
+    host, port = handshake.coordinator_address(coordinator)
+    deadline = time.monotonic() + timeout_s
+    late = f"node {rank}: the cluster of {nodes} nodes at {coordinator} did not form within "
+    late += f"{timeout_s:g} s"
+    if rank == 0:
+        try:
+            server = handshake.take_port(bind, port)
+        except PrismError as e:
+            raise PrismError(f"node 0: {e}") from None
+        handshake.welcome(server, nodes, deadline, late)
+    else:
+        handshake.hello((host, port), rank, nodes, deadline, late)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -49,7 +66,7 @@ def initialize(
             num_processes=nodes,
             process_id=rank,
             coordinator_bind_address=f"{bind}:{port}" if rank == 0 else None,
-            initialization_timeout=int(timeout_s),
+            initialization_timeout=max(int(deadline - time.monotonic()), 1),
             heartbeat_timeout_seconds=int(timeout_s),
         )
     except Exception as e:  # noqa: BLE001 - the runtime raises bare XlaRuntimeErrors
@@ -157,8 +174,9 @@ def _lost(rank: int, who: str) -> None:
     os._exit(3)  # skip atexit: jax.distributed's shutdown would wait for the dead peer
 
 
-def watchdog(rank: int, timeout_s: float) -> threading.Timer:
-    """End this process (exit 3) with a clear line if it is still running after `timeout_s`."""
+def watchdog(rank: int, timeout_s: float, *, grace_s: float = 0) -> threading.Timer:
+    """End this process (exit 3) with a clear line if it is still running after `timeout_s`
+    (and `grace_s` more, for a more precise report of the same deadline to come first)."""
 
     def expire():
         print(
@@ -169,7 +187,7 @@ def watchdog(rank: int, timeout_s: float) -> threading.Timer:
         )
         os._exit(3)
 
-    timer = threading.Timer(timeout_s, expire)
+    timer = threading.Timer(timeout_s + grace_s, expire)
     timer.daemon = True
     timer.start()
     return timer
@@ -185,9 +203,13 @@ def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None
     """Start `nodes` local node processes running `command`; rank 0's output is shown.
 
     Returns 0 when every node succeeds; otherwise ends the others and returns the first failed
-    node's exit code where it is a usage error (2) or a lost peer (3), else 1, naming the node.
-    SIGTERM (or Ctrl-C) to the launcher ends every node too.
+    node's exit code where it is a usage error (2) or a lost peer (3: also a node ended by a
+    signal), else 1, naming the node. SIGTERM (or Ctrl-C) to the launcher ends every node too.
     """
+    if port is not None:
+        handshake.take_port(
+            "127.0.0.1", port
+        ).close()  # in use: one line now, before any node starts
     coordinator = f"127.0.0.1:{port or free_port()}"
     procs, logs = [], []
 
@@ -227,17 +249,27 @@ def _wait(procs, logs, timeout_s: float) -> int:
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            rank = min(failed, key=lambda r: (codes[r] != -signal.SIGKILL, r))  # a killed one
-            logs[rank].seek(0)
-            last = [line for line in logs[rank].read().splitlines() if "error" in line.lower()]
-            reason = last[-1] if last else f"exit code {codes[rank]}"
-            print(f"prism-jax launch: error: node {rank} failed: {reason}", file=sys.stderr)
-            return codes[rank] if codes[rank] in (2, 3) else 1
+            rank = min(failed, key=lambda r: (codes[r] > 0, r))  # one killed, if any
+            return _report(rank, codes[rank], logs[rank])
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.05)
     print(f"prism-jax launch: error: no result within {timeout_s:g} s", file=sys.stderr)
     return 1
+
+
+def _report(rank: int, code: int, log) -> int:
+    """One line on the failed node; the launcher's exit code: a node ended by a signal is a
+    lost node (3), a node's usage error (2) or lost peer (3) is passed on, anything else 1."""
+    if code < 0:
+        names = {int(s): s.name for s in signal.Signals}
+        reason = f"lost: ended by signal {names.get(-code, -code)}"
+    else:
+        log.seek(0)
+        last = [line for line in log.read().splitlines() if "error" in line.lower()]
+        reason = last[-1] if last else f"exit code {code}"
+    print(f"prism-jax launch: error: node {rank} failed: {reason}", file=sys.stderr)
+    return 3 if code < 0 else code if code in (2, 3) else 1
 
 
 def _end(procs) -> None:

@@ -232,6 +232,23 @@ CASES = {
     "port 70000": (lambda d: ["launch", "--nodes", "2", "--port", "70000"], "argument --port"),
     "launch nodes 0": (lambda d: ["launch", "--nodes", "0", "--", "infer"], "argument --nodes"),
     "devices 0": (lambda d: _infer(d, "--devices", "0"), "argument --devices"),
+    "coordinator port 0": (lambda d: _node("h:0"), "argument --coordinator"),
+    "coordinator port 70000": (lambda d: _node("h:70000"), "argument --coordinator"),
+    "coordinator without a port": (lambda d: _node("h"), "argument --coordinator"),
+    "coordinator without a host": (lambda d: _node(":29500"), "argument --coordinator"),
+    "launch port in use": (
+        lambda d: ["launch", "--nodes", "2", "--port", str(_busy_port(d)), "--", *_infer(d)],
+        "is already in use",
+    ),
+    "launch generate": (
+        lambda d: [*"launch --nodes 2 -- generate --prompt x --model".split(), str(d["gpt2_lm"])],
+        "generate does not run across nodes yet",
+    ),
+    "launch finetune": (
+        lambda d: ["launch", "--nodes", "2", *_finetune(d)],
+        "finetune does not run across nodes; give the command to run after the options: "
+        "infer ..., cost ... or eval ...",
+    ),
 }
 
 
@@ -496,3 +513,17 @@ def test_numpy_numbers_and_id_lists_are_taken_by_generate(api):
     assert stopped.shape == (2, 3)
     pad = model.generation.get("pad_token_id", int(min(first)))
     assert (stopped[:, 1:] == pad).all()  # both rows ended on their first token
+
+
+def _node(coordinator: str) -> list[str]:
+    return ["node", "--rank", "0", "--nodes", "2", "--coordinator", coordinator]
+
+
+def _busy_port(d) -> int:
+    """A port another program listens on (for as long as the test's `d` lives)."""
+    import socket
+
+    d["busy"] = socket.socket()
+    d["busy"].bind(("127.0.0.1", 0))
+    d["busy"].listen()
+    return d["busy"].getsockname()[1]

@@ -3,15 +3,18 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import cli, cluster
+from prism_jax import cli, cluster, handshake
 from tests.conftest import ATOL_MODEL, FAST_COMPILE
 
 TEXT = "the tea was good and the food was very good but the box was bad again"
@@ -103,9 +106,11 @@ def test_node_that_never_starts(hf_models):
     procs = _nodes(hf_models("gpt2_lm")[1], 3, [0, 1], timeout=10)  # rank 2 never comes
     errors = [p.communicate(timeout=90)[1] for p in procs]
     assert time.monotonic() - start < 60
-    for p, err in zip(procs, errors, strict=True):
-        assert p.returncode != 0
-        assert "did not form within 10 s" in err or "no result within 10 s" in err, err[-500:]
+    for rank, cause in enumerate(["no word from node 2", "node 0 still waits for other nodes"]):
+        assert procs[rank].returncode == 2, errors[rank][-500:]
+        [line] = errors[rank].strip().splitlines()
+        assert line.startswith(f"prism-jax node: error: node {rank}: the cluster of 3 nodes at ")
+        assert line.endswith(f" did not form within 10 s ({cause})")
 
 
 def test_node_killed_mid_run(hf_models):
@@ -167,8 +172,10 @@ def test_launch_reports_the_failed_node(hf_models, capsys):
     done = _launch(
         2, 20, "infer", "--model", directory, "--text", TEXT, **{cluster.DIE_AFTER_JOIN: "1"}
     )
-    assert done.returncode == 1
-    assert "node 1 failed" in done.stderr
+    assert done.returncode == 3  # a lost node, as a survivor reports it
+    assert done.stderr.strip().splitlines() == [
+        "prism-jax launch: error: node 1 failed: lost: ended by signal SIGKILL"
+    ]
 
 
 def test_inconsistent_arguments_are_named(hf_models):
@@ -180,7 +187,7 @@ def test_inconsistent_arguments_are_named(hf_models):
 
 def test_node_usage_errors(capsys, hf_models):
     assert cli.main(["launch", "--nodes", "2", "--", "demo"]) == 2
-    assert "infer ... or cost" in capsys.readouterr().err
+    assert "demo does not run across nodes" in capsys.readouterr().err
     directory = str(hf_models("bert")[1])
     assert (
         cli.main(
@@ -200,3 +207,105 @@ def test_node_usage_errors(capsys, hf_models):
         == 2
     )
     assert "--devices 3 differs from --nodes 2" in capsys.readouterr().err
+
+
+def _node(directory, rank, nodes, port, *options, timeout=20):
+    """One `prism-jax node` running a small `infer`, its stderr piped."""
+    argv = [sys.executable, "-m", "prism_jax.cli", "node", "--rank", str(rank), "--nodes",
+            str(nodes), "--coordinator", f"127.0.0.1:{port}", "--timeout", str(timeout),
+            *options, "infer", "--model", str(directory), "--text", TEXT]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+
+
+def _one_line(proc) -> str:
+    """The node's only line on stderr; it ended with exit code 2 (before JAX started)."""
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 2, err[-2000:]
+    [line] = err.strip().splitlines()
+    return line
+
+
+def test_coordinator_port_in_use_is_one_line(hf_models):
+    """The runtime crashed (SIGSEGV) on a taken port; node 0 now takes it first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _one_line(_node(hf_models("gpt2_lm")[1], 0, 2, port))
+    assert line == (
+        f"prism-jax node: error: node 0: port {port} on 127.0.0.1 is already in use (by "
+        "another program, or another node started with rank 0)"
+    )
+
+
+def test_bind_address_of_another_machine_is_one_line(hf_models):
+    node = _node(hf_models("gpt2_lm")[1], 0, 2, cluster.free_port(), "--bind", "192.0.2.1")
+    assert _one_line(node) == (
+        "prism-jax node: error: node 0: bind address 192.0.2.1 is not an address of this machine"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ranks", "nodes", "cause"),
+    [
+        ([0, 1], [2, 3], "node 1 was started with 3 nodes, node 0 with 2: give every node the "
+                         "same --nodes"),
+        ([0, 1, 1], [3, 3, 3], "two nodes were started with rank 1: give each node its own "
+                               "--rank"),
+    ],
+)  # fmt: skip
+def test_nodes_that_disagree_name_the_cause(ranks, nodes, cause, hf_models):
+    """Mismatched --nodes aborted one node and blamed a lost peer on the other; one rank
+    twice crashed. The handshake before JAX starts tells every node the cause."""
+    port = cluster.free_port()
+    directory = hf_models("gpt2_lm")[1]
+    procs = [_node(directory, r, n, port) for r, n in zip(ranks, nodes, strict=True)]
+    for rank, proc in zip(ranks, procs, strict=True):
+        assert _one_line(proc) == f"prism-jax node: error: node {rank}: {cause}"
+
+
+def test_a_node_at_a_port_that_is_no_node_0_is_refused():
+    """A node arriving at a cluster that formed without it (the runtime's server answers)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer():
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x12\x04 not a handshake\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(pj.PrismError, match="answers, but not as a prism-jax node 0"):
+            cluster.initialize(1, 2, address, timeout_s=10)
+    with pytest.raises(pj.PrismError, match="coordinator host 'nohost.invalid' is not a host"):
+        cluster.initialize(1, 2, "nohost.invalid:29500", timeout_s=10)
+
+
+def test_launch_eval_matches_emulated_devices(hf_models, capsys):
+    argv = ["eval", "--model", str(hf_models("bert_cls")[1]), "--limit", "4",
+            "--max-length", "12", "--cr", "4", "--json"]  # fmt: skip
+    done = _launch(2, 90, *argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main([*argv, "--devices", "2"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert json.loads(done.stdout) == want
+    assert [row["cr"] for row in want["rows"]] == [4] and want["devices"] == 2
+
+
+def test_handshake_takes_a_node_started_again():
+    """A node that died during the hello and was started again is no second node of its rank."""
+    server = handshake.take_port("127.0.0.1", 0)
+    address = server.getsockname()[:2]
+    deadline = time.monotonic() + 20
+    with ThreadPoolExecutor(3) as pool:
+        formed = pool.submit(handshake.welcome, server, 3, deadline, "late")
+        with socket.create_connection(address) as dead:
+            dead.sendall(b'{"prism_jax_node": 1, "rank": 1, "nodes": 3}\n')
+            time.sleep(0.2)  # it dies waiting for the answer
+        joined = [pool.submit(handshake.hello, address, r, 3, deadline, "late") for r in (1, 2)]
+        for done in [*joined, formed]:
+            assert done.result(timeout=30) is None

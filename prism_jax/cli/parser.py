@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import math
 
+from prism_jax import handshake
 from prism_jax.data.tfds_builders import LOCAL
+from prism_jax.errors import PrismError
 from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, Plan
 
 EXIT_USAGE = 2
@@ -48,6 +50,17 @@ def probability(text: str) -> float:
 
 def port(text: str) -> int:
     return _number(int, text, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
+
+
+def coordinator(text: str) -> str:
+    """`HOST:PORT` with the port in [1, 65535] (node 0 listens there)."""
+    try:
+        handshake.coordinator_address(text)
+    except PrismError:
+        raise argparse.ArgumentTypeError(
+            f"HOST:PORT with a port in [1, 65535] expected, got {text!r}"
+        ) from None
+    return text
 
 
 def compression_rates(text: str) -> list[int]:
@@ -304,13 +317,13 @@ def _cluster(sub, name: str, text: str) -> None:
     p = sub.add_parser(
         name,
         help=text,
-        description=text + ". The command after the "
-        "options (infer or cost with their arguments) runs on the mesh that "
-        "spans the nodes; --devices is set to the number of nodes.",
+        description=text + ". The command after the options (infer, cost or eval with "
+        "their arguments) runs on the mesh that spans the nodes; --devices is set to the number "
+        "of nodes. generate runs on one machine only (prism-jax generate --devices N).",
     )
     if name == "node":
         p.add_argument("--rank", type=nonnegative_int, required=True, help="this node's index")
-        p.add_argument("--coordinator", required=True, help="HOST:PORT of node 0")
+        p.add_argument("--coordinator", type=coordinator, required=True, help="HOST:PORT of node 0")
         p.add_argument(
             "--bind",
             default="127.0.0.1",
@@ -329,7 +342,10 @@ def _cluster(sub, name: str, text: str) -> None:
         "form and the command to finish before every node gives up (default 120)",
     )
     p.add_argument(
-        "rest", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="infer ... | cost ..."
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND ...",
+        help="infer ... | cost ... | eval ...",
     )
     p.set_defaults(json=False)
 
