@@ -68,26 +68,51 @@ def kmeans(keys: jax.Array, groups: jax.Array, count: int, iters: int) -> jax.Ar
     return lax.fori_loop(0, iters, step, groups)
 
 
-def assign(plan: Plan, valid: jax.Array, keys: jax.Array | None, local_len: int):
+def assign(
+    plan: Plan,
+    valid: jax.Array,
+    keys: jax.Array | None,
+    local_len: int,
+    sink: jax.Array | None = None,
+) -> jax.Array:
     """Which of the V = ceil(L / CR) groups each local token joins: `[B, L]` group ids, -1
-    for padding. `segments` (the paper): fixed runs of CR positions. Otherwise DESIGN.md
-    section 1b: salient tokens take groups 0..s-1 (one each), the rest V - s balanced groups
-    (then k-means when asked); with V = 1 the device sends its one mean."""
+    for padding. `segments` (the paper): fixed runs of CR positions. Otherwise, per row
+    (DESIGN.md sections 1b and 1c): the device's sink tokens (`sink` `[B, L]`, the row's
+    first `plan.sink` valid tokens that it holds), at most V - 1 of them, earliest first, are
+    groups of one; with V' groups left, the farthest token from the rest's mean key is one
+    more when `plan.salient` and V' >= 2; the others fill the remaining groups balanced
+    (then k-means). With V = 1 the device sends its one mean.
+
+    Group ids: exact tokens first (sink, then salient, in position order), then the rest's
+    groups in balanced order; ids past a row's groups stay empty.
+    """
     v = plan.segments(local_len)
     if plan.grouping == "segments":
         return jnp.where(valid, jnp.arange(local_len) // min(plan.cr, local_len), -1)
-    s = min(plan.salient, v - 1)
-    rest = valid
     ids = jnp.full(valid.shape, -1, jnp.int32)
-    if s:
-        chosen = salient(keys, valid, s)
-        order = jnp.cumsum(chosen, axis=1, dtype=jnp.int32) - 1  # 0..s-1 by position
-        ids = jnp.where(chosen, order, ids)
-        rest = valid & ~chosen
-    groups = balanced(rest, v - s)
+    exact = jnp.zeros((valid.shape[0], 1), jnp.int32)  # [B, 1] groups of one so far
+    rest = valid
+    if sink is not None:
+        order = jnp.cumsum(sink, axis=1, dtype=jnp.int32) - 1  # rank among the sink tokens
+        sent = sink & valid & (order < v - 1)
+        ids = jnp.where(sent, order, ids)
+        exact = sent.sum(1, keepdims=True, dtype=jnp.int32)
+        rest = rest & ~sent
+    if plan.salient:
+        chosen = salient(keys, rest, 1) & (v - exact >= 2)  # only when V' >= 2 groups are left
+        ids = jnp.where(chosen, exact, ids)
+        exact = exact + chosen.sum(1, keepdims=True, dtype=jnp.int32)
+        rest = rest & ~chosen
+    groups = balanced(rest, v - exact)
     if plan.grouping == "kmeans":
-        groups = kmeans(keys, groups, v - s, plan.kmeans_iters)
-    return jnp.where(groups >= 0, groups + s, ids)
+        groups = kmeans(keys, groups, v, plan.kmeans_iters)
+    return jnp.where(groups >= 0, groups + exact, ids)
+
+
+def sink_tokens(valid_all: jax.Array, count: int) -> jax.Array:
+    """`[B, T]` bool: the first `count` valid tokens of each row (DESIGN.md section 1c)."""
+    rank = jnp.cumsum(valid_all, axis=1, dtype=jnp.int32) - 1
+    return valid_all & (rank < count)
 
 
 def group_means(

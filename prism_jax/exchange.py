@@ -3,7 +3,7 @@
 The one place that decides what a device sends, as one pipeline per layer (`share`):
 
 1. groups: each local token is assigned to a group (`compress.assign`: the paper's segments,
-   balanced runs, k-means, salient tokens; voltage: every token alone);
+   balanced runs, k-means, salient and sink tokens; voltage: every token alone);
 2. payload: each group becomes a row of means, its count and extra statistics
    (`compress.group_means`);
 3. wire: the rows are encoded for the wire (`encode`; float32 in the activations' dtype,
@@ -176,7 +176,11 @@ def share(ex: Exchange, local: Local, x: jax.Array, *, keys=None, inputs=None, p
         return Remote(rows, _with_remote(ex, local, local_mask, seen, source), None, None)
     plan = ex.plan
     v = plan.segments(l)
-    groups = compress.assign(plan, local.valid, keys, l)
+    sink = None
+    if plan.sink:
+        every = compress.sink_tokens(local.valid_all, plan.sink)
+        sink = lax.dynamic_slice_in_dim(every, local.device * l, l, axis=1)
+    groups = compress.assign(plan, local.valid, keys, l, sink)
     tilt = plan.value_tilt
     means, counts, stats = compress.group_means(
         x, groups, v, inputs=inputs if tilt else None, positions=positions if tilt else None

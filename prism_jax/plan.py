@@ -20,7 +20,7 @@ GROUPINGS = ("segments", "balanced", "kmeans")
 
 
 # The fields that say how a device compresses what it sends (prism only).
-COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt")
+COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt", "sink")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -47,6 +47,9 @@ class Plan:
         group, out of the same V (when V >= 2); 0: none. Not with `segments`.
       value_tilt: each group also sends its spread, and the receiver tilts the group's
         value toward the query to first order (hidden exchange).
+      sink: the first `sink` valid tokens of each row (the attention sink of a language
+        model) travel exactly, each a group of one, out of the V groups of the device that
+        holds them (at most V - 1 of them: DESIGN.md section 1c). Not with `segments`.
     """
 
     strategy: str = "prism"
@@ -57,13 +60,19 @@ class Plan:
     kmeans_iters: int = 10
     salient: int = 0
     value_tilt: bool = False
+    sink: int = 0
 
     def __post_init__(self):
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("logit_bias", self.logit_bias, LOGIT_BIASES)
         _choice("exchange", self.exchange, EXCHANGES)
         _choice("grouping", self.grouping, GROUPINGS)
-        for name, low, high in (("cr", 1, None), ("kmeans_iters", 1, 1000), ("salient", 0, 1)):
+        for name, low, high in (
+            ("cr", 1, None),
+            ("kmeans_iters", 1, 1000),
+            ("salient", 0, 1),
+            ("sink", 0, 2**20),
+        ):
             value = as_int(getattr(self, name))
             if value is None or value < low or (high is not None and value > high):
                 within = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -72,11 +81,12 @@ class Plan:
             object.__setattr__(self, name, value)  # a NumPy integer becomes a plain, hashable int
         if not isinstance(self.value_tilt, bool):
             raise PrismError(f"value_tilt must be True or False, got {self.value_tilt!r}")
-        if self.grouping == "segments" and self.salient:
-            raise PrismError(
-                "grouping='segments' (the paper's fixed runs of CR positions) has no room for a "
-                "salient token: use grouping='balanced' or 'kmeans' with salient"
-            )
+        for name in ("salient", "sink"):
+            if self.grouping == "segments" and getattr(self, name):
+                raise PrismError(
+                    f"grouping='segments' (the paper's fixed runs of CR positions) has no room "
+                    f"for exact tokens: use grouping='balanced' or 'kmeans' with {name}"
+                )
         if self.strategy != "prism":  # nothing is compressed: compressor settings would not apply
             changed = [
                 f.name
@@ -98,7 +108,7 @@ class Plan:
     @property
     def paper(self) -> bool:
         """Whether what a device sends is the paper's: fixed segments, nothing more."""
-        return self.grouping == "segments" and not self.salient and not self.value_tilt
+        return self.grouping == "segments" and not self.value_tilt
 
     def for_model(self, cfg) -> Plan:
         """This plan with `exchange` resolved for `cfg` (a `configs.ModelConfig`): rotary

@@ -167,14 +167,19 @@ def _attend(q, keys, values, visible, bias, heads, kv_heads, stats=None, layer=N
 
 
 def _groups(block, valid, keys, cr, compressor):
-    """Positions of each group one device sends (DESIGN.md section 1 step 2, section 1b)."""
+    """Positions of each group one device sends (DESIGN.md section 1 step 2, sections 1b and
+    1c: the row's first `sink` valid tokens that the device holds, at most V - 1, go alone;
+    the rest are grouped as 1b states for the V - e groups left)."""
     size = block.stop - block.start
     v = math.ceil(size / cr)
     if not compressor or compressor["paper_positions"]:
         return [
             np.arange(block.start + s * cr, block.start + min((s + 1) * cr, size)) for s in range(v)
         ]
-    idx = [j for j in range(block.start, block.stop) if valid[j]]
+    first = [j for j in range(len(valid)) if valid[j]][: compressor.get("sink", 0)]
+    sink = [j for j in first if block.start <= j < block.stop][: v - 1]
+    idx = [j for j in range(block.start, block.stop) if valid[j] and j not in sink]
+    v -= len(sink)
     chosen = []
     salient = min(compressor["salient"], v - 1)
     if salient and idx:
@@ -194,7 +199,7 @@ def _groups(block, valid, keys, cr, compressor):
             dist = {g: ((keys[j] - c) ** 2).sum() for g, c in centroids.items()}
             new[min(dist, key=lambda g: (dist[g], g))].append(j)
         groups = new
-    return [np.array([j]) for j in chosen] + [np.array(m, int) for m in groups]
+    return [np.array([j]) for j in sink + chosen] + [np.array(m, int) for m in groups]
 
 
 def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extra=None):
@@ -313,6 +318,7 @@ def forward(
     salient=0,
     kmeans_iters=10,
     value_tilt=False,
+    sink=0,
 ):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
@@ -321,7 +327,8 @@ def forward(
       logit_bias and exchange as in `pj.Plan` (exchange None: kv for Llama, else hidden).
       last_extra: the last `last_extra` tokens of the batch are appended to the last
         device's block (generation: tokens decoded after a prefill of the others).
-      grouping, salient, kmeans_iters, value_tilt: the compressor of DESIGN.md section 1b.
+      grouping, salient, kmeans_iters, value_tilt: the compressor of DESIGN.md section 1b;
+        sink: the sink tokens sent exactly (section 1c).
     """
     family = cfg.model_type
     exchange = exchange or ("kv" if family == "llama" else "hidden")
@@ -343,7 +350,7 @@ def forward(
     pos = np.pad(pos, ((0, 0), (0, n * l + last_extra - t)))
     compressor = dict(
         grouping=grouping, salient=salient, kmeans_iters=kmeans_iters, value_tilt=value_tilt,
-        paper_positions=grouping == "segments" and not salient,
+        sink=sink, paper_positions=grouping == "segments" and not salient and not sink,
     )  # fmt: skip
     plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange,
                 compressor=compressor)  # fmt: skip

@@ -477,7 +477,7 @@ API_CASES = {
     ),
     "segments with a salient token": (
         lambda m, b: pj.Plan(salient=1),
-        "grouping='segments' .* no room for a salient token",
+        "grouping='segments' .* no room for exact tokens",
     ),
 }
 

@@ -9,7 +9,7 @@ import prism_jax as pj
 from prism_jax import attention, cli, compress, cost, partition
 from prism_jax.errors import PrismError
 from tests import reference, tiny
-from tests.conftest import ATOL_LAYER
+from tests.conftest import ATOL_LAYER, ATOL_MODEL
 
 
 def test_balanced_groups_cover_valid_tokens_evenly():
@@ -64,6 +64,41 @@ def test_compressor_matches_numpy_reference(name, n, kw, hf_models, rng):
     _matches_reference(name, n, kw, hf_models, rng)
 
 
+SINK_CASES = [  # DESIGN.md 1c; 17 tokens: L = 9 (N = 2), 6 (N = 3), 5 (N = 4)
+    ("llama_lm", 2, dict(cr=4, grouping="balanced", sink=2), None),
+    ("llama_lm", 3, dict(cr=3, grouping="kmeans", salient=1, sink=3, value_tilt=True), None),
+    ("gpt2_lm", 4, dict(cr=2, grouping="balanced", sink=8), None),  # past a device: spans two
+    ("gpt2_lm", 3, dict(cr=2, grouping="kmeans", salient=1, sink=4), "left"),  # on a later device
+    ("llama_lm", 4, dict(cr=5, grouping="balanced", sink=3), "left, V = 1"),  # one mean
+    ("bert_cls", 2, dict(cr=3, grouping="kmeans", sink=1, exchange="kv"), None),
+    ("vit_cls", 3, dict(cr=4, grouping="balanced", salient=1, sink=2), None),
+]
+
+
+@pytest.mark.parametrize(("name", "n", "kw", "padding"), SINK_CASES)
+def test_sink_matches_numpy_reference(name, n, kw, padding, hf_models, rng):
+    left = padding is not None and padding.startswith("left")
+    one = padding is not None and padding.endswith("V = 1")  # no room: the paper's one mean
+    _matches_reference(name, n, kw, hf_models, rng, left=left, changes=not one)
+
+
+def test_sink_at_cr1_is_exact_and_zero_is_the_plain_plan(hf_models, rng):
+    model = pj.load_pretrained(hf_models("llama_lm")[1])
+    batch = tiny.random_batch("llama_lm", rng, tokens=11)
+    exact = pj.infer(model, batch)["logits"]
+    for sink in (1, 3, 20):
+        plan = pj.Plan(cr=1, grouping="kmeans", salient=1, sink=sink)
+        got = pj.infer(model, batch, mesh=pj.edge_mesh(3), plan=plan)["logits"]
+        np.testing.assert_allclose(got, exact, atol=ATOL_MODEL)
+    plain = pj.Plan(cr=3, grouping="balanced")
+    np.testing.assert_array_equal(
+        pj.infer(model, batch, mesh=pj.edge_mesh(2), plan=plain)["logits"],
+        pj.infer(
+            model, batch, mesh=pj.edge_mesh(2), plan=pj.Plan(cr=3, grouping="balanced", sink=0)
+        )["logits"],
+    )
+
+
 @pytest.mark.parametrize(("name", "n", "kw"), [c for c in CASES if c[2].get("value_tilt")])
 def test_tilt_through_the_tiled_core_matches_numpy_reference(
     name, n, kw, hf_models, rng, monkeypatch
@@ -78,17 +113,22 @@ def test_tilt_through_the_tiled_core_matches_numpy_reference(
         partition.program.cache_clear()
 
 
-def _matches_reference(name, n, kw, hf_models, rng):
+def _matches_reference(name, n, kw, hf_models, rng, *, left=False, changes=True):
     torch_model, directory = hf_models(name)
     model = pj.load_pretrained(directory)
     batch = tiny.random_batch(name, rng, tokens=17)
+    if left:  # left-padded rows: the first valid tokens sit on a later device
+        mask = batch["attention_mask"]
+        batch["attention_mask"] = mask[:, ::-1].copy()
+        batch["position_ids"] = np.maximum(np.cumsum(batch["attention_mask"], 1) - 1, 0)
     plan = pj.Plan(**kw)
     out = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=plan)["last_hidden_state"]
     want = reference.forward(torch_model.config, directory, batch, n=n, **kw)["last_hidden_state"]
     valid = batch["attention_mask"].astype(bool) if "attention_mask" in batch else ...
     np.testing.assert_allclose(out[valid], want[valid], atol=ATOL_LAYER * model.config.depth)
     paper = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=kw["cr"]))
-    assert np.abs(out - paper["last_hidden_state"])[valid].max() > 1e-3  # it changes something
+    moved = np.abs(out - paper["last_hidden_state"])[valid].max()
+    assert moved > 1e-3 if changes else moved < ATOL_LAYER * model.config.depth
 
 
 @pytest.mark.parametrize("name", ["bert_cls", "gpt2_lm"])
@@ -143,7 +183,8 @@ def test_bad_compressor_settings_are_named(hf_models, rng, capsys):
         (dict(grouping="random"), "unknown grouping"),
         (dict(salient=-1), r"salient must be an integer in \[0, 1\]"),
         (dict(grouping="balanced", salient=100), r"salient must be an integer in \[0, 1\]"),
-        (dict(salient=1), "grouping='segments' .* has no room for a salient token"),
+        (dict(salient=1), "grouping='segments' .* has no room for exact tokens.* salient"),
+        (dict(sink=2), "grouping='segments' .* has no room for exact tokens.* sink"),
         (dict(kmeans_iters=0), r"kmeans_iters must be an integer in \[1, 1000\]"),
         (dict(kmeans_iters=2**31), r"kmeans_iters must be an integer in \[1, 1000\]"),
         (dict(value_tilt="yes"), "value_tilt must be True or False"),
@@ -193,3 +234,13 @@ def test_devices_without_valid_tokens_and_a_single_group(cr, hf_models, rng):
     np.testing.assert_allclose(
         out, want["last_hidden_state"], atol=ATOL_LAYER * model.config.depth, rtol=0
     )
+
+
+def test_sink_on_the_command_line(hf_models, capsys):
+    directory = str(hf_models("gpt2_lm")[1])
+    base = ["infer", "--model", directory, "--devices", "2", "--cr", "4", "--text", "good tea"]
+    assert cli.main([*base, "--grouping", "balanced", "--sink", "2", "--json"]) == 0
+    assert '"sink": 2' in capsys.readouterr().out
+    assert cli.main([*base, "--sink", "2"]) == 2  # the paper's segments have no room for it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no room for exact tokens" in err

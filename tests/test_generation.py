@@ -58,6 +58,9 @@ BEST = dict(grouping="kmeans", salient=1, value_tilt=True)  # Plan.best: the til
         ("gpt2_lm", 2, 3, {}),
         ("llama_lm", 2, 3, BEST),
         ("gpt2_lm", 2, 4, BEST),
+        # the sink (DESIGN.md 1c): left-padded rows hold it on a later device
+        ("llama_lm", 3, 3, dict(grouping="balanced", sink=2)),
+        ("gpt2_lm", 2, 4, dict(BEST, sink=3)),
     ],
 )
 def test_cached_decode_equals_recomputing_with_tokens_on_the_last_device(

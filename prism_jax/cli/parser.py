@@ -104,7 +104,7 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
         help="what travels: attention-input means (hidden) or key/value means (kv); auto: "
         "the cheaper exact one, kv for rotary models",
     )
-    c = p.add_argument_group("compressor (DESIGN.md section 1b; default: the paper's segments)")
+    c = p.add_argument_group("compressor (DESIGN.md 1b, 1c; default: the paper's segments)")
     c.add_argument(
         "--compressor",
         default="paper",
@@ -113,7 +113,17 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
     )
     c.add_argument("--grouping", default=None, choices=GROUPINGS, help="how tokens are grouped")
     c.add_argument(
-        "--salient", type=nonnegative_int, default=None, help="tokens per device sent exactly"
+        "--salient",
+        type=nonnegative_int,
+        default=None,
+        help="0 or 1: a token per device sent exactly",
+    )
+    c.add_argument(
+        "--sink",
+        type=nonnegative_int,
+        default=None,
+        help="the first S valid tokens of each row sent exactly (a language model's attention "
+        "sink), out of the groups of the device that holds them",
     )
     c.add_argument("--kmeans-iters", type=positive_int, default=None, help="k-means iterations")
     c.add_argument(
@@ -371,7 +381,7 @@ def plan_of(args, cr: int | None = None) -> Plan:
     starts from `Plan.best`, and the single compressor flags override it."""
     chosen = {
         k: getattr(args, k)
-        for k in ("grouping", "salient", "kmeans_iters")
+        for k in ("grouping", "salient", "kmeans_iters", "sink")
         if getattr(args, k) is not None
     }
     if args.value_tilt:
