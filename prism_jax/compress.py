@@ -122,6 +122,7 @@ def group_means(
     *,
     inputs: jax.Array | None = None,
     positions: jax.Array | None = None,
+    dtype=None,
 ):
     """Means of `x` over each group, the groups' token counts and, given the attention
     `inputs` `[B, L, D]`, the statistics of the value tilt (DESIGN.md section 1b.4): each
@@ -129,7 +130,8 @@ def group_means(
     tokens' `positions` `[B|1, L]` (rotary keys), the mean position and its variance.
 
     Returns:
-      means `[B, V, W]` in `x.dtype` (zero for an empty group), counts `[B, V]` int32, and
+      means `[B, V, W]` in `dtype` (default `x.dtype`; zero for an empty group), counts
+      `[B, V]` int32, and
       tilt statistics `[B, V, 1 | 3]` float32 (s2 [, mean position, position variance]),
       zero for an empty group, or None without `inputs`.
     """
@@ -148,7 +150,7 @@ def group_means(
         sums = jax.ops.segment_sum(flat, buckets.reshape(-1), num_segments=b * count + 1)
         return sums[:-1].reshape(b, count, -1) / per
 
-    means = mean_of(x).astype(x.dtype)
+    means = mean_of(x).astype(x.dtype if dtype is None else dtype)
     if inputs is None:
         return means, counts, None
     a = inputs.astype(jnp.float32)

@@ -44,12 +44,11 @@ def bytes_closed_form(
     batch: int = 1,
     dtype_bytes: int = 4,
 ) -> int:
-    """Bytes one device sends per inference: per layer B*L*W*bytes (voltage) or
-    B*S*(W*bytes + 4) (prism: means, plus each count as an exact int32, which is W+1 values in
-    float32), times the depth, with W = D (hidden exchange) or 2*H_kv*K (kv exchange, DESIGN.md
-    section 1a); with the value tilt 4 more bytes a group for each float32 statistic
-    (`tilt_stats`: its spread, and a rotary group's position mean and variance, section 1b);
-    nothing for `single` or a single device."""
+    """Bytes one device sends per inference: per layer B*L*W*`dtype_bytes` (voltage: the
+    activations as computed) or B*S*`group_bytes` (prism: per group the means on the plan's
+    wire, int8's scales, the count and the tilt's statistics), times the depth, with W = D
+    (hidden exchange) or 2*H_kv*K (kv exchange, DESIGN.md section 1a); nothing for `single`
+    or a single device."""
     checks.instance("plan", plan, Plan, "a prism_jax.Plan")
     devices = checks.integer("devices", devices, 1)
     seq_len = checks.integer("seq_len", seq_len, 1)
@@ -61,8 +60,21 @@ def bytes_closed_form(
     w = exchange_width(cfg, plan)
     if plan.strategy == "voltage":
         return cfg.depth * batch * l * w * dtype_bytes
-    words = 1 + tilt_stats(cfg, plan)  # 4-byte words a group: its count, the tilt's stats
-    return cfg.depth * batch * plan.segments(l) * (w * dtype_bytes + 4 * words)
+    return cfg.depth * batch * plan.segments(l) * group_bytes(cfg, plan)
+
+
+WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}
+
+
+def group_bytes(cfg: ModelConfig, plan: Plan) -> int:
+    """Bytes one group sends under prism (DESIGN.md sections 1d and 3): its W means at the
+    wire's width, with int8 a float32 scale per vector (one for hidden, 2*H_kv for kv), its
+    count (int32) and its tilt statistics (float32 each, `tilt_stats`)."""
+    w = exchange_width(cfg, plan)
+    words = 1 + tilt_stats(cfg, plan)  # 4-byte words: the count, the tilt's statistics
+    if plan.wire == "int8":
+        words += 1 if plan.for_model(cfg).exchange == "hidden" else 2 * cfg.kv_heads
+    return w * WIRE_BYTES[plan.wire] + 4 * words
 
 
 def tilt_stats(cfg: ModelConfig, plan: Plan) -> int:

@@ -6,9 +6,9 @@ The one place that decides what a device sends, as one pipeline per layer (`shar
    balanced runs, k-means, salient and sink tokens; voltage: every token alone);
 2. payload: each group becomes a row of means, its count and extra statistics
    (`compress.group_means`);
-3. wire: the rows are encoded for the wire (`encode`; float32 in the activations' dtype,
-   counts and statistics bit-cast beside them), gathered over the mesh axis (the layer's only
-   collective) and decoded;
+3. wire: the rows are encoded for the wire (`encode`: float32, bfloat16 or int8 with a scale
+   per vector, DESIGN.md 1d; counts and statistics as exact 4-byte words beside them),
+   gathered over the mesh axis (the layer's only collective) and decoded;
 4. remote rows: the other N-1 devices' rows, with the mask, logit bias and tilt statistics
    that go with them.
 
@@ -107,29 +107,70 @@ def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, j
 
 # --- the wire ------------------------------------------------------------------------------
 
+WIRE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8}
 
-def encode(means: jax.Array, counts: jax.Array, stats: jax.Array | None = None) -> jax.Array:
+
+def quantize(x: jax.Array, vectors: int) -> tuple[jax.Array, jax.Array]:
+    """The int8 wire (DESIGN.md 1d): `[..., W]` float32 cut into `vectors` equal vectors, each
+    sent as q = round(x / s) clipped to [-127, 127] (half to even) with s = max|x| / 127 (1 for
+    a zero vector) -> (q `[..., W]` int8, s `[..., vectors]` float32). A vector whose s would
+    be subnormal (max|x| < 127 * 1.2e-38) travels as a zero vector: XLA:CPU flushes
+    subnormals to zero, and x / 0 is no code."""
+    blocks = x.reshape(*x.shape[:-1], vectors, -1).astype(jnp.float32)
+    scale = jnp.abs(blocks).max(-1, keepdims=True) / 127
+    scale = jnp.where(scale >= jnp.finfo(jnp.float32).tiny, scale, 1.0)
+    q = jnp.clip(jnp.round(blocks / scale), -127, 127).astype(jnp.int8)
+    return q.reshape(x.shape), scale[..., 0]
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Inverse of `quantize` as the receiver computes it: q * s, float32."""
+    vectors = scale.shape[-1]
+    blocks = q.reshape(*q.shape[:-1], vectors, -1).astype(jnp.float32) * scale[..., None]
+    return blocks.reshape(q.shape)
+
+
+def _as_words(x: jax.Array, dtype) -> jax.Array:
+    """`[..., n]` 4-byte values (int32 or float32) bit-cast to `[..., n * 4 / itemsize]` of
+    `dtype`: they travel exact whatever the wire."""
+    bits = lax.bitcast_convert_type(x, dtype)  # [..., n] (4-byte dtype) or [..., n, 4 / size]
+    return bits.reshape(*x.shape[:-1], -1)
+
+
+def _from_words(bits: jax.Array, kind) -> jax.Array:
+    """Inverse of `_as_words`: `[..., n * 4 / itemsize]` -> `[..., n]` of `kind`."""
+    per_word = 4 // bits.dtype.itemsize
+    if per_word == 1:
+        return lax.bitcast_convert_type(bits, kind)
+    return lax.bitcast_convert_type(bits.reshape(*bits.shape[:-1], -1, per_word), kind)
+
+
+def encode(means, counts, stats=None, *, wire: str = "f32", vectors: int = 1) -> jax.Array:
     """`[B, V, W]` means, int32 counts `[B, V]` and optional float32 `stats` `[B, V, k]` ->
-    one `[B, V, W + (1 + k)*w]` row per group in the means' dtype: the counts and stats
-    bit-cast into 4-byte words (w = 4 / itemsize columns each), so that one collective carries
-    them all and they arrive exact whatever the dtype (bf16 holds integers exactly only to
-    256)."""
-    words = counts[..., None]
+    one row per group in the wire's dtype, so that one collective carries it all: the means
+    (float32, bfloat16, or int8 with a float32 scale for each of their `vectors`), then the
+    scales, the count and the stats as exact 4-byte words."""
+    dtype = WIRE_DTYPES[wire]
+    words = [counts[..., None].astype(jnp.int32)]
     if stats is not None:
-        words = jnp.concatenate([words, lax.bitcast_convert_type(stats, jnp.int32)], axis=-1)
-    bits = lax.bitcast_convert_type(words, means.dtype)  # [B, V, 1+k] (4 bytes) or [..., 2]
-    return jnp.concatenate([means, bits.reshape(*words.shape[:-1], -1)], axis=-1)
+        words.append(lax.bitcast_convert_type(stats.astype(jnp.float32), jnp.int32))
+    if wire == "int8":
+        means, scales = quantize(means, vectors)
+        words.insert(0, lax.bitcast_convert_type(scales, jnp.int32))
+    parts = [means.astype(dtype), _as_words(jnp.concatenate(words, axis=-1), dtype)]
+    return jnp.concatenate(parts, axis=-1)
 
 
-def decode(rows: jax.Array, width: int):
-    """Inverse of `encode`: (means `[..., W]`, int32 counts `[...]`, float32 stats `[..., k]`
-    or None when none were sent)."""
-    per_word = 4 // rows.dtype.itemsize
-    bits = rows[..., width:]
-    bits = bits.reshape(*bits.shape[:-1], -1, per_word)
-    words = lax.bitcast_convert_type(bits if per_word > 1 else bits[..., 0], jnp.int32)
+def decode(rows: jax.Array, width: int, *, vectors: int = 1):
+    """Inverse of `encode` (the wire read from the rows' dtype): (means `[..., W]` float32,
+    int32 counts `[...]`, float32 stats `[..., k]` or None when none were sent)."""
+    words = _from_words(rows[..., width:], jnp.int32)
+    means = rows[..., :width]
+    if rows.dtype == jnp.int8:
+        scales = lax.bitcast_convert_type(words[..., :vectors], jnp.float32)
+        means, words = dequantize(means, scales), words[..., vectors:]
     stats = lax.bitcast_convert_type(words[..., 1:], jnp.float32) if words.shape[-1] > 1 else None
-    return rows[..., :width], words[..., 0], stats
+    return means.astype(jnp.float32), words[..., 0], stats
 
 
 # --- the pipeline --------------------------------------------------------------------------
@@ -152,7 +193,16 @@ class Remote(NamedTuple):
     stats: jax.Array | None
 
 
-def share(ex: Exchange, local: Local, x: jax.Array, *, keys=None, inputs=None, positions=None):
+def share(
+    ex: Exchange,
+    local: Local,
+    x: jax.Array,
+    *,
+    keys=None,
+    inputs=None,
+    positions=None,
+    vectors: int = 1,
+) -> Remote:
     """One layer's exchange: what this device receives for the `[B, L, W]` rows `x` that would
     travel for its local tokens (attention inputs, W = D; or keys and values, W = 2*H_kv*K).
 
@@ -162,9 +212,11 @@ def share(ex: Exchange, local: Local, x: jax.Array, *, keys=None, inputs=None, p
       keys: `[B, L, Kd]` the local keys, for salient tokens and k-means (DESIGN.md 1b).
       inputs: `[B, L, D]` the local attention inputs, for the value tilt's spread.
       positions: `[B|1, L]` the local tokens' positions, for the value tilt of rotary keys.
+      vectors: how many vectors a row of `x` holds, each scaled on its own by the int8 wire
+        (1 for attention inputs; 2*H_kv for keys and values: one per KV head, K and V apart).
 
     Returns:
-      `Remote`.
+      `Remote`, its rows in `x.dtype`.
     """
     b, l, w = x.shape
     local_mask = _key_mask(local.valid, local.index, local.index, ex.causal)
@@ -183,10 +235,13 @@ def share(ex: Exchange, local: Local, x: jax.Array, *, keys=None, inputs=None, p
     groups = compress.assign(plan, local.valid, keys, l, sink)
     tilt = plan.value_tilt
     means, counts, stats = compress.group_means(
-        x, groups, v, inputs=inputs if tilt else None, positions=positions if tilt else None
-    )
-    rows, source = _gather_others(ex, local, encode(means, counts, stats))
-    rows, counts, stats = decode(rows, w)
+        x, groups, v, inputs=inputs if tilt else None, positions=positions if tilt else None,
+        dtype=jnp.float32,
+    )  # fmt: skip
+    sent = encode(means, counts, stats, wire=plan.wire, vectors=vectors)
+    rows, source = _gather_others(ex, local, sent)
+    rows, counts, stats = decode(rows, w, vectors=vectors)
+    rows = rows.astype(x.dtype)
     seen = counts > 0  # [B, (N-1)*V]: empty groups are masked out
     mask = _with_remote(ex, local, local_mask, seen, source)
     bias = None

@@ -198,8 +198,9 @@ class Attention(nnx.Module):
         hidden = ex.plan.exchange == "hidden"
         sent = a if hidden else jnp.concatenate([keys, values], axis=-1)  # [B, L, W]
         remote = exchange.share(
-            ex, local, sent, keys=keys, inputs=a, positions=local.positions if rotary else None
-        )
+            ex, local, sent, keys=keys, inputs=a, positions=local.positions if rotary else None,
+            vectors=1 if hidden else 2 * self.kv_heads,
+        )  # fmt: skip
         # Remote means are projected when they arrive (hidden exchange); the local rows' keys
         # and values did not wait for them (the runtime may compute them while means travel).
         if hidden:

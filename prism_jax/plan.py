@@ -17,10 +17,12 @@ EXCHANGES = ("auto", "hidden", "kv")
 # How a device groups its tokens (DESIGN.md section 1b): the paper's fixed runs of CR positions,
 # equal-size runs of valid tokens, or k-means in key space started from those.
 GROUPINGS = ("segments", "balanced", "kmeans")
+# What the means travel as (DESIGN.md section 1d), whatever the model computes in.
+WIRES = ("f32", "bf16", "int8")
 
 
 # The fields that say how a device compresses what it sends (prism only).
-COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt", "sink")
+COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt", "sink", "wire")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -50,6 +52,10 @@ class Plan:
       sink: the first `sink` valid tokens of each row (the attention sink of a language
         model) travel exactly, each a group of one, out of the V groups of the device that
         holds them (at most V - 1 of them: DESIGN.md section 1c). Not with `segments`.
+      wire: what the means travel as, whatever the model computes in (DESIGN.md section 1d):
+        `f32`, `bf16`, or `int8` (symmetric, a float32 scale per vector: per KV head and K or
+        V with the kv exchange, the whole vector for hidden). Counts and the tilt's
+        statistics travel exact (4-byte words) on every wire.
     """
 
     strategy: str = "prism"
@@ -61,12 +67,14 @@ class Plan:
     salient: int = 0
     value_tilt: bool = False
     sink: int = 0
+    wire: str = "f32"
 
     def __post_init__(self):
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("logit_bias", self.logit_bias, LOGIT_BIASES)
         _choice("exchange", self.exchange, EXCHANGES)
         _choice("grouping", self.grouping, GROUPINGS)
+        _choice("wire", self.wire, WIRES)
         for name, low, high in (
             ("cr", 1, None),
             ("kmeans_iters", 1, 1000),

@@ -202,6 +202,25 @@ def _groups(block, valid, keys, cr, compressor):
     return [np.array([j]) for j in sink + chosen] + [np.array(m, int) for m in groups]
 
 
+def _wire(mean, wire, vectors):
+    """What arrives of a group's mean (DESIGN.md 1d): float32, bfloat16, or int8 with a
+    float32 scale s = max|x| / 127 per vector (1 for a zero vector, or one whose s would be
+    subnormal: XLA:CPU flushes those), q = round(x / s) clipped to [-127, 127]."""
+    x = mean.astype(np.float32)
+    if wire == "bf16":
+        import ml_dtypes
+
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
+    if wire == "int8":
+        out = []
+        for block in np.split(x, vectors):
+            s = np.abs(block).max() / np.float32(127)
+            s = s if s >= np.finfo(np.float32).tiny else np.float32(1)
+            out.append(np.clip(np.round(block / s), -127, 127) * np.float64(s))
+        return np.concatenate(out)
+    return x.astype(np.float64)
+
+
 def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extra=None):
     """Rows one device attends to (of whatever travels: inputs, or keys and values): its
     tokens, then (prism) the others' group means. `blocks[q]` is device q's slice of
@@ -233,7 +252,7 @@ def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extr
             c = len(members)
             mean = a[members].mean(0) if c else np.zeros(a.shape[1])
             seen = c > 0 and (not causal or q < p)
-            kv.append(mean[None])
+            kv.append(_wire(mean, extra.get("wire", "f32"), extra.get("vectors", 1))[None])
             vis.append(np.full((l, 1), seen))
             bias.append([math.log(c) if (seen and logit_bias == "log_count") else 0.0])
             row = [0.0, 0.0, 0.0] if rotary else [0.0]
@@ -269,7 +288,7 @@ def _rope_theta(cfg):
 
 
 def _attention(
-    a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, exchange, compressor
+    a, valid, pos, layer, cfg, *, blocks, strategy, cr, logit_bias, exchange, compressor, wire
 ):
     """The attention block's output [T, D] of one batch row (tokens at positions `pos`),
     device by device."""
@@ -284,7 +303,8 @@ def _attention(
 
     q = proj("q", a)
     out = np.zeros((len(a), heads * k))
-    extra = {"compressor": compressor, "keys": proj("k", a), "inputs": a}
+    extra = {"compressor": compressor, "keys": proj("k", a), "inputs": a, "wire": wire}
+    extra["vectors"] = 1 if exchange == "hidden" else 2 * kv_heads
     extra["positions"] = pos.astype(float) if rotary else None
     tilt = bool(compressor and compressor["value_tilt"])
     theta = _rope_theta(cfg) if rotary else None
@@ -319,6 +339,7 @@ def forward(
     kmeans_iters=10,
     value_tilt=False,
     sink=0,
+    wire="f32",
 ):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
@@ -328,7 +349,7 @@ def forward(
       last_extra: the last `last_extra` tokens of the batch are appended to the last
         device's block (generation: tokens decoded after a prefill of the others).
       grouping, salient, kmeans_iters, value_tilt: the compressor of DESIGN.md section 1b;
-        sink: the sink tokens sent exactly (section 1c).
+        sink: the sink tokens sent exactly (section 1c); wire: what the means travel as (1d).
     """
     family = cfg.model_type
     exchange = exchange or ("kv" if family == "llama" else "hidden")
@@ -353,7 +374,7 @@ def forward(
         sink=sink, paper_positions=grouping == "segments" and not salient and not sink,
     )  # fmt: skip
     plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange,
-                compressor=compressor)  # fmt: skip
+                compressor=compressor, wire=wire)  # fmt: skip
     for layer in _layers(sd, family, depth):
         a = x if post_ln else norm(x, layer["ln1"])
         att = np.stack([_attention(a[r], valid[r], pos[r], layer, cfg, **plan) for r in range(b)])

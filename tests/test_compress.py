@@ -82,6 +82,21 @@ def test_sink_matches_numpy_reference(name, n, kw, padding, hf_models, rng):
     _matches_reference(name, n, kw, hf_models, rng, left=left, changes=not one)
 
 
+WIRE_CASES = [  # DESIGN.md 1d: what arrives is what the NumPy rule sends
+    ("llama_lm", 3, dict(cr=1, wire="int8")),  # CR = 1: every token alone, quantized
+    ("gpt2_lm", 2, dict(cr=1, wire="bf16")),
+    ("bert_cls", 2, dict(cr=2, wire="int8")),
+    ("vit_cls", 3, dict(cr=4, wire="int8", exchange="kv")),
+    ("gpt2_lm", 3, dict(cr=3, wire="int8", grouping="kmeans", salient=1, sink=2, value_tilt=True)),
+    ("llama_lm", 2, dict(cr=4, wire="bf16", grouping="balanced", sink=1, value_tilt=True)),
+]
+
+
+@pytest.mark.parametrize(("name", "n", "kw"), WIRE_CASES)
+def test_wire_matches_numpy_reference(name, n, kw, hf_models, rng):
+    _matches_reference(name, n, kw, hf_models, rng)
+
+
 def test_sink_at_cr1_is_exact_and_zero_is_the_plain_plan(hf_models, rng):
     model = pj.load_pretrained(hf_models("llama_lm")[1])
     batch = tiny.random_batch("llama_lm", rng, tokens=11)
@@ -244,3 +259,17 @@ def test_sink_on_the_command_line(hf_models, capsys):
     assert cli.main([*base, "--sink", "2"]) == 2  # the paper's segments have no room for it
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no room for exact tokens" in err
+
+
+def test_wire_on_the_command_line(hf_models, capsys):
+    directory = str(hf_models("bert_cls")[1])
+    base = ["infer", "--model", directory, "--devices", "2", "--text", "good tea"]
+    assert cli.main([*base, "--cr", "4", "--wire", "int8", "--json"]) == 0
+    assert '"wire": "int8"' in capsys.readouterr().out
+    for bad, message in (
+        (["--cr", "4", "--wire", "int4"], "invalid choice: 'int4'"),
+        (["--strategy", "voltage", "--wire", "int8"], "wire set, but compressor settings"),
+    ):
+        assert cli.main([*base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -77,10 +77,29 @@ def test_measured_bytes_equal_closed_form(family, t, n, cr, dtype, strategy):
     assert [op for op, _ in ops] == ["all_gather"] * cfg.depth  # one collective per layer
 
 
+@pytest.mark.parametrize("family", sorted(SMALL))
+@pytest.mark.parametrize("wire", ["bf16", "int8"])
+@pytest.mark.parametrize("kw", [{}, dict(exchange="kv"), dict(grouping="kmeans", value_tilt=True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_wire_bytes_equal_closed_form(family, wire, kw, dtype):
+    """DESIGN.md 1d: what the lowered program sends on each wire, whatever the model computes
+    in: W means at the wire's width, int8's float32 scale per vector, the count, the stats."""
+    cfg = SMALL[family]
+    t = cfg.max_positions if family == "vit" else 37
+    plan = pj.Plan(cr=3, wire=wire, **kw)
+    lowered = cost.lower(cfg, plan, devices=3, seq_len=t, batch=2, dtype=dtype)
+    measured, ops = cost.collective_bytes(lowered.as_text())
+    want = cost.bytes_closed_form(cfg, plan, devices=3, seq_len=t, batch=2)
+    assert measured == want > 0 and len(ops) == cfg.depth
+    f32 = cost.bytes_closed_form(cfg, pj.Plan(cr=3, **kw), devices=3, seq_len=t, batch=2)
+    assert want < f32
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kv_exchange_bytes_equal_closed_form(family, dtype):
-    cfg, size = SMALL[family], 2 if dtype == "bfloat16" else 4
+    """The means travel as float32 (`wire="f32"`, the default) whatever the model's dtype."""
+    cfg, size = SMALL[family], 4
     plan = pj.Plan(cr=4, exchange="kv")
     measured = cost.collective_bytes(
         cost.lower(cfg, plan, devices=4, seq_len=48, batch=2, dtype=dtype).as_text()

@@ -241,20 +241,24 @@ def test_generate_cli(hf_models, capsys):
         assert err.count("\n") == 1 and message in err, err
 
 
-def test_bytes_of_a_bfloat16_model_are_counted_in_bfloat16(hf_models, rng):
-    """A bf16 model sends bf16 means: the prefill's bytes and `measure_cost` of the Model
-    equal the lowered bf16 program's, not float32's."""
+def test_bytes_of_a_bfloat16_model_are_counted_as_they_travel(hf_models, rng):
+    """A bf16 model's means travel on the plan's wire (float32 by default, bf16 when asked);
+    voltage sends its bf16 activations: the prefill's bytes and `measure_cost` of the Model
+    equal the lowered program's."""
     from prism_jax import cost
 
     model = pj.load_pretrained(hf_models("llama_lm")[1], dtype="bfloat16")
     batch = tiny.random_batch("llama_lm", rng, batch=2, tokens=8)
-    plan = pj.Plan(cr=2)
-    out = generation.run(model, batch, mesh=pj.edge_mesh(2), plan=plan, max_new_tokens=2)
-    measured = cost.measured_bytes(
-        model.config, plan, devices=2, seq_len=8, batch=2, dtype="bfloat16"
-    )
-    assert out.prefill_bytes == measured > 0
-    f32 = cost.bytes_closed_form(model.config, plan, devices=2, seq_len=8, batch=2)
-    assert measured < f32
-    report = pj.measure_cost(model, plan, devices=2, seq_len=8, batch=2)
-    assert report.dtype == "bfloat16" and report.bytes_sent == report.bytes_closed_form == measured
+    shape = dict(devices=2, seq_len=8, batch=2)
+    sent = {}
+    for name, plan in (("f32", pj.Plan(cr=2)), ("bf16", pj.Plan(cr=2, wire="bf16")),
+                       ("voltage", pj.Plan(strategy="voltage"))):  # fmt: skip
+        out = generation.run(model, batch, mesh=pj.edge_mesh(2), plan=plan, max_new_tokens=2)
+        measured = cost.measured_bytes(model.config, plan, **shape, dtype="bfloat16")
+        assert out.prefill_bytes == measured > 0, name
+        report = pj.measure_cost(model, plan, **shape)
+        assert report.dtype == "bfloat16" and report.bytes_sent == report.bytes_closed_form
+        assert report.bytes_sent == measured
+        sent[name] = measured
+    f32_voltage = cost.bytes_closed_form(model.config, pj.Plan(strategy="voltage"), **shape)
+    assert sent["bf16"] < sent["f32"] and sent["voltage"] * 2 == f32_voltage

@@ -10,7 +10,7 @@ import math
 from prism_jax import handshake
 from prism_jax.data.tfds_builders import LOCAL
 from prism_jax.errors import PrismError
-from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, Plan
+from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, WIRES, Plan
 
 EXIT_USAGE = 2
 
@@ -124,6 +124,12 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
         default=None,
         help="the first S valid tokens of each row sent exactly (a language model's attention "
         "sink), out of the groups of the device that holds them",
+    )
+    c.add_argument(
+        "--wire",
+        default="f32",
+        choices=WIRES,
+        help="what the means travel as (default f32; int8: a float32 scale per vector)",
     )
     c.add_argument("--kmeans-iters", type=positive_int, default=None, help="k-means iterations")
     c.add_argument(
@@ -387,6 +393,7 @@ def plan_of(args, cr: int | None = None) -> Plan:
     if args.value_tilt:
         chosen["value_tilt"] = True
     fields = dict(
+        wire=args.wire,
         strategy=getattr(args, "strategy", "prism"),
         cr=args.cr if cr is None else cr,
         logit_bias=args.logit_bias,
