@@ -40,6 +40,9 @@ def integer(name: str, value, low: int | None = None, high: int | None = None) -
 def number(name: str, value, low: float, high: float | None = None, *, open_low=False) -> float:
     """`value` as a Python float in [low, high] ((low, high] with `open_low`) that float32
     holds: finite, and a non-zero value not rounded to 0 (`high` None: float32's largest)."""
+    bounds = (
+        (f"({low:g}, " if open_low else f"[{low:g}, ") + f"{high:g}]" if high else f">= {low:g}"
+    )
     high = float(FLOAT32.max) if high is None else high
     ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
         value, bool | np.bool_
@@ -48,8 +51,8 @@ def number(name: str, value, low: float, high: float | None = None, *, open_low=
     inside = (got > low if open_low else got >= low) and got <= high
     tiny = got != 0 and abs(got) < float(FLOAT32.smallest_subnormal)
     if not inside or tiny:
-        bounds = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
-        raise PrismError(f"{name} must be a number in {bounds} that float32 holds, got {value!r}")
+        where = bounds if bounds.startswith(">=") else f"in {bounds}"
+        raise PrismError(f"{name} must be a number {where} that float32 holds, got {value!r}")
     return got
 
 

@@ -37,6 +37,35 @@ def balanced(valid: jax.Array, groups: int) -> jax.Array:
     return jnp.where(valid, rank * groups // jnp.maximum(n, 1), -1)
 
 
+TAIL_SLACK = 1e-5  # n^(j/G) is taken 1e-5 larger, so that float32's exp/log floor alike
+
+
+def tail(valid: jax.Array, groups: jax.Array) -> jax.Array:
+    """`[B, L]` group of each valid token, finest at the device's last valid token and
+    geometrically coarser backward (`grouping="tail"`): the one that follows a boundary, whose
+    next device attends to it, most in detail. With n valid tokens and G groups (per row), the
+    j-th group from the end ends at distance C_j from the end, where
+
+        f_j = floor(n^(j/G) * (1 + 1e-5)),  C_0 = 0,  C_j = max(C_(j-1) + 1, f_j),  C_G = n,
+
+    i.e. boundaries evenly spaced in log-distance from the last token, each group at least one
+    token (n = 64, G = 8: sizes 1, 1, 2, 4, 5, 9, 16, 26 from the end). While n >= G no group
+    is empty; with n < G each token goes alone and the first G - n groups stay empty. Group
+    ids count from the device's first token (balanced order); padding is -1.
+    """
+    valid = valid.astype(bool)
+    n = valid.sum(1, keepdims=True, dtype=jnp.int32)  # [B, 1]
+    g = jnp.broadcast_to(jnp.asarray(groups, jnp.int32), n.shape)
+    d = n - jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # distance from the last valid token
+    j = jnp.arange(1, valid.shape[1] + 1, dtype=jnp.int32)[None]  # boundaries j = 1..L
+    power = jnp.exp(jnp.log(jnp.maximum(n, 1).astype(jnp.float32)) * j / g)
+    f = jnp.floor(power * (1 + TAIL_SLACK)).astype(jnp.int32)
+    bound = lax.cummax(f - j, axis=1) + j  # C_j = max_(i <= j) (f_i + j - i)
+    # the token at distance d is in group #{j < G : C_j <= d} from the end
+    from_end = ((bound[:, None, :] <= d[:, :, None]) & (j < g)[:, None, :]).sum(-1)
+    return jnp.where(valid, g - 1 - from_end, -1)
+
+
 def salient(keys: jax.Array, valid: jax.Array, count: int) -> jax.Array:
     """`[B, L]` bool: the `count` valid tokens whose keys are farthest from the mean key of
     the valid tokens (exact ties: the earliest position first)."""
@@ -103,7 +132,7 @@ def assign(
         ids = jnp.where(chosen, exact, ids)
         exact = exact + chosen.sum(1, keepdims=True, dtype=jnp.int32)
         rest = rest & ~chosen
-    groups = balanced(rest, v - exact)
+    groups = (tail if plan.grouping == "tail" else balanced)(rest, v - exact)
     if plan.grouping == "kmeans":
         groups = kmeans(keys, groups, v, plan.kmeans_iters)
     return jnp.where(groups >= 0, groups + exact, ids)

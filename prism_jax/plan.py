@@ -16,7 +16,7 @@ LOGIT_BIASES = ("log_count", "none")
 EXCHANGES = ("auto", "hidden", "kv")
 # How a device groups its tokens (DESIGN.md section 1b): the paper's fixed runs of CR positions,
 # equal-size runs of valid tokens, or k-means in key space started from those.
-GROUPINGS = ("segments", "balanced", "kmeans")
+GROUPINGS = ("segments", "balanced", "kmeans", "tail")
 # What the means travel as (DESIGN.md section 1d), whatever the model computes in.
 WIRES = ("f32", "bf16", "int8")
 
@@ -42,8 +42,9 @@ class Plan:
       exchange: `hidden` sends means of attention inputs, `kv` means of the (rotated) keys
         and of the values per KV head; `auto` resolves per model (`for_model`).
       grouping: `segments` (the paper: fixed runs of CR positions), `balanced` (V = ceil(L/CR)
-        equal runs of valid tokens) or `kmeans` (Lloyd's iterations in key space from the
-        balanced groups); DESIGN.md section 1b.
+        equal runs of valid tokens), `kmeans` (Lloyd's iterations in key space from the
+        balanced groups; DESIGN.md section 1b) or `tail` (runs finest at the device's last
+        valid token, geometrically coarser backward: `compress.tail`).
       kmeans_iters: iterations of `kmeans` (at most 1000).
       salient: 1 sends the token farthest from the device's mean key exactly, as its own
         group, out of the same V (when V >= 2); 0: none. Not with `segments`.

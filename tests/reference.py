@@ -190,6 +190,14 @@ def _groups(block, valid, keys, cr, compressor):
     rest = [j for j in idx if j not in chosen]
     count = v - len(chosen) if chosen else v - salient
     groups = [[] for _ in range(count)]
+    if compressor["grouping"] == "tail":  # C_j = max(C_(j-1) + 1, floor(n^(j/G) (1 + 1e-5)))
+        n, ends = len(rest), [0]
+        for j in range(1, count):
+            ends.append(max(ends[-1] + 1, math.floor(n ** (j / count) * (1 + 1e-5))))
+        for rank, j in enumerate(rest):
+            distance = n - 1 - rank  # from the device's last valid token
+            groups[count - 1 - sum(e <= distance for e in ends[1:])].append(j)
+        return [np.array([j]) for j in sink + chosen] + [np.array(m, int) for m in groups]
     for rank, j in enumerate(rest):
         groups[rank * count // len(rest)].append(j)
     for _ in range(compressor["kmeans_iters"] if compressor["grouping"] == "kmeans" else 0):

@@ -72,7 +72,32 @@ SINK_CASES = [  # DESIGN.md 1c; 17 tokens: L = 9 (N = 2), 6 (N = 3), 5 (N = 4)
     ("llama_lm", 4, dict(cr=5, grouping="balanced", sink=3), "left, V = 1"),  # one mean
     ("bert_cls", 2, dict(cr=3, grouping="kmeans", sink=1, exchange="kv"), None),
     ("vit_cls", 3, dict(cr=4, grouping="balanced", salient=1, sink=2), None),
+    # the tail grouping: finest at each device's last valid token
+    ("llama_lm", 2, dict(cr=2, grouping="tail", sink=2), None),
+    ("gpt2_lm", 3, dict(cr=2, grouping="tail", sink=3, value_tilt=True), "left"),
+    ("llama_lm", 2, dict(cr=3, grouping="tail", salient=1, sink=1, wire="int8"), None),
 ]
+
+
+@pytest.mark.parametrize(
+    ("n", "groups", "sizes"),
+    [(64, 8, [1, 1, 2, 4, 5, 9, 16, 26]), (12, 4, [1, 2, 3, 6]), (9, 3, [2, 2, 5]),
+     (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]), (256, 16, None), (1000, 37, None)],
+)  # fmt: skip
+def test_tail_groups_grow_backward_from_the_last_token(n, groups, sizes):
+    """compress.tail against the rule written out in NumPy (float64): every group non-empty
+    while n >= G, sizes non-decreasing backward save for rounding's one-token steps."""
+    ids = np.asarray(compress.tail(jnp.ones((1, n), bool), groups))[0]
+    got = np.bincount(ids, minlength=groups)[::-1].tolist()  # from the last token back
+    ends = [0]
+    for j in range(1, groups):
+        ends.append(max(ends[-1] + 1, int(np.floor(n ** (j / groups) * (1 + 1e-5)))))
+    want = np.diff([*ends[: min(groups, n)], n]).tolist() + [0] * max(0, groups - n)
+    assert got == want and sum(got) == n
+    if sizes is not None:
+        assert got == sizes
+    if n >= groups:
+        assert min(got) >= 1 and got[-1] == max(got)
 
 
 @pytest.mark.parametrize(("name", "n", "kw", "padding"), SINK_CASES)
