@@ -34,6 +34,7 @@ SLOW = {
     "table_generation.py",
     "table_gpt2.py",
     "table_llama.py",
+    "table_sink.py",
     "table_vit.py",
     "train_gpt2.py",
     "train_vit.py",
@@ -59,6 +60,7 @@ RESULTS = {
     "table_generation.py",
     "table_gpt2.py",
     "table_llama.py",
+    "table_sink.py",
     "table_vit.py",
     "robust_finetune.py",
 }

@@ -1,0 +1,141 @@
+"""SmolLM2-135M (real Q4_1 weights): the attention sink, the tail grouping and the int8 wire
+against the paper's segment means, at equal or fewer bytes per device (DESIGN.md 1c, 1d).
+
+Command:  .venv/bin/python experiments/table_sink.py          (about 15 minutes on 2 cores)
+Smoke:    .venv/bin/python experiments/table_sink.py --smoke  (2 layers, seconds; run by tests)
+
+Training-free perplexity on packed rows of the Wikipedia leads' test split, N devices, each
+budget of bytes per device set by the paper's float32 segments at a CR. Per budget, the
+compressors (K/V exchange, log-count bias):
+
+- paper: fixed segments of CR positions;
+- prism+: k-means groups, a salient token, the rotary value tilt (DESIGN.md 1b);
+- sink + balanced: the first `--sink` valid tokens exact, the rest in balanced groups (1c);
+- sink + tail: the same with groups finest at the device's last token (`grouping="tail"`);
+- sink + tail, int8: the same on the int8 wire at the smallest CR whose bytes stay within the
+  budget (four times the vectors, about).
+
+Bytes per device are the closed form, checked equal to the lowered program's collectives for
+every plan. Writes experiments/results/table_sink.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import common
+
+COMPRESSORS = ("paper", "prism+", "sink + balanced", "sink + tail", "sink + tail, int8")
+
+
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "2 layers, 2 short rows, seconds")
+    rows: int = common.setting(8, "test rows of --seq-len tokens")
+    seq_len: int = common.setting(256, "tokens per row")
+    devices: str = common.setting("4", "device counts, comma-separated")
+    crs: str = common.setting("4,16,64", "budgets: the paper's float32 CR, comma-separated")
+    sink: int = common.setting(4, "sink tokens sent exactly", minimum=1)
+    out: str | None = common.output(None, "results folder")
+
+
+def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
+    """The plan of compressor `name` within the bytes of the paper's float32 plan at `cr`."""
+    import prism_jax as pj
+    from prism_jax import cost
+
+    if name == "paper":
+        return pj.Plan(cr=cr)
+    if name == "prism+":
+        return pj.Plan.best(cr)
+    grouping = "balanced" if name == "sink + balanced" else "tail"
+    if not name.endswith("int8"):
+        return pj.Plan(cr=cr, grouping=grouping, sink=sink)
+    budget = cost.group_bytes(cfg, pj.Plan(cr=cr)) * pj.Plan(cr=cr).segments(local_len)
+    for smaller in range(1, cr + 1):  # the most vectors that fit the budget
+        plan = pj.Plan(cr=smaller, grouping=grouping, sink=sink, wire="int8")
+        if cost.group_bytes(cfg, plan) * plan.segments(local_len) <= budget:
+            return plan
+    return pj.Plan(cr=cr, grouping=grouping, sink=sink, wire="int8")
+
+
+def main(argv=None):
+    args = common.parse(Config, __doc__, argv)
+
+    import prism_jax as pj
+    from prism_jax import cost
+    from prism_jax.data import sources
+    from prism_jax.evaluation import tasks
+
+    model = pj.load_pretrained(sources.smollm2_gguf())
+    if args.smoke:
+        model = common.first_layers(model, 2)
+    rows, seq_len = (2, 32) if args.smoke else (args.rows, args.seq_len)
+    devices = [int(n) for n in args.devices.split(",")]
+    crs = [int(c) for c in args.crs.split(",")]
+    task = tasks.load(model, "wikipedia_leads", limit=rows, max_length=seq_len)
+    exact = float(task.score(None, pj.Plan(strategy="single")))
+    print(f"exact perplexity {exact:.3f} on {task.examples} rows of {seq_len} tokens")
+    cells = []
+    for n in devices:
+        mesh, local = pj.edge_mesh(n), cost.local_len(seq_len, n)
+        for cr in crs:
+            for name in COMPRESSORS:
+                plan = plan_for(name, cr, args.sink, model.config, local)
+                shape = dict(devices=n, seq_len=seq_len, batch=1)
+                sent = cost.bytes_closed_form(model.config, plan, **shape)
+                assert sent == cost.measured_bytes(model.config, plan, **shape), plan
+                value = float(task.score(mesh, plan))
+                cells.append({"devices": n, "budget_cr": cr, "compressor": name,
+                              "plan": dataclasses.asdict(plan), "bytes_per_device": sent,
+                              "perplexity": value, "over_exact": value / exact})  # fmt: skip
+                print(f"N={n} CR={cr:>3} {name:<18} {value:8.2f} ({value / exact - 1:+.1%}) "
+                      f"{sent:,} bytes")  # fmt: skip
+    record = {"exact": exact, "rows": task.examples, "seq_len": seq_len, "sink": args.sink,
+              "cells": cells}  # fmt: skip
+    text = markdown(record)
+    print(text)
+    common.save(args, "table_sink", record, text, lambda png: plot(record, png))
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"### SmolLM2 perplexity at equal bytes: {record['rows']} Wikipedia rows of "
+        f"{record['seq_len']} tokens, exact {record['exact']:.2f}, sink = {record['sink']}",
+        "",
+        "| N | budget (paper CR) | compressor | plan | bytes/device | perplexity | vs exact |",
+        "|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for c in record["cells"]:
+        p = c["plan"]
+        plan = f"CR={p['cr']} {p['grouping']} sink={p['sink']} {p['wire']}"
+        lines.append(
+            f"| {c['devices']} | {c['budget_cr']} | {c['compressor']} | {plan} | "
+            f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path) -> None:
+    """Perplexity against bytes per device, one line per compressor, a panel per N."""
+    import matplotlib.pyplot as plt
+
+    devices = sorted({c["devices"] for c in record["cells"]})
+    fig, axes = plt.subplots(1, len(devices), figsize=(5 * len(devices), 4), squeeze=False)
+    for ax, n in zip(axes[0], devices, strict=True):
+        for name in COMPRESSORS:
+            cells = [c for c in record["cells"] if c["devices"] == n and c["compressor"] == name]
+            cells.sort(key=lambda c: c["bytes_per_device"])
+            xs = [c["bytes_per_device"] for c in cells]
+            ax.plot(xs, [c["perplexity"] for c in cells], marker="o", label=name)
+        ax.axhline(record["exact"], color="black", linestyle=":", label="exact")
+        ax.set(xscale="log", yscale="log", xlabel="bytes per device", ylabel="perplexity",
+               title=f"SmolLM2, N = {n}")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    common.run_script(main)
