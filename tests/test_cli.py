@@ -246,3 +246,30 @@ def test_edge_mesh_emulates_on_the_cpu_when_the_accelerator_has_too_few(monkeypa
     monkeypatch.setattr(jax, "devices", lambda backend=None: real(backend) if backend else [Gpu()])
     mesh = pj.edge_mesh(2)
     assert list(mesh.devices) == cpus[:2]
+
+
+@pytest.mark.parametrize("compressor", ["paper", "prism+"])
+def test_eval_and_cost_json_rows_name_the_whole_plan(compressor, hf_models, capsys):
+    """A prism+ row is told from a paper row: every JSON row holds every field of its plan."""
+    import dataclasses
+
+    from prism_jax.cli.parser import build_parser, plan_of
+
+    bert = str(hf_models("bert_cls")[1])
+    common = ["--devices", "2", "--compressor", compressor, "--json"]
+    argv = ["eval", "--model", bert, "--limit", "2", "--max-length", "8", "--cr", "1,2"]
+    code, out, err = run(capsys, *argv, *common)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    args = build_parser().parse_args([*argv, *common])
+    for row, cr in zip(rows, (1, 2), strict=True):
+        want = plan_of(args, cr).for_model(pj.load_pretrained(bert).config)
+        assert row["plan"] == dataclasses.asdict(want)
+    assert rows[1]["plan"]["grouping"] == ("kmeans" if compressor == "prism+" else "segments")
+    code, out, err = run(capsys, "cost", "--model", bert, "--seq-len", "8", "--cr", "2", *common)
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert set(plan) == {f.name for f in dataclasses.fields(pj.Plan)}
+    assert (plan["salient"], plan["value_tilt"]) == (
+        (1, True) if compressor == "prism+" else (0, False)
+    )

@@ -274,15 +274,16 @@ def _run_finetune(args) -> dict:
 
 def _run_cost(args) -> dict:
     plan = plan_of(args)
+    _, cfg = cost.resolve_config(args.model)
     report = cost.measure(
-        args.model,
+        cfg,
         plan,
         devices=args.devices,
         seq_len=args.seq_len,
         batch=args.batch,
         dtype=args.dtype,
     )
-    return report.as_dict()
+    return report.as_dict() | {"model": args.model, "plan": plan_summary(plan, cfg)}
 
 
 def _rest(args) -> list[str]:
