@@ -274,6 +274,8 @@ def save_pretrained(model: models.Model, directory: str | Path) -> Path:
     config = hf_config(model.config) | model.generation
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
+    if model.generation:  # transformers' `generate` reads its stop and pad ids here
+        (directory / "generation_config.json").write_text(json.dumps(model.generation, indent=2))
     if model.tokenizer is not None:
         tok = model.tokenizer
         tok.backend.save(str(directory / "tokenizer.json"))
