@@ -85,6 +85,16 @@ def _truncated_gguf(d):
     return path
 
 
+def _write(directory, name, **values):
+    (directory / name).write_text(json.dumps(values))
+    return directory
+
+
+def _generate(d, model):
+    return ["generate", "--model", str(model), "--devices", "2", "--prompt", "good tea",
+            "--max-new-tokens", "2"]  # fmt: skip
+
+
 def _vit(d, image):
     return ["infer", "--model", str(d["vit"]), "--devices", "2", "--image", str(image)]
 
@@ -232,6 +242,44 @@ CASES = {
     "port 70000": (lambda d: ["launch", "--nodes", "2", "--port", "70000"], "argument --port"),
     "launch nodes 0": (lambda d: ["launch", "--nodes", "0", "--", "infer"], "argument --nodes"),
     "devices 0": (lambda d: _infer(d, "--devices", "0"), "argument --devices"),
+    # generation ids: tampered generation_config.json, ids outside the vocabulary
+    "generation_config eos a string": (
+        lambda d: _generate(
+            d, _write(d["llama_lm"], "generation_config.json", eos_token_id="zero")
+        ),
+        "generation_config.json: eos_token_id must be a token id in [0, 101) (or a list of "
+        "them), got 'zero'",
+    ),
+    "generation_config pad -5": (
+        lambda d: _generate(d, _write(d["llama_lm"], "generation_config.json", pad_token_id=-5)),
+        "generation_config.json: pad_token_id must be a token id in [0, 101), got -5",
+    ),
+    "generation_config eos list with a bool": (
+        lambda d: _generate(
+            d, _write(d["llama_lm"], "generation_config.json", eos_token_id=[0, True])
+        ),
+        "eos_token_id must be a token id in [0, 101) (or a list of them), got [0, True]",
+    ),
+    "config eos past the vocabulary": (
+        lambda d: _generate(d, _config(d["llama_lm"], eos_token_id=99999)),
+        "config.json: eos_token_id must be a token id in [0, 101)",
+    ),
+    "config pad past the vocabulary": (
+        lambda d: _generate(d, _config(d["llama_lm"], pad_token_id=1000000)),
+        "config.json: pad_token_id must be a token id in [0, 101), got 1000000",
+    ),
+    "GGUF eos past the vocabulary": (
+        lambda d: _generate(d, tiny_gguf.build(d["tmp"], eos_token_id=99999)),
+        "tiny.gguf: eos_token_id must be a token id in [0, 268)",
+    ),
+    "convert a GGUF whose pad is past the vocabulary": (
+        lambda d: [
+            "convert",
+            str(tiny_gguf.build(d["tmp"], pad_token_id=300)),
+            str(d["tmp"] / "o"),
+        ],
+        "tiny.gguf: pad_token_id must be a token id in [0, 268), got 300",
+    ),
 }
 
 

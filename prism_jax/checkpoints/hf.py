@@ -158,48 +158,70 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
     resolve_architecture(hf)  # an unknown architecture is named before any tensor is read
     tensors = safetensors.read_checkpoint_tensors(directory)
     model = convert(make_config(hf, set(tensors)), tensors, dtype)
+    generation = generation_ids(hf, getattr(model.config, "vocab_size", None), directory)
     return models.Model(
         model.config,
         model.graphdef,
         model.params,
         tokenizer=preprocess.load_tokenizer(directory),
         image_processor=preprocess.load_image_processor(directory),
-        generation=generation_ids(hf, directory),
+        generation=generation,
     )
 
 
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def generation_ids(hf: dict, directory: Path | None = None) -> dict:
-    """bos / eos / pad token ids of config.json, overridden by generation_config.json."""
-    found = {k: hf[k] for k in GENERATION_IDS if hf.get(k) is not None}
+def generation_ids(
+    hf: dict, vocab: int | None, directory: Path | None = None, *, source: str = ""
+) -> dict:
+    """bos / eos / pad token ids of config.json (or of the GGUF file `source`), overridden by
+    generation_config.json; each checked to be a token of the `vocab`-token vocabulary (any
+    id >= 0 for a model without one, a ViT)."""
+    found = checked_ids(hf, vocab, source or str((directory or Path()) / "config.json"))
     if directory is not None and (directory / "generation_config.json").exists():
-        extra = read_config_file(directory / "generation_config.json")
-        found |= {k: extra[k] for k in GENERATION_IDS if extra.get(k) is not None}
+        path = directory / "generation_config.json"
+        found |= checked_ids(read_config_file(path), vocab, str(path))
     return found
+
+
+def checked_ids(values: dict, vocab: int | None, where: str) -> dict:
+    """The generation ids among `values` (eos: an int or a list of them); a PrismError
+    naming the field and `where` for one that is not a token id below `vocab`."""
+    out, limit = {}, vocab if vocab is not None else float("inf")
+    for key in GENERATION_IDS:
+        value = values.get(key)
+        if value is None:
+            continue
+        listed = key == "eos_token_id" and isinstance(value, list)
+        ids = value if listed else [value]
+        if not ids or any(type(i) is not int or not 0 <= i < limit for i in ids):  # bools too
+            either = " (or a list of them)" if key == "eos_token_id" else ""
+            raise PrismError(
+                f"{where}: {key} must be a token id in [0, {vocab}){either}, got {value!r}"
+            )
+        out[key] = value
+    return out
 
 
 def _load_gguf(path: Path, dtype) -> models.Model:
     contents = gguf.read(path)
     config, tensors = contents["config"], contents["tensors"]
     model = convert(make_config(config, set(tensors)), tensors, dtype)
+    generation = generation_ids(config, model.config.vocab_size, source=str(path))
     tok = None
     if contents["tokenizer"] is not None:
-        backend = contents["tokenizer"]
-        pad = config.get("pad_token_id", config.get("eos_token_id", 0))
         settings = contents["tokenizer_config"]
         tok = preprocess.Tokenizer(
-            backend,
-            int(pad),
+            contents["tokenizer"],
+            generation.get("pad_token_id", generation.get("eos_token_id", 0)),
             config["max_position_embeddings"],
             chat_template=settings.get("chat_template"),
             special=preprocess.special_tokens(settings),
         )
     return models.Model(
-        model.config, model.graphdef, model.params, tokenizer=tok,
-        generation=generation_ids(config),
-    )  # fmt: skip
+        model.config, model.graphdef, model.params, tokenizer=tok, generation=generation
+    )
 
 
 def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dict:
@@ -213,7 +235,8 @@ def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dic
     """
     contents = gguf.read(source)
     config, tensors = contents["config"], contents["tensors"]
-    convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
+    model = convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
+    generation_ids(config, model.config.vocab_size, source=str(source))
     gguf.write_directory(
         contents,
         Path(directory),
