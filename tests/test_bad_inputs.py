@@ -95,6 +95,10 @@ def _generate(d, model):
             "--max-new-tokens", "2"]  # fmt: skip
 
 
+def _gguf(d, **meta):
+    return tiny_gguf.build(d["tmp"], **meta)
+
+
 def _vit(d, image):
     return ["infer", "--model", str(d["vit"]), "--devices", "2", "--image", str(image)]
 
@@ -279,6 +283,36 @@ CASES = {
             str(d["tmp"] / "o"),
         ],
         "tiny.gguf: pad_token_id must be a token id in [0, 268), got 300",
+    ),
+    # GGUF metadata that disagrees with its tensors, in convert, infer and generate
+    "GGUF head count 3 at width 64": (
+        lambda d: ["convert", str(_gguf(d, head_count=3)), str(d["tmp"] / "o")],
+        "GGUF metadata disagrees with tensor blk.0.attn_q.weight: llama.attention.head_count "
+        "= 3 heads of size 16 need 48 rows, the tensor has 64",
+    ),
+    "GGUF head count 0": (
+        lambda d: ["infer", "--model", str(_gguf(d, head_count=0)), "--text", "a"],
+        "GGUF field llama.attention.head_count must be an integer >= 1, got 0",
+    ),
+    "GGUF KV head count 3": (
+        lambda d: _generate(d, _gguf(d, head_count_kv=3)),
+        "tensor blk.0.attn_k.weight: llama.attention.head_count_kv = 3 heads",
+    ),
+    "GGUF short token-type list": (
+        lambda d: _generate(d, _gguf(d, token_types=[3, 3, 1])),
+        "GGUF field tokenizer.ggml.token_type has 3 entries for 268 tokens",
+    ),
+    "GGUF malformed merge": (
+        lambda d: ["convert", str(_gguf(d, token_merges=["h e", "the"])), str(d["tmp"] / "o")],
+        "tokenizer.ggml.merges: merge 1 'the' is not two tokens separated by one space",
+    ),
+    "GGUF merge of unknown tokens": (
+        lambda d: ["infer", "--model", str(_gguf(d, token_merges=["zz qq"])), "--text", "a"],
+        "merge 0 'zz qq' names 'zz', which is not in the vocabulary",
+    ),
+    "GGUF merge into an unknown token": (
+        lambda d: _generate(d, _gguf(d, token_merges=["h t"])),
+        "merge 0 'h t' names 'ht', which is not in the vocabulary",
     ),
 }
 
