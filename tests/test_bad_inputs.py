@@ -99,6 +99,22 @@ def _gguf(d, **meta):
     return tiny_gguf.build(d["tmp"], **meta)
 
 
+def _prepared(d):
+    """`d`, once the fine-tuning data set is prepared (TFDS reports that on stderr)."""
+    from prism_jax.data import tfds_builders
+
+    tfds_builders.texts("fine_food_reviews", "train", 1)
+    return d
+
+
+def _folder_for(path):
+    """`path` made a directory (no permissions bits needed: the tests run as root)."""
+    if path.exists():
+        path.unlink()
+    path.mkdir(parents=True)
+    return path
+
+
 def _vit(d, image):
     return ["infer", "--model", str(d["vit"]), "--devices", "2", "--image", str(image)]
 
@@ -314,6 +330,23 @@ CASES = {
         lambda d: _generate(d, _gguf(d, token_merges=["h t"])),
         "merge 0 'h t' names 'ht', which is not in the vocabulary",
     ),
+    # a directory where a file should be (unreadable files: `test_unreadable_files_...`)
+    "config.json is a directory": (
+        lambda d: _folder_for(d["bert_cls"] / "config.json") and _infer(d),
+        "config.json: Is a directory",
+    ),
+    "model.safetensors is a directory": (
+        lambda d: _folder_for(d["bert_cls"] / "model.safetensors") and _infer(d),
+        "model.safetensors: Is a directory",
+    ),
+    "checkpoint lock is a directory": (
+        lambda d: [
+            *_finetune(_prepared(d)),
+            "--checkpoint-dir",
+            str(_folder_for(d["tmp"] / "ck" / ".lock").parent),
+        ],  # fmt: skip
+        "cannot open the lock file",
+    ),
 }
 
 
@@ -413,3 +446,30 @@ def test_damaged_checkpoint_is_one_line_in_a_fresh_process(dirs, capsys):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "checkpoint at step 1" in done.stderr and "is corrupt or partial" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "tokenizer_config.json", "model.safetensors", ".lock"]
+)
+def test_unreadable_files_are_one_line(name, dirs, monkeypatch, capsys):
+    """A file we may not read (or a lock file of another user): one line naming it. Root reads
+    everything, so the refusal is simulated where Python opens the file."""
+    import builtins
+    import io
+    import os
+
+    real = builtins.open
+
+    def guarded(file, *args, **kw):
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(file) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real(file, *args, **kw)
+
+    _prepared(dirs)
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+    code = cli.main([*_finetune(dirs), "--checkpoint-dir", str(dirs["tmp"] / "ck")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{name}: Permission denied" in err or f"{name} (Permission denied)" in err, err

@@ -96,6 +96,8 @@ def read_config_file(path: Path) -> dict:
     """A JSON object file of a checkpoint directory, as a dict."""
     try:
         hf = json.loads(path.read_text())
+    except OSError as e:  # unreadable (permissions), or a directory where the file should be
+        raise PrismError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
     if not isinstance(hf, dict):

@@ -79,6 +79,8 @@ class Tokenizer:
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
+    except OSError as e:
+        raise PrismError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
 
