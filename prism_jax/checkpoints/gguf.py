@@ -267,9 +267,8 @@ def read(path: str | os.PathLike) -> dict:
 
 
 def write_directory(contents: dict, directory: Path, save_tensors) -> None:
-    """Write what `read` returned as a HF checkpoint directory (`save_tensors(tensors, path)`
-    writes the safetensors file)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write what `read` returned into the (existing) `directory`, as a HF checkpoint
+    (`save_tensors(tensors, path)` writes the safetensors file)."""
     (directory / "config.json").write_text(json.dumps(contents["config"], indent=2))
     save_tensors(contents["tensors"], directory / "model.safetensors")
     (directory / "generation_config.json").write_text(

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from prism_jax import models
-from prism_jax.checkpoints import gguf, preprocess, safetensors, tables
+from prism_jax.checkpoints import atomic, gguf, preprocess, safetensors, tables
 from prism_jax.checkpoints.tables import ARCHITECTURES, resolve_architecture
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
@@ -226,24 +226,27 @@ def _load_gguf(path: Path, dtype) -> models.Model:
     )
 
 
-def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dict:
+def convert_gguf(
+    source: str | os.PathLike, directory: str | os.PathLike, *, replace: bool = False
+) -> dict:
     """Write a GGUF file as a HF checkpoint directory (config.json, model.safetensors,
     tokenizer.json and tokenizer_config.json with the chat template, generation_config.json)
     that `transformers` and `load_pretrained` both load. The tensors are checked against the
-    config (as `load_pretrained` would) before anything is written.
+    config (as `load_pretrained` would) before anything is written; the directory is written
+    whole or not at all (`atomic`), and one that holds files is refused unless `replace`.
 
     Returns:
       A summary: the config, the number of parameters, and the tokenizer's fate.
     """
+    atomic.check_target(directory, replace=replace)  # before the long read
     contents = gguf.read(source)
     config, tensors = contents["config"], contents["tensors"]
     model = convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
     generation_ids(config, model.config.vocab_size, source=str(source))
-    gguf.write_directory(
-        contents,
-        Path(directory),
-        lambda t, path: save_file(t, path, metadata={"format": "pt"}),
-    )
+    with atomic.writing(directory, replace=replace) as temp:
+        gguf.write_directory(
+            contents, temp, lambda t, path: save_file(t, path, metadata={"format": "pt"})
+        )
     return {
         "source": str(source),
         "out": str(directory),
@@ -292,10 +295,15 @@ def state_dict(model: models.Model) -> dict[str, np.ndarray]:
     }
 
 
-def save_pretrained(model: models.Model, directory: str | Path) -> Path:
-    """Write `model` as an HF checkpoint directory; returns the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def save_pretrained(model: models.Model, directory: str | Path, *, replace: bool = False) -> Path:
+    """Write `model` as an HF checkpoint directory, whole or not at all (`atomic`); a
+    directory that already holds files is refused unless `replace`. Returns the directory."""
+    with atomic.writing(directory, replace=replace) as temp:
+        _write_checkpoint(model, temp)
+    return Path(directory).absolute()
+
+
+def _write_checkpoint(model: models.Model, directory: Path) -> None:
     config = hf_config(model.config) | model.generation
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
@@ -330,4 +338,3 @@ def save_pretrained(model: models.Model, directory: str | Path) -> Path:
                 indent=2,
             )
         )
-    return directory

@@ -16,7 +16,7 @@ import numpy as np
 
 import prism_jax as pj
 from prism_jax import cluster, cost, models
-from prism_jax.checkpoints import hf
+from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import llm, printing
 from prism_jax.cli.parser import build_parser, plan_of, plan_summary
 from prism_jax.data import sources, tfds_builders
@@ -196,12 +196,13 @@ def _run_eval(args) -> dict:
     }
 
 
-def _check_out(out: str, source: str) -> Path:
-    """`--out` is checked before training: a directory that takes files, not the source model."""
+def _check_out(out: str, source: str, force: bool) -> Path:
+    """`--out` is checked before training: not the source model, a new or empty directory
+    (unless `force`) where files can be written."""
     target = Path(out).absolute()
     if Path(source).exists() and target.resolve() == Path(source).resolve():
         raise PrismError(f"--out {out} is the model being fine-tuned; export to another directory")
-    return usable_directory(target, "--out")
+    return atomic.check_target(target, replace=force, what="--out", hint="--force")
 
 
 def _run_finetune(args) -> dict:
@@ -219,7 +220,7 @@ def _run_finetune(args) -> dict:
     )
     if args.checkpoint_dir:
         usable_directory(args.checkpoint_dir, "--checkpoint-dir")
-    out = _check_out(args.out, args.model) if args.out else None
+    out = _check_out(args.out, args.model, args.force) if args.out else None
     model = pj.load_pretrained(args.model)
     features = tfds_builders.features(args.dataset)
     if "label" in features and model.config.head != "classifier":
@@ -255,7 +256,7 @@ def _run_finetune(args) -> dict:
         crs=args.mixed_cr,
     )
     if out:
-        hf.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out, replace=args.force)
     return {
         "model": args.model,
         "dataset": args.dataset,

@@ -9,11 +9,10 @@ import numpy as np
 
 import prism_jax as pj
 from prism_jax import generation
-from prism_jax.checkpoints import hf
+from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import printing
 from prism_jax.cli.parser import plan_of, plan_summary
 from prism_jax.errors import PrismError
-from prism_jax.training.checkpoint import usable_directory
 
 
 def run_generate(args) -> dict:
@@ -67,5 +66,5 @@ def run_convert(args) -> dict:
         raise PrismError(f"{source} is not a .gguf file")
     if not source.is_file():
         raise PrismError(f"no GGUF file at {source}")
-    out = usable_directory(Path(args.out).absolute(), "out")
-    return hf.convert_gguf(source, out)
+    out = atomic.check_target(args.out, replace=args.force, what="out", hint="--force")
+    return hf.convert_gguf(source, out, replace=args.force)

@@ -233,7 +233,11 @@ def _finetune(sub) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
-    p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
+    p.add_argument(
+        "--out", default=None,
+        help="export the result as a HF checkpoint here (a new or empty directory)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     p.add_argument(
         "--mixed-cr",
         type=compression_rates,
@@ -296,7 +300,8 @@ def _convert(sub) -> None:
         "template) and generation_config.json, loadable by transformers and prism-jax alike.",
     )
     p.add_argument("source", help="the .gguf file")
-    p.add_argument("out", help="directory to write (created; files in it are replaced)")
+    p.add_argument("out", help="directory to write (a new or empty one, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace `out` if it already holds files")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
