@@ -347,6 +347,16 @@ CASES = {
         ],  # fmt: skip
         "cannot open the lock file",
     ),
+    # seeds: what JAX's keys and NumPy's generators both take
+    "generate seed beyond 64 bits": (
+        lambda d: [*_generate(d, d["llama_lm"]), "--seed", str(2**64 + 1)],
+        "argument --seed: an integer in [0, 2**63 - 1] expected",
+    ),
+    "finetune seed 2**63": (
+        lambda d: [*_finetune(d), "--seed", str(2**63)],
+        "argument --seed: an integer in [0, 2**63 - 1] expected",
+    ),
+    "finetune seed -1": (lambda d: [*_finetune(d), "--seed", "-1"], "argument --seed"),
 }
 
 

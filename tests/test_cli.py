@@ -273,3 +273,38 @@ def test_eval_and_cost_json_rows_name_the_whole_plan(compressor, hf_models, caps
     assert (plan["salient"], plan["value_tilt"]) == (
         (1, True) if compressor == "prism+" else (0, False)
     )
+
+
+def _fresh_process(argv, stdout, tmp_path):
+    """`prism-jax argv` in a new process (a real stdout, closed or full) with this checkout."""
+    from pathlib import Path
+
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE,
+           "PYTHONPATH": str(Path(__file__).parents[1]), "HOME": str(tmp_path)}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "prism_jax.cli", *argv],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=180,
+    )  # fmt: skip
+
+
+def test_closed_or_full_stdout_is_one_line_or_a_quiet_exit(hf_models, tmp_path):
+    """`prism-jax ... | head -c 1` (the reader gone: a quiet exit, as Unix tools make) and
+    `prism-jax ... > /dev/full` (one line, exit 2): no traceback either way, streamed or not."""
+    from prism_jax import cli
+
+    infer = ["infer", "--model", str(hf_models("bert_cls")[1]), "--devices", "1", "--text",
+             "good tea", "--json"]  # fmt: skip
+    generate = ["generate", "--model", str(hf_models("llama_lm")[1]), "--devices", "1",
+                "--prompt", "good tea", "--max-new-tokens", "3"]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = _fresh_process(infer, full, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "prism-jax infer: error: cannot write: No space left on device\n"
+    for argv in (infer, generate):  # generate streams its text as it comes
+        read, write = os.pipe()
+        os.close(read)  # nobody reads: the first write fails with EPIPE
+        try:
+            done = _fresh_process(argv, write, tmp_path)
+        finally:
+            os.close(write)
+        assert done.returncode == cli.EXIT_BROKEN_PIPE and done.stderr == "", done.stderr

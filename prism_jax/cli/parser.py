@@ -46,6 +46,11 @@ def probability(text: str) -> float:
     return _number(float, text, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def seed(text: str) -> int:
+    """A random seed: what both JAX's keys and NumPy's generators take."""
+    return _number(int, text, "an integer in [0, 2**63 - 1]", lambda v: 0 <= v < 2**63)
+
+
 def port(text: str) -> int:
     return _number(int, text, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
 
@@ -225,7 +230,7 @@ def _finetune(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=5e-5)
     p.add_argument("--warmup", type=nonnegative_int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--max-length", type=positive_int, default=128, help="tokens per example / LM row"
     )
@@ -283,7 +288,7 @@ def _generate(sub) -> None:
         "--top-p", type=probability, default=None,
         help="sample among the most likely tokens that hold this probability (after --top-k)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument(
         "--compare", action="store_true", help="also generate with the exact model and compare"
     )
