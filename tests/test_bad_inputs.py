@@ -2,6 +2,7 @@
 naming the field (Python API). Table-driven: a case is a name, how to build its argv from the
 fixtures, and the line's expected text."""
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -97,6 +98,16 @@ def _generate(d, model):
 
 def _gguf(d, **meta):
     return tiny_gguf.build(d["tmp"], **meta)
+
+
+_NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+
+
+def _chat(d, template):
+    """The tiny Llama with `template` as its chat template."""
+    path = d["llama_lm"] / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": template}))
+    return d["llama_lm"]
 
 
 def _prepared(d):
@@ -357,6 +368,24 @@ CASES = {
         "argument --seed: an integer in [0, 2**63 - 1] expected",
     ),
     "finetune seed -1": (lambda d: [*_finetune(d), "--seed", "-1"], "argument --seed"),
+    # saving, distillation, prompts
+    "save to an empty name": (lambda d: _infer(d, "--save", ""), "give a file name to write to"),
+    "distill 1e308 (inf in float32)": (
+        lambda d: [*_finetune(d), "--distill", "1e308"],
+        "argument --distill: a number in [0, 3.4e38] (float32) expected, got '1e308'",
+    ),
+    "an empty prompt": (
+        lambda d: [*_generate(d, d["llama_lm"]), "--prompt", ""],
+        "prompt 2 is empty: there is no token to continue",
+    ),
+    "a chat template that renders nothing": (
+        lambda d: [*_generate(d, _chat(d, "{% if false %}x{% endif %}")), "--chat"],
+        "prompt 1 is empty (as the chat template renders it)",
+    ),
+    "a chat template of nested range(99999) loops": (
+        lambda d: [*_generate(d, _chat(d, _NESTED_LOOPS)), "--chat"],
+        "the chat template failed: it loops over more than 100,000 range items",
+    ),
 }
 
 
@@ -483,3 +512,20 @@ def test_unreadable_files_are_one_line(name, dirs, monkeypatch, capsys):
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{name}: Permission denied" in err or f"{name} (Permission denied)" in err, err
+
+
+def test_a_chat_template_that_runs_long_is_stopped(hf_models, monkeypatch):
+    """Loops that no `range` budget sees (over a long string) are stopped by the time bound."""
+    from prism_jax.checkpoints import preprocess
+
+    tok = pj.load_pretrained(hf_models("llama_lm")[1]).tokenizer
+    monkeypatch.setattr(preprocess, "CHAT_SECONDS", 0.5)
+    long = "{% for a in 'x' * 100000 %}{% for b in 'y' * 100000 %}{% endfor %}{% endfor %}"
+    tok = dataclasses.replace(tok, chat_template=long)
+    with pytest.raises(
+        pj.PrismError, match=r"the chat template failed: it ran for more than 0.5 s"
+    ):
+        tok.chat("hi")
+    assert (
+        dataclasses.replace(tok, chat_template="<{{ messages[0].content }}>").chat("hi") == "<hi>"
+    )

@@ -308,3 +308,32 @@ def test_closed_or_full_stdout_is_one_line_or_a_quiet_exit(hf_models, tmp_path):
         finally:
             os.close(write)
         assert done.returncode == cli.EXIT_BROKEN_PIPE and done.stderr == "", done.stderr
+
+
+def test_infer_saves_to_exactly_the_path_given(hf_models, tmp_path, capsys):
+    target = tmp_path / "x.dat"
+    argv = ["infer", "--model", str(hf_models("bert_cls")[1]), "--devices", "2", "--text", "a"]
+    code, out, err = run(capsys, *argv, "--save", str(target), "--json")
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["x.dat"]  # not x.dat.npz
+    with np.load(target) as saved:
+        assert saved["logits"].shape == (1, 3)  # the tiny classifier has 3 labels
+
+
+def test_cost_takes_a_gguf_file_as_every_other_command_does(tmp_path, capsys):
+    """`cost --model x.gguf` costs the model its metadata describes: as its converted folder."""
+    from prism_jax.checkpoints import hf
+    from tests import tiny_gguf
+
+    source = tiny_gguf.build(tmp_path)
+    hf.convert_gguf(source, tmp_path / "converted")
+    shape = ["--seq-len", "12", "--devices", "3", "--cr", "2", "--json"]
+    code, out, err = run(capsys, "cost", "--model", str(source), *shape)
+    assert code == 0, err
+    from_gguf = json.loads(out)
+    code, out, err = run(capsys, "cost", "--model", str(tmp_path / "converted"), *shape)
+    from_folder = json.loads(out)
+    assert from_gguf["model"] == str(source) and from_gguf["bytes_sent"] > 0
+    assert {k: v for k, v in from_gguf.items() if k != "model"} == {
+        k: v for k, v in from_folder.items() if k != "model"
+    }

@@ -242,6 +242,12 @@ def tokenizer_config(fields: dict, config: dict) -> dict:
     return out
 
 
+def read_config(path: str | os.PathLike) -> dict:
+    """The HF `config.json` of a GGUF file, from its metadata alone (no tensor is read)."""
+    reader = _reader(Path(path))
+    return hf_config(_fields(reader), {t.name for t in reader.tensors})
+
+
 def read(path: str | os.PathLike) -> dict:
     """Everything a HF checkpoint directory would hold, from one GGUF file.
 

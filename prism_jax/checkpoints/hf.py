@@ -206,6 +206,11 @@ def checked_ids(values: dict, vocab: int | None, where: str) -> dict:
     return out
 
 
+def gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a GGUF file, from its metadata (costing a model needs no weights)."""
+    return make_config(gguf.read_config(path), set())
+
+
 def _load_gguf(path: Path, dtype) -> models.Model:
     contents = gguf.read(path)
     config, tensors = contents["config"], contents["tensors"]

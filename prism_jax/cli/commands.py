@@ -85,10 +85,12 @@ def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
     return result
 
 
-def writable_file(path: str, suffix: str) -> Path:
-    """Where a file will be written (`suffix` added if missing, as `np.savez` does), checked
-    before any work: its directory exists and takes new files, and it is not a directory."""
-    target = Path(path if path.endswith(suffix) else path + suffix)
+def writable_file(path: str) -> Path:
+    """Where a file will be written, exactly as named, checked before any work: a name was
+    given, its directory exists and takes new files, and it is not a directory."""
+    if not path:
+        raise PrismError("give a file name to write to, not an empty one")
+    target = Path(path)
     if target.is_dir():
         raise PrismError(f"{target} is a directory, not a file")
     if not target.parent.is_dir():
@@ -109,14 +111,15 @@ def _check_finite(out: dict) -> dict:
 
 def _run_infer(args) -> dict:
     plan = plan_of(args)
-    save = writable_file(args.save, ".npz") if args.save else None
+    save = writable_file(args.save) if args.save is not None else None
     model = pj.load_pretrained(args.model)
     batch = _make_batch(model, args)
     mesh = pj.edge_mesh(args.devices)
     out = _check_finite(pj.infer(model, batch, mesh=mesh, plan=plan))
     if save and jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
         try:
-            np.savez(save, **out)
+            with open(save, "wb") as f:  # a path would get ".npz" added by NumPy
+                np.savez(f, **out)
         except OSError as e:
             raise PrismError(f"cannot write {save}: {e.strerror or e}") from None
     b, t = out["last_hidden_state"].shape[:2]
@@ -255,6 +258,8 @@ def _run_finetune(args) -> dict:
         evaluate=evaluate,
         crs=args.mixed_cr,
     )
+    if not run.evals:  # resumed after its last step (nothing left to train): score it still
+        run.evals.append({"step": args.steps, **evaluate(run.model)})
     if out:
         hf.save_pretrained(run.model, out, replace=args.force)
     return {
@@ -275,7 +280,8 @@ def _run_finetune(args) -> dict:
 
 def _run_cost(args) -> dict:
     plan = plan_of(args)
-    _, cfg = cost.resolve_config(args.model)
+    model = hf.gguf_config(args.model) if str(args.model).endswith(".gguf") else args.model
+    _, cfg = cost.resolve_config(model)
     report = cost.measure(
         cfg,
         plan,

@@ -23,6 +23,10 @@ def run_generate(args) -> dict:
         raise PrismError(f"{args.model} has no tokenizer to read the prompt with")
     texts = [tok.chat(t) if args.chat else t for t in args.prompt]
     rows = [tok.encode_plain(t) for t in texts]
+    empty = [i for i, r in enumerate(rows, 1) if not r]
+    if empty:
+        rendered = " (as the chat template renders it)" if args.chat else ""
+        raise PrismError(f"prompt {empty[0]} is empty{rendered}: there is no token to continue")
     t = max(len(r) for r in rows)
     batch = {
         "input_ids": np.zeros((len(rows), t), np.int32),

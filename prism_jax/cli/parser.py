@@ -137,7 +137,9 @@ def _infer(sub) -> None:
     p.add_argument(
         "--compare", action="store_true", help="also run the exact model and print the agreement"
     )
-    p.add_argument("--save", default=None, help="write every output array to this .npz file")
+    p.add_argument(
+        "--save", default=None, help="write every output array to this file (NumPy .npz format)"
+    )
     _plan_args(p)
 
 
@@ -170,7 +172,8 @@ def _cost(sub) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="preset (bert-base, gpt2, vit-base-patch16-224, smollm2-135m) or checkpoint directory",
+        help="preset (bert-base, gpt2, vit-base-patch16-224, smollm2-135m), checkpoint "
+        "directory or .gguf file",
     )
     p.add_argument(
         "--seq-len", type=positive_int, default=None, help="tokens T (ViT: fixed, 1 + P)"
@@ -252,7 +255,7 @@ def _finetune(sub) -> None:
     )
     p.add_argument(
         "--distill",
-        type=nonnegative_float,
+        type=float32_weight,
         default=0.0,
         help="weight of KL(the starting model run exactly || the model trained) beside the "
         "cross-entropy: keeps the exact model's predictions while learning compression (for "
@@ -264,6 +267,17 @@ def _finetune(sub) -> None:
 
 def nonnegative_float(text: str) -> float:
     return _number(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def float32_weight(text: str) -> float:
+    """A loss weight >= 0 that float32 holds (a larger one is inf in the float32 loss, which
+    then stops training with a hint about the learning rate)."""
+    return _number(
+        float, text, "a number in [0, 3.4e38] (float32)", lambda v: 0 <= v <= FLOAT32_MAX
+    )
 
 
 def _generate(sub) -> None:
