@@ -386,6 +386,15 @@ CASES = {
         lambda d: [*_generate(d, _chat(d, _NESTED_LOOPS)), "--chat"],
         "the chat template failed: it loops over more than 100,000 range items",
     ),
+    # replacing an output folder never deletes what is read
+    "convert --force into the GGUF's own folder": (
+        lambda d: ["convert", str(_gguf(d)), str(d["tmp"]), "--force"],
+        "tiny.gguf: replacing it would delete that",
+    ),
+    "finetune --out --force onto the folder above the model": (
+        lambda d: [*_finetune(d), "--out", str(d["tmp"]), "--force"],
+        "bert_cls: replacing it would delete that",
+    ),
 }
 
 

@@ -21,10 +21,13 @@ from prism_jax.errors import PrismError
 _PARTIAL = ".partial-"  # .<name>.partial-<pid>-<random>: a write in progress
 
 
-def check_target(path, *, replace: bool, what: str = "output directory", hint="replace=True"):
+def check_target(
+    path, *, replace: bool, what: str = "output directory", hint="replace=True", source=None
+):
     """`path` as an absolute directory that may be written, checked before any long work: not a
-    file, empty or absent (or `replace`), its nearest existing parent a writable directory.
-    `hint` says how to ask for a replacement (`--force` on the command line)."""
+    file, empty or absent (or `replace`), its nearest existing parent a writable directory,
+    not holding `source` (what is read: replacing the folder would delete it). `hint` says how
+    to ask for a replacement (`--force` on the command line)."""
     target = Path(path).absolute()
     if target.exists() and not target.is_dir():
         raise PrismError(f"{what} {target} is a file, not a directory")
@@ -33,6 +36,8 @@ def check_target(path, *, replace: bool, what: str = "output directory", hint="r
             f"{what} {target} already holds files; give a new or empty directory, or replace "
             f"it ({hint})"
         )
+    if source is not None and Path(source).resolve().is_relative_to(target.resolve()):
+        raise PrismError(f"{what} {target} holds {source}: replacing it would delete that")
     parent = target.parent
     while not parent.exists():
         parent = parent.parent

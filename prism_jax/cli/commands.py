@@ -205,7 +205,8 @@ def _check_out(out: str, source: str, force: bool) -> Path:
     target = Path(out).absolute()
     if Path(source).exists() and target.resolve() == Path(source).resolve():
         raise PrismError(f"--out {out} is the model being fine-tuned; export to another directory")
-    return atomic.check_target(target, replace=force, what="--out", hint="--force")
+    held = source if Path(source).exists() else None  # (a hub id is held nowhere here)
+    return atomic.check_target(target, replace=force, what="--out", hint="--force", source=held)
 
 
 def _run_finetune(args) -> dict:

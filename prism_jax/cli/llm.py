@@ -70,5 +70,7 @@ def run_convert(args) -> dict:
         raise PrismError(f"{source} is not a .gguf file")
     if not source.is_file():
         raise PrismError(f"no GGUF file at {source}")
-    out = atomic.check_target(args.out, replace=args.force, what="out", hint="--force")
+    out = atomic.check_target(
+        args.out, replace=args.force, what="out", hint="--force", source=source
+    )
     return hf.convert_gguf(source, out, replace=args.force)
