@@ -94,7 +94,7 @@ def main(argv=None):
     )
     if not args.smoke or args.out:
         out = Path(args.out or (HERE / "models" / "gpt2-wikipedia"))
-        hf.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out, replace=True)
         record = {
             "config": s,
             "minutes": minutes,

@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"\n{len(x_train)} training images, {minutes:.1f} min")
     out = Path(args.out or (HERE / "models" / "vit-fashion-mnist"))
     if not args.smoke or args.out:
-        hf.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out, replace=True)
         record = {
             "config": settings,
             "minutes": minutes,

@@ -2,6 +2,7 @@
 naming the field (Python API). Table-driven: a case is a name, how to build its argv from the
 fixtures, and the line's expected text."""
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -82,6 +83,46 @@ def _infer(d, *extra, model="bert_cls"):
 def _truncated_gguf(d):
     path = tiny_gguf.build(d["tmp"])
     path.write_bytes(path.read_bytes()[:5000])
+    return path
+
+
+def _write(directory, name, **values):
+    (directory / name).write_text(json.dumps(values))
+    return directory
+
+
+def _generate(d, model):
+    return ["generate", "--model", str(model), "--devices", "2", "--prompt", "good tea",
+            "--max-new-tokens", "2"]  # fmt: skip
+
+
+def _gguf(d, **meta):
+    return tiny_gguf.build(d["tmp"], **meta)
+
+
+_NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+
+
+def _chat(d, template):
+    """The tiny Llama with `template` as its chat template."""
+    path = d["llama_lm"] / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": template}))
+    return d["llama_lm"]
+
+
+def _prepared(d):
+    """`d`, once the fine-tuning data set is prepared (TFDS reports that on stderr)."""
+    from prism_jax.data import tfds_builders
+
+    tfds_builders.texts("fine_food_reviews", "train", 1)
+    return d
+
+
+def _folder_for(path):
+    """`path` made a directory (no permissions bits needed: the tests run as root)."""
+    if path.exists():
+        path.unlink()
+    path.mkdir(parents=True)
     return path
 
 
@@ -248,6 +289,128 @@ CASES = {
         lambda d: ["launch", "--nodes", "2", *_finetune(d)],
         "finetune does not run across nodes; give the command to run after the options: "
         "infer ..., cost ... or eval ...",
+    ),
+    # generation ids: tampered generation_config.json, ids outside the vocabulary
+    "generation_config eos a string": (
+        lambda d: _generate(
+            d, _write(d["llama_lm"], "generation_config.json", eos_token_id="zero")
+        ),
+        "generation_config.json: eos_token_id must be a token id in [0, 101) (or a list of "
+        "them), got 'zero'",
+    ),
+    "generation_config pad -5": (
+        lambda d: _generate(d, _write(d["llama_lm"], "generation_config.json", pad_token_id=-5)),
+        "generation_config.json: pad_token_id must be a token id in [0, 101), got -5",
+    ),
+    "generation_config eos list with a bool": (
+        lambda d: _generate(
+            d, _write(d["llama_lm"], "generation_config.json", eos_token_id=[0, True])
+        ),
+        "eos_token_id must be a token id in [0, 101) (or a list of them), got [0, True]",
+    ),
+    "config eos past the vocabulary": (
+        lambda d: _generate(d, _config(d["llama_lm"], eos_token_id=99999)),
+        "config.json: eos_token_id must be a token id in [0, 101)",
+    ),
+    "config pad past the vocabulary": (
+        lambda d: _generate(d, _config(d["llama_lm"], pad_token_id=1000000)),
+        "config.json: pad_token_id must be a token id in [0, 101), got 1000000",
+    ),
+    "GGUF eos past the vocabulary": (
+        lambda d: _generate(d, tiny_gguf.build(d["tmp"], eos_token_id=99999)),
+        "tiny.gguf: eos_token_id must be a token id in [0, 268)",
+    ),
+    "convert a GGUF whose pad is past the vocabulary": (
+        lambda d: [
+            "convert",
+            str(tiny_gguf.build(d["tmp"], pad_token_id=300)),
+            str(d["tmp"] / "o"),
+        ],
+        "tiny.gguf: pad_token_id must be a token id in [0, 268), got 300",
+    ),
+    # GGUF metadata that disagrees with its tensors, in convert, infer and generate
+    "GGUF head count 3 at width 64": (
+        lambda d: ["convert", str(_gguf(d, head_count=3)), str(d["tmp"] / "o")],
+        "GGUF metadata disagrees with tensor blk.0.attn_q.weight: llama.attention.head_count "
+        "= 3 heads of size 16 need 48 rows, the tensor has 64",
+    ),
+    "GGUF head count 0": (
+        lambda d: ["infer", "--model", str(_gguf(d, head_count=0)), "--text", "a"],
+        "GGUF field llama.attention.head_count must be an integer >= 1, got 0",
+    ),
+    "GGUF KV head count 3": (
+        lambda d: _generate(d, _gguf(d, head_count_kv=3)),
+        "tensor blk.0.attn_k.weight: llama.attention.head_count_kv = 3 heads",
+    ),
+    "GGUF short token-type list": (
+        lambda d: _generate(d, _gguf(d, token_types=[3, 3, 1])),
+        "GGUF field tokenizer.ggml.token_type has 3 entries for 268 tokens",
+    ),
+    "GGUF malformed merge": (
+        lambda d: ["convert", str(_gguf(d, token_merges=["h e", "the"])), str(d["tmp"] / "o")],
+        "tokenizer.ggml.merges: merge 1 'the' is not two tokens separated by one space",
+    ),
+    "GGUF merge of unknown tokens": (
+        lambda d: ["infer", "--model", str(_gguf(d, token_merges=["zz qq"])), "--text", "a"],
+        "merge 0 'zz qq' names 'zz', which is not in the vocabulary",
+    ),
+    "GGUF merge into an unknown token": (
+        lambda d: _generate(d, _gguf(d, token_merges=["h t"])),
+        "merge 0 'h t' names 'ht', which is not in the vocabulary",
+    ),
+    # a directory where a file should be (unreadable files: `test_unreadable_files_...`)
+    "config.json is a directory": (
+        lambda d: _folder_for(d["bert_cls"] / "config.json") and _infer(d),
+        "config.json: Is a directory",
+    ),
+    "model.safetensors is a directory": (
+        lambda d: _folder_for(d["bert_cls"] / "model.safetensors") and _infer(d),
+        "model.safetensors: Is a directory",
+    ),
+    "checkpoint lock is a directory": (
+        lambda d: [
+            *_finetune(_prepared(d)),
+            "--checkpoint-dir",
+            str(_folder_for(d["tmp"] / "ck" / ".lock").parent),
+        ],  # fmt: skip
+        "cannot open the lock file",
+    ),
+    # seeds: what JAX's keys and NumPy's generators both take
+    "generate seed beyond 64 bits": (
+        lambda d: [*_generate(d, d["llama_lm"]), "--seed", str(2**64 + 1)],
+        "argument --seed: an integer in [0, 2**63 - 1] expected",
+    ),
+    "finetune seed 2**63": (
+        lambda d: [*_finetune(d), "--seed", str(2**63)],
+        "argument --seed: an integer in [0, 2**63 - 1] expected",
+    ),
+    "finetune seed -1": (lambda d: [*_finetune(d), "--seed", "-1"], "argument --seed"),
+    # saving, distillation, prompts
+    "save to an empty name": (lambda d: _infer(d, "--save", ""), "give a file name to write to"),
+    "distill 1e308 (inf in float32)": (
+        lambda d: [*_finetune(d), "--distill", "1e308"],
+        "argument --distill: a number in [0, 3.4e38] (float32) expected, got '1e308'",
+    ),
+    "an empty prompt": (
+        lambda d: [*_generate(d, d["llama_lm"]), "--prompt", ""],
+        "prompt 2 is empty: there is no token to continue",
+    ),
+    "a chat template that renders nothing": (
+        lambda d: [*_generate(d, _chat(d, "{% if false %}x{% endif %}")), "--chat"],
+        "prompt 1 is empty (as the chat template renders it)",
+    ),
+    "a chat template of nested range(99999) loops": (
+        lambda d: [*_generate(d, _chat(d, _NESTED_LOOPS)), "--chat"],
+        "the chat template failed: it loops over more than 100,000 range items",
+    ),
+    # replacing an output folder never deletes what is read
+    "convert --force into the GGUF's own folder": (
+        lambda d: ["convert", str(_gguf(d)), str(d["tmp"]), "--force"],
+        "tiny.gguf: replacing it would delete that",
+    ),
+    "finetune --out --force onto the folder above the model": (
+        lambda d: [*_finetune(d), "--out", str(d["tmp"]), "--force"],
+        "bert_cls: replacing it would delete that",
     ),
 }
 
@@ -527,3 +690,47 @@ def _busy_port(d) -> int:
     d["busy"].bind(("127.0.0.1", 0))
     d["busy"].listen()
     return d["busy"].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "tokenizer_config.json", "model.safetensors", ".lock"]
+)
+def test_unreadable_files_are_one_line(name, dirs, monkeypatch, capsys):
+    """A file we may not read (or a lock file of another user): one line naming it. Root reads
+    everything, so the refusal is simulated where Python opens the file."""
+    import builtins
+    import io
+    import os
+
+    real = builtins.open
+
+    def guarded(file, *args, **kw):
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(file) == name:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real(file, *args, **kw)
+
+    _prepared(dirs)
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+    code = cli.main([*_finetune(dirs), "--checkpoint-dir", str(dirs["tmp"] / "ck")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{name}: Permission denied" in err or f"{name} (Permission denied)" in err, err
+
+
+def test_a_chat_template_that_runs_long_is_stopped(hf_models, monkeypatch):
+    """Loops that no `range` budget sees (over a long string) are stopped by the time bound."""
+    from prism_jax.checkpoints import preprocess
+
+    tok = pj.load_pretrained(hf_models("llama_lm")[1]).tokenizer
+    monkeypatch.setattr(preprocess, "CHAT_SECONDS", 0.5)
+    long = "{% for a in 'x' * 100000 %}{% for b in 'y' * 100000 %}{% endfor %}{% endfor %}"
+    tok = dataclasses.replace(tok, chat_template=long)
+    with pytest.raises(
+        pj.PrismError, match=r"the chat template failed: it ran for more than 0.5 s"
+    ):
+        tok.chat("hi")
+    assert (
+        dataclasses.replace(tok, chat_template="<{{ messages[0].content }}>").chat("hi") == "<hi>"
+    )

@@ -246,3 +246,94 @@ def test_edge_mesh_emulates_on_the_cpu_when_the_accelerator_has_too_few(monkeypa
     monkeypatch.setattr(jax, "devices", lambda backend=None: real(backend) if backend else [Gpu()])
     mesh = pj.edge_mesh(2)
     assert list(mesh.devices) == cpus[:2]
+
+
+@pytest.mark.parametrize("compressor", ["paper", "prism+"])
+def test_eval_and_cost_json_rows_name_the_whole_plan(compressor, hf_models, capsys):
+    """A prism+ row is told from a paper row: every JSON row holds every field of its plan."""
+    import dataclasses
+
+    from prism_jax.cli.parser import build_parser, plan_of
+
+    bert = str(hf_models("bert_cls")[1])
+    common = ["--devices", "2", "--compressor", compressor, "--json"]
+    argv = ["eval", "--model", bert, "--limit", "2", "--max-length", "8", "--cr", "1,2"]
+    code, out, err = run(capsys, *argv, *common)
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    args = build_parser().parse_args([*argv, *common])
+    for row, cr in zip(rows, (1, 2), strict=True):
+        want = plan_of(args, cr).for_model(pj.load_pretrained(bert).config)
+        assert row["plan"] == dataclasses.asdict(want)
+    assert rows[1]["plan"]["grouping"] == ("kmeans" if compressor == "prism+" else "segments")
+    code, out, err = run(capsys, "cost", "--model", bert, "--seq-len", "8", "--cr", "2", *common)
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert set(plan) == {f.name for f in dataclasses.fields(pj.Plan)}
+    assert (plan["salient"], plan["value_tilt"]) == (
+        (1, True) if compressor == "prism+" else (0, False)
+    )
+
+
+def _fresh_process(argv, stdout, tmp_path):
+    """`prism-jax argv` in a new process (a real stdout, closed or full) with this checkout."""
+    from pathlib import Path
+
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "XLA_FLAGS": FAST_COMPILE,
+           "PYTHONPATH": str(Path(__file__).parents[1]), "HOME": str(tmp_path)}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "prism_jax.cli", *argv],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=180,
+    )  # fmt: skip
+
+
+def test_closed_or_full_stdout_is_one_line_or_a_quiet_exit(hf_models, tmp_path):
+    """`prism-jax ... | head -c 1` (the reader gone: a quiet exit, as Unix tools make) and
+    `prism-jax ... > /dev/full` (one line, exit 2): no traceback either way, streamed or not."""
+    from prism_jax import cli
+
+    infer = ["infer", "--model", str(hf_models("bert_cls")[1]), "--devices", "1", "--text",
+             "good tea", "--json"]  # fmt: skip
+    generate = ["generate", "--model", str(hf_models("llama_lm")[1]), "--devices", "1",
+                "--prompt", "good tea", "--max-new-tokens", "3"]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        done = _fresh_process(infer, full, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "prism-jax infer: error: cannot write: No space left on device\n"
+    for argv in (infer, generate):  # generate streams its text as it comes
+        read, write = os.pipe()
+        os.close(read)  # nobody reads: the first write fails with EPIPE
+        try:
+            done = _fresh_process(argv, write, tmp_path)
+        finally:
+            os.close(write)
+        assert done.returncode == cli.EXIT_BROKEN_PIPE and done.stderr == "", done.stderr
+
+
+def test_infer_saves_to_exactly_the_path_given(hf_models, tmp_path, capsys):
+    target = tmp_path / "x.dat"
+    argv = ["infer", "--model", str(hf_models("bert_cls")[1]), "--devices", "2", "--text", "a"]
+    code, out, err = run(capsys, *argv, "--save", str(target), "--json")
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["x.dat"]  # not x.dat.npz
+    with np.load(target) as saved:
+        assert saved["logits"].shape == (1, 3)  # the tiny classifier has 3 labels
+
+
+def test_cost_takes_a_gguf_file_as_every_other_command_does(tmp_path, capsys):
+    """`cost --model x.gguf` costs the model its metadata describes: as its converted folder."""
+    from prism_jax.checkpoints import hf
+    from tests import tiny_gguf
+
+    source = tiny_gguf.build(tmp_path)
+    hf.convert_gguf(source, tmp_path / "converted")
+    shape = ["--seq-len", "12", "--devices", "3", "--cr", "2", "--json"]
+    code, out, err = run(capsys, "cost", "--model", str(source), *shape)
+    assert code == 0, err
+    from_gguf = json.loads(out)
+    code, out, err = run(capsys, "cost", "--model", str(tmp_path / "converted"), *shape)
+    from_folder = json.loads(out)
+    assert from_gguf["model"] == str(source) and from_gguf["bytes_sent"] > 0
+    assert {k: v for k, v in from_gguf.items() if k != "model"} == {
+        k: v for k, v in from_folder.items() if k != "model"
+    }

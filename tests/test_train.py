@@ -223,9 +223,11 @@ def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
     # the reported accuracy is the exported model's, under the plan it was trained with
     assert r["evals"][-1]["step"] == 3
     assert r["evals"][-1]["test_accuracy"] == _score(exported, "fine_food_reviews", "test", 8, 24)
-    # the same command again resumes from the last checkpoint: nothing left to do
+    # the same command again resumes from the last checkpoint: nothing left to train, and the
+    # model is scored still (a run killed after its last checkpoint reports its test metric)
     assert cli.main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_from"] == 3
+    again = json.loads(capsys.readouterr().out)
+    assert again["resumed_from"] == 3 and again["evals"] == r["evals"][-1:]
     # fewer steps than the directory holds: one line, exit 2, not the longer-trained model
     fewer = [*argv[: argv.index("--steps") + 1], "2", *argv[argv.index("--steps") + 2 :]]
     assert cli.main(fewer) == 2

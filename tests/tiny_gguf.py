@@ -49,8 +49,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def build(directory: Path, *, arch: str = "llama", tied: bool = False):
-    """Write `tiny.gguf` into `directory`; returns its path."""
+def build(directory: Path, *, arch: str = "llama", tied: bool = False, name="tiny.gguf", **meta):
+    """Write `name` into `directory`; returns its path. `meta` overrides metadata fields by
+    the name of the writer's `add_<field>` method (`head_count=3`, `token_types=[...]`),
+    leaving the tensors as they are: a file whose metadata disagrees with its tensors."""
     import gguf
     import torch
     import transformers
@@ -69,25 +71,30 @@ def build(directory: Path, *, arch: str = "llama", tied: bool = False):
     for k in sd:
         if k.endswith("norm.weight"):
             sd[k] = sd[k] + 0.1 * np.random.default_rng(len(k)).standard_normal(sd[k].shape)
-    path = directory / "tiny.gguf"
+    path = directory / name
     w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(SHAPE["num_hidden_layers"])
-    w.add_context_length(SHAPE["max_position_embeddings"])
-    w.add_embedding_length(SHAPE["hidden_size"])
-    w.add_feed_forward_length(SHAPE["intermediate_size"])
-    w.add_head_count(SHAPE["num_attention_heads"])
-    w.add_head_count_kv(SHAPE["num_key_value_heads"])
-    w.add_rope_freq_base(SHAPE["rope_theta"])
-    w.add_layer_norm_rms_eps(SHAPE["rms_norm_eps"])
-    w.add_rope_dimension_count(SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(0)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+    fields = dict(
+        block_count=SHAPE["num_hidden_layers"],
+        context_length=SHAPE["max_position_embeddings"],
+        embedding_length=SHAPE["hidden_size"],
+        feed_forward_length=SHAPE["intermediate_size"],
+        head_count=SHAPE["num_attention_heads"],
+        head_count_kv=SHAPE["num_key_value_heads"],
+        rope_freq_base=SHAPE["rope_theta"],
+        layer_norm_rms_eps=SHAPE["rms_norm_eps"],
+        rope_dimension_count=SHAPE["hidden_size"] // SHAPE["num_attention_heads"],
+        tokenizer_model="gpt2",
+        tokenizer_pre="smollm",
+        token_list=tokens,
+        token_types=types,
+        token_merges=MERGES,
+        bos_token_id=1,
+        eos_token_id=0,
+        chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}",
+    )
+    for field, value in (fields | meta).items():
+        if value is not None:  # None: the field is left out
+            getattr(w, f"add_{field}")(value)
     q4, q8, f32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_1", "Q8_0", "F32"))
 
     def put(name, array, kind):

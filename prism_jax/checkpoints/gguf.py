@@ -13,6 +13,7 @@ rotary kernel rotates adjacent pairs, HF's rotates halves): `_unpermute` undoes 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -78,10 +79,15 @@ def _fields(reader) -> dict:
     return out
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's per-head row order of a q/k projection (pairs interleaved) -> HF's (halves)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _unpermute(w: np.ndarray, heads: int, head_dim: int, name: str, field: str) -> np.ndarray:
+    """llama.cpp's per-head row order of a q/k projection (pairs interleaved) -> HF's (halves);
+    a PrismError when the metadata's heads do not fit the tensor's rows."""
+    if w.shape[0] != heads * head_dim:
+        raise PrismError(
+            f"GGUF metadata disagrees with tensor {name}: {field} = {heads} heads of size "
+            f"{head_dim} need {heads * head_dim} rows, the tensor has {w.shape[0]}"
+        )
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_config(fields: dict, tensor_names: set[str]) -> dict:
@@ -98,24 +104,30 @@ def hf_config(fields: dict, tensor_names: set[str]) -> dict:
             raise PrismError(f"the GGUF file lacks {arch}.{key}")
         return value
 
+    def count(key, default=None) -> int:  # a size or count: an integer >= 1
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise PrismError(f"GGUF field {arch}.{key} must be an integer >= 1, got {value!r}")
+        return int(value)
+
     scaling = fields.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "default") or "rope_freqs.weight" in tensor_names:
         raise PrismError(f"unsupported rope scaling {scaling!r} in the GGUF file")
-    heads, width = int(get("attention.head_count")), int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", get("rope.dimension_count", width // heads)))
+    heads, width = count("attention.head_count"), count("embedding_length")
+    head_dim = count("attention.key_length", get("rope.dimension_count", width // heads))
     vocab = fields.get(f"{arch}.vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": int(vocab),
         "hidden_size": width,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "num_key_value_heads": count("attention.head_count_kv", heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": int(get("context_length")),
+        "max_position_embeddings": count("context_length"),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
@@ -144,10 +156,10 @@ def tensors(reader, config: dict) -> dict[str, np.ndarray]:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         except (NotImplementedError, ValueError) as e:
             raise PrismError(f"cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
-        if template.endswith(("attn_q.weight", "attn_q.bias")):
-            w = _unpermute(w, config["num_attention_heads"])
-        elif template.endswith(("attn_k.weight", "attn_k.bias")):
-            w = _unpermute(w, config["num_key_value_heads"])
+        for kind, heads in (("q", "num_attention_heads"), ("k", "num_key_value_heads")):
+            if template.endswith((f"attn_{kind}.weight", f"attn_{kind}.bias")):
+                field = "llama.attention.head_count" + ("_kv" if kind == "k" else "")
+                w = _unpermute(w, config[heads], config["head_dim"], t.name, field)
         out[hf.format(i=layer.group(1)) if layer else hf] = w
     if unknown:
         raise PrismError(f"GGUF tensors this converter does not know: {unknown[:8]}")
@@ -163,9 +175,11 @@ def tokenizer(fields: dict):
     kind, pre = fields.get("tokenizer.ggml.model"), fields.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in _BPE_PRE:
         return None, f"tokenizer model {kind!r} with pre-tokenizer {pre!r} is not converted"
+    if "tokenizer.ggml.tokens" not in fields:
+        raise PrismError("the GGUF file lacks tokenizer.ggml.tokens")
     tokens = list(fields["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", ())]
     vocab = {token: i for i, token in enumerate(tokens)}
+    merges = _merges(fields.get("tokenizer.ggml.merges", ()), vocab)
     backend = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
     split = [pre_tokenizers.Digits(individual_digits=True)] if _BPE_PRE[pre] else []
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -173,6 +187,11 @@ def tokenizer(fields: dict):
     )
     backend.decoder = decoders.ByteLevel()
     types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise PrismError(
+            f"GGUF field tokenizer.ggml.token_type has {len(types)} entries for "
+            f"{len(tokens)} tokens (tokenizer.ggml.tokens)"
+        )
     special = [
         tokenizers.AddedToken(t, special=True, normalized=False)
         for t, kind in zip(tokens, types, strict=True)
@@ -180,6 +199,27 @@ def tokenizer(fields: dict):
     ]
     backend.add_special_tokens(special)
     return backend, None
+
+
+def _merges(merges, vocab: dict) -> list[tuple[str, str]]:
+    """BPE merges "a b" as pairs, each checked (the tokenizers library panics or raises on a
+    pair, or a merged token, that is not in the vocabulary)."""
+    out = []
+    for i, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else []
+        if len(pair) != 2 or not all(pair):
+            raise PrismError(
+                f"GGUF field tokenizer.ggml.merges: merge {i} {merge!r} is not two tokens "
+                "separated by one space"
+            )
+        unknown = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if unknown:
+            raise PrismError(
+                f"GGUF field tokenizer.ggml.merges: merge {i} {merge!r} names {unknown[0]!r}, "
+                "which is not in the vocabulary (tokenizer.ggml.tokens)"
+            )
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def tokenizer_config(fields: dict, config: dict) -> dict:
@@ -200,6 +240,12 @@ def tokenizer_config(fields: dict, config: dict) -> dict:
     if "tokenizer.chat_template" in fields:
         out["chat_template"] = fields["tokenizer.chat_template"]
     return out
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The HF `config.json` of a GGUF file, from its metadata alone (no tensor is read)."""
+    reader = _reader(Path(path))
+    return hf_config(_fields(reader), {t.name for t in reader.tensors})
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -227,9 +273,8 @@ def read(path: str | os.PathLike) -> dict:
 
 
 def write_directory(contents: dict, directory: Path, save_tensors) -> None:
-    """Write what `read` returned as a HF checkpoint directory (`save_tensors(tensors, path)`
-    writes the safetensors file)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write what `read` returned into the (existing) `directory`, as a HF checkpoint
+    (`save_tensors(tensors, path)` writes the safetensors file)."""
     (directory / "config.json").write_text(json.dumps(contents["config"], indent=2))
     save_tensors(contents["tensors"], directory / "model.safetensors")
     (directory / "generation_config.json").write_text(

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from prism_jax import checks, models
-from prism_jax.checkpoints import gguf, preprocess, safetensors, tables
+from prism_jax.checkpoints import atomic, gguf, preprocess, safetensors, tables
 from prism_jax.checkpoints.tables import ARCHITECTURES, resolve_architecture
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
@@ -96,6 +96,8 @@ def read_config_file(path: Path) -> dict:
     """A JSON object file of a checkpoint directory, as a dict."""
     try:
         hf = json.loads(path.read_text())
+    except OSError as e:  # unreadable (permissions), or a directory where the file should be
+        raise PrismError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
     if not isinstance(hf, dict):
@@ -159,67 +161,98 @@ def load_pretrained(name: str | os.PathLike, *, dtype=np.float32) -> models.Mode
     resolve_architecture(hf)  # an unknown architecture is named before any tensor is read
     tensors = safetensors.read_checkpoint_tensors(directory)
     model = convert(make_config(hf, set(tensors)), tensors, dtype)
+    generation = generation_ids(hf, getattr(model.config, "vocab_size", None), directory)
     return models.Model(
         model.config,
         model.graphdef,
         model.params,
         tokenizer=preprocess.load_tokenizer(directory),
         image_processor=preprocess.load_image_processor(directory),
-        generation=generation_ids(hf, directory),
+        generation=generation,
     )
 
 
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def generation_ids(hf: dict, directory: Path | None = None) -> dict:
-    """bos / eos / pad token ids of config.json, overridden by generation_config.json."""
-    found = {k: hf[k] for k in GENERATION_IDS if hf.get(k) is not None}
+def generation_ids(
+    hf: dict, vocab: int | None, directory: Path | None = None, *, source: str = ""
+) -> dict:
+    """bos / eos / pad token ids of config.json (or of the GGUF file `source`), overridden by
+    generation_config.json; each checked to be a token of the `vocab`-token vocabulary (any
+    id >= 0 for a model without one, a ViT)."""
+    found = checked_ids(hf, vocab, source or str((directory or Path()) / "config.json"))
     if directory is not None and (directory / "generation_config.json").exists():
-        extra = read_config_file(directory / "generation_config.json")
-        found |= {k: extra[k] for k in GENERATION_IDS if extra.get(k) is not None}
+        path = directory / "generation_config.json"
+        found |= checked_ids(read_config_file(path), vocab, str(path))
     return found
+
+
+def checked_ids(values: dict, vocab: int | None, where: str) -> dict:
+    """The generation ids among `values` (eos: an int or a list of them); a PrismError
+    naming the field and `where` for one that is not a token id below `vocab`."""
+    out, limit = {}, vocab if vocab is not None else float("inf")
+    for key in GENERATION_IDS:
+        value = values.get(key)
+        if value is None:
+            continue
+        listed = key == "eos_token_id" and isinstance(value, list)
+        ids = value if listed else [value]
+        if not ids or any(type(i) is not int or not 0 <= i < limit for i in ids):  # bools too
+            either = " (or a list of them)" if key == "eos_token_id" else ""
+            raise PrismError(
+                f"{where}: {key} must be a token id in [0, {vocab}){either}, got {value!r}"
+            )
+        out[key] = value
+    return out
+
+
+def gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of a GGUF file, from its metadata (costing a model needs no weights)."""
+    return make_config(gguf.read_config(path), set())
 
 
 def _load_gguf(path: Path, dtype) -> models.Model:
     contents = gguf.read(path)
     config, tensors = contents["config"], contents["tensors"]
     model = convert(make_config(config, set(tensors)), tensors, dtype)
+    generation = generation_ids(config, model.config.vocab_size, source=str(path))
     tok = None
     if contents["tokenizer"] is not None:
-        backend = contents["tokenizer"]
-        pad = config.get("pad_token_id", config.get("eos_token_id", 0))
         settings = contents["tokenizer_config"]
         tok = preprocess.Tokenizer(
-            backend,
-            int(pad),
+            contents["tokenizer"],
+            generation.get("pad_token_id", generation.get("eos_token_id", 0)),
             config["max_position_embeddings"],
             chat_template=settings.get("chat_template"),
             special=preprocess.special_tokens(settings),
         )
     return models.Model(
-        model.config, model.graphdef, model.params, tokenizer=tok,
-        generation=generation_ids(config),
-    )  # fmt: skip
+        model.config, model.graphdef, model.params, tokenizer=tok, generation=generation
+    )
 
 
-def convert_gguf(source: str | os.PathLike, directory: str | os.PathLike) -> dict:
+def convert_gguf(
+    source: str | os.PathLike, directory: str | os.PathLike, *, replace: bool = False
+) -> dict:
     """Write a GGUF file as a HF checkpoint directory (config.json, model.safetensors,
     tokenizer.json and tokenizer_config.json with the chat template, generation_config.json)
     that `transformers` and `load_pretrained` both load. The tensors are checked against the
-    config (as `load_pretrained` would) before anything is written.
+    config (as `load_pretrained` would) before anything is written; the directory is written
+    whole or not at all (`atomic`), and one that holds files is refused unless `replace`.
 
     Returns:
       A summary: the config, the number of parameters, and the tokenizer's fate.
     """
+    atomic.check_target(directory, replace=replace)  # before the long read
     contents = gguf.read(source)
     config, tensors = contents["config"], contents["tensors"]
-    convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
-    gguf.write_directory(
-        contents,
-        Path(directory),
-        lambda t, path: save_file(t, path, metadata={"format": "pt"}),
-    )
+    model = convert(make_config(config, set(tensors)), tensors)  # raises on any mismatch
+    generation_ids(config, model.config.vocab_size, source=str(source))
+    with atomic.writing(directory, replace=replace) as temp:
+        gguf.write_directory(
+            contents, temp, lambda t, path: save_file(t, path, metadata={"format": "pt"})
+        )
     return {
         "source": str(source),
         "out": str(directory),
@@ -268,13 +301,20 @@ def state_dict(model: models.Model) -> dict[str, np.ndarray]:
     }
 
 
-def save_pretrained(model: models.Model, directory: str | Path) -> Path:
-    """Write `model` as an HF checkpoint directory; returns the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def save_pretrained(model: models.Model, directory: str | Path, *, replace: bool = False) -> Path:
+    """Write `model` as an HF checkpoint directory, whole or not at all (`atomic`); a
+    directory that already holds files is refused unless `replace`. Returns the directory."""
+    with atomic.writing(directory, replace=replace) as temp:
+        _write_checkpoint(model, temp)
+    return Path(directory).absolute()
+
+
+def _write_checkpoint(model: models.Model, directory: Path) -> None:
     config = hf_config(model.config) | model.generation
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state_dict(model), directory / "model.safetensors", metadata={"format": "pt"})
+    if model.generation:  # transformers' `generate` reads its stop and pad ids here
+        (directory / "generation_config.json").write_text(json.dumps(model.generation, indent=2))
     if model.tokenizer is not None:
         tok = model.tokenizer
         tok.backend.save(str(directory / "tokenizer.json"))
@@ -304,4 +344,3 @@ def save_pretrained(model: models.Model, directory: str | Path) -> Path:
                 indent=2,
             )
         )
-    return directory

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -62,23 +65,71 @@ class Tokenizer:
         (rendered in Jinja's sandbox, as `transformers` renders it)."""
         if not self.chat_template:
             raise PrismError("this model's tokenizer has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
-            template = env.from_string(self.chat_template)
-            return template.render(
-                messages=[{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                **self.special,
-            )
+            with _time_limit(CHAT_SECONDS):
+                return (
+                    _chat_environment()
+                    .from_string(self.chat_template)
+                    .render(
+                        messages=[{"role": "user", "content": prompt}],
+                        add_generation_prompt=True,
+                        **self.special,
+                    )
+                )
         except Exception as e:  # noqa: BLE001 - a template's own errors are the user's to see
             raise PrismError(f"the chat template failed: {e}") from None
+
+
+# A chat template renders in milliseconds: one that loops longer than this (nested
+# `range(99999)`s) is refused, not waited for.
+CHAT_SECONDS = 10.0
+CHAT_RANGE = 100_000  # the items all of a render's `range` calls may make together
+
+
+def _chat_environment():
+    """Jinja's sandbox (as `transformers` renders chat templates), with every `range` of one
+    render drawing from one budget of `CHAT_RANGE` items."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    left = [CHAT_RANGE]
+
+    def bounded_range(*args):
+        items = range(*args)
+        left[0] -= len(items)
+        if left[0] < 0:
+            raise PrismError(f"it loops over more than {CHAT_RANGE:,} range items")
+        return items
+
+    env.globals["range"] = bounded_range
+    return env
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise a PrismError in the block after `seconds` (on the main thread, where signals are
+    delivered; elsewhere the block runs unbounded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise PrismError(f"it ran for more than {seconds:g} s (a loop without end?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
+    except OSError as e:
+        raise PrismError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrismError(f"corrupt {path.name} in {path.parent}: {e}") from None
 

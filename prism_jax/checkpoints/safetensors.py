@@ -37,18 +37,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     `safetensors` library does: a JSON object header, known dtypes, each tensor's byte range
     the size of its shape, the ranges back to back from 0 to the end of the file."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise PrismError(f"corrupt safetensors file {path}: shorter than its header")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise PrismError(f"corrupt safetensors file {path}: header runs past the end")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PrismError(f"corrupt safetensors file {path}: bad header ({e})") from None
+    try:
+        size, header, n = _read_header(path)
+    except OSError as e:  # unreadable (permissions), or a directory where the file should be
+        raise PrismError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(header, dict):
         raise PrismError(f"corrupt safetensors file {path}: the header is not a JSON object")
     header.pop("__metadata__", None)
@@ -71,6 +63,22 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         name: data[start:stop].view(dtype).reshape(shape)
         for name, (dtype, shape, (start, stop)) in layout.items()
     }
+
+
+def _read_header(path: Path) -> tuple[int, object, int]:
+    """(file size, the parsed JSON header, its length in bytes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise PrismError(f"corrupt safetensors file {path}: shorter than its header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise PrismError(f"corrupt safetensors file {path}: header runs past the end")
+        try:
+            return size, json.loads(f.read(n)), n
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrismError(f"corrupt safetensors file {path}: bad header ({e})") from None
 
 
 def _tensor_layout(path: Path, name: str, info) -> tuple[np.dtype, tuple, tuple[int, int]]:
@@ -106,6 +114,8 @@ def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray]:
     if index.exists():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except OSError as e:
+            raise PrismError(f"cannot read {index}: {e.strerror or e}") from None
         except (json.JSONDecodeError, KeyError, AttributeError) as e:
             raise PrismError(f"corrupt safetensors index {index}: {e}") from None
         tensors = {}

@@ -6,6 +6,7 @@ before JAX initialises its backend (so `commands`, which starts it, is imported 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ import sys
 from prism_jax.cli.parser import EXIT_USAGE, build_parser
 from prism_jax.errors import PrismError
 
-__all__ = ["EXIT_USAGE", "build_parser", "emulate_devices", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_USAGE", "build_parser", "emulate_devices", "main"]
 
 
 def emulate_devices(n: int, *, exact: bool = False) -> None:
@@ -76,10 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(result, int) or result is None:  # launch, node: already reported
             return result or 0
         printing.show(command, result, as_json=args.json)
+        sys.stdout.flush()  # a closed or full stdout fails here, not at the interpreter's exit
     except PrismError as e:
         print(f"prism-jax {command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"prism-jax {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        _discard_stdout()
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"prism-jax {command}: error: cannot write: {e.strerror}{where}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE ended
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what its buffer
+    still holds does not fail a second time (with a message) at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (captured, in tests)
+        pass

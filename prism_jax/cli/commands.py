@@ -16,7 +16,7 @@ import numpy as np
 
 import prism_jax as pj
 from prism_jax import cluster, cost, models
-from prism_jax.checkpoints import hf
+from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import llm, printing
 from prism_jax.cli.parser import build_parser, plan_of, plan_summary
 from prism_jax.data import sources, tfds_builders
@@ -85,10 +85,12 @@ def _agreement(model, out: dict, exact: dict, batch: dict) -> dict:
     return result
 
 
-def writable_file(path: str, suffix: str) -> Path:
-    """Where a file will be written (`suffix` added if missing, as `np.savez` does), checked
-    before any work: its directory exists and takes new files, and it is not a directory."""
-    target = Path(path if path.endswith(suffix) else path + suffix)
+def writable_file(path: str) -> Path:
+    """Where a file will be written, exactly as named, checked before any work: a name was
+    given, its directory exists and takes new files, and it is not a directory."""
+    if not path:
+        raise PrismError("give a file name to write to, not an empty one")
+    target = Path(path)
     if target.is_dir():
         raise PrismError(f"{target} is a directory, not a file")
     if not target.parent.is_dir():
@@ -109,14 +111,15 @@ def _check_finite(out: dict) -> dict:
 
 def _run_infer(args) -> dict:
     plan = plan_of(args)
-    save = writable_file(args.save, ".npz") if args.save else None
+    save = writable_file(args.save) if args.save is not None else None
     model = pj.load_pretrained(args.model)
     batch = _make_batch(model, args)
     mesh = pj.edge_mesh(args.devices)
     out = _check_finite(pj.infer(model, batch, mesh=mesh, plan=plan))
     if save and jax.process_index() == 0:  # in a cluster every node holds the gathered outputs
         try:
-            np.savez(save, **out)
+            with open(save, "wb") as f:  # a path would get ".npz" added by NumPy
+                np.savez(f, **out)
         except OSError as e:
             raise PrismError(f"cannot write {save}: {e.strerror or e}") from None
     b, t = out["last_hidden_state"].shape[:2]
@@ -196,12 +199,14 @@ def _run_eval(args) -> dict:
     }
 
 
-def _check_out(out: str, source: str) -> Path:
-    """`--out` is checked before training: a directory that takes files, not the source model."""
+def _check_out(out: str, source: str, force: bool) -> Path:
+    """`--out` is checked before training: not the source model, a new or empty directory
+    (unless `force`) where files can be written."""
     target = Path(out).absolute()
     if Path(source).exists() and target.resolve() == Path(source).resolve():
         raise PrismError(f"--out {out} is the model being fine-tuned; export to another directory")
-    return usable_directory(target, "--out")
+    held = source if Path(source).exists() else None  # (a hub id is held nowhere here)
+    return atomic.check_target(target, replace=force, what="--out", hint="--force", source=held)
 
 
 def _run_finetune(args) -> dict:
@@ -219,7 +224,7 @@ def _run_finetune(args) -> dict:
     )
     if args.checkpoint_dir:
         usable_directory(args.checkpoint_dir, "--checkpoint-dir")
-    out = _check_out(args.out, args.model) if args.out else None
+    out = _check_out(args.out, args.model, args.force) if args.out else None
     model = pj.load_pretrained(args.model)
     features = tfds_builders.features(args.dataset)
     if "label" in features and model.config.head != "classifier":
@@ -254,8 +259,10 @@ def _run_finetune(args) -> dict:
         evaluate=evaluate,
         crs=args.mixed_cr,
     )
+    if not run.evals:  # resumed after its last step (nothing left to train): score it still
+        run.evals.append({"step": args.steps, **evaluate(run.model)})
     if out:
-        hf.save_pretrained(run.model, out)
+        hf.save_pretrained(run.model, out, replace=args.force)
     return {
         "model": args.model,
         "dataset": args.dataset,
@@ -274,15 +281,17 @@ def _run_finetune(args) -> dict:
 
 def _run_cost(args) -> dict:
     plan = plan_of(args)
+    model = hf.gguf_config(args.model) if str(args.model).endswith(".gguf") else args.model
+    _, cfg = cost.resolve_config(model)
     report = cost.measure(
-        args.model,
+        cfg,
         plan,
         devices=args.devices,
         seq_len=args.seq_len,
         batch=args.batch,
         dtype=args.dtype,
     )
-    return report.as_dict()
+    return report.as_dict() | {"model": args.model, "plan": plan_summary(plan, cfg)}
 
 
 def _rest(args) -> list[str]:

@@ -9,11 +9,10 @@ import numpy as np
 
 import prism_jax as pj
 from prism_jax import generation
-from prism_jax.checkpoints import hf
+from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import printing
 from prism_jax.cli.parser import plan_of, plan_summary
 from prism_jax.errors import PrismError
-from prism_jax.training.checkpoint import usable_directory
 
 
 def run_generate(args) -> dict:
@@ -24,6 +23,10 @@ def run_generate(args) -> dict:
         raise PrismError(f"{args.model} has no tokenizer to read the prompt with")
     texts = [tok.chat(t) if args.chat else t for t in args.prompt]
     rows = [tok.encode_plain(t) for t in texts]
+    empty = [i for i, r in enumerate(rows, 1) if not r]
+    if empty:
+        rendered = " (as the chat template renders it)" if args.chat else ""
+        raise PrismError(f"prompt {empty[0]} is empty{rendered}: there is no token to continue")
     t = max(len(r) for r in rows)
     batch = {
         "input_ids": np.zeros((len(rows), t), np.int32),
@@ -67,5 +70,7 @@ def run_convert(args) -> dict:
         raise PrismError(f"{source} is not a .gguf file")
     if not source.is_file():
         raise PrismError(f"no GGUF file at {source}")
-    out = usable_directory(Path(args.out).absolute(), "out")
-    return hf.convert_gguf(source, out)
+    out = atomic.check_target(
+        args.out, replace=args.force, what="out", hint="--force", source=source
+    )
+    return hf.convert_gguf(source, out, replace=args.force)

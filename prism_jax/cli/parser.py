@@ -48,6 +48,11 @@ def probability(text: str) -> float:
     return _number(float, text, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def seed(text: str) -> int:
+    """A random seed: what both JAX's keys and NumPy's generators take."""
+    return _number(int, text, "an integer in [0, 2**63 - 1]", lambda v: 0 <= v < 2**63)
+
+
 def port(text: str) -> int:
     return _number(int, text, "a port in [1, 65535]", lambda v: 1 <= v <= 65535)
 
@@ -161,7 +166,9 @@ def _infer(sub) -> None:
     p.add_argument(
         "--compare", action="store_true", help="also run the exact model and print the agreement"
     )
-    p.add_argument("--save", default=None, help="write every output array to this .npz file")
+    p.add_argument(
+        "--save", default=None, help="write every output array to this file (NumPy .npz format)"
+    )
     _plan_args(p)
 
 
@@ -194,7 +201,8 @@ def _cost(sub) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="preset (bert-base, gpt2, vit-base-patch16-224, smollm2-135m) or checkpoint directory",
+        help="preset (bert-base, gpt2, vit-base-patch16-224, smollm2-135m), checkpoint "
+        "directory or .gguf file",
     )
     p.add_argument(
         "--seq-len", type=positive_int, default=None, help="tokens T (ViT: fixed, 1 + P)"
@@ -254,7 +262,7 @@ def _finetune(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=5e-5)
     p.add_argument("--warmup", type=nonnegative_int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--max-length", type=positive_int, default=128, help="tokens per example / LM row"
     )
@@ -262,7 +270,11 @@ def _finetune(sub) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints; resumes if present")
     p.add_argument("--checkpoint-every", type=positive_int, default=50)
     p.add_argument("--restart", action="store_true", help="discard checkpoints, start over")
-    p.add_argument("--out", default=None, help="export the result as a HF checkpoint here")
+    p.add_argument(
+        "--out", default=None,
+        help="export the result as a HF checkpoint here (a new or empty directory)",
+    )  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds files")
     p.add_argument(
         "--mixed-cr",
         type=compression_rates,
@@ -272,7 +284,7 @@ def _finetune(sub) -> None:
     )
     p.add_argument(
         "--distill",
-        type=nonnegative_float,
+        type=float32_weight,
         default=0.0,
         help="weight of KL(the starting model run exactly || the model trained) beside the "
         "cross-entropy: keeps the exact model's predictions while learning compression (for "
@@ -284,6 +296,17 @@ def _finetune(sub) -> None:
 
 def nonnegative_float(text: str) -> float:
     return _number(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def float32_weight(text: str) -> float:
+    """A loss weight >= 0 that float32 holds (a larger one is inf in the float32 loss, which
+    then stops training with a hint about the learning rate)."""
+    return _number(
+        float, text, "a number in [0, 3.4e38] (float32)", lambda v: 0 <= v <= FLOAT32_MAX
+    )
 
 
 def _generate(sub) -> None:
@@ -308,7 +331,7 @@ def _generate(sub) -> None:
         "--top-p", type=probability, default=None,
         help="sample among the most likely tokens that hold this probability (after --top-k)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed")
     p.add_argument(
         "--compare", action="store_true", help="also generate with the exact model and compare"
     )
@@ -325,7 +348,8 @@ def _convert(sub) -> None:
         "template) and generation_config.json, loadable by transformers and prism-jax alike.",
     )
     p.add_argument("source", help="the .gguf file")
-    p.add_argument("out", help="directory to write (created; files in it are replaced)")
+    p.add_argument("out", help="directory to write (a new or empty one, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace `out` if it already holds files")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -56,7 +56,7 @@ def grid(
     )  # fmt: skip
     # CR = 1 was scored once (log 1 = 0: the biases coincide); a row for each bias in tables
     rows = [
-        {**row, "logit_bias": bias}
+        {**row, "logit_bias": bias, "plan": {**row["plan"], "logit_bias": bias}}
         for row in scored
         for bias in (biases if row["cr"] == 1 else [row["logit_bias"]])
     ]

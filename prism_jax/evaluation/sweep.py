@@ -52,15 +52,17 @@ def sweep(
     """Score every (N, plan) and, with `measure`, its savings measured from the compiled
     program (batch 1, T = `seq_len`; once per N and plan but its bias, which changes nothing).
 
-    Returns one row per plan: devices, strategy, cr, logit_bias, `metric` (or the score's
-    named values), bytes_per_device, comm_reduction and compute_reduction.
+    Returns one row per plan: devices, strategy, cr, logit_bias, `plan` (every field of the
+    plan, `exchange` resolved for the model: a compressor's rows are told apart by it),
+    `metric` (or the score's named values), bytes_per_device, comm_reduction and
+    compute_reduction.
     """
     measured: dict[tuple, cost.CostReport] = {}
     rows = []
     for n, plan in tqdm(plans, desc=desc or metric, disable=not progress):
         value = score(edge_mesh(n), plan)
         row = {"devices": n, "strategy": plan.strategy, "cr": plan.cr}
-        row |= {"logit_bias": plan.logit_bias}
+        row |= {"logit_bias": plan.logit_bias, "plan": dataclasses.asdict(plan.for_model(cfg))}
         row |= value if isinstance(value, dict) else {metric: value}
         if measure:
             key = (n, dataclasses.replace(plan, logit_bias="none"))  # the bias costs nothing

@@ -121,4 +121,6 @@ def with_classifier(model: Model, num_labels: int, *, seed: int = 0) -> Model:
             for p, v in nnx.to_flat_state(fresh.params)
         ]
     )
-    return Model(cfg, fresh.graphdef, state, model.tokenizer, model.image_processor)
+    return Model(
+        cfg, fresh.graphdef, state, model.tokenizer, model.image_processor, model.generation
+    )

@@ -130,7 +130,13 @@ def usable_directory(path: str | Path, what: str) -> Path:
 def _lock(path: Path):
     """Hold an exclusive lock on `path` for as long as the returned file stays open; a second
     holder is refused with the first one's process id."""
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the run
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the lifetime of the run
+    except OSError as e:  # another user's lock file, or a directory in its place
+        raise PrismError(
+            f"cannot open the lock file {path} ({e.strerror or e}): another user's run may hold "
+            "this checkpoint directory; use another directory"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -375,7 +375,10 @@ def _resume(ckpt: Checkpoints, record: dict, state, restart: bool, *, steps: int
 
 def _host_model(model: Model, state) -> Model:
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state["params"])  # host copy
-    return Model(model.config, model.graphdef, params, model.tokenizer, model.image_processor)
+    return Model(
+        model.config, model.graphdef, params, model.tokenizer, model.image_processor,
+        model.generation,
+    )  # fmt: skip
 
 
 def _metrics_line(metrics: dict) -> str:
