@@ -13,7 +13,9 @@ compressors (K/V exchange, log-count bias):
 - sink + balanced: the first `--sink` valid tokens exact, the rest in balanced groups (1c);
 - sink + tail: the same with groups finest at the device's last token (`grouping="tail"`);
 - sink + tail, int8: the same on the int8 wire at the smallest CR whose bytes stay within the
-  budget (four times the vectors, about).
+  budget (four times the vectors, about);
+- sink + tail + tilt, int8: the same with the rotary value tilt (12 more bytes a group);
+- sink + prism+, int8: the sink with k-means groups, a salient token and the tilt, on int8.
 
 Bytes per device are the closed form, checked equal to the lowered program's collectives for
 every plan. Writes experiments/results/table_sink.{json,md,png}.
@@ -22,10 +24,19 @@ every plan. Writes experiments/results/table_sink.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import common
 
-COMPRESSORS = ("paper", "prism+", "sink + balanced", "sink + tail", "sink + tail, int8")
+COMPRESSORS = (
+    "paper",
+    "prism+",
+    "sink + balanced",
+    "sink + tail",
+    "sink + tail, int8",
+    "sink + tail + tilt, int8",
+    "sink + prism+, int8",
+)
 
 
 @dataclasses.dataclass
@@ -35,6 +46,7 @@ class Config:
     seq_len: int = common.setting(256, "tokens per row")
     devices: str = common.setting("4", "device counts, comma-separated")
     crs: str = common.setting("4,16,64", "budgets: the paper's float32 CR, comma-separated")
+    compressors: str = common.setting(",".join(COMPRESSORS), "compressors, comma-separated")
     sink: int = common.setting(4, "sink tokens sent exactly", minimum=1)
     out: str | None = common.output(None, "results folder")
 
@@ -48,19 +60,28 @@ def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
         return pj.Plan(cr=cr)
     if name == "prism+":
         return pj.Plan.best(cr)
-    grouping = "balanced" if name == "sink + balanced" else "tail"
+    kw = dict(grouping="balanced" if name == "sink + balanced" else "tail", sink=sink)
+    if "prism+" in name:
+        kw = dict(grouping="kmeans", salient=1, value_tilt=True, sink=sink)
+    if "tilt" in name:
+        kw["value_tilt"] = True
     if not name.endswith("int8"):
-        return pj.Plan(cr=cr, grouping=grouping, sink=sink)
+        return pj.Plan(cr=cr, **kw)
     budget = cost.group_bytes(cfg, pj.Plan(cr=cr)) * pj.Plan(cr=cr).segments(local_len)
     for smaller in range(1, cr + 1):  # the most vectors that fit the budget
-        plan = pj.Plan(cr=smaller, grouping=grouping, sink=sink, wire="int8")
+        plan = pj.Plan(cr=smaller, wire="int8", **kw)
         if cost.group_bytes(cfg, plan) * plan.segments(local_len) <= budget:
             return plan
-    return pj.Plan(cr=cr, grouping=grouping, sink=sink, wire="int8")
+    return pj.Plan(cr=cr, wire="int8", **kw)
 
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
+    names = args.compressors.split(",")
+    unknown = sorted(set(names) - set(COMPRESSORS))
+    if unknown:  # before the model loads
+        print(f"table_sink.py: error: unknown compressors {unknown}", file=sys.stderr)
+        return 2
 
     import prism_jax as pj
     from prism_jax import cost
@@ -80,7 +101,7 @@ def main(argv=None):
     for n in devices:
         mesh, local = pj.edge_mesh(n), cost.local_len(seq_len, n)
         for cr in crs:
-            for name in COMPRESSORS:
+            for name in names:
                 plan = plan_for(name, cr, args.sink, model.config, local)
                 shape = dict(devices=n, seq_len=seq_len, batch=1)
                 sent = cost.bytes_closed_form(model.config, plan, **shape)
@@ -108,7 +129,8 @@ def markdown(record: dict) -> str:
     ]
     for c in record["cells"]:
         p = c["plan"]
-        plan = f"CR={p['cr']} {p['grouping']} sink={p['sink']} {p['wire']}"
+        extras = " salient" * p["salient"] + " tilt" * p["value_tilt"]
+        plan = f"CR={p['cr']} {p['grouping']}{extras} sink={p['sink']} {p['wire']}"
         lines.append(
             f"| {c['devices']} | {c['budget_cr']} | {c['compressor']} | {plan} | "
             f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} |"
