@@ -46,7 +46,7 @@ class Config:
     seq_len: int = common.setting(256, "tokens per row")
     devices: str = common.setting("4", "device counts, comma-separated")
     crs: str = common.setting("4,16,64", "budgets: the paper's float32 CR, comma-separated")
-    compressors: str = common.setting(",".join(COMPRESSORS), "compressors, comma-separated")
+    compressors: str = common.setting(";".join(COMPRESSORS), "compressors, separated by ;")
     sink: int = common.setting(4, "sink tokens sent exactly", minimum=1)
     out: str | None = common.output(None, "results folder")
 
@@ -77,7 +77,7 @@ def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
-    names = args.compressors.split(",")
+    names = args.compressors.split(";")
     unknown = sorted(set(names) - set(COMPRESSORS))
     if unknown:  # before the model loads
         print(f"table_sink.py: error: unknown compressors {unknown}", file=sys.stderr)
