@@ -109,9 +109,15 @@ class Plan:
                 )
 
     @classmethod
-    def best(cls, cr: int, **kw) -> Plan:
-        """The content-aware compressor measured best (DESIGN.md section 1b): k-means groups
-        in key space, one salient token sent exactly, the first-order value tilt."""
+    def best(cls, cr: int, model=None, **kw) -> Plan:
+        """The compressor measured best for `model` (a `Model` or `ModelConfig`; None: an
+        encoder's). Encoders (DESIGN.md section 1b): k-means groups in key space, one salient
+        token sent exactly, the first-order value tilt. Causal language models (section 1c,
+        experiments/results/table_sink.md): the first 4 tokens (the attention sink) exact,
+        groups finest at each device's last token (`tail`), the value tilt. `kw` overrides."""
+        cfg = getattr(model, "config", model)
+        if cfg is not None and cfg.causal:
+            return cls(cr=cr, **{"grouping": "tail", "sink": 4, "value_tilt": True} | kw)
         return cls(cr=cr, **{"grouping": "kmeans", "salient": 1, "value_tilt": True} | kw)
 
     @property

@@ -298,3 +298,18 @@ def test_wire_on_the_command_line(hf_models, capsys):
         assert cli.main([*base, *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_best_is_per_model(hf_models, capsys):
+    """Plan.best: encoders k-means + salient + tilt; causal LMs the sink + tail + tilt; the
+    command line's `--compressor prism+` takes the model's own."""
+    lm, encoder = (pj.load_pretrained(hf_models(n)[1]) for n in ("gpt2_lm", "bert_cls"))
+    assert pj.Plan.best(8, lm) == pj.Plan(cr=8, grouping="tail", sink=4, value_tilt=True)
+    assert pj.Plan.best(8, lm.config, sink=2).sink == 2
+    assert pj.Plan.best(8, encoder) == pj.Plan.best(8)
+    assert pj.Plan.best(8).grouping == "kmeans" and pj.Plan.best(8).salient == 1
+    directory = str(hf_models("gpt2_lm")[1])
+    argv = ["infer", "--model", directory, "--devices", "2", "--cr", "4", "--text", "good tea"]
+    assert cli.main([*argv, "--compressor", "prism+", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"grouping": "tail"' in out and '"sink": 4' in out

@@ -136,8 +136,11 @@ def test_demo_main_job(capsys):
 
     assert cli.main(["demo", "--samples", "6", "--cr", "1,4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    voltage, cr1, cr4 = rows
+    voltage, cr1, cr4, best1, best4 = rows  # the paper's rows, then the best preset's
     assert voltage["strategy"] == "voltage" and cr1["cosine_min"] > 1 - 1e-5
+    assert [r["compressor"] for r in rows] == ["voltage", "paper", "paper", "prism+", "prism+"]
+    assert best1["cosine_min"] > 1 - 1e-5 and best4["plan"]["grouping"] == "kmeans"
+    assert best4["bytes_per_device"] <= cr4["bytes_per_device"] * 1.05  # about the same bytes
     # bytes measured from the programs equal the closed form of the same batches
     model = pj.load_pretrained(sources.minilm_dir())
     texts = sources.fine_food_reviews("test")[0][:6]
@@ -157,6 +160,8 @@ def test_demo_main_job(capsys):
     assert cr4["cosine_mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
     assert cr4["cosine_min"] == pytest.approx(float(cos.min()), abs=1e-6)
     assert cos.mean() < 0.99  # (a review short enough to sit on device 0 alone stays exact)
+    best = metrics.embed(model, batches, mesh=pj.edge_mesh(4), plan=pj.Plan.best(4))
+    assert best4["cosine_mean"] == pytest.approx(float((best * exact).sum(-1).mean()), abs=1e-6)
 
 
 def test_table_compress_resume_computes_only_the_missing_cells(monkeypatch):

@@ -18,6 +18,7 @@ from prism_jax.errors import PrismError
 def run_generate(args) -> dict:
     plan = plan_of(args)
     model = pj.load_pretrained(args.model)
+    plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     tok = model.tokenizer
     if tok is None:
         raise PrismError(f"{args.model} has no tokenizer to read the prompt with")

@@ -338,9 +338,10 @@ def build_parser() -> Parser:
     return parser
 
 
-def plan_of(args, cr: int | None = None) -> Plan:
+def plan_of(args, cr: int | None = None, cfg=None) -> Plan:
     """The `Plan` the command line names (`cr` for one cell of a sweep): `--compressor prism+`
-    starts from `Plan.best`, and the single compressor flags override it."""
+    starts from `Plan.best` for the model `cfg` (None, before it is read: an encoder's), and
+    the single compressor flags override it."""
     chosen = {
         k: getattr(args, k)
         for k in ("grouping", "salient", "kmeans_iters", "sink")
@@ -356,7 +357,7 @@ def plan_of(args, cr: int | None = None) -> Plan:
         exchange=args.exchange,
     )
     if args.compressor == "prism+":
-        return Plan.best(**fields | chosen)
+        return Plan.best(model=cfg, **fields | chosen)
     return Plan(**fields | chosen)
 
 

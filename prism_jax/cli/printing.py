@@ -43,19 +43,21 @@ def _print_demo(r: dict) -> None:
         f"emulated devices, prism, logit_bias={r['logit_bias']}"
     )
     print(
-        f"{'plan':>11} {'cos mean':>9} {'cos min':>9} {'bytes/device':>13} {'comm':>8} "
+        f"{'plan':>16} {'cos mean':>9} {'cos min':>9} {'bytes/device':>13} {'comm':>8} "
         f"{'time (s)':>9}"
     )
     for row in r["rows"]:
-        name = "voltage" if row["strategy"] == "voltage" else f"prism CR={row['cr']}"
+        kind = row.get("compressor", "prism").replace("asked", "prism")
+        name = "voltage" if row["strategy"] == "voltage" else f"{kind} CR={row['cr']}"
         change = 100 * (row["bytes_per_device"] / row["bytes_voltage"] - 1)
         print(
-            f"{name:>11} {row['cosine_mean']:>9.5f} {row['cosine_min']:>9.5f} "
+            f"{name:>16} {row['cosine_mean']:>9.5f} {row['cosine_min']:>9.5f} "
             f"{row['bytes_per_device']:>13,} {change:>+7.1f}% {row['seconds']:>9.2f}"
         )
     print(
         "cos: cosine of mean-pooled embeddings with the exact model; comm: bytes sent per "
-        "device against voltage (exact, full exchange); time: one compiled pass"
+        "device against voltage (exact, full exchange); time: one compiled pass; paper: "
+        "segment means; prism+: k-means groups, a salient token, the value tilt (DESIGN.md 1b)"
     )
 
 
