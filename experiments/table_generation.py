@@ -27,7 +27,7 @@ import sys
 import common
 
 MODELS = {"SmolLM2-135M": None, "GPT-2 task model": common.HERE / "models" / "gpt2-wikipedia"}
-COMPRESSORS = ("paper", "prism+")
+COMPRESSORS = ("paper", "prism+", "lm+", "lm+ int8")
 
 
 @dataclasses.dataclass
@@ -37,8 +37,11 @@ class Config:
     prompt_tokens: int = common.setting(48, "tokens of each lead used as its prompt")
     new_tokens: int = common.setting(32, "tokens generated per prompt")
     compressors: str = common.setting(
-        ",".join(COMPRESSORS), "compressors compared, comma-separated: paper, prism+"
+        "paper,prism+", "compressors compared, comma-separated: " + ", ".join(COMPRESSORS)
     )
+    devices: str = common.setting("2,4,8", "device counts, comma-separated")
+    crs: str = common.setting("1,2,4,8,16", "compression rates, comma-separated")
+    models: str = common.setting("smollm2,gpt2", "models, comma-separated: smollm2, gpt2")
     out: str | None = common.output(None, "results folder")
 
 
@@ -56,10 +59,19 @@ def compressors_of(text: str) -> list[str] | None:
     return names if set(names) <= set(COMPRESSORS) and len(set(names)) == len(names) else None
 
 
-def plan_of(compressor: str, cr: int):
+def plan_of(compressor: str, cr: int, model=None):
+    """paper: segment means; prism+: `Plan.best` of an encoder (k-means, salient, tilt);
+    lm+: `Plan.best` of the model (a causal LM: the sink, tail groups, tilt); lm+ int8: the
+    same on the int8 wire at CR / 4 (about the bytes of lm+ at CR, four times the vectors)."""
     import prism_jax as pj
 
-    return pj.Plan.best(cr) if compressor == "prism+" else pj.Plan(cr=cr)
+    if compressor == "prism+":
+        return pj.Plan.best(cr)
+    if compressor == "lm+":
+        return pj.Plan.best(cr, model)
+    if compressor == "lm+ int8":
+        return pj.Plan.best(max(1, cr // 4), model, wire="int8")
+    return pj.Plan(cr=cr)
 
 
 def sweep_model(name, model, batch, devices, crs, new_tokens, compressors):
@@ -71,7 +83,7 @@ def sweep_model(name, model, batch, devices, crs, new_tokens, compressors):
     for n in devices:
         for compressor in compressors:
             for cr in crs:
-                plan = plan_of(compressor, cr)
+                plan = plan_of(compressor, cr, model)
                 run = generation.run(model, batch, mesh=pj.edge_mesh(n), plan=plan,
                                      max_new_tokens=new_tokens, eos=False)  # fmt: skip
                 rows.append({"model": name, "compressor": compressor, "devices": n, "cr": cr,
@@ -109,11 +121,15 @@ def main(argv=None):
 
     smoke = args.smoke
     count, new = (2, 4) if smoke else (args.prompts, args.new_tokens)
-    devices, crs = ((2,), (1, 4)) if smoke else ((2, 4, 8), (1, 2, 4, 8, 16))
+    listed = [tuple(int(x) for x in getattr(args, f).split(",")) for f in ("devices", "crs")]
+    devices, crs = ((2,), (1, 4)) if smoke else listed
+    models = args.models.split(",")
     leads, _ = tfds_builders.texts("wikipedia_leads", "test", limit=count)
     results, texts = [], []
     for name, path in MODELS.items():
         if smoke and path is None:  # the smoke of table_llama.py loads SmolLM2 already
+            continue
+        if ("smollm2" if path is None else "gpt2") not in models:
             continue
         model = pj.load_pretrained(path or sources.smollm2_gguf())
         tok = model.tokenizer
@@ -170,7 +186,7 @@ def decode_speed_ratios(results) -> list[str]:
     return [""] + lines if lines else []
 
 
-def plot(results, path) -> None:
+def plot(results, path, new_tokens: int = 32) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +196,7 @@ def plot(results, path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for i, n in enumerate(sorted({r["devices"] for r in results})):
-            for compressor, style in zip(COMPRESSORS, ("-", "--"), strict=True):
+            for compressor, style in zip(COMPRESSORS, ("-", "--", ":", "-."), strict=True):
                 pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
                        if r["model"] == name and r["devices"] == n
                        and r["compressor"] == compressor]  # fmt: skip
@@ -190,7 +206,7 @@ def plot(results, path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression rate CR")
         ax.set_ylabel("greedy tokens equal to exact (%)")
-        ax.set_title(f"{name}: 32 generated tokens", fontsize=10)
+        ax.set_title(f"{name}: {new_tokens} generated tokens", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -202,7 +218,8 @@ def save(args, results, texts, crs):
     text = markdown(results, texts, crs)
     print(text)
     record = {"rows": results, "continuations": texts}
-    common.save(args, "table_generation", record, text, lambda png: plot(results, png))
+    new = 4 if args.smoke else args.new_tokens
+    common.save(args, "table_generation", record, text, lambda png: plot(results, png, new))
 
 
 if __name__ == "__main__":
