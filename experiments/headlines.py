@@ -201,6 +201,18 @@ def train_vit(record) -> str:
     return f"test accuracy {100 * record['test_accuracy']:.1f} % ({record['minutes']:.1f} min)"
 
 
+def table_sink(record) -> str:
+    """The best compressor at the paper's CR = 16 budget, per N, against the paper's."""
+    parts = []
+    for n in sorted({c["devices"] for c in record["cells"]}):
+        cells = [c for c in record["cells"] if c["devices"] == n and c["budget_cr"] == 16]
+        paper = next(c for c in cells if c["compressor"] == "paper")
+        best = min(cells, key=lambda c: c["perplexity"])
+        parts.append(f"N = {n}: {best['compressor']} {best['over_exact'] - 1:+.1%} "
+                     f"(paper {paper['over_exact'] - 1:+.1%})")  # fmt: skip
+    return f"SmolLM2 perplexity vs exact at the paper's CR = 16 bytes: {'; '.join(parts)}"
+
+
 KINDS = [
     ("bench_compile", bench_compile),
     ("bench_eval", bench_eval),
@@ -220,6 +232,7 @@ KINDS = [
     ("table_compress", table_compress),
     ("table_cost", table_cost),
     ("table_generation", table_generation),
+    ("table_sink", table_sink),
     ("train_gpt2", train_gpt2),
     ("train_vit", train_vit),
 ]

@@ -255,7 +255,7 @@ class CostReport:
         }
 
 
-def _param_dtype(model) -> str:
+def param_dtype(model) -> str:
     """A `Model`'s parameter dtype (its first floating leaf), else float32."""
     if isinstance(model, models.Model):
         for leaf in jax.tree.leaves(model.params):
@@ -317,7 +317,7 @@ def measure(
         raise PrismError(f"{devices} devices but only {seq_len} tokens")
     batch = checks.integer("batch", batch, 1)
     if dtype is None:
-        dtype = _param_dtype(model)
+        dtype = param_dtype(model)
     if dtype not in ("float32", "bfloat16"):
         raise PrismError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     shape = dict(devices=devices, seq_len=seq_len, batch=batch, dtype=dtype)

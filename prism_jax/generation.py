@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -243,11 +244,33 @@ def _prefill(model, prompt: dict, plan: Plan, mesh, sampling: Sampling, key) -> 
         inputs = {k: put(v, mesh, P(None, AXIS)) for k, v in inputs.items()}
         stacked = fn(place(model, mesh), inputs, put(valid, mesh, P()))
         last = mesh.devices.flat[-1]  # the device that owns the end of the sequence
+        devices = mesh.shape[AXIS]
+        if last.process_index != jax.process_index():  # another process decodes (a cluster)
+            return _Prefilled(None, None, None, valid, devices, time.perf_counter() - tic)
         logits, caches = jax.tree.map(functools.partial(_shard_on, last), stacked)
         params = place(model, last)  # the decoding device's copy, kept for the next call
     ids = np.asarray(sampling.choose(logits, jax.random.fold_in(key, 0)))
     devices = 1 if mesh is None else mesh.shape[AXIS]
     return _Prefilled(ids, caches, params, valid, devices, time.perf_counter() - tic)
+
+
+def _shared(mesh, got, b: int, max_new_tokens: int):
+    """In a cluster of processes, what the decoding process produced -> every process: (ids,
+    step seconds, steps, cache bytes), broadcast from the process that owns the mesh's last
+    device (`got` there; None elsewhere). One process: `got` itself."""
+    if mesh is None or jax.process_count() == 1:
+        return got
+    owner = mesh.devices.flat[-1].process_index == jax.process_index()
+    if owner:
+        ids, seconds, steps, cache = got
+        median = float(np.median(seconds)) if seconds else 0.0
+        sent = (ids, np.int32(steps), np.int32(cache), np.float32(median), np.int32(len(seconds)))
+    else:
+        sent = (np.zeros((b, max_new_tokens), np.int32), np.int32(0), np.int32(0),
+                np.float32(0), np.int32(0))  # fmt: skip
+    ids, steps, cache, median, count = multihost_utils.broadcast_one_to_all(sent, is_source=owner)
+    seconds = [float(median)] * int(count)  # the owner's median step, for tokens_per_second
+    return np.asarray(ids), seconds, int(steps), int(cache)
 
 
 def _decode(model, first: _Prefilled, sampling, key, max_new_tokens, ends, on_token):
@@ -326,10 +349,15 @@ def run(
         mesh = None
     prompt = left_pad(batch, model.config, 1 if mesh is None else mesh.shape[AXIS], max_new_tokens)
     first = _prefill(model, prompt, plan, mesh, sampling, key)
-    ids, step_seconds, steps, caches = _decode(
-        model, first, sampling, key, max_new_tokens, ends, on_token
-    )
     b, t = first.valid.shape
+    got = None
+    if first.caches is not None:  # this process holds the decoding device
+        ids, step_seconds, steps, caches = _decode(
+            model, first, sampling, key, max_new_tokens, ends, on_token
+        )
+        got = ids, step_seconds, steps, _cache_bytes(caches)
+    ids, step_seconds, steps, cache_bytes = _shared(mesh, got, b, max_new_tokens)
+    itemsize = jnp.dtype(cost.param_dtype(model)).itemsize
     return Generation(
         ids=ids,
         prefill_seconds=first.seconds,
@@ -341,12 +369,10 @@ def run(
             devices=first.devices,
             seq_len=t,
             batch=b,
-            dtype_bytes=caches.keys.dtype.itemsize,
+            dtype_bytes=itemsize,
         ),  # fmt: skip
-        cache_bytes=_cache_bytes(caches),
-        exact_cache_bytes=_exact_cache_bytes(
-            model.config, b, t + max_new_tokens, caches.keys.dtype.itemsize
-        ),
+        cache_bytes=cache_bytes,
+        exact_cache_bytes=_exact_cache_bytes(model.config, b, t + max_new_tokens, itemsize),
     )
 
 

@@ -281,14 +281,10 @@ CASES = {
         lambda d: ["launch", "--nodes", "2", "--port", str(_busy_port(d)), "--", *_infer(d)],
         "is already in use",
     ),
-    "launch generate": (
-        lambda d: [*"launch --nodes 2 -- generate --prompt x --model".split(), str(d["gpt2_lm"])],
-        "generate does not run across nodes yet",
-    ),
     "launch finetune": (
         lambda d: ["launch", "--nodes", "2", *_finetune(d)],
         "finetune does not run across nodes; give the command to run after the options: "
-        "infer ..., cost ... or eval ...",
+        "infer ..., cost ..., eval ... or generate ...",
     ),
     # generation ids: tampered generation_config.json, ids outside the vocabulary
     "generation_config eos a string": (

@@ -296,6 +296,24 @@ def test_launch_eval_matches_emulated_devices(hf_models, capsys):
     assert [row["cr"] for row in want["rows"]] == [4] and want["devices"] == 2
 
 
+def test_launch_generate_matches_emulated_devices(hf_models, capsys):
+    """Across real processes the prefill is partitioned and the last node decodes; node 0
+    prints the tokens it was sent, equal to the emulated devices' (a sink plan at CR = 3,
+    sampled with one seed)."""
+    argv = ["generate", "--model", str(hf_models("llama_lm")[1]), "--prompt", "a b c d e f g",
+            "--max-new-tokens", "5", "--cr", "3", "--grouping", "tail", "--sink", "2",
+            "--temperature", "1.0", "--seed", "7", "--json"]  # fmt: skip
+    done = _launch(2, 90, *argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main([*argv, "--devices", "2"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    got = json.loads(done.stdout)
+    assert got["ids"] == want["ids"] and got["texts"] == want["texts"]
+    assert got["new_tokens"] == want["new_tokens"] >= 2  # decoded, not only the prefill's
+    assert got["prefill_bytes_per_device"] == want["prefill_bytes_per_device"] > 0
+    assert got["cache_bytes"] == want["cache_bytes"] > 0
+
+
 def test_handshake_takes_a_node_started_again():
     """A node that died during the hello and was started again is no second node of its rank."""
     server = handshake.take_port("127.0.0.1", 0)

@@ -316,22 +316,18 @@ def _rest(args) -> list[str]:
     return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
 
 
-ACROSS_NODES = ("infer", "cost", "eval")  # the commands `node` and `launch` run
+ACROSS_NODES = ("infer", "cost", "eval", "generate")  # the commands `node` and `launch` run
 
 
 def _inner(args) -> argparse.Namespace:
     """The command a node runs, with --devices set to the number of nodes."""
     rest = _rest(args)
     name = rest[0] if rest else ""
-    if name == "generate":
-        raise PrismError(
-            "generate does not run across nodes yet (its decode is written for a mesh in one "
-            "process): run prism-jax generate --devices N on one machine"
-        )
     if name not in ACROSS_NODES:
         given = f"{name} does not run across nodes; " if name in RUNNERS else ""
         raise PrismError(
-            f"{given}give the command to run after the options: infer ..., cost ... or eval ..."
+            f"{given}give the command to run after the options: "
+            "infer ..., cost ..., eval ... or generate ..."
         )
     inner = build_parser().parse_args(rest)
     if "--devices" in rest and inner.devices != args.nodes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import prism_jax as pj
@@ -35,7 +36,9 @@ def run_generate(args) -> dict:
     }
     for i, r in enumerate(rows):
         batch["input_ids"][i, : len(r)], batch["attention_mask"][i, : len(r)] = r, 1
-    stream = printing.TextStream(tok) if len(rows) == 1 and not args.json else None
+    # one prompt streams as it decodes, in one process (a cluster's node 0 prints at the end)
+    alone = jax.process_count() == 1
+    stream = printing.TextStream(tok) if len(rows) == 1 and not args.json and alone else None
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
     mesh = pj.edge_mesh(args.devices)

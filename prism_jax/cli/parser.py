@@ -317,7 +317,7 @@ def _cluster(sub, name: str, text: str) -> None:
         "rest",
         nargs=argparse.REMAINDER,
         metavar="COMMAND ...",
-        help="infer ... | cost ... | eval ...",
+        help="infer ... | cost ... | eval ... | generate ...",
     )
     p.set_defaults(json=False)
 
