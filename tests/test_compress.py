@@ -185,8 +185,8 @@ def test_best_compressor_is_exact_at_cr1(name, hf_models, rng):
 def test_tilt_bytes_equal_closed_form(dtype):
     cfg = pj.PRESETS["bert-base"]()
     cfg = type(cfg)(**{**cfg.__dict__, "depth": 2})
-    plan = pj.Plan.best(8)
     size = 2 if dtype == "bfloat16" else 4
+    plan = pj.Plan.best(8, wire="bf16" if size == 2 else "f32")  # bf16 means on the wire
     lowered = cost.lower(cfg, plan, devices=4, seq_len=64, batch=2, dtype=dtype)
     measured = cost.collective_bytes(lowered.as_text())[0]
     want = cost.bytes_closed_form(cfg, plan, devices=4, seq_len=64, batch=2, dtype_bytes=size)
@@ -211,7 +211,7 @@ def test_rotary_tilt_bytes_equal_closed_form():
     """A rotary group also sends its mean position and position variance (float32 words)."""
     cfg = pj.PRESETS["smollm2-135m"]()
     cfg = type(cfg)(**{**cfg.__dict__, "depth": 1})
-    plan = pj.Plan.best(8)
+    plan = pj.Plan.best(8, wire="bf16")
     lowered = cost.lower(cfg, plan, devices=2, seq_len=64, batch=1, dtype="bfloat16")
     measured = cost.collective_bytes(lowered.as_text())[0]
     want = cost.bytes_closed_form(cfg, plan, devices=2, seq_len=64, batch=1, dtype_bytes=2)
