@@ -16,7 +16,9 @@ compressors (K/V exchange, log-count bias):
   budget (four times the vectors, about);
 - sink + tail + tilt, int8: the same with the rotary value tilt (12 more bytes a group);
 - sink + prism+, int8: the sink with k-means groups, a salient token and the tilt, on int8;
-- sink + tail + tilt and sink + prism+: the last two on float32 (not run by default).
+- sink + tail + tilt and sink + prism+: the last two on float32 (not run by default);
+- sink + tail + tilt, int4 and sink + prism+, int4: on the int4 wire (two codes a byte, about
+  seven times the vectors of float32; not run by default).
 
 Bytes per device are the closed form, checked equal to the lowered program's collectives for
 every plan. Writes experiments/results/table_sink.{json,md,png}.
@@ -39,6 +41,8 @@ COMPRESSORS = (
     "sink + prism+, int8",
     "sink + tail + tilt",
     "sink + prism+",
+    "sink + tail + tilt, int4",
+    "sink + prism+, int4",
 )
 
 
@@ -68,14 +72,15 @@ def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
         kw = dict(grouping="kmeans", salient=1, value_tilt=True, sink=sink)
     if "tilt" in name:
         kw["value_tilt"] = True
-    if not name.endswith("int8"):
+    wire = name.rpartition(", ")[2] if ", int" in name else "f32"
+    if wire == "f32":
         return pj.Plan(cr=cr, **kw)
     budget = cost.group_bytes(cfg, pj.Plan(cr=cr)) * pj.Plan(cr=cr).segments(local_len)
     for smaller in range(1, cr + 1):  # the most vectors that fit the budget
-        plan = pj.Plan(cr=smaller, wire="int8", **kw)
+        plan = pj.Plan(cr=smaller, wire=wire, **kw)
         if cost.group_bytes(cfg, plan) * plan.segments(local_len) <= budget:
             return plan
-    return pj.Plan(cr=cr, wire="int8", **kw)
+    return pj.Plan(cr=cr, wire=wire, **kw)
 
 
 def main(argv=None):

@@ -6,8 +6,8 @@ The one place that decides what a device sends, as one pipeline per layer (`shar
    balanced runs, k-means, salient and sink tokens; voltage: every token alone);
 2. payload: each group becomes a row of means, its count and extra statistics
    (`compress.group_means`);
-3. wire: the rows are encoded for the wire (`encode`: float32, bfloat16 or int8 with a scale
-   per vector, DESIGN.md 1d; counts and statistics as exact 4-byte words beside them),
+3. wire: the rows are encoded for the wire (`encode`: float32, bfloat16, int8 or packed int4
+   with a scale per vector, DESIGN.md 1d; counts and statistics as exact 4-byte words beside them),
    gathered over the mesh axis (the layer's only collective) and decoded;
 4. remote rows: the other N-1 devices' rows, with the mask, logit bias and tilt statistics
    that go with them.
@@ -107,19 +107,27 @@ def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, j
 
 # --- the wire ------------------------------------------------------------------------------
 
-WIRE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8}
+WIRE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8, "int4": jnp.int8}
+# The integer wires' largest code: symmetric, q in [-LEVELS, LEVELS].
+LEVELS = {"int8": 127, "int4": 7}
 
 
-def quantize(x: jax.Array, vectors: int) -> tuple[jax.Array, jax.Array]:
-    """The int8 wire (DESIGN.md 1d): `[..., W]` float32 cut into `vectors` equal vectors, each
-    sent as q = round(x / s) clipped to [-127, 127] (half to even) with s = max|x| / 127 (1 for
-    a zero vector) -> (q `[..., W]` int8, s `[..., vectors]` float32). A vector whose s would
-    be subnormal (max|x| < 127 * 1.2e-38) travels as a zero vector: XLA:CPU flushes
-    subnormals to zero, and x / 0 is no code."""
+def wire_width(width: int, wire: str) -> int:
+    """How many elements of the wire's dtype carry `width` means: int4 packs two a byte."""
+    return -(-width // 2) if wire == "int4" else width
+
+
+def quantize(x: jax.Array, vectors: int, levels: int = 127) -> tuple[jax.Array, jax.Array]:
+    """The integer wires (DESIGN.md 1d): `[..., W]` float32 cut into `vectors` equal vectors,
+    each sent as q = round(x / s) clipped to [-levels, levels] (half to even) with
+    s = max|x| / levels (1 for a zero vector) -> (q `[..., W]` int8, s `[..., vectors]`
+    float32). `levels` is 127 for int8, 7 for int4. A vector whose s would be subnormal
+    (max|x| < levels * 1.2e-38) travels as a zero vector, and a subnormal x as code 0:
+    XLA:CPU flushes subnormals to zero, and x / 0 is no code."""
     blocks = x.reshape(*x.shape[:-1], vectors, -1).astype(jnp.float32)
-    scale = jnp.abs(blocks).max(-1, keepdims=True) / 127
+    scale = jnp.abs(blocks).max(-1, keepdims=True) / levels
     scale = jnp.where(scale >= jnp.finfo(jnp.float32).tiny, scale, 1.0)
-    q = jnp.clip(jnp.round(blocks / scale), -127, 127).astype(jnp.int8)
+    q = jnp.clip(jnp.round(blocks / scale), -levels, levels).astype(jnp.int8)
     return q.reshape(x.shape), scale[..., 0]
 
 
@@ -128,6 +136,22 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     vectors = scale.shape[-1]
     blocks = q.reshape(*q.shape[:-1], vectors, -1).astype(jnp.float32) * scale[..., None]
     return blocks.reshape(q.shape)
+
+
+def pack4(q: jax.Array) -> jax.Array:
+    """`[..., W]` int8 codes in [-8, 7] -> `[..., ceil(W / 2)]` int8, two a byte: code 2i in
+    the low nibble, 2i + 1 in the high one (a zero code pads an odd W)."""
+    if q.shape[-1] % 2:
+        q = jnp.concatenate([q, jnp.zeros_like(q[..., :1])], axis=-1)
+    low, high = q[..., 0::2], q[..., 1::2]
+    return jnp.bitwise_or(jnp.bitwise_and(low, 0x0F), jnp.left_shift(high, 4))
+
+
+def unpack4(packed: jax.Array, width: int) -> jax.Array:
+    """Inverse of `pack4`: the nibbles sign-extended by arithmetic shifts, `[..., width]`."""
+    low = jnp.right_shift(jnp.left_shift(packed, 4), 4)
+    high = jnp.right_shift(packed, 4)
+    return jnp.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)[..., :width]
 
 
 def _as_words(x: jax.Array, dtype) -> jax.Array:
@@ -148,25 +172,29 @@ def _from_words(bits: jax.Array, kind) -> jax.Array:
 def encode(means, counts, stats=None, *, wire: str = "f32", vectors: int = 1) -> jax.Array:
     """`[B, V, W]` means, int32 counts `[B, V]` and optional float32 `stats` `[B, V, k]` ->
     one row per group in the wire's dtype, so that one collective carries it all: the means
-    (float32, bfloat16, or int8 with a float32 scale for each of their `vectors`), then the
-    scales, the count and the stats as exact 4-byte words."""
+    (float32, bfloat16, int8, or int4 packed two a byte, the integer wires with a float32
+    scale for each of their `vectors`), then the scales, the count and the stats as exact
+    4-byte words."""
     dtype = WIRE_DTYPES[wire]
     words = [counts[..., None].astype(jnp.int32)]
     if stats is not None:
         words.append(lax.bitcast_convert_type(stats.astype(jnp.float32), jnp.int32))
-    if wire == "int8":
-        means, scales = quantize(means, vectors)
+    if wire in LEVELS:
+        means, scales = quantize(means, vectors, LEVELS[wire])
+        means = pack4(means) if wire == "int4" else means
         words.insert(0, lax.bitcast_convert_type(scales, jnp.int32))
     parts = [means.astype(dtype), _as_words(jnp.concatenate(words, axis=-1), dtype)]
     return jnp.concatenate(parts, axis=-1)
 
 
-def decode(rows: jax.Array, width: int, *, vectors: int = 1):
-    """Inverse of `encode` (the wire read from the rows' dtype): (means `[..., W]` float32,
-    int32 counts `[...]`, float32 stats `[..., k]` or None when none were sent)."""
-    words = _from_words(rows[..., width:], jnp.int32)
-    means = rows[..., :width]
-    if rows.dtype == jnp.int8:
+def decode(rows: jax.Array, width: int, *, wire: str = "f32", vectors: int = 1):
+    """Inverse of `encode`: (means `[..., W]` float32, int32 counts `[...]`, float32 stats
+    `[..., k]` or None when none were sent)."""
+    carried = wire_width(width, wire)
+    words = _from_words(rows[..., carried:], jnp.int32)
+    means = rows[..., :carried]
+    if wire in LEVELS:
+        means = unpack4(means, width) if wire == "int4" else means
         scales = lax.bitcast_convert_type(words[..., :vectors], jnp.float32)
         means, words = dequantize(means, scales), words[..., vectors:]
     stats = lax.bitcast_convert_type(words[..., 1:], jnp.float32) if words.shape[-1] > 1 else None
@@ -240,7 +268,7 @@ def share(
     )  # fmt: skip
     sent = encode(means, counts, stats, wire=plan.wire, vectors=vectors)
     rows, source = _gather_others(ex, local, sent)
-    rows, counts, stats = decode(rows, w, vectors=vectors)
+    rows, counts, stats = decode(rows, w, wire=plan.wire, vectors=vectors)
     rows = rows.astype(x.dtype)
     seen = counts > 0  # [B, (N-1)*V]: empty groups are masked out
     mask = _with_remote(ex, local, local_mask, seen, source)

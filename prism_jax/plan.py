@@ -18,7 +18,7 @@ EXCHANGES = ("auto", "hidden", "kv")
 # equal-size runs of valid tokens, or k-means in key space started from those.
 GROUPINGS = ("segments", "balanced", "kmeans", "tail")
 # What the means travel as (DESIGN.md section 1d), whatever the model computes in.
-WIRES = ("f32", "bf16", "int8")
+WIRES = ("f32", "bf16", "int8", "int4")
 
 
 # The fields that say how a device compresses what it sends (prism only).
@@ -54,8 +54,9 @@ class Plan:
         model) travel exactly, each a group of one, out of the V groups of the device that
         holds them (at most V - 1 of them: DESIGN.md section 1c). Not with `segments`.
       wire: what the means travel as, whatever the model computes in (DESIGN.md section 1d):
-        `f32`, `bf16`, or `int8` (symmetric, a float32 scale per vector: per KV head and K or
-        V with the kv exchange, the whole vector for hidden). Counts and the tilt's
+        `f32`, `bf16`, `int8` (symmetric, a float32 scale per vector: per KV head and K or
+        V with the kv exchange, the whole vector for hidden), or `int4` (the same rule with
+        codes in [-7, 7], packed two a byte). Counts and the tilt's
         statistics travel exact (4-byte words) on every wire.
     """
 

@@ -211,20 +211,21 @@ def _groups(block, valid, keys, cr, compressor):
 
 
 def _wire(mean, wire, vectors):
-    """What arrives of a group's mean (DESIGN.md 1d): float32, bfloat16, or int8 with a
-    float32 scale s = max|x| / 127 per vector (1 for a zero vector, or one whose s would be
-    subnormal: XLA:CPU flushes those), q = round(x / s) clipped to [-127, 127]."""
+    """What arrives of a group's mean (DESIGN.md 1d): float32, bfloat16, or int8 (int4) with
+    a float32 scale s = max|x| / m per vector, m = 127 (7) (1 for a zero vector, or one whose
+    s would be subnormal: XLA:CPU flushes those), q = round(x / s) clipped to [-m, m]."""
     x = mean.astype(np.float32)
     if wire == "bf16":
         import ml_dtypes
 
         return x.astype(ml_dtypes.bfloat16).astype(np.float64)
-    if wire == "int8":
+    if wire in ("int8", "int4"):
+        m = np.float32(127 if wire == "int8" else 7)
         out = []
         for block in np.split(x, vectors):
-            s = np.abs(block).max() / np.float32(127)
+            s = np.abs(block).max() / m
             s = s if s >= np.finfo(np.float32).tiny else np.float32(1)
-            out.append(np.clip(np.round(block / s), -127, 127) * np.float64(s))
+            out.append(np.clip(np.round(block / s), -m, m) * np.float64(s))
         return np.concatenate(out)
     return x.astype(np.float64)
 

@@ -114,6 +114,9 @@ WIRE_CASES = [  # DESIGN.md 1d: what arrives is what the NumPy rule sends
     ("vit_cls", 3, dict(cr=4, wire="int8", exchange="kv")),
     ("gpt2_lm", 3, dict(cr=3, wire="int8", grouping="kmeans", salient=1, sink=2, value_tilt=True)),
     ("llama_lm", 2, dict(cr=4, wire="bf16", grouping="balanced", sink=1, value_tilt=True)),
+    ("llama_lm", 3, dict(cr=1, wire="int4")),  # codes in [-7, 7], two a byte
+    ("bert_cls", 3, dict(cr=2, wire="int4", grouping="balanced", salient=1)),
+    ("llama_lm", 2, dict(cr=3, wire="int4", grouping="tail", sink=2, value_tilt=True)),
 ]
 
 
@@ -289,10 +292,11 @@ def test_sink_on_the_command_line(hf_models, capsys):
 def test_wire_on_the_command_line(hf_models, capsys):
     directory = str(hf_models("bert_cls")[1])
     base = ["infer", "--model", directory, "--devices", "2", "--text", "good tea"]
-    assert cli.main([*base, "--cr", "4", "--wire", "int8", "--json"]) == 0
-    assert '"wire": "int8"' in capsys.readouterr().out
+    for wire in ("int8", "int4"):
+        assert cli.main([*base, "--cr", "4", "--wire", wire, "--json"]) == 0
+        assert f'"wire": "{wire}"' in capsys.readouterr().out
     for bad, message in (
-        (["--cr", "4", "--wire", "int4"], "invalid choice: 'int4'"),
+        (["--cr", "4", "--wire", "int2"], "invalid choice: 'int2'"),
         (["--strategy", "voltage", "--wire", "int8"], "wire set, but compressor settings"),
     ):
         assert cli.main([*base, *bad]) == 2

@@ -78,12 +78,13 @@ def test_measured_bytes_equal_closed_form(family, t, n, cr, dtype, strategy):
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
-@pytest.mark.parametrize("wire", ["bf16", "int8"])
+@pytest.mark.parametrize("wire", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("kw", [{}, dict(exchange="kv"), dict(grouping="kmeans", value_tilt=True)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_wire_bytes_equal_closed_form(family, wire, kw, dtype):
     """DESIGN.md 1d: what the lowered program sends on each wire, whatever the model computes
-    in: W means at the wire's width, int8's float32 scale per vector, the count, the stats."""
+    in: W means at the wire's width (int4: two a byte), the integer wires' float32 scale per
+    vector, the count, the stats."""
     cfg = SMALL[family]
     t = cfg.max_positions if family == "vit" else 37
     plan = pj.Plan(cr=3, wire=wire, **kw)

@@ -108,16 +108,17 @@ def test_segment_means_allocate_nothing_for_a_cr_beyond_l(rng):
     assert "1099511627776" not in jaxpr and "f32[2,5,4]" in jaxpr
 
 
-@pytest.mark.parametrize("wire", ["f32", "bf16", "int8"])
+@pytest.mark.parametrize("wire", ["f32", "bf16", "int8", "int4"])
 def test_counts_and_stats_travel_exactly_on_every_wire(wire, rng):
     means = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
     counts = jnp.asarray([[0, 1, 301], [255, 257, 2**20 + 1]], jnp.int32)
-    size = {"f32": 4, "bf16": 2, "int8": 1}[wire]
-    scales = 2 if wire == "int8" else 0  # int8: one float32 scale per vector, 2 vectors here
+    size = {"f32": 4, "bf16": 2, "int8": 1, "int4": 1}[wire]
+    carried = {"f32": 6, "bf16": 6, "int8": 6, "int4": 3}[wire]  # int4: two a byte
+    scales = 2 if wire in ("int8", "int4") else 0  # a float32 scale per vector, 2 vectors here
     rows = exchange.encode(means, counts, wire=wire, vectors=2)
     assert rows.dtype == exchange.WIRE_DTYPES[wire]
-    assert rows.shape[-1] * size == 6 * size + 4 * (scales + 1)
-    got_means, got_counts, none = exchange.decode(rows, 6, vectors=2)
+    assert rows.shape[-1] * size == carried * size + 4 * (scales + 1)
+    got_means, got_counts, none = exchange.decode(rows, 6, wire=wire, vectors=2)
     np.testing.assert_array_equal(got_counts, counts)
     assert none is None and got_means.dtype == jnp.float32
     if wire == "f32":
@@ -125,20 +126,21 @@ def test_counts_and_stats_travel_exactly_on_every_wire(wire, rng):
     # float32 statistics (the value tilt's) ride in the same 4-byte words, bit for bit
     stats = jnp.asarray(rng.standard_normal((2, 3, 3)) * 1e3, jnp.float32)
     rows = exchange.encode(means, counts, stats, wire=wire, vectors=2)
-    assert rows.shape[-1] * size == 6 * size + 4 * (scales + 4)
-    _, got_counts, got_stats = exchange.decode(rows, 6, vectors=2)
+    assert rows.shape[-1] * size == carried * size + 4 * (scales + 4)
+    _, got_counts, got_stats = exchange.decode(rows, 6, wire=wire, vectors=2)
     np.testing.assert_array_equal(got_counts, counts)
     np.testing.assert_array_equal(got_stats, stats)
 
 
-def _int8_reference(x, vectors):
-    """DESIGN.md 1d in NumPy, vector by vector: (what the receiver uses, q, s)."""
+def _int_reference(x, vectors, levels=127):
+    """DESIGN.md 1d in NumPy, vector by vector: (what the receiver uses, q, s); `levels` 127
+    for int8, 7 for int4."""
     out, qs, ss = np.zeros_like(x, np.float64), [], []
     for row in np.ndindex(x.shape[:-1]):
         for j, block in enumerate(np.split(x[row].astype(np.float32), vectors)):
-            s = np.abs(block).max() / np.float32(127)  # float32 arithmetic, as the sender's
+            s = np.abs(block).max() / np.float32(levels)  # float32 arithmetic, as the sender's
             s = s if s >= np.finfo(np.float32).tiny else np.float32(1)  # zero or subnormal
-            q = np.clip(np.round(block / s), -127, 127)  # half to even
+            q = np.clip(np.round(block / s), -levels, levels)  # half to even
             w = len(block)
             out[row][j * w : (j + 1) * w] = q * np.float64(s)
             qs.append(q)
@@ -146,6 +148,7 @@ def _int8_reference(x, vectors):
     return out, np.array(qs), np.array(ss)
 
 
+@pytest.mark.parametrize(("wire", "levels"), [("int8", 127), ("int4", 7)])
 @pytest.mark.parametrize(
     "case",
     [
@@ -159,7 +162,7 @@ def _int8_reference(x, vectors):
         "from bfloat16",
     ],
 )
-def test_int8_wire_equals_the_numpy_rule(case, rng):
+def test_integer_wires_equal_the_numpy_rule(case, wire, levels, rng):
     x = rng.standard_normal((3, 2, 12)).astype(np.float32)
     if case == "zeros":
         x[:] = 0
@@ -168,16 +171,21 @@ def test_int8_wire_equals_the_numpy_rule(case, rng):
     if case == "huge":
         x *= np.float32(1e37)
     if case == "tiny":
-        x *= np.float32(1e-37)  # normal float32 whose scale would be subnormal: sent as zeros
+        x = x / np.abs(x).max() * np.float32(levels * 1.1e-38)  # a subnormal scale: zeros
     if case == "smallest normal scale":
-        x = x / np.abs(x).max() * np.float32(127 * 1.2e-38)
+        x = x / np.abs(x).max() * np.float32(levels * 1.2e-38)
     if case == "a half":  # values at k + 0.5 steps: round half to even
-        x = np.tile(np.float32([127, -127, 0.5, 1.5, 2.5, -0.5]), (3, 2, 2))
+        x = np.tile(np.float32([levels, -levels, 0.5, 1.5, 2.5, -0.5]), (3, 2, 2))
     if case == "from bfloat16":
         x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
-    q, s = exchange.quantize(jnp.asarray(x), 3)
-    _, want_q, want_s = _int8_reference(x, 3)
+    q, s = exchange.quantize(jnp.asarray(x), 3, levels)
+    _, want_q, want_s = _int_reference(x, 3, levels)
     got_q, got_s = np.asarray(q).reshape(-1, 4), np.asarray(s).reshape(-1)
+    # XLA:CPU flushes subnormal inputs to zero: such a value travels as code 0 (int4's
+    # smallest normal scale leaves some values subnormal)
+    subnormal = ((np.abs(x) < np.finfo(np.float32).tiny) & (x != 0)).reshape(-1, 4)
+    assert (got_q[subnormal] == 0).all()
+    want_q = np.where(subnormal, 0, want_q.reshape(-1, 4))
     # XLA:CPU's float32 division is within one ulp, not always correctly rounded as NumPy's:
     # a scale may differ in its last bit, and a q within that of a rounding tie by one.
     np.testing.assert_allclose(got_s, want_s, rtol=2**-23, atol=0)
@@ -187,5 +195,18 @@ def test_int8_wire_equals_the_numpy_rule(case, rng):
         np.testing.assert_array_equal(got_s, want_s)
     got = exchange.dequantize(q, s)  # the receiver: q * s in float32
     np.testing.assert_array_equal(np.asarray(got).reshape(-1, 4), got_q * got_s[:, None])
-    rows = exchange.encode(jnp.asarray(x), jnp.ones((3, 2), jnp.int32), wire="int8", vectors=3)
-    np.testing.assert_array_equal(exchange.decode(rows, 12, vectors=3)[0], got)
+    rows = exchange.encode(jnp.asarray(x), jnp.ones((3, 2), jnp.int32), wire=wire, vectors=3)
+    np.testing.assert_array_equal(exchange.decode(rows, 12, wire=wire, vectors=3)[0], got)
+
+
+@pytest.mark.parametrize("width", [16, 7, 1])
+def test_int4_packs_two_codes_a_byte_low_nibble_first(width, rng):
+    codes = rng.integers(-8, 8, size=(3, width)).astype(np.int8)
+    codes[0, : min(width, 16)] = np.arange(-8, 8)[: min(width, 16)]  # every code, where room
+    packed = np.asarray(exchange.pack4(jnp.asarray(codes)))
+    assert packed.shape == (3, (width + 1) // 2) and packed.dtype == np.int8
+    padded = np.concatenate([codes, np.zeros((3, width % 2), np.int8)], axis=1)
+    nibbles = padded.astype(np.uint8) & 0x0F  # two's complement nibbles, as NumPy writes them
+    want = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).view(np.int8)
+    np.testing.assert_array_equal(packed, want)
+    np.testing.assert_array_equal(exchange.unpack4(jnp.asarray(packed), width), codes)

@@ -199,3 +199,20 @@ def test_grid_crs_and_markdown(tmp_path):
     report.save(out, "t", result, table, lambda png: report.plot([("t", result)], png))
     assert json.loads((out / "t.json").read_text()) == result
     assert (out / "t.md").read_text() == table and (out / "t.png").stat().st_size > 1000
+
+
+def test_perplexity_per_device():
+    """Device 0 of a causal model sees no remote rows: its perplexity is the exact model's at
+    any CR, the later devices' is not; together they make the overall perplexity."""
+    model = _lm()
+    rows = tasks.load(model, "wikipedia_leads", split="validation", limit=3, max_length=48)
+    ids = rows.train_examples["input_ids"][:3]
+    mesh, plan = pj.edge_mesh(3), pj.Plan(cr=8)
+    exact = metrics.perplexity_per_device(metrics.token_logprobs(model, ids), 3)
+    logp = metrics.token_logprobs(model, ids, mesh=mesh, plan=plan)
+    per = metrics.perplexity_per_device(logp, 3)
+    assert logp.shape == (3, ids.shape[1] - 1)
+    assert per[0] == pytest.approx(exact[0], rel=1e-5) and per[1:] != pytest.approx(exact[1:])
+    counts = [16, 16, ids.shape[1] - 1 - 32]  # queries at positions 0..47 on blocks of 16
+    overall = np.exp(sum(c * np.log(p) for c, p in zip(counts, per, strict=True)) / sum(counts))
+    assert metrics.perplexity(model, ids, mesh=mesh, plan=plan) == pytest.approx(overall)

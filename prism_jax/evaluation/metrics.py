@@ -158,14 +158,30 @@ def perplexity(
 ) -> float:
     """exp of the mean next-token cross-entropy over packed rows `[n, T]` (no padding); the
     log-softmax runs on the device(s), every batch at one shape."""
-    nll, count = 0.0, 0
+    logp = token_logprobs(model, ids, mesh=mesh, plan=plan, batch_size=batch_size)
+    return float(np.exp(-logp.mean())) if logp.size else 1.0
+
+
+def token_logprobs(
+    model: Model, ids: np.ndarray, *, mesh=None, plan: Plan | None = None, batch_size: int = 16
+) -> np.ndarray:
+    """`[n, T - 1]` float64: log p(token t + 1 | tokens <= t) for packed rows `[n, T]`, the
+    query at position t (on the device that holds t)."""
+    out = []
     for start in range(0, len(ids), batch_size):
         rows = ids[start : start + batch_size]
         batch = padded_rows({"input_ids": ids}, start, batch_size)
         logp = next_token_logprobs(model, batch, mesh=mesh, plan=plan)[: len(rows)]
-        nll -= float(logp.astype(np.float64).sum())
-        count += logp.size
-    return float(np.exp(nll / max(count, 1)))
+        out.append(np.asarray(logp, np.float64))
+    return np.concatenate(out) if out else np.zeros((0, max(ids.shape[-1] - 1, 0)))
+
+
+def perplexity_per_device(logp: np.ndarray, devices: int) -> list[float]:
+    """Perplexity of the next-token predictions each of `devices` equal blocks of positions
+    makes (`token_logprobs`' `[n, T - 1]`; the query at position t is on device t // L)."""
+    length = -(-(logp.shape[-1] + 1) // devices)
+    holder = np.arange(logp.shape[-1]) // length
+    return [float(np.exp(-logp[:, holder == p].mean())) for p in range(devices)]
 
 
 def padded_rows(examples: dict, start: int, size: int) -> dict:
