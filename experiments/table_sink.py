@@ -27,9 +27,11 @@ every plan. Writes experiments/results/table_sink.{json,md,png}.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 
 import common
+import numpy as np
 
 COMPRESSORS = (
     "paper",
@@ -54,7 +56,7 @@ class Config:
     devices: str = common.setting("4", "device counts, comma-separated")
     crs: str = common.setting("4,16,64", "budgets: the paper's float32 CR, comma-separated")
     compressors: str = common.setting(";".join(COMPRESSORS[:7]), "compressors, separated by ;")
-    sink: int = common.setting(4, "sink tokens sent exactly", minimum=1)
+    sinks: str = common.setting("4", "sink tokens sent exactly, comma-separated")
     out: str | None = common.output(None, "results folder")
 
 
@@ -90,11 +92,15 @@ def main(argv=None):
     if unknown:  # before the model loads
         print(f"table_sink.py: error: unknown compressors {unknown}", file=sys.stderr)
         return 2
+    sinks = [int(s) for s in args.sinks.split(",") if s.strip().isdigit() and int(s) >= 1]
+    if len(sinks) != len(args.sinks.split(",")):
+        print(f"table_sink.py: error: --sinks {args.sinks!r}: integers >= 1", file=sys.stderr)
+        return 2
 
     import prism_jax as pj
     from prism_jax import cost
     from prism_jax.data import sources
-    from prism_jax.evaluation import tasks
+    from prism_jax.evaluation import metrics, tasks
 
     model = pj.load_pretrained(sources.smollm2_gguf())
     if args.smoke:
@@ -103,24 +109,31 @@ def main(argv=None):
     devices = [int(n) for n in args.devices.split(",")]
     crs = [int(c) for c in args.crs.split(",")]
     task = tasks.load(model, "wikipedia_leads", limit=rows, max_length=seq_len)
-    exact = float(task.score(None, pj.Plan(strategy="single")))
+    ids = task.train_examples["input_ids"]
+    exact_logp = metrics.token_logprobs(model, ids)
+    exact = float(np.exp(-exact_logp.mean()))
     print(f"exact perplexity {exact:.3f} on {task.examples} rows of {seq_len} tokens")
     cells = []
     for n in devices:
         mesh, local = pj.edge_mesh(n), cost.local_len(seq_len, n)
-        for cr in crs:
-            for name in names:
-                plan = plan_for(name, cr, args.sink, model.config, local)
-                shape = dict(devices=n, seq_len=seq_len, batch=1)
-                sent = cost.bytes_closed_form(model.config, plan, **shape)
-                assert sent == cost.measured_bytes(model.config, plan, **shape), plan
-                value = float(task.score(mesh, plan))
-                cells.append({"devices": n, "budget_cr": cr, "compressor": name,
-                              "plan": dataclasses.asdict(plan), "bytes_per_device": sent,
-                              "perplexity": value, "over_exact": value / exact})  # fmt: skip
-                print(f"N={n} CR={cr:>3} {name:<18} {value:8.2f} ({value / exact - 1:+.1%}) "
-                      f"{sent:,} bytes")  # fmt: skip
-    record = {"exact": exact, "rows": task.examples, "seq_len": seq_len, "sink": args.sink,
+        for cr, sink, name in itertools.product(crs, sinks, names):
+            if sink != sinks[0] and "sink" not in name:
+                continue  # the same plan again
+            plan = plan_for(name, cr, sink, model.config, local)
+            shape = dict(devices=n, seq_len=seq_len, batch=1)
+            sent = cost.bytes_closed_form(model.config, plan, **shape)
+            assert sent == cost.measured_bytes(model.config, plan, **shape), plan
+            logp = metrics.token_logprobs(model, ids, mesh=mesh, plan=plan)
+            value = float(np.exp(-logp.mean()))
+            per_device = metrics.perplexity_per_device
+            cells.append({"devices": n, "budget_cr": cr, "compressor": name,
+                          "plan": dataclasses.asdict(plan), "bytes_per_device": sent,
+                          "perplexity": value, "over_exact": value / exact,
+                          "per_device": per_device(logp, n),
+                          "exact_per_device": per_device(exact_logp, n)})  # fmt: skip
+            print(f"N={n} CR={cr:>3} s={plan.sink} {name:<24} {value:8.2f} "
+                  f"({value / exact - 1:+.1%}) {sent:,} bytes")  # fmt: skip
+    record = {"exact": exact, "rows": task.examples, "seq_len": seq_len, "sinks": sinks,
               "cells": cells}  # fmt: skip
     text = markdown(record)
     print(text)
@@ -130,10 +143,15 @@ def main(argv=None):
 def markdown(record: dict) -> str:
     lines = [
         f"### SmolLM2 perplexity at equal bytes: {record['rows']} Wikipedia rows of "
-        f"{record['seq_len']} tokens, exact {record['exact']:.2f}, sink = {record['sink']}",
+        f"{record['seq_len']} tokens, exact {record['exact']:.2f}",
         "",
-        "| N | budget (paper CR) | compressor | plan | bytes/device | perplexity | vs exact |",
-        "|---:|---:|---|---|---:|---:|---:|",
+        "Per device: the perplexity of the next-token predictions each device makes (exact: "
+        + " / ".join(_per_device(record["cells"]))
+        + ").",
+        "",
+        "| N | budget (paper CR) | compressor | plan | bytes/device | perplexity | vs exact "
+        "| per device |",
+        "|---:|---:|---|---|---:|---:|---:|---|",
     ]
     for c in record["cells"]:
         p = c["plan"]
@@ -141,9 +159,17 @@ def markdown(record: dict) -> str:
         plan = f"CR={p['cr']} {p['grouping']}{extras} sink={p['sink']} {p['wire']}"
         lines.append(
             f"| {c['devices']} | {c['budget_cr']} | {c['compressor']} | {plan} | "
-            f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} |"
+            f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} | "
+            + " / ".join(f"{v:.1f}" for v in c["per_device"])
+            + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _per_device(cells: list[dict]) -> list[str]:
+    """The exact model's perplexity per device, once per N."""
+    seen = {c["devices"]: c["exact_per_device"] for c in cells}
+    return [f"N = {n}: " + ", ".join(f"{v:.1f}" for v in seen[n]) for n in sorted(seen)]
 
 
 def plot(record: dict, path) -> None:
@@ -153,11 +179,14 @@ def plot(record: dict, path) -> None:
     devices = sorted({c["devices"] for c in record["cells"]})
     fig, axes = plt.subplots(1, len(devices), figsize=(5 * len(devices), 4), squeeze=False)
     for ax, n in zip(axes[0], devices, strict=True):
-        for name in COMPRESSORS:
-            cells = [c for c in record["cells"] if c["devices"] == n and c["compressor"] == name]
+        here = [c for c in record["cells"] if c["devices"] == n]
+        lines = dict.fromkeys((c["compressor"], c["plan"]["sink"]) for c in here)
+        for name, sink in lines:
+            cells = [c for c in here if (c["compressor"], c["plan"]["sink"]) == (name, sink)]
             cells.sort(key=lambda c: c["bytes_per_device"])
             xs = [c["bytes_per_device"] for c in cells]
-            ax.plot(xs, [c["perplexity"] for c in cells], marker="o", label=name)
+            label = f"{name} (s = {sink})" if len(record["sinks"]) > 1 and sink else name
+            ax.plot(xs, [c["perplexity"] for c in cells], marker="o", label=label)
         ax.axhline(record["exact"], color="black", linestyle=":", label="exact")
         ax.set(xscale="log", yscale="log", xlabel="bytes per device", ylabel="perplexity",
                title=f"SmolLM2, N = {n}")  # fmt: skip
