@@ -36,6 +36,7 @@ SLOW = {
     "table_llama.py",
     "table_sink.py",
     "table_vit.py",
+    "table_wire.py",
     "train_gpt2.py",
     "train_vit.py",
 }
@@ -62,6 +63,7 @@ RESULTS = {
     "table_llama.py",
     "table_sink.py",
     "table_vit.py",
+    "table_wire.py",
     "robust_finetune.py",
 }
 MODELS = {"train_gpt2.py", "train_vit.py"}
