@@ -5,16 +5,17 @@ Command:  .venv/bin/python experiments/table_generation.py          (about 4 min
 Smoke:    .venv/bin/python experiments/table_generation.py --smoke  (GPT-2 only; run by the tests)
 
 Prompts: the first 48 tokens of the first 8 held-out (test split) Wikipedia leads, one batch,
-right-padded by the tokenizer and left-padded for generation. Each (N, CR), N in {2, 4, 8}, CR
-in {1, 2, 4, 8, 16}, and each compressor (`--compressors`: `paper`, the paper's segment
-means; `prism+`, `Plan.best`: k-means groups, a salient token, the value tilt) generates 32
-tokens greedily (end of sequence ignored) with a partitioned prefill and a decode from the
-compressed cache (DESIGN.md section 1a), and is compared with the exact model's 32 tokens:
-the share of equal tokens and the mean length of the common prefix. Times: prefill (time to
-first token, the compile of a new shape included: the first (N, CR) of each N also
+right-padded by the tokenizer and left-padded for generation (`--packed`: rows of
+`--prompt-tokens` of the test leads packed end to end, for long prompts). Each (N, CR), N in
+{2, 4, 8}, CR in {1, 2, 4, 8, 16}, and each compressor (`--compressors`: `paper`, the paper's
+segment means; `prism+`, `Plan.best`: k-means groups, a salient token, the value tilt)
+generates 32 tokens greedily (end of sequence ignored) with a partitioned prefill and a decode
+from the compressed cache (DESIGN.md section 1a), and is compared with the exact model's 32
+tokens: the share of equal tokens and the mean length of the common prefix. Times: prefill
+(time to first token, the compile of a new shape included: the first (N, CR) of each N also
 compiles) and decode tokens/s per row (median step, after the compiling first); bytes each
-device sends in the prefill (none while decoding) and the cache bytes against the exact
-cache. Emulated devices share this machine's 2 cores.
+device sends in the prefill (none while decoding) and the cache bytes against the exact cache.
+Emulated devices share this machine's 2 cores.
 Writes experiments/results/table_generation.{json,md,png} and the continuations of two
 prompts at CR = 1 and, with each compressor, CR = 16 (N = 4) into the Markdown.
 """
@@ -27,7 +28,7 @@ import sys
 import common
 
 MODELS = {"SmolLM2-135M": None, "GPT-2 task model": common.HERE / "models" / "gpt2-wikipedia"}
-COMPRESSORS = ("paper", "prism+", "lm+", "lm+ int8")
+COMPRESSORS = ("paper", "prism+", "lm+", "lm+ int8", "lm+ int4")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,9 @@ class Config:
     smoke: bool = common.setting(False, "GPT-2, 2 prompts, 4 tokens, N = 2, CR in {1, 4}")
     prompts: int = common.setting(8, "prompts (test-split Wikipedia leads)")
     prompt_tokens: int = common.setting(48, "tokens of each lead used as its prompt")
+    packed: bool = common.setting(
+        False, "prompts of --prompt-tokens from the test leads packed end to end (long prompts)"
+    )
     new_tokens: int = common.setting(32, "tokens generated per prompt")
     compressors: str = common.setting(
         "paper,prism+", "compressors compared, comma-separated: " + ", ".join(COMPRESSORS)
@@ -59,18 +63,26 @@ def compressors_of(text: str) -> list[str] | None:
     return names if set(names) <= set(COMPRESSORS) and len(set(names)) == len(names) else None
 
 
-def plan_of(compressor: str, cr: int, model=None):
+def plan_of(compressor: str, cr: int, model=None, *, devices: int = 1, seq_len: int = 1):
     """paper: segment means; prism+: `Plan.best` of an encoder (k-means, salient, tilt);
-    lm+: `Plan.best` of the model (a causal LM: the sink, tail groups, tilt); lm+ int8: the
-    same on the int8 wire at CR / 4 (about the bytes of lm+ at CR, four times the vectors)."""
+    lm+: `Plan.best` of the model (a causal LM: the sink, tail groups, tilt); lm+ int8 and
+    lm+ int4: the same on that wire at the smallest CR whose bytes per device (at `devices`,
+    `seq_len`) are at most the paper's float32 segments' at CR (about 3.7 and 6.6 times the
+    vectors)."""
     import prism_jax as pj
+    from prism_jax import cost
 
     if compressor == "prism+":
         return pj.Plan.best(cr)
     if compressor == "lm+":
         return pj.Plan.best(cr, model)
-    if compressor == "lm+ int8":
-        return pj.Plan.best(max(1, cr // 4), model, wire="int8")
+    if compressor.startswith("lm+ "):
+        shape = dict(devices=devices, seq_len=seq_len)
+        budget = cost.bytes_closed_form(model.config, pj.Plan(cr=cr), **shape)
+        for smaller in range(1, cr + 1):
+            plan = pj.Plan.best(smaller, model, wire=compressor[4:])
+            if cost.bytes_closed_form(model.config, plan, **shape) <= budget:
+                return plan
     return pj.Plan(cr=cr)
 
 
@@ -83,10 +95,12 @@ def sweep_model(name, model, batch, devices, crs, new_tokens, compressors):
     for n in devices:
         for compressor in compressors:
             for cr in crs:
-                plan = plan_of(compressor, cr, model)
+                t = batch["input_ids"].shape[1]
+                plan = plan_of(compressor, cr, model, devices=n, seq_len=t)
                 run = generation.run(model, batch, mesh=pj.edge_mesh(n), plan=plan,
                                      max_new_tokens=new_tokens, eos=False)  # fmt: skip
                 rows.append({"model": name, "compressor": compressor, "devices": n, "cr": cr,
+                             "plan": dataclasses.asdict(plan), "prompt_tokens": t,
                              **agreement(run.ids, exact.ids),
                              "prefill_seconds": run.prefill_seconds,
                              "tokens_per_second": run.tokens_per_second,
@@ -118,6 +132,7 @@ def main(argv=None):
 
     import prism_jax as pj
     from prism_jax.data import sources, tfds_builders
+    from prism_jax.evaluation import tasks
 
     smoke = args.smoke
     count, new = (2, 4) if smoke else (args.prompts, args.new_tokens)
@@ -134,6 +149,11 @@ def main(argv=None):
         model = pj.load_pretrained(path or sources.smollm2_gguf())
         tok = model.tokenizer
         prompts = [tok.encode_plain(t)[: args.prompt_tokens] for t in leads]
+        if args.packed:  # rows of the test leads end to end: prompts as long as asked
+            packed = tasks.load(
+                model, "wikipedia_leads", limit=count, max_length=args.prompt_tokens
+            )
+            prompts = [list(map(int, r)) for r in packed.train_examples["input_ids"]]
         batch = right_padded(prompts)
         rows, samples, exact = sweep_model(name, model, batch, devices, crs, new, compressors)
         results += rows
@@ -196,13 +216,14 @@ def plot(results, path, new_tokens: int = 32) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for i, n in enumerate(sorted({r["devices"] for r in results})):
-            for compressor, style in zip(COMPRESSORS, ("-", "--", ":", "-."), strict=True):
+            styles = ("-", "--", ":", "-.", (0, (5, 1)))
+            for compressor, style in zip(COMPRESSORS, styles, strict=True):
                 pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
                        if r["model"] == name and r["devices"] == n
                        and r["compressor"] == compressor]  # fmt: skip
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=f"C{i}",
-                            label=f"N={n} {compressor}")  # fmt: skip
+                    ax.plot(*zip(*pts, strict=True), linestyle=style, marker="o", ms=3,
+                            color=f"C{i}", label=f"N={n} {compressor}")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression rate CR")
         ax.set_ylabel("greedy tokens equal to exact (%)")
