@@ -1,5 +1,6 @@
-"""SmolLM2-135M (real Q4_1 weights): the attention sink, the tail grouping and the int8 wire
-against the paper's segment means, at equal or fewer bytes per device (DESIGN.md 1c, 1d).
+"""SmolLM2-135M (real Q4_1 weights; `--model gpt2`: the GPT-2 task model): the attention
+sink, the tail grouping and the int8 and int4 wires against the paper's segment means, at equal
+or fewer bytes per device (DESIGN.md 1c, 1d).
 
 Command:  .venv/bin/python experiments/table_sink.py          (about 15 minutes on 2 cores)
 Smoke:    .venv/bin/python experiments/table_sink.py --smoke  (2 layers, seconds; run by tests)
@@ -57,6 +58,7 @@ class Config:
     crs: str = common.setting("4,16,64", "budgets: the paper's float32 CR, comma-separated")
     compressors: str = common.setting(";".join(COMPRESSORS[:7]), "compressors, separated by ;")
     sinks: str = common.setting("4", "sink tokens sent exactly, comma-separated")
+    model: str = common.setting("smollm2", "smollm2, or gpt2 (the GPT-2 task model)")
     out: str | None = common.output(None, "results folder")
 
 
@@ -102,7 +104,11 @@ def main(argv=None):
     from prism_jax.data import sources
     from prism_jax.evaluation import metrics, tasks
 
-    model = pj.load_pretrained(sources.smollm2_gguf())
+    if args.model not in ("smollm2", "gpt2"):
+        print(f"table_sink.py: error: --model {args.model!r}: smollm2 or gpt2", file=sys.stderr)
+        return 2
+    gpt2 = common.HERE / "models" / "gpt2-wikipedia"
+    model = pj.load_pretrained(gpt2 if args.model == "gpt2" else sources.smollm2_gguf())
     if args.smoke:
         model = common.first_layers(model, 2)
     rows, seq_len = (2, 32) if args.smoke else (args.rows, args.seq_len)
@@ -133,8 +139,9 @@ def main(argv=None):
                           "exact_per_device": per_device(exact_logp, n)})  # fmt: skip
             print(f"N={n} CR={cr:>3} s={plan.sink} {name:<24} {value:8.2f} "
                   f"({value / exact - 1:+.1%}) {sent:,} bytes")  # fmt: skip
-    record = {"exact": exact, "rows": task.examples, "seq_len": seq_len, "sinks": sinks,
-              "cells": cells}  # fmt: skip
+    name = "GPT-2 task model" if args.model == "gpt2" else "SmolLM2"
+    record = {"model": name, "exact": exact, "rows": task.examples, "seq_len": seq_len,
+              "sinks": sinks, "cells": cells}  # fmt: skip
     text = markdown(record)
     print(text)
     common.save(args, "table_sink", record, text, lambda png: plot(record, png))
@@ -142,7 +149,8 @@ def main(argv=None):
 
 def markdown(record: dict) -> str:
     lines = [
-        f"### SmolLM2 perplexity at equal bytes: {record['rows']} Wikipedia rows of "
+        f"### {record.get('model', 'SmolLM2')} perplexity at equal bytes: {record['rows']} "
+        "Wikipedia rows of "
         f"{record['seq_len']} tokens, exact {record['exact']:.2f}",
         "",
         "Per device: the perplexity of the next-token predictions each device makes (exact: "
@@ -189,7 +197,7 @@ def plot(record: dict, path) -> None:
             ax.plot(xs, [c["perplexity"] for c in cells], marker="o", label=label)
         ax.axhline(record["exact"], color="black", linestyle=":", label="exact")
         ax.set(xscale="log", yscale="log", xlabel="bytes per device", ylabel="perplexity",
-               title=f"SmolLM2, N = {n}")  # fmt: skip
+               title=f"{record.get('model', 'SmolLM2')}, N = {n}")  # fmt: skip
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -6,7 +6,8 @@ Smoke:    .venv/bin/python experiments/table_wire.py --smoke  (the ViT on 8 imag
 
 Training-free, N devices (default 4), `Plan.best(cr, model)` (encoders: k-means, a salient
 token, the value tilt; causal LMs: the sink, the tail grouping, the tilt) on each wire at each
-CR: the ViT task model's accuracy on Fashion-MNIST test images, the GPT-2 task model's and
+CR (`--sink s`: each also with the first s tokens exact, e.g. BERT's CLS or the ViT's class
+token): the ViT task model's accuracy on Fashion-MNIST test images, the GPT-2 task model's and
 SmolLM2's perplexity on held-out Wikipedia rows of 256 tokens, MiniLM sentence embeddings'
 cosine with the exact model on fine-food reviews (the BERT encoder; the fine-tuned BERT
 classifier is used when `make finefood-model` has built it). Bytes per device are the closed
@@ -36,6 +37,10 @@ class Config:
     rows: int = common.setting(8, "GPT-2 and SmolLM2 test rows of 256 tokens")
     reviews: int = common.setting(64, "MiniLM reviews (and BERT classifier reviews x 4)")
     models: str = common.setting(",".join(MODELS), "models, comma-separated")
+    wires: str = common.setting(",".join(WIRES), "wires, comma-separated")
+    sink: int = common.setting(
+        0, "also each wire with this many first tokens sent exactly (0: not)", minimum=0
+    )
     out: str | None = common.output(None, "results folder")
 
 
@@ -84,14 +89,18 @@ def main(argv=None):
         exact = float(task.score(None, pj.Plan(strategy="single")))
         cells = []
         local = cost.local_len(task.seq_len, n)
+        variants = [(w, s) for s in sorted({0, args.sink}) for w in args.wires.split(",")]
         for cr in (c for c in crs if c <= local):
-            for wire in WIRES:
+            for wire, sink in variants:
                 plan = pj.Plan.best(cr, model, wire=wire)
+                plan = dataclasses.replace(plan, sink=sink) if sink else plan
                 shape = dict(devices=n, seq_len=task.seq_len, batch=1)
                 sent = cost.bytes_closed_form(model.config, plan, **shape)
                 assert sent == cost.measured_bytes(model.config, plan, **shape), plan
                 value = float(task.score(mesh, plan))
-                cells.append({"cr": cr, "wire": wire, "bytes_per_device": sent, "value": value})
+                wire = f"{wire} + sink {sink}" if sink else wire
+                cells.append({"cr": cr, "wire": wire, "plan": dataclasses.asdict(plan),
+                              "bytes_per_device": sent, "value": value})  # fmt: skip
                 print(f"{name} CR={cr} {wire}: {value:.4f} ({sent:,} bytes)", flush=True)
         record["models"].append({"name": name, "metric": task.metric, "exact": exact,
                                  "seq_len": task.seq_len, "examples": task.examples,
@@ -103,7 +112,10 @@ def main(argv=None):
 
 def _against_f32(m: dict, c: dict) -> str:
     """The change from float32 at the same CR: points (accuracy, cosine) or % (perplexity)."""
-    f32 = next(x for x in m["cells"] if x["cr"] == c["cr"] and x["wire"] == "f32")["value"]
+    f32 = [x for x in m["cells"] if x["cr"] == c["cr"] and x["wire"] == "f32"]
+    if not f32:
+        return "-"
+    f32 = f32[0]["value"]
     if m["metric"] == "perplexity":
         return f"{c['value'] / f32 - 1:+.2%}"
     return f"{(c['value'] - f32) * 100:+.2f} pt"
@@ -113,7 +125,8 @@ def markdown(record: dict) -> str:
     lines = [
         f"### The wire at the same CR, N = {record['devices']}, each model's `Plan.best`",
         "",
-        "| model | exact | CR | wire | bytes/device | metric | vs float32 at this CR |",
+        "| model | exact | CR | wire | bytes/device | metric | vs float32 at this CR "
+        "(points, or perplexity %) |",
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for m in record["models"]:
@@ -132,7 +145,7 @@ def plot(record: dict, path) -> None:
     models = record["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
     for ax, m in zip(axes[0], models, strict=True):
-        for wire in WIRES:
+        for wire in dict.fromkeys(c["wire"] for c in m["cells"]):
             cells = sorted((c for c in m["cells"] if c["wire"] == wire),
                            key=lambda c: c["bytes_per_device"])  # fmt: skip
             ax.plot([c["bytes_per_device"] for c in cells], [c["value"] for c in cells],
