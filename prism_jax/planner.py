@@ -227,12 +227,11 @@ def plan_for(
     limit = _positive(limit, "limit") if limit is not None else LIMITS[k]
     if seq_len is not None:
         _positive(seq_len, "seq_len")
-    task = tasks.load(
-        model, dataset, limit=limit, max_length=seq_len or (256 if k != "vit" else None)
-    )
+    task = tasks.load(model, dataset, limit=limit, max_length=seq_len or _default_length(cfg, k))
     t = task.seq_len
     if profile is None:
         speeds = tuple(node_speed) if node_speed else ()
+        latency_model.Profile(1.0, node_speed=speeds).speeds(n)  # checked before the timing
         single = latency_model.profile_single(model, example_batch(cfg, t))
         profile = latency_model.Profile(single, node_speed=speeds)
     calib = Calibration(model, task, dataset=dataset, limit=limit, cache_dir=cache_dir)
@@ -242,6 +241,11 @@ def plan_for(
     best = next(c for c in weighed if c.status == "chosen")
     return Choice(**_fields(best.plan), devices=best.devices, metric=task.metric,
                   exact=calib.exact, calibrations=calib.runs, candidates=weighed)  # fmt: skip
+
+
+def _default_length(cfg, k: str) -> int | None:
+    """Text: 256 tokens, or the model's positions when fewer; images: the model's own."""
+    return None if k == "vit" else min(256, cfg.max_positions)
 
 
 def _fields(plan: Plan) -> dict:

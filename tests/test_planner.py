@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -147,3 +148,64 @@ def test_plan_on_the_command_line(hf_models, monkeypatch, tmp_path, capsys):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "choice:" in text and "one device" in text
+
+
+def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PRISM_JAX_CACHE", str(tmp_path))
+    directory = str(hf_models("gpt2_lm")[1])
+    base = ["--model", directory, "--devices", "2", "--plan", "auto", "--json"]
+    fast = ["--bandwidth", "unlimited", "--max-ppl-rise", "50%"]
+    assert (
+        cli.main(["generate", *base, *fast, "--prompt", "good tea", "--max-new-tokens", "2"]) == 0
+    )
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["devices"] == 2 and out["plan"]["strategy"] == "prism"
+    assert re.search(r"--plan auto: (paper|best) CR=\d+ .* on 2 device\(s\)", captured.err)
+    slow = ["--bandwidth", "100bit", "--latency", "20ms"]
+    assert cli.main(["infer", *base, *slow, "--text", "good tea"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["devices"] == 1 and out["plan"]["strategy"] == "single"
+    assert "--plan auto: one device on 1 device(s)" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--plan", "auto"], "--plan auto needs the link"),
+        (["--plan", "auto", "--bandwidth", "1mbit", "--cr", "4"], "drop --cr"),
+        (["--plan", "auto", "--bandwidth", "1mbit", "--wire", "int8"], "drop --wire"),
+        (["--plan", "manual"], "invalid choice: 'manual'"),
+    ],
+)
+def test_bad_plan_auto_is_one_line(hf_models, flags, message, capsys):
+    directory = str(hf_models("gpt2_lm")[1])
+    assert cli.main(["infer", "--model", directory, "--text", "tea", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_plan_auto_is_refused_across_nodes(capsys):
+    argv = ["launch", "--nodes", "2", "--", "infer", "--model", "m", "--plan", "auto",
+            "--bandwidth", "10mbit", "--text", "tea"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--plan auto runs on one machine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(devices=0), "devices must be an integer >= 1"),
+        (dict(bandwidth="0"), "bandwidth '0'"),
+        (dict(latency=-1), "latency -1"),
+        (dict(max_loss=2.0), "max_loss must be a share"),
+        (dict(max_ppl_rise=-0.1), "max_ppl_rise must be a share"),
+        (dict(limit=0), "limit must be an integer >= 1"),
+        (dict(node_speed=(1, 0)), "node speeds must be > 0"),
+    ],
+)
+def test_bad_plan_for_arguments_name_the_field(kw, message, tmp_path):
+    args = dict(devices=2, bandwidth="10mbit", latency="1ms", cache_dir=tmp_path) | kw
+    with pytest.raises(pj.PrismError, match=re.escape(message)):
+        pj.plan_for(_lm(), **args)

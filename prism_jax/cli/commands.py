@@ -113,6 +113,7 @@ def _run_infer(args) -> dict:
     plan = plan_of(args)
     save = writable_file(args.save) if args.save is not None else None
     model = pj.load_pretrained(args.model)
+    planning.auto(args, model)  # --plan auto: the planner's devices and plan
     plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     batch = _make_batch(model, args)
     mesh = pj.edge_mesh(args.devices)
@@ -184,6 +185,7 @@ def _run_demo(args) -> dict:
 
 
 def _run_eval(args) -> dict:
+    plan_of(args, args.cr[0])  # the flags, checked before the model loads
     model = pj.load_pretrained(args.model)
     task = tasks.load(
         model,
@@ -193,6 +195,7 @@ def _run_eval(args) -> dict:
         max_length=args.max_length,
         layout=args.layout,
     )
+    planning.auto(args, model)  # --plan auto: the planner's devices and plan
     plans = [(args.devices, plan_of(args, cr, model.config)) for cr in args.cr]
     rows = sweep.sweep(
         model.config,
@@ -330,6 +333,11 @@ def _inner(args) -> argparse.Namespace:
             "infer ..., cost ..., eval ... or generate ..."
         )
     inner = build_parser().parse_args(rest)
+    if getattr(inner, "plan", None) == "auto":  # each node would calibrate on its own
+        raise PrismError(
+            "--plan auto runs on one machine: run `prism-jax plan` (or --plan auto on one "
+            "machine) and give the nodes its choice's flags"
+        )
     if "--devices" in rest and inner.devices != args.nodes:
         raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
     inner.devices = args.nodes

@@ -11,7 +11,7 @@ import numpy as np
 import prism_jax as pj
 from prism_jax import generation
 from prism_jax.checkpoints import atomic, hf
-from prism_jax.cli import printing
+from prism_jax.cli import planning, printing
 from prism_jax.cli.parser import plan_of, plan_summary
 from prism_jax.errors import PrismError
 
@@ -19,6 +19,7 @@ from prism_jax.errors import PrismError
 def run_generate(args) -> dict:
     plan = plan_of(args)
     model = pj.load_pretrained(args.model)
+    planning.auto(args, model)  # --plan auto: the planner's devices and plan
     plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     tok = model.tokenizer
     if tok is None:

@@ -33,7 +33,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
+def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = False) -> None:
     p.add_argument(
         "--devices", type=positive_int, default=4, help="emulated edge devices N (default 4)"
     )
@@ -88,6 +88,16 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False) -> None:
     c.add_argument(
         "--value-tilt", action="store_true", help="send each group's spread; tilt its value"
     )
+    if auto:
+        a = p.add_argument_group("planner (`prism-jax plan`)")
+        a.add_argument(
+            "--plan",
+            default=None,
+            choices=["auto"],
+            help="auto: run the planner's choice of devices (at most --devices), CR, compressor "
+            "and wire for the link flags below",
+        )
+        planning.link_args(a, required=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -117,7 +127,7 @@ def _infer(sub) -> None:
     p.add_argument(
         "--save", default=None, help="write every output array to this file (NumPy .npz format)"
     )
-    _plan_args(p)
+    _plan_args(p, auto=True)
 
 
 def _demo(sub) -> None:
@@ -188,7 +198,7 @@ def _eval(sub) -> None:
         choices=["padded", "unpadded"],
         help="text classification: split the padded sequence, or each input at its own length",
     )
-    _plan_args(p, crs=True)
+    _plan_args(p, crs=True, auto=True)
 
 
 def _finetune(sub) -> None:
@@ -268,7 +278,7 @@ def _generate(sub) -> None:
     p.add_argument(
         "--compare", action="store_true", help="also generate with the exact model and compare"
     )
-    _plan_args(p)
+    _plan_args(p, auto=True)
 
 
 def _convert(sub) -> None:
@@ -342,7 +352,11 @@ def build_parser() -> Parser:
 def plan_of(args, cr: int | None = None, cfg=None) -> Plan:
     """The `Plan` the command line names (`cr` for one cell of a sweep): `--compressor prism+`
     starts from `Plan.best` for the model `cfg` (None, before it is read: an encoder's), and
-    the single compressor flags override it."""
+    the single compressor flags override it. With `--plan auto`: the planner's choice once
+    `planning.auto` has made it (before: the flags are checked, and the paper's plan stands in).
+    """
+    if getattr(args, "plan", None) == "auto":
+        return planning.chosen(args)
     chosen = {
         k: getattr(args, k)
         for k in ("grouping", "salient", "kmeans_iters", "sink")

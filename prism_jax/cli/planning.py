@@ -51,12 +51,13 @@ def speeds(text: str) -> tuple[float, ...]:
     return values
 
 
-def link_args(p: argparse.ArgumentParser) -> None:
+def link_args(p, *, required: bool = True) -> None:
     """The link and budget flags the planner reads."""
     p.add_argument(
         "--bandwidth",
         type=_unit(latency.parse_bandwidth),
-        required=True,
+        required=required,
+        default=None,
         help="each node's uplink: 10mbit, 500kbit, 1gbit, or unlimited",
     )
     p.add_argument(
@@ -89,6 +90,61 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens (default 256)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+# The flags `--plan auto` chooses itself, with the values that mean "not given".
+_CHOSEN = {"cr": (1, [1, 2, 4, 8, 16]), "compressor": ("paper",), "grouping": (None,),
+           "salient": (None,), "sink": (None,), "wire": ("f32",), "kmeans_iters": (None,),
+           "value_tilt": (False,), "strategy": ("prism",), "exchange": ("auto",)}  # fmt: skip
+
+
+def chosen(args):
+    """The plan `--plan auto` runs: the planner's choice once `auto` has made it; before, the
+    flags are checked (a link, and no flag the planner sets) and the paper's plan stands in."""
+    from prism_jax.plan import Plan
+
+    if getattr(args, "choice", None) is not None:
+        return args.choice
+    if args.bandwidth is None:
+        raise PrismError("--plan auto needs the link: --bandwidth (and --latency)")
+    given = [k for k, default in _CHOSEN.items() if getattr(args, k, default[0]) not in default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise PrismError(f"--plan auto chooses the plan itself; drop {flags}")
+    return Plan()
+
+
+def auto(args, model) -> None:
+    """With `--plan auto`: run the planner for `model` and the link flags, and make its choice
+    the plan (`chosen`) and `args.devices` (at most the devices asked for); say which on
+    stderr. Nothing without it."""
+    import sys
+
+    from tqdm import tqdm
+
+    from prism_jax import planner
+
+    if getattr(args, "plan", None) != "auto":
+        return
+    chosen(args)  # the flags, checked
+    with tqdm(desc="planning", unit="plan", disable=args.json, leave=False) as bar:
+        args.choice = planner.plan_for(
+            model,
+            devices=args.devices,
+            bandwidth=args.bandwidth,
+            latency=args.latency,
+            node_speed=args.node_speed,
+            max_loss=args.max_loss,
+            max_ppl_rise=args.max_ppl_rise,
+            progress=bar,
+        )
+    args.devices = args.choice.devices
+    if isinstance(args.cr, list):  # eval: the chosen CR alone
+        args.cr = [args.choice.cr]
+    c = args.choice.chosen
+    name = _name({"compressor": c.compressor, "plan": dataclasses.asdict(c.plan)})
+    print(f"--plan auto: {name} on {c.devices} device(s), predicted {c.estimate.total:.3f} s",
+          file=sys.stderr)  # fmt: skip
 
 
 def run(args) -> dict:
