@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 import prism_jax as pj
-from prism_jax import cluster, cost, models
+from prism_jax import cluster, cost, models, serve
 from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import llm, printing
 from prism_jax.cli.parser import build_parser, plan_of, plan_summary
@@ -369,4 +369,5 @@ RUNNERS = {
     "launch": _run_launch,
     "convert": llm.run_convert,
     "generate": llm.run_generate,
+    "serve": serve.run_serve,
 }

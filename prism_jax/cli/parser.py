@@ -285,6 +285,30 @@ def _convert(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model across N devices behind OpenAI's HTTP API",
+        description="Load a checkpoint once, place it on N emulated devices with the plan and "
+        "answer OpenAI-style requests until SIGTERM: /v1/chat/completions (server-sent events "
+        "with stream), /v1/completions, /v1/embeddings (encoders, mean-pooled), /v1/models, "
+        "/health and Prometheus /metrics. Requests that arrive together are batched.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="rows per batch (default 8)")
+    p.add_argument(
+        "--max-queue", type=positive_int, default=64,
+        help="jobs waiting or running before requests get 429 (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-window", type=nonnegative_float, default=0.005,
+        help="seconds the worker waits for requests to batch together (default 0.005)",
+    )  # fmt: skip
+    _plan_args(p)
+
+
 def _cluster(sub, name: str, text: str) -> None:
     p = sub.add_parser(
         name,
@@ -329,7 +353,7 @@ def build_parser() -> Parser:
         "(arXiv 2507.12145) across emulated edge devices.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert):
+    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert, _serve):
         add(sub)
     _cluster(
         sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"

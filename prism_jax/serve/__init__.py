@@ -1,0 +1,100 @@
+"""`prism-jax serve`: one model on N emulated edge devices behind OpenAI's HTTP API.
+
+The model is loaded, placed and warmed up once at start-up; a worker thread (`engine`) answers
+the requests (`app`) from a bounded queue, batching those that arrive together; `metrics`
+counts them for GET /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+from pathlib import Path
+
+from prism_jax.errors import PrismError
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (checked before the model loads: a port in use or an
+    address that is not this machine's is one line)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise PrismError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _warm_up(engine) -> None:
+    """Compile the smallest bucket's programs before the first request."""
+    import asyncio
+
+    from prism_jax.serve.engine import Job
+
+    loop = asyncio.new_event_loop()
+    first = next(iter(sorted(engine.ends)), 0) if engine.causal else None
+    ids = [first if first is not None else 0]
+    if not engine.causal and engine.model.tokenizer is not None:
+        ids = [int(i) for i in engine.model.tokenizer(["a"])["input_ids"][0]]
+    job = Job("text" if engine.causal else "embed", ids, loop, asyncio.Queue(), max_tokens=2)
+    engine.submit([job])
+    while not job.finished:
+        loop.run_until_complete(asyncio.sleep(0.05))
+    loop.close()
+
+
+def _server(config):
+    """A uvicorn server that SIGTERM and SIGINT end gracefully, after which the process exits 0
+    (uvicorn's own raises the signal again after its shutdown, ending the process by it)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            caught = (signal.SIGTERM, signal.SIGINT)
+            old = {s: signal.signal(s, self.handle_exit) for s in caught}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+    return Server(config)
+
+
+def run_serve(args) -> int:
+    """Load, place and warm up the model, then serve until SIGTERM or SIGINT; returns 0."""
+    import uvicorn
+
+    import prism_jax as pj
+    from prism_jax.cli.parser import plan_of
+    from prism_jax.serve import app, engine
+
+    plan_of(args)  # the plan's flags checked before anything loads
+    sock = listening_socket(args.host, args.port)
+    model = pj.load_pretrained(args.model)
+    plan = plan_of(args, cfg=model.config)
+    if model.tokenizer is None:
+        raise PrismError(f"{args.model} has no tokenizer to read requests with")
+    eng = engine.Engine(model, plan, args.devices, max_batch=args.max_batch,
+                        max_queue=args.max_queue, window=args.batch_window)  # fmt: skip
+    eng.start()
+    _warm_up(eng)
+    name = Path(args.model.rstrip("/")).name
+    config = uvicorn.Config(app.build(eng, name), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="off")  # fmt: skip
+    server = _server(config)
+    host, port = sock.getsockname()[:2]
+    app.log(f"serving {name} on http://{host}:{port} ({args.devices} devices, "
+            f"{plan.strategy} CR={plan.cr})")  # fmt: skip
+    try:
+        server.run(sockets=[sock])
+    finally:
+        eng.stop()
+    app.log("stopped")
+    return 0

@@ -1,0 +1,284 @@
+"""The serving engine: one model, placed and compiled once, answering jobs from a bounded queue.
+
+A worker thread takes the jobs that wait together and runs them as one batch through the
+project's own code (`generation.run` for text, `pj.infer` for embeddings). Jobs are batched
+only with jobs of the same key: the same padded prompt length (its bucket) and, for sampled
+text, themselves alone (a sampled row's random numbers depend on the batch's shape, so a seed
+gives what `pj.generate` gives that prompt alone). Prompt lengths are bucketed to powers of two
+for exact plans (CR = 1, voltage, single: padding changes no answer) and to the plan's own
+padding (a multiple of N) otherwise, so that at CR > 1 each prompt lands on the devices and
+groups it would alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+import prism_jax as pj
+from prism_jax import cost, generation
+from prism_jax.errors import PrismError
+from prism_jax.evaluation import metrics as pooled
+from prism_jax.serve import metrics
+
+MIN_NEW_TOKENS = 16  # the smallest decode-length bucket
+
+
+class QueueFull(Exception):
+    """The bounded queue holds as many jobs as it may."""
+
+
+class _Stop(Exception):
+    """Raised from `on_token` to end a batch whose every row is answered (or abandoned)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One row to answer: a prompt to continue (`kind` "text") or a text to embed ("embed").
+    The worker puts events on `events` (in the server's event loop): ("text", delta),
+    ("done", finish_reason, completion_tokens), ("embedding", vector), ("error", status,
+    message)."""
+
+    kind: str
+    ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    max_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    cancelled: bool = False  # the client went away
+    finished: bool = False
+    made: list[int] = dataclasses.field(default_factory=list)
+    sent: str = ""
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def emit(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class Engine:
+    """The model, mesh and plan of one `serve`, and the worker that answers its jobs."""
+
+    def __init__(self, model, plan, devices: int, *, max_batch: int, max_queue: int, window: float):
+        self.model, self.plan, self.devices = model, plan, devices
+        self.mesh = pj.edge_mesh(devices)
+        self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
+        cfg = model.config
+        self.causal = cfg.head == "lm" and cfg.causal
+        self.exact = plan.strategy in ("single", "voltage") or plan.cr == 1 or devices == 1
+        self.ends = generation._end_ids(model, True)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._admitted = 0  # jobs waiting or running
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="prism-serve", daemon=True)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for job in self._waiting:
+                job.cancelled = True
+            self._lock.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue `jobs` together, or raise QueueFull when they do not fit."""
+        with self._lock:
+            if self._admitted + len(jobs) > self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} jobs; try again later")
+            self._admitted += len(jobs)
+            metrics.ACTIVE.set(self._admitted)
+            self._waiting.extend(jobs)
+            metrics.QUEUE.set(len(self._waiting))
+            self._lock.notify_all()
+
+    def release(self, job: Job) -> None:
+        """`job` answered or abandoned: its slot is free (once)."""
+        with self._lock:
+            if not job.finished:
+                job.finished = True
+                self._admitted -= 1
+                metrics.ACTIVE.set(self._admitted)
+
+    def bucket(self, n: int) -> int:
+        """The padded prompt length of an `n`-token prompt (see the module's docstring)."""
+        limit = self.model.config.max_positions
+        b = _pow2(n) if self.exact and _pow2(n) <= limit else n
+        return -(-b // self.devices) * self.devices
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _key(self, job: Job):
+        sampled = job.kind == "text" and job.temperature > 0
+        return job.kind, self.bucket(len(job.ids)), id(job) if sampled else None
+
+    def _take(self) -> list[Job] | None:
+        """The next batch: the oldest job and the waiting jobs with its key (None: stopping)."""
+        with self._lock:
+            while not self._waiting and not self._stopping:
+                self._lock.wait()
+            if self._stopping:
+                return None
+        time.sleep(self.window)  # let requests that arrive together meet
+        with self._lock:
+            first = self._waiting[0]
+            key = self._key(first)
+            batch = [j for j in self._waiting if self._key(j) == key][: self.max_batch]
+            taken = set(batch)
+            self._waiting = collections.deque(
+                j for j in self._waiting if j not in taken and not j.finished
+            )
+            metrics.QUEUE.set(len(self._waiting))
+        return [j for j in batch if not j.finished]
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            if not batch:
+                continue
+            try:
+                if batch[0].kind == "embed":
+                    self._embed(batch)
+                else:
+                    self._generate(batch)
+            except PrismError as e:
+                self._fail(batch, 400, str(e))
+            except Exception as e:  # noqa: BLE001 - one failed batch must not end the server
+                self._fail(batch, 500, f"{type(e).__name__}: {e}")
+
+    def _fail(self, batch: list[Job], status: int, message: str) -> None:
+        for job in batch:
+            if not job.finished:
+                job.emit("error", status, message)
+                self.release(job)
+
+    def _rows(self, batch: list[Job], size: int) -> dict:
+        """Right-padded `input_ids`/`attention_mask` of the batch, filled up to `size` rows with
+        copies of the first (batch sizes are bucketed to powers of two too)."""
+        rows = [j.ids for j in batch] + [batch[0].ids] * (size - len(batch))
+        t = max(len(r) for r in rows)
+        ids = np.zeros((size, t), np.int32)
+        mask = np.zeros((size, t), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _sent(self, t: int, b: int) -> None:
+        """Count the bytes each device sent for a batch of `b` rows of `t` tokens (the closed
+        form, equal to the compiled program's collectives)."""
+        t = -(-t // self.devices) * self.devices
+        sent = cost.bytes_closed_form(
+            self.model.config, self.plan, devices=self.devices, seq_len=t, batch=b,
+            dtype_bytes=jnp.dtype(cost.param_dtype(self.model)).itemsize,
+        )  # fmt: skip
+        metrics.BYTES.inc(sent)
+
+    def _generate(self, batch: list[Job]) -> None:
+        cfg = self.model.config
+        size = _pow2(len(batch))
+        pad_to = self.bucket(max(len(j.ids) for j in batch))
+        longest = max(len(j.ids) for j in batch)
+        new = min(max(_pow2(max(j.max_tokens for j in batch)), MIN_NEW_TOKENS),
+                  cfg.max_positions - longest)  # fmt: skip
+        first = batch[0]
+        top_p = first.top_p if first.top_p is not None and first.top_p < 1 else None
+        tic = time.perf_counter()
+        stepped = [0]
+
+        def on_token(step: int, ids: np.ndarray) -> None:
+            stepped[0] = step + 1
+            for job, token in zip(batch, ids, strict=False):
+                self._advance(job, int(token), step)
+            if all(j.finished for j in batch) or self._stopping:
+                raise _Stop
+
+        self._sent(pad_to, size)
+        try:
+            generation.run(
+                self.model, self._rows(batch, size), mesh=self.mesh, plan=self.plan,
+                max_new_tokens=new, temperature=first.temperature, top_p=top_p,
+                seed=first.seed, on_token=on_token, pad_to=pad_to,
+            )  # fmt: skip
+        except _Stop:
+            pass
+        for job in batch:
+            self._finish(job, "length")
+        made = sum(len(j.made) for j in batch)
+        metrics.TOKENS.inc(made)
+        metrics.TOKENS_PER_SECOND.set(made / max(time.perf_counter() - tic, 1e-9))
+        metrics.BATCH.observe(len(batch))
+
+    def _advance(self, job: Job, token: int, step: int) -> None:
+        """One new token of `job`'s row: its text delta, or its end (eos, a stop string,
+        max_tokens, or the client gone)."""
+        if job.finished:
+            return
+        if job.cancelled:
+            self.release(job)
+            return
+        if step == 0:
+            metrics.FIRST_TOKEN.observe(time.perf_counter() - job.started)
+        if token in self.ends:
+            job.made.append(token)
+            self._finish(job, "stop")
+            return
+        job.made.append(token)
+        text = self.model.tokenizer.decode(job.made)
+        for s in job.stop:
+            if s in text:
+                self._flush(job, text[: text.index(s)])
+                self._finish(job, "stop")
+                return
+        if len(job.made) >= job.max_tokens:
+            self._flush(job, text)
+            self._finish(job, "length")
+            return
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        held = max((len(s) - 1 for s in job.stop), default=0)  # what may start a stop string
+        self._flush(job, text[: len(text) - held] if held else text)
+
+    def _flush(self, job: Job, text: str) -> None:
+        if len(text) > len(job.sent) and text.startswith(job.sent):
+            job.emit("text", text[len(job.sent) :])
+            job.sent = text
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if job.finished:
+            return
+        if reason == "length" and job.made:  # the held-back end of the text
+            self._flush(job, self.model.tokenizer.decode(job.made))
+        job.emit("done", reason, len(job.made))
+        self.release(job)
+
+    def _embed(self, batch: list[Job]) -> None:
+        size = _pow2(len(batch))
+        pad_to = self.bucket(max(len(j.ids) for j in batch))
+        rows = self._rows(batch, size)
+        t = rows["input_ids"].shape[1]
+        if pad_to > t:  # right-pad to the bucket
+            rows = {k: np.pad(v, ((0, 0), (0, pad_to - t))) for k, v in rows.items()}
+        rows["token_type_ids"] = np.zeros_like(rows["input_ids"])
+        self._sent(rows["input_ids"].shape[1], size)
+        out = pj.infer(self.model, rows, mesh=self.mesh, plan=self.plan)
+        vectors = pooled.mean_pool(out["last_hidden_state"], rows["attention_mask"])
+        for job, vector in zip(batch, vectors, strict=False):
+            job.emit("embedding", vector.tolist())
+            self.release(job)
+        metrics.BATCH.observe(len(batch))
