@@ -37,14 +37,18 @@ def _warm_up(engine) -> None:
     from prism_jax.serve.engine import Job
 
     loop = asyncio.new_event_loop()
-    first = next(iter(sorted(engine.ends)), 0) if engine.causal else None
-    ids = [first if first is not None else 0]
-    if not engine.causal and engine.model.tokenizer is not None:
-        ids = [int(i) for i in engine.model.tokenizer(["a"])["input_ids"][0]]
-    job = Job("text" if engine.causal else "embed", ids, loop, asyncio.Queue(), max_tokens=2)
+    ids = [0] if engine.causal else [int(i) for i in engine.model.tokenizer(["a"])["input_ids"][0]]
+    kind = "text" if engine.causal else "embed"
+    job = Job(kind, ids, loop, asyncio.Queue(), max_tokens=2, warm=True)
     engine.submit([job])
     while not job.finished:
         loop.run_until_complete(asyncio.sleep(0.05))
+    loop.run_until_complete(asyncio.sleep(0))  # the job's last events
+    while not job.events.empty():
+        event = job.events.get_nowait()
+        if event[0] == "error":
+            engine.stop()
+            raise PrismError(event[2])
     loop.close()
 
 
@@ -77,14 +81,18 @@ def run_serve(args) -> int:
 
     plan_of(args)  # the plan's flags checked before anything loads
     sock = listening_socket(args.host, args.port)
-    model = pj.load_pretrained(args.model)
-    plan = plan_of(args, cfg=model.config)
-    if model.tokenizer is None:
-        raise PrismError(f"{args.model} has no tokenizer to read requests with")
-    eng = engine.Engine(model, plan, args.devices, max_batch=args.max_batch,
-                        max_queue=args.max_queue, window=args.batch_window)  # fmt: skip
-    eng.start()
-    _warm_up(eng)
+    try:
+        model = pj.load_pretrained(args.model)
+        plan = plan_of(args, cfg=model.config)
+        if model.tokenizer is None:
+            raise PrismError(f"{args.model} has no tokenizer to read requests with")
+        eng = engine.Engine(model, plan, args.devices, max_batch=args.max_batch,
+                            max_queue=args.max_queue, window=args.batch_window)  # fmt: skip
+        eng.start()
+        _warm_up(eng)  # a plan the model refuses fails here, not at the first request
+    except BaseException:
+        sock.close()
+        raise
     name = Path(args.model.rstrip("/")).name
     config = uvicorn.Config(app.build(eng, name), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="off")  # fmt: skip

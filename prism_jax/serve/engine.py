@@ -54,6 +54,7 @@ class Job:
     top_p: float | None = None
     seed: int = 0
     stop: tuple[str, ...] = ()
+    warm: bool = False  # the start-up's warm-up: two tokens whatever they are (eos included)
     cancelled: bool = False  # the client went away
     finished: bool = False
     made: list[int] = dataclasses.field(default_factory=list)
@@ -234,7 +235,7 @@ class Engine:
             return
         if step == 0:
             metrics.FIRST_TOKEN.observe(time.perf_counter() - job.started)
-        if token in self.ends:
+        if token in self.ends and not job.warm:
             job.made.append(token)
             self._finish(job, "stop")
             return
