@@ -306,6 +306,11 @@ def _serve(sub) -> None:
         "--batch-window", type=nonnegative_float, default=0.005,
         help="seconds the worker waits for requests to batch together (default 0.005)",
     )  # fmt: skip
+    p.add_argument(
+        "--compilation-cache", default=None, metavar="DIR",
+        help="keep compiled programs in this directory (JAX's persistent cache): a restart "
+        "reads them instead of compiling again",
+    )  # fmt: skip
     _plan_args(p)
 
 

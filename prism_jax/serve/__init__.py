@@ -71,6 +71,20 @@ def _server(config):
     return Server(config)
 
 
+def _compilation_cache(directory: str) -> None:
+    """Every compiled program kept in (and read from) `directory`, however quick to compile."""
+    import jax
+
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrismError(f"cannot use {path} as the compilation cache: {e.strerror or e}") from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def run_serve(args) -> int:
     """Load, place and warm up the model, then serve until SIGTERM or SIGINT; returns 0."""
     import uvicorn
@@ -80,6 +94,8 @@ def run_serve(args) -> int:
     from prism_jax.serve import app, engine
 
     plan_of(args)  # the plan's flags checked before anything loads
+    if args.compilation_cache is not None:
+        _compilation_cache(args.compilation_cache)
     sock = listening_socket(args.host, args.port)
     try:
         model = pj.load_pretrained(args.model)
