@@ -109,8 +109,9 @@ def servers(hf_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     llama = _llama(hf_models("llama_lm")[1], tmp / "llama")
     lm = Server(llama, tmp / "lm.log", "--devices", "2", "--batch-window", "0.2")
-    enc = Server(hf_models("bert")[1], tmp / "bert.log", "--devices", "2", "--max-queue", "2")
-    yield {"lm": lm.wait(), "bert": enc.wait(), "llama": llama}
+    enc = Server(hf_models("bert")[1], tmp / "bert.log", "--devices", "2", "--max-queue", "2",
+                 "--compilation-cache", str(tmp / "cache"))  # fmt: skip
+    yield {"lm": lm.wait(), "bert": enc.wait(), "llama": llama, "cache": tmp / "cache"}
     lm.stop()
     enc.stop()
 
@@ -178,6 +179,7 @@ def test_embeddings_equal_infer_mean_pooling(servers, hf_models):
     with pytest.raises(openai.RateLimitError):  # 3 jobs, a queue of 2
         bert.client.embeddings.create(model=bert.name, input=["a", "b", "c"])
     assert len(bert.client.embeddings.create(model=bert.name, input=["a", "b"]).data) == 2
+    assert any(servers["cache"].iterdir())  # the compiled programs, for the next start
 
 
 LONG = " ".join(["w9"] * 70)
