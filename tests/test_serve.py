@@ -234,6 +234,12 @@ def test_concurrent_requests_are_batched_and_answered_once(servers):
     assert [t for _, t in together] == alone  # batch mates change nothing at CR = 1
     rows = lm.metric("prism_serve_batch_rows_sum") - rows
     assert rows == len(prompts) and lm.metric("prism_serve_batch_rows_count") - batches < rows
+    batches = lm.metric("prism_serve_batch_rows_count")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled, no seed: batched too
+        sampled = list(pool.map(lambda p: lm.client.completions.create(
+            model="llama", prompt=p, max_tokens=5, temperature=0.7), prompts[:4]))  # fmt: skip
+    assert all(s.usage.completion_tokens >= 1 for s in sampled)
+    assert lm.metric("prism_serve_batch_rows_count") - batches < 4
 
 
 def test_a_client_that_leaves_a_stream_frees_its_slot(servers):

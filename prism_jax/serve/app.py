@@ -91,7 +91,7 @@ def build(engine: Engine, name: str) -> FastAPI:
                           param="messages" if hasattr(req, "messages") else "prompt",
                           code="context_length_exceeded")  # fmt: skip
         return Job("text", ids, loop, asyncio.Queue(), max_tokens=max_tokens,
-                   temperature=req.temperature, top_p=req.top_p, seed=req.seed or 0,
+                   temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                    stop=req.stops())  # fmt: skip
 
     def admit(jobs: list[Job]) -> None:

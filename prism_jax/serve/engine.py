@@ -2,10 +2,11 @@
 
 A worker thread takes the jobs that wait together and runs them as one batch through the
 project's own code (`generation.run` for text, `pj.infer` for embeddings). Jobs are batched
-only with jobs of the same key: the same padded prompt length (its bucket) and, for sampled
-text, themselves alone (a sampled row's random numbers depend on the batch's shape, so a seed
-gives what `pj.generate` gives that prompt alone). Prompt lengths are bucketed to powers of two
-for exact plans (CR = 1, voltage, single: padding changes no answer) and to the plan's own
+only with jobs of the same key: the same padded prompt length (its bucket); sampled text with
+the same temperature and top_p and no seed; a seeded job alone (a sampled row's random numbers
+depend on the batch's shape, so a seed gives what `pj.generate` gives that prompt alone).
+Prompt lengths are bucketed to powers of two for exact plans (CR = 1, voltage, single:
+padding changes no answer) and to the plan's own
 padding (a multiple of N) otherwise, so that at CR > 1 each prompt lands on the devices and
 groups it would alone.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import secrets
 import threading
 import time
 
@@ -52,7 +54,7 @@ class Job:
     max_tokens: int = 0
     temperature: float = 0.0
     top_p: float | None = None
-    seed: int = 0
+    seed: int | None = None  # None: any (a sampled job without one shares batches)
     stop: tuple[str, ...] = ()
     warm: bool = False  # the start-up's warm-up: two tokens whatever they are (eos included)
     cancelled: bool = False  # the client went away
@@ -127,8 +129,11 @@ class Engine:
     # -- the worker --------------------------------------------------------------------------
 
     def _key(self, job: Job):
+        """Jobs batch together only when their keys are equal: greedy ones of a bucket, sampled
+        ones of a bucket with the same temperature and top_p and no seed; a seeded one alone."""
         sampled = job.kind == "text" and job.temperature > 0
-        return job.kind, self.bucket(len(job.ids)), id(job) if sampled else None
+        how = (job.temperature, job.top_p) if sampled and job.seed is None else None
+        return job.kind, self.bucket(len(job.ids)), id(job) if sampled and how is None else how
 
     def _take(self) -> list[Job] | None:
         """The next batch: the oldest job and the waiting jobs with its key (None: stopping)."""
@@ -214,7 +219,8 @@ class Engine:
             generation.run(
                 self.model, self._rows(batch, size), mesh=self.mesh, plan=self.plan,
                 max_new_tokens=new, temperature=first.temperature, top_p=top_p,
-                seed=first.seed, on_token=on_token, pad_to=pad_to,
+                seed=first.seed if first.seed is not None else secrets.randbits(63),
+                on_token=on_token, pad_to=pad_to,
             )  # fmt: skip
         except _Stop:
             pass
