@@ -316,7 +316,7 @@ def _rest(args) -> list[str]:
     return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
 
 
-ACROSS_NODES = ("infer", "cost", "eval", "generate")  # the commands `node` and `launch` run
+ACROSS_NODES = ("infer", "cost", "eval", "generate", "serve")  # what `node` and `launch` run
 
 
 def _inner(args) -> argparse.Namespace:
@@ -327,7 +327,7 @@ def _inner(args) -> argparse.Namespace:
         given = f"{name} does not run across nodes; " if name in RUNNERS else ""
         raise PrismError(
             f"{given}give the command to run after the options: "
-            "infer ..., cost ..., eval ... or generate ..."
+            "infer ..., cost ..., eval ... or generate ..., or serve ..."
         )
     inner = build_parser().parse_args(rest)
     if "--devices" in rest and inner.devices != args.nodes:
@@ -345,9 +345,11 @@ def _run_node(args):
     )
     with cluster.fail_fast(args.rank, args.nodes):
         cluster.check_consistent(args.rank, vars(inner))
+        if inner.command == "serve":  # formed: a server runs until it is stopped
+            timer.cancel()
         result = RUNNERS[inner.command](inner)
     timer.cancel()
-    if args.rank == 0:
+    if args.rank == 0 and not isinstance(result, int):
         with contextlib.redirect_stdout(result_out):
             printing.show(inner.command, result, as_json=inner.json)
         result_out.flush()
@@ -356,7 +358,10 @@ def _run_node(args):
 
 def _run_launch(args):
     _inner(args)  # check the command here, before starting any process
-    return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
+    serving = _rest(args)[:1] == ["serve"]  # runs until stopped: no deadline for a result
+    return cluster.launch(
+        args.nodes, _rest(args), timeout_s=args.timeout, port=args.port, deadline=not serving
+    )
 
 
 RUNNERS = {

@@ -318,9 +318,9 @@ def _cluster(sub, name: str, text: str) -> None:
     p = sub.add_parser(
         name,
         help=text,
-        description=text + ". The command after the options (infer, cost or eval with "
-        "their arguments) runs on the mesh that spans the nodes; --devices is set to the number "
-        "of nodes. generate runs on one machine only (prism-jax generate --devices N).",
+        description=text + ". The command after the options (infer, cost, eval, generate or "
+        "serve with their arguments) runs on the mesh that spans the nodes; --devices is set to "
+        "the number of nodes. serve: node 0 holds the HTTP front and runs until stopped.",
     )
     if name == "node":
         p.add_argument("--rank", type=nonnegative_int, required=True, help="this node's index")
@@ -346,7 +346,7 @@ def _cluster(sub, name: str, text: str) -> None:
         "rest",
         nargs=argparse.REMAINDER,
         metavar="COMMAND ...",
-        help="infer ... | cost ... | eval ... | generate ...",
+        help="infer ... | cost ... | eval ... | generate ... | serve ... (node 0 serves HTTP)",
     )
     p.set_defaults(json=False)
 

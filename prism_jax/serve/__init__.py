@@ -87,6 +87,7 @@ def _compilation_cache(directory: str) -> None:
 
 def run_serve(args) -> int:
     """Load, place and warm up the model, then serve until SIGTERM or SIGINT; returns 0."""
+    import jax
     import uvicorn
 
     import prism_jax as pj
@@ -96,7 +97,8 @@ def run_serve(args) -> int:
     plan_of(args)  # the plan's flags checked before anything loads
     if args.compilation_cache is not None:
         _compilation_cache(args.compilation_cache)
-    sock = listening_socket(args.host, args.port)
+    front = jax.process_index() == 0  # across nodes, node 0 holds the HTTP front
+    sock = listening_socket(args.host, args.port) if front else None
     try:
         model = pj.load_pretrained(args.model)
         plan = plan_of(args, cfg=model.config)
@@ -104,10 +106,14 @@ def run_serve(args) -> int:
             raise PrismError(f"{args.model} has no tokenizer to read requests with")
         eng = engine.Engine(model, plan, args.devices, max_batch=args.max_batch,
                             max_queue=args.max_queue, window=args.batch_window)  # fmt: skip
+        if not front:
+            eng.follow()  # node 0's batches, until it stops
+            return 0
         eng.start()
         _warm_up(eng)  # a plan the model refuses fails here, not at the first request
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
     name = Path(args.model.rstrip("/")).name
     config = uvicorn.Config(app.build(eng, name), log_level="warning", access_log=False,

@@ -27,7 +27,7 @@ import prism_jax as pj
 from prism_jax import cost, generation
 from prism_jax.errors import PrismError
 from prism_jax.evaluation import metrics as pooled
-from prism_jax.serve import metrics
+from prism_jax.serve import metrics, nodes
 
 MIN_NEW_TOKENS = 16  # the smallest decode-length bucket
 
@@ -87,6 +87,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="prism-serve", daemon=True)
+        self.nodes = nodes.Nodes()  # across processes: node 0 publishes, the others follow
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -128,6 +129,14 @@ class Engine:
 
     # -- the worker --------------------------------------------------------------------------
 
+    def follow(self) -> None:
+        """A node other than 0: run each batch node 0 publishes, until it stops serving."""
+        for message in self.nodes.follow():
+            try:
+                compute(self, message)
+            except PrismError:  # node 0 met the same error and answered it
+                pass
+
     def _key(self, job: Job):
         """Jobs batch together only when their keys are equal: greedy ones of a bucket, sampled
         ones of a bucket with the same temperature and top_p and no seed; a seeded one alone."""
@@ -167,6 +176,7 @@ class Engine:
                 self._fail(batch, 400, str(e))
             except Exception as e:  # noqa: BLE001 - one failed batch must not end the server
                 self._fail(batch, 500, f"{type(e).__name__}: {e}")
+        self.nodes.publish({"kind": "stop"})  # the other nodes end too
 
     def _fail(self, batch: list[Job], status: int, message: str) -> None:
         for job in batch:
@@ -205,23 +215,25 @@ class Engine:
         first = batch[0]
         top_p = first.top_p if first.top_p is not None and first.top_p < 1 else None
         tic = time.perf_counter()
-        stepped = [0]
 
         def on_token(step: int, ids: np.ndarray) -> None:
-            stepped[0] = step + 1
             for job, token in zip(batch, ids, strict=False):
                 self._advance(job, int(token), step)
             if all(j.finished for j in batch) or self._stopping:
                 raise _Stop
 
         self._sent(pad_to, size)
+        rows = self._rows(batch, size)
+        seed = first.seed if first.seed is not None else secrets.randbits(63)
+        message = {"kind": "text", **{k: v.tolist() for k, v in rows.items()}, "new": new,
+                   "temperature": first.temperature, "top_p": top_p, "pad_to": pad_to,
+                   "seed": seed}  # fmt: skip
+        self.nodes.publish(message)
         try:
-            generation.run(
-                self.model, self._rows(batch, size), mesh=self.mesh, plan=self.plan,
-                max_new_tokens=new, temperature=first.temperature, top_p=top_p,
-                seed=first.seed if first.seed is not None else secrets.randbits(63),
-                on_token=on_token, pad_to=pad_to,
-            )  # fmt: skip
+            done = compute(self, message, None if self.nodes.many else on_token)
+            if self.nodes.many:  # node 0 does not decode: its tokens come at the end
+                for step in range(done.steps):
+                    on_token(step, done.ids[:, step])
         except _Stop:
             pass
         for job in batch:
@@ -281,11 +293,27 @@ class Engine:
         t = rows["input_ids"].shape[1]
         if pad_to > t:  # right-pad to the bucket
             rows = {k: np.pad(v, ((0, 0), (0, pad_to - t))) for k, v in rows.items()}
-        rows["token_type_ids"] = np.zeros_like(rows["input_ids"])
         self._sent(rows["input_ids"].shape[1], size)
-        out = pj.infer(self.model, rows, mesh=self.mesh, plan=self.plan)
+        message = {"kind": "embed", **{k: v.tolist() for k, v in rows.items()}}
+        self.nodes.publish(message)
+        out = compute(self, message)
         vectors = pooled.mean_pool(out["last_hidden_state"], rows["attention_mask"])
         for job, vector in zip(batch, vectors, strict=False):
             job.emit("embedding", vector.tolist())
             self.release(job)
         metrics.BATCH.observe(len(batch))
+
+
+def compute(engine: Engine, message: dict, on_token=None):
+    """What every node runs for one batch (`message`, as node 0 publishes it): the project's
+    `generation.run` for text (its `Generation`), `pj.infer` for embeddings (its outputs)."""
+    rows = {k: np.asarray(message[k], np.int32) for k in ("input_ids", "attention_mask")}
+    if message["kind"] == "embed":
+        rows["token_type_ids"] = np.zeros_like(rows["input_ids"])
+        return pj.infer(engine.model, rows, mesh=engine.mesh, plan=engine.plan)
+    return generation.run(
+        engine.model, rows, mesh=engine.mesh, plan=engine.plan,
+        max_new_tokens=message["new"], temperature=message["temperature"],
+        top_p=message["top_p"], seed=message["seed"], on_token=on_token,
+        pad_to=message["pad_to"],
+    )  # fmt: skip
