@@ -3,10 +3,12 @@ batches; answers equal `pj.generate` on 2 emulated devices; SIGTERM to `launch` 
 
 import concurrent.futures
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,11 @@ def test_launch_serve_answers_as_generate_and_ends_on_sigterm(hf_models, tmp_pat
             ids = np.array([model.tokenizer.encode_plain(prompt)])
             out = pj.generate(model, {"input_ids": ids}, mesh=pj.edge_mesh(2), max_new_tokens=6)
             assert answer == model.tokenizer.decode(out[0]), prompt
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        sent = {w: float(re.search(rf'cluster_bytes_total{{what="{w}"}} (\S+)', text)[1])
+                for w in ("batches", "tokens")}  # fmt: skip
+        assert sent["batches"] > 0 and sent["tokens"] >= 4 * 6 * 4  # at least 4 rows of 6 ids
         nodes = psutil.Process(launcher.pid).children()
         assert len(nodes) == 2
         launcher.send_signal(signal.SIGTERM)

@@ -232,6 +232,7 @@ class Engine:
         try:
             done = compute(self, message, None if self.nodes.many else on_token)
             if self.nodes.many:  # node 0 does not decode: its tokens come at the end
+                metrics.CLUSTER.labels("tokens").inc(done.ids.nbytes + 16)  # + steps, timing
                 for step in range(done.steps):
                     on_token(step, done.ids[:, step])
         except _Stop:

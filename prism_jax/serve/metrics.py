@@ -37,6 +37,12 @@ BYTES = Counter(
     "bytes each device sent (the plan's closed form, equal to the compiled collectives)",
     registry=REGISTRY,
 )
+CLUSTER = Counter(
+    "prism_serve_cluster_bytes",
+    "across nodes: bytes of the batches node 0 published (through the coordinator) and of the "
+    "token ids the decoding node broadcast back (a collective), beside the plan's bytes",
+    ["what"], registry=REGISTRY,
+)  # fmt: skip
 QUEUE = Gauge("prism_serve_queue_depth", "jobs waiting for the worker", registry=REGISTRY)
 ACTIVE = Gauge(
     "prism_serve_jobs_admitted", "jobs waiting or running (the bounded queue's fill)",

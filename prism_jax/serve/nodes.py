@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import jax
 
+from prism_jax.serve import metrics
+
 POLL_MS = 1000  # how long a follower waits for the next batch before asking again
 
 
@@ -32,7 +34,9 @@ class Nodes:
     def publish(self, message: dict) -> None:
         """Node 0: tell the other nodes the next batch (nothing in one process)."""
         if self.many:
-            _client().key_value_set(f"prism_jax/serve/{self._count}", json.dumps(message))
+            text = json.dumps(message)
+            _client().key_value_set(f"prism_jax/serve/{self._count}", text)
+            metrics.CLUSTER.labels("batches").inc(len(text.encode()))
             self._count += 1
 
     def follow(self) -> Iterator[dict]:
