@@ -272,3 +272,35 @@ def test_stream_ends_with_done_and_sigterm_ends_the_server(servers):
     lm.proc.send_signal(signal.SIGTERM)
     assert lm.proc.wait(timeout=20) == 0
     assert lm.log.read_text().splitlines()[-1] == "prism-jax serve: stopped"
+
+
+def test_at_cr_above_1_a_prompt_is_answered_as_generate_answers_it_alone(servers, lm_model):
+    """In process: an Engine at CR = 2 on 2 devices, prompts of the same padded length batched
+    together, each equal to `pj.generate` of that prompt alone (its own padding, its groups)."""
+    import asyncio
+
+    from prism_jax.serve import metrics as served
+    from prism_jax.serve.engine import Engine, Job
+
+    plan = pj.Plan(cr=2)
+    engine = Engine(lm_model, plan, 2, max_batch=8, max_queue=8, window=0.05)
+    loop = asyncio.new_event_loop()
+    prompts = ["w11 w12 w13 w14 w15", "w40 w41 w42 w43 w44 w45", "w7 w8 w9 w10 w11"]
+    jobs = [Job("text", lm_model.tokenizer.encode_plain(p), loop, asyncio.Queue(), max_tokens=6,
+                temperature=0.0) for p in prompts]  # fmt: skip
+    batches = served.REGISTRY.get_sample_value("prism_serve_batch_rows_count") or 0
+    engine.start()
+    engine.submit(jobs)
+    try:
+        while not all(j.finished for j in jobs):
+            loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        engine.stop()
+    assert served.REGISTRY.get_sample_value("prism_serve_batch_rows_count") == batches + 1
+    assert engine.bucket(5) == engine.bucket(6) == 6  # not a power of two at CR > 1
+    for prompt, job in zip(prompts, jobs, strict=True):
+        ids = np.array([job.ids])
+        alone = pj.generate(lm_model, {"input_ids": ids}, mesh=pj.edge_mesh(2), plan=plan,
+                            max_new_tokens=6)  # fmt: skip
+        assert lm_model.tokenizer.decode(job.made) == lm_model.tokenizer.decode(alone[0]), prompt
+    loop.close()
