@@ -304,3 +304,37 @@ def test_at_cr_above_1_a_prompt_is_answered_as_generate_answers_it_alone(servers
                             max_new_tokens=6)  # fmt: skip
         assert lm_model.tokenizer.decode(job.made) == lm_model.tokenizer.decode(alone[0]), prompt
     loop.close()
+
+
+def test_a_lost_node_fails_its_batch_with_503(servers, lm_model, monkeypatch):
+    """Across nodes, a collective that fails (gloo: a peer is gone) answers 503 naming the loss;
+    another failure is a 500; the worker goes on either way."""
+    import asyncio
+
+    from prism_jax.serve import engine as served
+
+    engine = served.Engine(lm_model, pj.Plan(), 2, max_batch=1, max_queue=4, window=0)
+    engine.nodes.many = True
+    monkeypatch.setattr(engine.nodes, "publish", lambda message: None)
+    errors = iter([RuntimeError("UNKNOWN: Gloo all-reduce failed: Connection reset by peer"),
+                   ValueError("something else")])  # fmt: skip
+
+    def broken(*args, **kw):
+        raise next(errors)
+
+    monkeypatch.setattr(served, "compute", broken)
+    loop = asyncio.new_event_loop()
+    jobs = [served.Job("text", [5, 6], loop, asyncio.Queue(), max_tokens=2) for _ in range(2)]
+    engine.start()
+    try:
+        for job in jobs:
+            engine.submit([job])
+            while not job.finished:
+                loop.run_until_complete(asyncio.sleep(0.02))
+    finally:
+        engine.stop()
+    loop.run_until_complete(asyncio.sleep(0))
+    lost, other = (job.events.get_nowait() for job in jobs)
+    assert lost[:2] == ("error", 503) and "a node of the cluster was lost" in lost[2]
+    assert other[:2] == ("error", 500) and "ValueError: something else" in other[2]
+    loop.close()

@@ -175,7 +175,11 @@ class Engine:
             except PrismError as e:
                 self._fail(batch, 400, str(e))
             except Exception as e:  # noqa: BLE001 - one failed batch must not end the server
-                self._fail(batch, 500, f"{type(e).__name__}: {e}")
+                text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                if self.nodes.many and "gloo" in text.lower():  # a peer is gone (`fail_fast`
+                    self._fail(batch, 503, f"a node of the cluster was lost: {text}")  # ends us)
+                else:
+                    self._fail(batch, 500, text)
         self.nodes.publish({"kind": "stop"})  # the other nodes end too
 
     def _fail(self, batch: list[Job], status: int, message: str) -> None:
