@@ -64,7 +64,10 @@ class Job:
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the server's loop is closed (stopping): nobody waits for it
+            pass
 
 
 def _pow2(n: int) -> int:
@@ -123,9 +126,10 @@ class Engine:
 
     def bucket(self, n: int) -> int:
         """The padded prompt length of an `n`-token prompt (see the module's docstring)."""
-        limit = self.model.config.max_positions
-        b = _pow2(n) if self.exact and _pow2(n) <= limit else n
-        return -(-b // self.devices) * self.devices
+        padded = -(-_pow2(n) // self.devices) * self.devices
+        if self.exact and padded <= self.model.config.max_positions:
+            return padded
+        return -(-n // self.devices) * self.devices  # as `generation.left_pad` pads it alone
 
     # -- the worker --------------------------------------------------------------------------
 
