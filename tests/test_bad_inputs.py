@@ -747,6 +747,7 @@ def _serve_port() -> int:
         (["--port", "http"], "a port in [1, 65535]"),
         (["--cr", "0"], "--cr"),
         (["--max-queue", "0"], "--max-queue"),
+        (["--max-tokens", "0"], "--max-tokens"),
         (["--compressor", "best"], "--compressor"),
     ],
 )

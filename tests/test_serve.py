@@ -108,7 +108,8 @@ def servers(hf_models, tmp_path_factory):
     so that concurrent requests meet), BERT with a queue of 2 jobs."""
     tmp = tmp_path_factory.mktemp("serve")
     llama = _llama(hf_models("llama_lm")[1], tmp / "llama")
-    lm = Server(llama, tmp / "lm.log", "--devices", "2", "--batch-window", "0.2")
+    lm = Server(llama, tmp / "lm.log", "--devices", "2", "--batch-window", "0.2",
+                "--max-tokens", "3")  # fmt: skip
     enc = Server(hf_models("bert")[1], tmp / "bert.log", "--devices", "2", "--max-queue", "2",
                  "--compilation-cache", str(tmp / "cache"))  # fmt: skip
     yield {"lm": lm.wait(), "bert": enc.wait(), "llama": llama, "cache": tmp / "cache"}
@@ -147,6 +148,10 @@ def test_chat_streamed_and_not_equals_generate(servers, lm_model):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == got.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    unbounded = lm.client.chat.completions.create(model="llama", messages=messages, temperature=0)
+    assert unbounded.choices[0].message.content == _generated(
+        lm_model, lm_model.tokenizer.chat("w7 w9 w30"), 3
+    )  # --max-tokens 3: what a request that names no max_tokens gets
 
 
 def test_completions_greedy_seeded_and_stop(servers, lm_model):
@@ -228,18 +233,25 @@ def test_concurrent_requests_are_batched_and_answered_once(servers):
         lm.metric("prism_serve_batch_rows_sum"),
         lm.metric("prism_serve_batch_rows_count"),
     )
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+    long = {"model": "llama", "prompt": "w50 w51", "max_tokens": 40, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
+        busy = pool.submit(lm.post, "/v1/completions", long)  # the others queue behind it
+        time.sleep(0.05)
         together = list(pool.map(ask, prompts))
+    assert busy.result()[0] == 200
     assert len({i for i, _ in together}) == len(prompts)
     assert [t for _, t in together] == alone  # batch mates change nothing at CR = 1
     rows = lm.metric("prism_serve_batch_rows_sum") - rows
-    assert rows == len(prompts) and lm.metric("prism_serve_batch_rows_count") - batches < rows
+    assert rows == len(prompts) + 1
+    assert lm.metric("prism_serve_batch_rows_count") - batches < rows
     batches = lm.metric("prism_serve_batch_rows_count")
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # sampled, no seed: batched too
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:  # sampled, no seed: batched too
+        busy = pool.submit(lm.post, "/v1/completions", long)
+        time.sleep(0.05)
         sampled = list(pool.map(lambda p: lm.client.completions.create(
             model="llama", prompt=p, max_tokens=5, temperature=0.7), prompts[:4]))  # fmt: skip
-    assert all(s.usage.completion_tokens >= 1 for s in sampled)
-    assert lm.metric("prism_serve_batch_rows_count") - batches < 4
+    assert busy.result()[0] == 200 and all(s.usage.completion_tokens >= 1 for s in sampled)
+    assert lm.metric("prism_serve_batch_rows_count") - batches < 5
 
 
 def test_a_client_that_leaves_a_stream_frees_its_slot(servers):

@@ -307,6 +307,11 @@ def _serve(sub) -> None:
         help="seconds the worker waits for requests to batch together (default 0.005)",
     )  # fmt: skip
     p.add_argument(
+        "--max-tokens", type=positive_int, default=256,
+        help="new tokens of a chat request that names no max_tokens (default 256; at most the "
+        "rest of the context)",
+    )  # fmt: skip
+    p.add_argument(
         "--compilation-cache", default=None, metavar="DIR",
         help="keep compiled programs in this directory (JAX's persistent cache): a restart "
         "reads them instead of compiling again",

@@ -116,7 +116,8 @@ def run_serve(args) -> int:
             sock.close()
         raise
     name = Path(args.model.rstrip("/")).name
-    config = uvicorn.Config(app.build(eng, name), log_level="warning", access_log=False,
+    front_app = app.build(eng, name, max_tokens=args.max_tokens)
+    config = uvicorn.Config(front_app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="off")  # fmt: skip
     server = _server(config)
     host, port = sock.getsockname()[:2]

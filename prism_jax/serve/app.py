@@ -55,10 +55,12 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
         raise Refused(400, f"the chat template failed: {e}", param="messages") from None
 
 
-def build(engine: Engine, name: str) -> FastAPI:
-    """The application serving `engine`'s model as `name`."""
+def build(engine: Engine, name: str, *, max_tokens: int = 256) -> FastAPI:
+    """The application serving `engine`'s model as `name`; `max_tokens`: the new tokens of a
+    chat request that names none (at most the rest of the context)."""
     app = FastAPI(title="prism-jax", docs_url=None, redoc_url=None, openapi_url=None)
     model, tok = engine.model, engine.model.tokenizer
+    default_tokens = max_tokens
     created = int(time.time())
 
     @app.exception_handler(Refused)
@@ -83,8 +85,8 @@ def build(engine: Engine, name: str) -> FastAPI:
         if not ids:
             raise Refused(400, "the prompt is empty: there is no token to continue")
         room = model.config.max_positions - len(ids)
-        if max_tokens is None:  # the rest of the context (at least one token, else refused)
-            max_tokens = max(room, 1)
+        if max_tokens is None:  # at most the rest of the context (one token, else refused)
+            max_tokens = max(min(room, default_tokens), 1)
         if len(ids) + max_tokens > model.config.max_positions:
             raise Refused(400, f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} "
                           f"are more than the model's context of {model.config.max_positions}",
