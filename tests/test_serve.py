@@ -168,6 +168,13 @@ def test_completions_greedy_seeded_and_stop(servers, lm_model):
     )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == got.choices[0].text[: got.choices[0].text.index(words[2])]
+    streamed = list(
+        lm.client.completions.create(
+            model="llama", prompt="w11 w12", max_tokens=6, stop=[words[2]], stream=True, **sampled
+        )
+    )  # fmt: skip  (text held back while it may begin the stop string)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_embeddings_equal_infer_mean_pooling(servers, hf_models):
