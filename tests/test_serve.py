@@ -172,7 +172,7 @@ def test_completions_greedy_seeded_and_stop(servers, lm_model):
         lm.client.completions.create(
             model="llama", prompt="w11 w12", max_tokens=6, stop=[words[2]], stream=True, **sampled
         )
-    )  # fmt: skip  (text held back while it may begin the stop string)
+    )  # the text is held back while it may begin the stop string
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "stop"
 

@@ -55,6 +55,9 @@ def test_launch_serve_answers_as_generate_and_ends_on_sigterm(hf_models, tmp_pat
             ids = np.array([model.tokenizer.encode_plain(prompt)])
             out = pj.generate(model, {"input_ids": ids}, mesh=pj.edge_mesh(2), max_new_tokens=6)
             assert answer == model.tokenizer.decode(out[0]), prompt
+        chunks = list(client.completions.create(model="llama", prompt=prompts[0], max_tokens=6,
+                                                temperature=0, stream=True))  # fmt: skip
+        assert "".join(c.choices[0].text for c in chunks) == answers[0]  # streamed as it decodes
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
             text = r.read().decode()
         sent = {w: float(re.search(rf'cluster_bytes_total{{what="{w}"}} (\S+)', text)[1])

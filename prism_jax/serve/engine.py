@@ -135,9 +135,11 @@ class Engine:
 
     def follow(self) -> None:
         """A node other than 0: run each batch node 0 publishes, until it stops serving."""
+        last = self.mesh.devices.flat[-1].process_index == self.nodes.rank
         for message in self.nodes.follow():
+            decodes = last and message["kind"] == "text"
             try:
-                compute(self, message)
+                compute(self, message, self.nodes.step_writer() if decodes else None)
             except PrismError:  # node 0 met the same error and answered it
                 pass
 
@@ -171,6 +173,7 @@ class Engine:
         while (batch := self._take()) is not None:
             if not batch:
                 continue
+            metrics.BATCH.observe(len(batch))  # before any of its jobs is answered
             try:
                 if batch[0].kind == "embed":
                     self._embed(batch)
@@ -189,8 +192,8 @@ class Engine:
     def _fail(self, batch: list[Job], status: int, message: str) -> None:
         for job in batch:
             if not job.finished:
-                job.emit("error", status, message)
                 self.release(job)
+                job.emit("error", status, message)
 
     def _rows(self, batch: list[Job], size: int) -> dict:
         """Right-padded `input_ids`/`attention_mask` of the batch, filled up to `size` rows with
@@ -238,19 +241,26 @@ class Engine:
                    "seed": seed}  # fmt: skip
         self.nodes.publish(message)
         try:
-            done = compute(self, message, None if self.nodes.many else on_token)
-            if self.nodes.many:  # node 0 does not decode: its tokens come at the end
+            if not self.nodes.many:
+                compute(self, message, on_token)
+            else:  # node 0 does not decode: it streams the steps the decoding node publishes
+                reader = self.nodes.step_reader(on_token)
+                try:
+                    done = compute(self, message)
+                finally:
+                    seen = reader.stop()
+                    self.nodes.done()
                 metrics.CLUSTER.labels("tokens").inc(done.ids.nbytes + 16)  # + steps, timing
-                for step in range(done.steps):
+                if reader.raised is not None:
+                    raise reader.raised
+                for step in range(seen, done.steps):  # what the reader had not seen yet
                     on_token(step, done.ids[:, step])
         except _Stop:
             pass
         for job in batch:
             self._finish(job, "length")
         made = sum(len(j.made) for j in batch)
-        metrics.TOKENS.inc(made)
         metrics.TOKENS_PER_SECOND.set(made / max(time.perf_counter() - tic, 1e-9))
-        metrics.BATCH.observe(len(batch))
 
     def _advance(self, job: Job, token: int, step: int) -> None:
         """One new token of `job`'s row: its text delta, or its end (eos, a stop string,
@@ -262,6 +272,7 @@ class Engine:
             return
         if step == 0:
             metrics.FIRST_TOKEN.observe(time.perf_counter() - job.started)
+        metrics.TOKENS.inc()  # counted before the job's end is told
         if token in self.ends and not job.warm:
             job.made.append(token)
             self._finish(job, "stop")
@@ -292,8 +303,8 @@ class Engine:
             return
         if reason == "length" and job.made:  # the held-back end of the text
             self._flush(job, self.model.tokenizer.decode(job.made))
+        self.release(job)  # before the client hears of it: the counts agree with the answer
         job.emit("done", reason, len(job.made))
-        self.release(job)
 
     def _embed(self, batch: list[Job]) -> None:
         size = _pow2(len(batch))
@@ -305,12 +316,14 @@ class Engine:
         self._sent(rows["input_ids"].shape[1], size)
         message = {"kind": "embed", **{k: v.tolist() for k, v in rows.items()}}
         self.nodes.publish(message)
-        out = compute(self, message)
+        try:
+            out = compute(self, message)
+        finally:
+            self.nodes.done()
         vectors = pooled.mean_pool(out["last_hidden_state"], rows["attention_mask"])
         for job, vector in zip(batch, vectors, strict=False):
-            job.emit("embedding", vector.tolist())
             self.release(job)
-        metrics.BATCH.observe(len(batch))
+            job.emit("embedding", vector.tolist())
 
 
 def compute(engine: Engine, message: dict, on_token=None):
