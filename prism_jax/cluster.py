@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -199,7 +200,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None = None) -> int:
+def launch(
+    nodes: int,
+    command: list[str],
+    *,
+    timeout_s: float,
+    port: int | None = None,
+    deadline: bool = True,
+) -> int:
     """Start `nodes` local node processes running `command`; rank 0's output is shown.
 
     Returns 0 when every node succeeds; otherwise ends the others and returns the first failed
@@ -229,7 +237,7 @@ def launch(nodes: int, command: list[str], *, timeout_s: float, port: int | None
                     text=True,
                 )
             )
-        return _wait(procs, logs, timeout_s)
+        return _wait(procs, logs, timeout_s if deadline else math.inf)  # inf: a server
     finally:
         _end(procs)
         signal.signal(signal.SIGTERM, previous)

@@ -69,9 +69,12 @@ class Generation:
         return 1 / float(np.median(warm)) if warm else 0.0
 
 
-def left_pad(batch: dict, cfg: ModelConfig, devices: int, max_new_tokens: int) -> dict:
-    """Prompts (right- or left-padded) -> left-padded to N*L tokens with `position_ids` counted
-    from each row's first valid token; checks that prompt plus new tokens fit the context."""
+def left_pad(
+    batch: dict, cfg: ModelConfig, devices: int, max_new_tokens: int, pad_to: int = 0
+) -> dict:
+    """Prompts (right- or left-padded) -> left-padded to N*L tokens (at least `pad_to`) with
+    `position_ids` counted from each row's first valid token; checks that prompt plus new
+    tokens fit the context."""
     ids = ids_field(batch, "input_ids", cfg.vocab_size)
     valid = attention_mask(batch, ids.shape)
     lengths = valid.sum(1)
@@ -83,7 +86,7 @@ def left_pad(batch: dict, cfg: ModelConfig, devices: int, max_new_tokens: int) -
             f"a prompt of {longest} tokens plus {max_new_tokens} new tokens is longer than the "
             f"model's context of {cfg.max_positions} positions"
         )
-    t = -(-longest // devices) * devices
+    t = -(-max(longest, pad_to) // devices) * devices
     out_ids = np.zeros((len(ids), t), np.int32)
     out_mask = np.zeros((len(ids), t), np.int32)
     positions = np.zeros((len(ids), t), np.int32)
@@ -317,6 +320,7 @@ def run(
     seed: int = 0,
     eos=True,
     on_token: Callable[[int, np.ndarray], None] | None = None,
+    pad_to: int = 0,
 ) -> Generation:
     """Generate with a partitioned prefill and a decode from the compressed cache.
 
@@ -338,6 +342,8 @@ def run(
       eos: True stops a row at the model's end-of-sequence id(s), a token id or a list of ids
         at those, False never; a stopped row is padded with the model's pad id.
       on_token: called as `on_token(step, ids [B])` after every step (streaming).
+      pad_to: left-pad the prompts to at least this many tokens (`serve` buckets lengths so
+        that compilations stay few; at CR > 1 the padding moves tokens between devices).
     """
     plan, mesh = partition.checked(model, plan, mesh)
     sampling = _sampling(model, max_new_tokens, temperature, top_k, top_p)
@@ -347,7 +353,8 @@ def run(
     # device would carry its axis type into the decode's arrays).
     if mesh is not None and (plan.strategy == "single" or mesh.size == 1):
         mesh = None
-    prompt = left_pad(batch, model.config, 1 if mesh is None else mesh.shape[AXIS], max_new_tokens)
+    devices = 1 if mesh is None else mesh.shape[AXIS]
+    prompt = left_pad(batch, model.config, devices, max_new_tokens, pad_to)
     first = _prefill(model, prompt, plan, mesh, sampling, key)
     b, t = first.valid.shape
     got = None

@@ -730,3 +730,58 @@ def test_a_chat_template_that_runs_long_is_stopped(hf_models, monkeypatch):
     assert (
         dataclasses.replace(tok, chat_template="<{{ messages[0].content }}>").chat("hi") == "<hi>"
     )
+
+
+def _serve_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--port", "0"], "a port in [1, 65535]"),
+        (["--port", "http"], "a port in [1, 65535]"),
+        (["--cr", "0"], "--cr"),
+        (["--max-queue", "0"], "--max-queue"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--compressor", "best"], "--compressor"),
+    ],
+)
+def test_serve_bad_flags_are_one_line(dirs, capsys, argv, says):
+    code = cli.main(["serve", "--model", str(dirs["llama_lm"]), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+
+
+def test_serve_without_a_model_or_with_a_missing_one_is_one_line(dirs, capsys):
+    assert cli.main(["serve", "--port", str(_serve_port())]) == 2
+    assert "--model" in capsys.readouterr().err
+    missing = str(dirs["tmp"] / "nothing")
+    assert cli.main(["serve", "--model", missing, "--port", str(_serve_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prism-jax serve: error:") and err.count("\n") == 1, err
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading(dirs, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        missing = str(dirs["tmp"] / "nothing")  # the port is checked before the model is read
+        assert cli.main(["serve", "--model", missing, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1, err
+
+
+def test_serve_a_plan_the_model_refuses_is_one_line_at_start_up(dirs, capsys):
+    argv = ["serve", "--model", str(dirs["llama_lm"]), "--port", str(_serve_port()),
+            "--devices", "2", "--exchange", "hidden"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hidden" in err and err.count("\n") == 1, err

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 import prism_jax as pj
-from prism_jax import cluster, cost, models
+from prism_jax import cluster, cost, models, serve
 from prism_jax.checkpoints import atomic, hf
 from prism_jax.cli import llm, planning, printing
 from prism_jax.cli.parser import build_parser, plan_of, plan_summary
@@ -319,7 +319,7 @@ def _rest(args) -> list[str]:
     return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
 
 
-ACROSS_NODES = ("infer", "cost", "eval", "generate")  # the commands `node` and `launch` run
+ACROSS_NODES = ("infer", "cost", "eval", "generate", "serve")  # what `node` and `launch` run
 
 
 def _inner(args) -> argparse.Namespace:
@@ -330,7 +330,7 @@ def _inner(args) -> argparse.Namespace:
         given = f"{name} does not run across nodes; " if name in RUNNERS else ""
         raise PrismError(
             f"{given}give the command to run after the options: "
-            "infer ..., cost ..., eval ... or generate ..."
+            "infer ..., cost ..., eval ... or generate ..., or serve ..."
         )
     inner = build_parser().parse_args(rest)
     if getattr(inner, "plan", None) == "auto":  # each node would calibrate on its own
@@ -353,9 +353,11 @@ def _run_node(args):
     )
     with cluster.fail_fast(args.rank, args.nodes):
         cluster.check_consistent(args.rank, vars(inner))
+        if inner.command == "serve":  # formed: a server runs until it is stopped
+            timer.cancel()
         result = RUNNERS[inner.command](inner)
     timer.cancel()
-    if args.rank == 0:
+    if args.rank == 0 and not isinstance(result, int):
         with contextlib.redirect_stdout(result_out):
             printing.show(inner.command, result, as_json=inner.json)
         result_out.flush()
@@ -364,7 +366,10 @@ def _run_node(args):
 
 def _run_launch(args):
     _inner(args)  # check the command here, before starting any process
-    return cluster.launch(args.nodes, _rest(args), timeout_s=args.timeout, port=args.port)
+    serving = _rest(args)[:1] == ["serve"]  # runs until stopped: no deadline for a result
+    return cluster.launch(
+        args.nodes, _rest(args), timeout_s=args.timeout, port=args.port, deadline=not serving
+    )
 
 
 RUNNERS = {
@@ -378,4 +383,5 @@ RUNNERS = {
     "convert": llm.run_convert,
     "generate": llm.run_generate,
     "plan": planning.run,
+    "serve": serve.run_serve,
 }

@@ -296,13 +296,47 @@ def _convert(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model across N devices behind OpenAI's HTTP API",
+        description="Load a checkpoint once, place it on N emulated devices with the plan and "
+        "answer OpenAI-style requests until SIGTERM: /v1/chat/completions (server-sent events "
+        "with stream), /v1/completions, /v1/embeddings (encoders, mean-pooled), /v1/models, "
+        "/health and Prometheus /metrics. Requests that arrive together are batched.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="rows per batch (default 8)")
+    p.add_argument(
+        "--max-queue", type=positive_int, default=64,
+        help="jobs waiting or running before requests get 429 (default 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch-window", type=nonnegative_float, default=0.005,
+        help="seconds the worker waits for requests to batch together (default 0.005)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=256,
+        help="new tokens of a chat request that names no max_tokens (default 256; at most the "
+        "rest of the context)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compilation-cache", default=None, metavar="DIR",
+        help="keep compiled programs in this directory (JAX's persistent cache): a restart "
+        "reads them instead of compiling again",
+    )  # fmt: skip
+    _plan_args(p)
+
+
 def _cluster(sub, name: str, text: str) -> None:
     p = sub.add_parser(
         name,
         help=text,
-        description=text + ". The command after the options (infer, cost or eval with "
-        "their arguments) runs on the mesh that spans the nodes; --devices is set to the number "
-        "of nodes. generate runs on one machine only (prism-jax generate --devices N).",
+        description=text + ". The command after the options (infer, cost, eval, generate or "
+        "serve with their arguments) runs on the mesh that spans the nodes; --devices is set to "
+        "the number of nodes. serve: node 0 holds the HTTP front and runs until stopped.",
     )
     if name == "node":
         p.add_argument("--rank", type=nonnegative_int, required=True, help="this node's index")
@@ -328,7 +362,7 @@ def _cluster(sub, name: str, text: str) -> None:
         "rest",
         nargs=argparse.REMAINDER,
         metavar="COMMAND ...",
-        help="infer ... | cost ... | eval ... | generate ...",
+        help="infer ... | cost ... | eval ... | generate ... | serve ... (node 0 serves HTTP)",
     )
     p.set_defaults(json=False)
 
@@ -340,7 +374,8 @@ def build_parser() -> Parser:
         "(arXiv 2507.12145) across emulated edge devices.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert, planning.add_parser):
+    commands = (_infer, _demo, _cost, _eval, _finetune, _generate, _convert, _serve)
+    for add in (*commands, planning.add_parser):
         add(sub)
     _cluster(
         sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"
