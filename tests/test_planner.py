@@ -209,3 +209,10 @@ def test_bad_plan_for_arguments_name_the_field(kw, message, tmp_path):
     args = dict(devices=2, bandwidth="10mbit", latency="1ms", cache_dir=tmp_path) | kw
     with pytest.raises(pj.PrismError, match=re.escape(message)):
         pj.plan_for(_lm(), **args)
+
+
+def test_serve_takes_plan_auto_flags(capsys):
+    """`serve --plan auto` checks the planner's flags before anything loads."""
+    assert cli.main(["serve", "--model", "nowhere", "--plan", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plan auto needs the link" in err, err

@@ -327,7 +327,7 @@ def _serve(sub) -> None:
         help="keep compiled programs in this directory (JAX's persistent cache): a restart "
         "reads them instead of compiling again",
     )  # fmt: skip
-    _plan_args(p)
+    _plan_args(p, auto=True)
 
 
 def _cluster(sub, name: str, text: str) -> None:

@@ -91,6 +91,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     import prism_jax as pj
+    from prism_jax.cli import planning
     from prism_jax.cli.parser import plan_of
     from prism_jax.serve import app, engine
 
@@ -101,6 +102,7 @@ def run_serve(args) -> int:
     sock = listening_socket(args.host, args.port) if front else None
     try:
         model = pj.load_pretrained(args.model)
+        planning.auto(args, model)  # --plan auto: the planner's devices and plan
         plan = plan_of(args, cfg=model.config)
         if model.tokenizer is None:
             raise PrismError(f"{args.model} has no tokenizer to read requests with")
