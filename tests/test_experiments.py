@@ -30,6 +30,7 @@ SLOW = {
     "bench_train_attention.py",
     "profile_attention.py",
     "robust_finetune.py",
+    "serve_load.py",
     "table_bert.py",
     "table_generation.py",
     "table_gpt2.py",
