@@ -120,24 +120,10 @@ def auto(args, model) -> None:
     stderr. Nothing without it."""
     import sys
 
-    from tqdm import tqdm
-
-    from prism_jax import planner
-
     if getattr(args, "plan", None) != "auto":
         return
     chosen(args)  # the flags, checked
-    with tqdm(desc="planning", unit="plan", disable=args.json, leave=False) as bar:
-        args.choice = planner.plan_for(
-            model,
-            devices=args.devices,
-            bandwidth=args.bandwidth,
-            latency=args.latency,
-            node_speed=args.node_speed,
-            max_loss=args.max_loss,
-            max_ppl_rise=args.max_ppl_rise,
-            progress=bar,
-        )
+    args.choice = _plan_for(args, model)
     args.devices = args.choice.devices
     if isinstance(args.cr, list):  # eval: the chosen CR alone
         args.cr = [args.choice.cr]
@@ -148,14 +134,22 @@ def auto(args, model) -> None:
 
 
 def run(args) -> dict:
-    from tqdm import tqdm
-
     import prism_jax as pj
-    from prism_jax import planner
 
     model = pj.load_pretrained(args.model)
+    return summary(_plan_for(args, model), args.model)
+
+
+def _plan_for(args, model):
+    """`planner.plan_for` with the command line's link, budget and (`plan`) data flags, and a
+    progress bar while it calibrates."""
+    from tqdm import tqdm
+
+    from prism_jax import planner
+
+    data = {k: getattr(args, k) for k in ("dataset", "limit", "seq_len") if hasattr(args, k)}
     with tqdm(desc="calibrating", unit="plan", disable=args.json, leave=False) as bar:
-        choice = planner.plan_for(
+        return planner.plan_for(
             model,
             devices=args.devices,
             bandwidth=args.bandwidth,
@@ -163,12 +157,9 @@ def run(args) -> dict:
             node_speed=args.node_speed,
             max_loss=args.max_loss,
             max_ppl_rise=args.max_ppl_rise,
-            dataset=args.dataset,
-            limit=args.limit,
-            seq_len=args.seq_len,
             progress=bar,
+            **data,
         )
-    return summary(choice, args.model)
 
 
 def summary(choice, model: str) -> dict:
