@@ -150,6 +150,9 @@ def relay_network(nodes: int, link: dict):
             sh(f"ip -n {ns} addr add {SUBNET}.{i + 1}/24 dev eth0")
             sh(f"ip -n {ns} link set eth0 up")
             sh(f"ip -n {ns} link set lo up")
+            # a layer's message after a pause of compute goes out at the window TCP had, not
+            # from a restarted slow start (Linux's default restarts it after an idle RTO)
+            sh(f"ip netns exec {ns} sysctl -qw net.ipv4.tcp_slow_start_after_idle=0")
         testbed_relay.set_link(Path(link["control"]), Path(link["ack"]), 0,
                                link["rate_mbit"], link["delay_ms"])  # fmt: skip
         yield names

@@ -1,0 +1,223 @@
+"""The edge testbed's latency model, its tables and its plot (`edge_testbed.py`).
+
+Model of one inference at N nodes on a link of `rate` and one-way `delay`:
+
+    compute(N)            one device's measured time under the node's quota x the plan's
+                          per-device share of the layers' FLOPs (`cost.flops_closed_form`)
+  + k x (N - 1) x delay   k all-gathers (one a layer), each a ring of N - 1 rounds
+  + (N - 1) x B x 8 / rate  B: the bytes one node contributes (`cost.bytes_closed_form`); a
+                          ring all-gather sends the N - 1 other blocks through every uplink
+  + k x overhead          the runtime's own cost per collective, fitted on N = 2 per plan
+
+Fitted on the N = 2 cells, it predicts every other N.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def predict(compute_s, *, nodes, collectives, bytes_per_node, rate_mbit, delay_ms, overhead_s):
+    """Seconds per inference (see the module's docstring); rate None: no limit."""
+    rounds = collectives * (nodes - 1) * delay_ms / 1000
+    transfer = (nodes - 1) * bytes_per_node * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
+    return compute_s + rounds + transfer + collectives * overhead_s
+
+
+def _single(rows, model, nodes) -> dict:
+    return next(r for r in rows if (r["model"], r["nodes"], r["plan"]) == (model, nodes, "single"))
+
+
+def _compute(rows, r) -> float:
+    single = _single(rows, r["model"], r["nodes"])
+    return single["latency_s"] * r["layer_flops"] / single["layer_flops"]
+
+
+def predictions(rows: list[dict]) -> list[dict]:
+    """Per distributed row: the model's prediction, its overhead fitted on the N = 2 rows of
+    the same model and plan."""
+
+    def args(r):
+        keys = ("nodes", "collectives", "rate_mbit", "delay_ms")
+        return {k: r[k] for k in keys} | {"bytes_per_node": r["closed_form_bytes_per_node"]}
+
+    out = []
+    for r in rows:
+        if r["strategy"] == "single":
+            continue
+        fit = [v for v in rows if (v["model"], v["plan"], v["nodes"]) == (r["model"], r["plan"], 2)]
+        if not fit:
+            continue
+        overhead = statistics.mean(
+            (v["latency_s"] - predict(_compute(rows, v), **args(v), overhead_s=0.0))
+            / v["collectives"]
+            for v in fit
+        )
+        predicted = predict(_compute(rows, r), **args(r), overhead_s=overhead)
+        out.append({"model": r["model"], "nodes": r["nodes"], "rate_mbit": r["rate_mbit"],
+                    "delay_ms": r["delay_ms"], "plan": r["plan"], "overhead_s": overhead,
+                    "compute_s": _compute(rows, r), "predicted_s": predicted,
+                    "measured_s": r["latency_s"], "fitted": r["nodes"] == 2,
+                    "error": predicted / r["latency_s"] - 1})  # fmt: skip
+    return out
+
+
+def rounds(rows: list[dict]) -> list[dict]:
+    """Rounds per collective seen on the wire: the slope of latency against the delay, per
+    collective, beside the ring's N - 1."""
+    out = []
+    keys = dict.fromkeys(
+        (r["model"], r["nodes"], r["plan"], r["rate_mbit"])
+        for r in rows
+        if r["strategy"] != "single"
+    )
+    for key in keys:
+        mine = sorted(
+            (r for r in rows if (r["model"], r["nodes"], r["plan"], r["rate_mbit"]) == key),
+            key=lambda r: r["delay_ms"],
+        )
+        lo, hi = mine[0], mine[-1]
+        if hi["delay_ms"] == lo["delay_ms"]:
+            continue
+        slope = (hi["latency_s"] - lo["latency_s"]) / ((hi["delay_ms"] - lo["delay_ms"]) / 1000)
+        out.append({"model": key[0], "nodes": key[1], "plan": key[2], "rate_mbit": key[3],
+                    "rounds_per_collective": slope / hi["collectives"]})  # fmt: skip
+    return out
+
+
+def probe_markdown(link: dict) -> str:
+    bridge = link["bridge"]["rtt_median_s"]
+    lines = [
+        "Link probe (N = 2, TCP, 16 bytes a round trip, TCP_NODELAY; medians of the round "
+        f"trips). Plain bridge (veth, no relay): RTT {bridge * 1e3:.3f} ms.",
+        "",
+        "| Mbit/s | one-way delay (ms) | expected RTT: 2 x delay + bridge (ms) | RTT median "
+        "(ms) | min | max | error of the median | bulk throughput (Mbit/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in link["relay"]:
+        want = 2 * p["delay_ms"] / 1000 + bridge
+        bulk = f"{p['throughput_mbit']:.1f}" if "throughput_mbit" in p else "-"
+        lines.append(
+            f"| {p['rate_mbit'] or 'unlimited'} | {p['delay_ms']:g} | {want * 1e3:.3f} | "
+            f"{p['rtt_median_s'] * 1e3:.3f} | {p['rtt_min_s'] * 1e3:.3f} | "
+            f"{p['rtt_max_s'] * 1e3:.3f} | {(p['rtt_median_s'] - want) * 1e3:+.3f} ms | {bulk} |"
+        )
+    zero = next(p for p in link["relay"] if p["delay_ms"] == 0 and p["rate_mbit"] is None)
+    added = (zero["rtt_median_s"] - bridge) / 2
+    lines += ["", f"The relay's own one-way cost at 0 ms: {added * 1e6:.0f} us "
+              "((RTT over the relay - RTT over the bridge) / 2)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _late_markdown(relays: list[dict]) -> str:
+    lines = [
+        "Relay, per cluster and link: packets forwarded, how late each left against its "
+        "release time (mean, max, share over 200 us), its CPU seconds for the whole cluster.",
+        "",
+        "| model | N | Mbit/s | delay (ms) | packets | late mean (us) | late max (ms) | "
+        "> 200 us | relay CPU (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in relays:
+        for p in c["periods"]:
+            if not p["packets"]:
+                continue
+            lines.append(
+                f"| {c['model']} | {c['nodes']} | {p['rate_mbit'] or 'unlimited'} | "
+                f"{p['delay_ms']:g} | {p['packets']:,} | {p['late_mean_s'] * 1e6:.0f} | "
+                f"{p['late_max_s'] * 1e3:.2f} | {p['late_over_200us'] / p['packets']:.1%} | "
+                f"{c['cpu_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def grid_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | N | CPU quota (cores/node) | Mbit/s | delay (ms) | plan | latency (s) | "
+        "speed-up over one device | wire bytes/node | (N-1) x closed form |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        single = _single(rows, r["model"], r["nodes"])["latency_s"]
+        link = ("-", "-") if r["strategy"] == "single" else (r["rate_mbit"], f"{r['delay_ms']:g}")
+        lines.append(
+            f"| {r['model']} | {r['nodes']} | {r['quota_cores']:g} | {link[0]} | {link[1]} | "
+            f"{r['plan']} | {r['latency_s']:.3f} | {single / r['latency_s']:.2f}x | "
+            f"{r['wire_bytes_per_node']:,.0f} | "
+            f"{(r['nodes'] - 1) * r['closed_form_bytes_per_node']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def prediction_markdown(preds: list[dict]) -> str:
+    lines = [
+        "| model | N | Mbit/s | delay (ms) | plan | compute (s) | overhead/collective (ms) | "
+        "predicted (s) | measured (s) | error | within 15 % |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for p in preds:
+        within = "fitted" if p["fitted"] else ("yes" if abs(p["error"]) <= 0.15 else "**no**")
+        lines.append(
+            f"| {p['model']} | {p['nodes']} | {p['rate_mbit']} | {p['delay_ms']:g} | "
+            f"{p['plan']} | {p['compute_s']:.3f} | {p['overhead_s'] * 1e3:.2f} | "
+            f"{p['predicted_s']:.3f} | {p['measured_s']:.3f} | {p['error']:+.1%} | {within} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(cfg, link, rows, relays, preds, *, shared: bool) -> str:
+    note = (
+        "**The machine was shared** (another engineer's long job ran on the same 2 cores "
+        "during this grid): the quotas are caps, not guarantees.\n\n"
+        if shared
+        else ""
+    )
+    wrong = [p for p in preds if not p["fitted"] and abs(p["error"]) > 0.15]
+    tally = f"{len(wrong)} of {sum(not p['fitted'] for p in preds)} predicted cells off by > 15 %"
+    return (
+        note + probe_markdown(link) + "\n## Grid\n\n" + grid_markdown(rows)
+        + "\n" + _late_markdown(relays)
+        + "\n## Latency model (testbed_model.py; fitted on N = 2, predicting the rest)\n\n"
+        + f"{tally}.\n\n" + prediction_markdown(preds)
+        + "\nRounds per all-gather seen on the wire (latency slope over the delays / "
+        "collectives; a ring: N - 1):\n\n"
+        + "\n".join(f"- {r['model']} N={r['nodes']} {r['plan']} @ {r['rate_mbit']} Mbit/s: "
+                    f"{r['rounds_per_collective']:.2f}" for r in rounds(rows))
+        + "\n"
+    )  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Per model and link: speed-up over one device against the bytes a node sends, one
+    point per plan and N, the 1.0x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    links = list(dict.fromkeys((r["rate_mbit"], r["delay_ms"]) for r in rows
+                               if r["strategy"] != "single"))  # fmt: skip
+    fig, axes = plt.subplots(len(models), len(links), figsize=(4.2 * len(links),
+                             3.6 * len(models)), squeeze=False)  # fmt: skip
+    for row, model in zip(axes, models, strict=True):
+        for ax, (rate, delay) in zip(row, links, strict=True):
+            for r in rows:
+                if (r["model"], r["rate_mbit"], r["delay_ms"]) != (model, rate, delay):
+                    continue
+                speedup = _single(rows, model, r["nodes"])["latency_s"] / r["latency_s"]
+                marker = {2: "o", 4: "s", 8: "^"}.get(r["nodes"], "x")
+                ax.scatter(max(r["wire_bytes_per_node"], 1e3), speedup, marker=marker,
+                           color=f"C{r['nodes'] // 2 - 1}")  # fmt: skip
+                ax.annotate(f"{r['plan']} N={r['nodes']}", (max(r["wire_bytes_per_node"], 1e3),
+                            speedup), fontsize=6)  # fmt: skip
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_title(f"{model}, {rate} Mbit/s, {delay:g} ms", fontsize=9)
+            ax.set_xlabel("bytes on the wire per node per inference")
+            ax.set_ylabel("speed-up over one device")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
