@@ -8,6 +8,7 @@ Public API (DESIGN.md section 2)::
     out = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(strategy="prism", cr=8))
     ids = pj.generate(model, batch, mesh=mesh, plan=pj.Plan(cr=8), max_new_tokens=32)
     report = pj.measure_cost("bert-base", pj.Plan(cr=128), devices=2, seq_len=256)
+    plan = pj.plan_for(model, devices=4, bandwidth="10mbit", latency="5ms")  # plan.devices
 """
 
 from prism_jax import cost
@@ -27,6 +28,7 @@ from prism_jax.exchange import segment_means
 from prism_jax.generation import generate
 from prism_jax.models import Model, init
 from prism_jax.partition import edge_mesh, infer
+from prism_jax.planner import plan_for
 
 __all__ = [
     "PRESETS",
@@ -45,5 +47,6 @@ __all__ = [
     "init",
     "load_pretrained",
     "measure_cost",
+    "plan_for",
     "segment_means",
 ]

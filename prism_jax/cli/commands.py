@@ -17,7 +17,7 @@ import numpy as np
 import prism_jax as pj
 from prism_jax import cluster, cost, models
 from prism_jax.checkpoints import atomic, hf
-from prism_jax.cli import llm, printing
+from prism_jax.cli import llm, planning, printing
 from prism_jax.cli.parser import build_parser, plan_of, plan_summary
 from prism_jax.data import sources, tfds_builders
 from prism_jax.errors import PrismError
@@ -369,4 +369,5 @@ RUNNERS = {
     "launch": _run_launch,
     "convert": llm.run_convert,
     "generate": llm.run_generate,
+    "plan": planning.run,
 }

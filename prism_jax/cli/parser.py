@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from prism_jax.cli import planning
 from prism_jax.cli.values import (
     compression_rates,
     coordinator,
@@ -329,7 +330,7 @@ def build_parser() -> Parser:
         "(arXiv 2507.12145) across emulated edge devices.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert):
+    for add in (_infer, _demo, _cost, _eval, _finetune, _generate, _convert, planning.add_parser):
         add(sub)
     _cluster(
         sub, "node", "run one edge node of a multi-process cluster (jax.distributed, gloo over TCP)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from prism_jax.cli import planning
 from prism_jax.errors import PrismError
 
 
@@ -166,4 +167,5 @@ PRINTERS = {
     "eval": _print_eval,
     "convert": _print_convert,
     "generate": _print_generate,
+    "plan": planning.show,
 }

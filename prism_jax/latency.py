@@ -1,0 +1,141 @@
+"""How long one inference takes on N edge devices joined by a link: a model, for the planner
+(`planner.py`) and the testbed (experiments/edge_testbed.py, which measures it).
+
+    latency = compute + rounds + transfer + overhead
+
+- compute: one device's time for the whole sequence (`Profile.single_s`, profiled on a node
+  at speed 1) x the plan's per-device matmul FLOPs / one device's (`cost.flops_closed_form`),
+  divided by the slowest node's speed (every layer waits for its collective, so the slowest
+  node sets the pace; `single` runs on the fastest node);
+- rounds: depth x (N - 1) x the link's one-way latency (a ring all-gather takes N - 1 steps
+  per layer, one collective per layer);
+- transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
+  bandwidth (each node's uplink carries its block to every other node);
+- overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
+  N = 2 runs; 0 by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import NamedTuple
+
+from prism_jax import cost
+from prism_jax.errors import PrismError
+from prism_jax.plan import Plan
+
+_BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def parse_bandwidth(text) -> float:
+    """'10mbit', '50Mbit/s', '1gbit', '500kbit' or a number of bits per second -> bits per
+    second (> 0); 'unlimited' -> inf."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return float(text)
+    value = str(text).strip().lower()
+    if value in ("unlimited", "inf"):
+        return math.inf
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps|b)?(?:/s)?", value)
+    if not found or float(found.group(1)) <= 0:
+        raise PrismError(
+            f"bandwidth {text!r}: a rate > 0 such as 10mbit, 500kbit, 1gbit (or unlimited)"
+        )
+    return float(found.group(1)) * _BITS[found.group(2)]
+
+
+def parse_latency(text) -> float:
+    """'5ms', '200us', '0.02s', '0' or a number of seconds -> one-way seconds (>= 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and 0 <= text < math.inf:
+        return float(text)
+    value = str(text).strip().lower()
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|ms|us)?", value)
+    if not found or (found.group(2) is None and float(found.group(1)) != 0):
+        raise PrismError(f"latency {text!r}: a one-way delay >= 0 with a unit: 5ms, 200us, 0")
+    return float(found.group(1)) * _SECONDS[found.group(2) or "s"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """The network between the nodes: each node's uplink rate and the one-way latency."""
+
+    bandwidth: float  # bits per second (inf: unlimited)
+    latency: float = 0.0  # one-way seconds
+
+    @classmethod
+    def parse(cls, bandwidth, latency="0") -> Link:
+        return cls(parse_bandwidth(bandwidth), parse_latency(latency))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What the nodes compute at: one device's time for the model on the whole sequence at
+    speed 1, a collective's fixed cost, and each node's speed relative to that device (empty:
+    every node 1)."""
+
+    single_s: float
+    collective_s: float = 0.0
+    node_speed: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if not self.single_s > 0 or self.collective_s < 0:
+            raise PrismError("a profile needs single_s > 0 and collective_s >= 0")
+        if any(not s > 0 for s in self.node_speed):
+            raise PrismError(f"node speeds must be > 0, got {self.node_speed}")
+
+    def speeds(self, devices: int) -> tuple[float, ...]:
+        """The speeds of the first `devices` nodes (the fastest first when some are chosen)."""
+        if not self.node_speed:
+            return (1.0,) * devices
+        if len(self.node_speed) < devices:
+            raise PrismError(
+                f"--node-speed names {len(self.node_speed)} nodes, fewer than {devices} devices"
+            )
+        return tuple(sorted(self.node_speed, reverse=True)[:devices])
+
+
+class Estimate(NamedTuple):
+    """A predicted latency, in seconds, by term."""
+
+    compute: float
+    rounds: float
+    transfer: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.rounds + self.transfer + self.overhead
+
+
+def predict(cfg, plan: Plan, *, devices: int, seq_len: int, link: Link, profile: Profile,
+            batch: int = 1) -> Estimate:  # fmt: skip
+    """The latency of one inference of `plan` on `devices` nodes (the module docstring)."""
+    n = 1 if plan.strategy == "single" else devices
+    single = Plan(strategy="single")
+    share = cost.flops_closed_form(cfg, plan, devices=n, seq_len=seq_len, batch=batch)
+    share /= cost.flops_closed_form(cfg, single, devices=1, seq_len=seq_len, batch=batch)
+    compute = profile.single_s * share / min(profile.speeds(n))
+    if n == 1:
+        return Estimate(compute, 0.0, 0.0, 0.0)
+    sent = cost.bytes_closed_form(cfg, plan, devices=n, seq_len=seq_len, batch=batch)
+    rounds = cfg.depth * (n - 1) * link.latency
+    transfer = (n - 1) * sent * 8 / link.bandwidth
+    return Estimate(compute, rounds, transfer, cfg.depth * profile.collective_s)
+
+
+def profile_single(model, batch: dict, *, repeats: int = 3) -> float:
+    """One device's time for `batch` on this host: the median of `repeats` runs after a
+    compiling warm-up."""
+    from prism_jax.partition import infer
+
+    plan = Plan(strategy="single")
+    infer(model, batch, plan=plan)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        infer(model, batch, plan=plan)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,149 @@
+"""The latency model (`latency`) and the planner (`planner.plan_for`, `prism-jax plan`)."""
+
+import dataclasses
+import json
+
+import pytest
+
+import prism_jax as pj
+from prism_jax import cli, cost, latency, models, planner
+from tests.test_tasks import _lm
+
+BERT = pj.PRESETS["bert-base"]()
+
+
+def test_latency_terms_are_the_stated_model():
+    plan, link = pj.Plan(cr=16), latency.Link.parse("10mbit", "5ms")
+    profile = latency.Profile(2.0, collective_s=0.001, node_speed=(1, 0.5, 1, 1))
+    got = latency.predict(BERT, plan, devices=4, seq_len=256, link=link, profile=profile)
+    share = cost.flops_closed_form(BERT, plan, devices=4, seq_len=256) / cost.flops_closed_form(
+        BERT, pj.Plan(strategy="single"), devices=1, seq_len=256
+    )
+    sent = cost.bytes_closed_form(BERT, plan, devices=4, seq_len=256)
+    assert got.compute == pytest.approx(2.0 * share / 0.5)  # the slowest node sets the pace
+    assert got.rounds == pytest.approx(12 * 3 * 0.005)  # depth x (N - 1) x latency
+    assert got.transfer == pytest.approx(3 * sent * 8 / 10e6)
+    assert got.overhead == pytest.approx(12 * 0.001)
+    assert got.total == pytest.approx(sum(got))
+    alone = latency.predict(BERT, pj.Plan(strategy="single"), devices=4, seq_len=256,
+                            link=link, profile=profile)  # fmt: skip
+    assert alone == (2.0, 0.0, 0.0, 0.0)  # on the fastest node, nothing sent
+
+
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [("10mbit", 10e6), ("50Mbit/s", 50e6), ("500kbit", 5e5), ("1gbit", 1e9), ("unlimited", None)],
+)
+def test_bandwidth_units(text, bits):
+    assert latency.parse_bandwidth(text) == (bits or float("inf"))
+
+
+@pytest.mark.parametrize("text", ["0", "0mbit", "-1mbit", "10parsecs", "fast", ""])
+def test_bad_bandwidth_is_refused(text):
+    with pytest.raises(pj.PrismError, match="bandwidth"):
+        latency.parse_bandwidth(text)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5ms", 0.005), ("200us", 2e-4), ("0", 0.0)])
+def test_latency_units(text, seconds):
+    assert latency.parse_latency(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["-1", "-1ms", "5", "5 hours", "ms"])
+def test_bad_latency_is_refused(text):
+    with pytest.raises(pj.PrismError, match="latency"):
+        latency.parse_latency(text)
+
+
+def test_choose_calibrates_fastest_first_and_skips_dominated():
+    """A synthetic loss that grows with CR and shrinks with the wire's bits: the choice is the
+    fastest candidate within budget, and a candidate dominated by one over budget is never
+    calibrated."""
+    link, profile = latency.Link.parse("10mbit", "1ms"), latency.Profile(1.0)
+    cands = planner.candidates(BERT, devices=4, seq_len=256, link=link, profile=profile)
+    assert [c.estimate.total for c in cands] == sorted(c.estimate.total for c in cands)
+    bits = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4}
+    asked = []
+
+    def loss(c):
+        asked.append(c)
+        return c.plan.cr / 64 * (1.5 if c.compressor == "paper" else 1) * (8 / bits[c.plan.wire])
+
+    out = planner.choose(cands, loss, budget=0.2)
+    chosen = [c for c in out if c.status == "chosen"]
+    assert len(chosen) == 1 and chosen[0].loss <= 0.2
+    within = [c for c in cands if c.compressor == "single" or loss(c) <= 0.2]
+    assert chosen[0].estimate.total == min(c.estimate.total for c in within)
+    failed = [c for c in out if c.status == "over budget"]
+    for c in out:
+        if c.status == "dominated":
+            assert c not in asked[: len(out)] and planner._dominated(c, failed)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+def test_fast_link_distributes_slow_link_stays_on_one_device(cache):
+    model = _lm()
+    kw = dict(devices=2, limit=2, seq_len=32, cache_dir=cache, profile=latency.Profile(1.0))
+    fast = planner.plan_for(model, bandwidth="unlimited", latency="0", max_ppl_rise=1.0, **kw)
+    assert fast.devices == 2 and fast.strategy == "prism" and isinstance(fast, pj.Plan)
+    slow = planner.plan_for(model, bandwidth="100bit", latency="20ms", max_ppl_rise=1.0, **kw)
+    assert slow.devices == 1 and slow.strategy == "single"
+    assert slow.chosen.loss == 0 and slow.calibrations == 0  # one device needs no calibration
+    # A tighter budget than the fast choice's loss: more bytes (a lower CR or a wider wire), or
+    # one device.
+    loss = fast.chosen.loss
+    assert loss > 0
+    tight = planner.plan_for(model, bandwidth="unlimited", latency="0", max_ppl_rise=loss / 2, **kw)
+    assert tight.strategy == "single" or (
+        tight.chosen.bytes_per_device > fast.chosen.bytes_per_device
+    )
+
+
+def test_calibrations_are_cached_by_model_and_data(cache):
+    model = _lm()
+    kw = dict(devices=2, bandwidth="unlimited", seq_len=32, cache_dir=cache,
+              profile=latency.Profile(1.0), max_ppl_rise=1.0)  # fmt: skip
+    first = planner.plan_for(model, limit=2, **kw)
+    assert first.calibrations >= 2  # the exact model and at least one plan
+    again = planner.plan_for(model, limit=2, **kw)
+    assert again.calibrations == 0 and again == first
+    assert [c.loss for c in again.candidates] == [c.loss for c in first.candidates]
+    other = dataclasses.replace(model, params=models.init(model.config, seed=1).params)
+    assert planner.plan_for(other, limit=2, **kw).calibrations >= 2  # a changed model
+    assert planner.plan_for(model, limit=3, **kw).calibrations >= 2  # changed data
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--bandwidth", "0"], "bandwidth '0'"),
+        (["--bandwidth", "10parsecs"], "bandwidth '10parsecs'"),
+        (["--bandwidth", "10mbit", "--latency", "-1"], "latency '-1'"),
+        (["--bandwidth", "10mbit", "--latency", "5 fortnights"], "latency"),
+        (["--bandwidth", "10mbit", "--max-loss", "200%"], "--max-loss"),
+        (["--bandwidth", "10mbit", "--node-speed", "1,0"], "--node-speed"),
+    ],
+)
+def test_bad_plan_flags_are_one_line(flags, message, capsys):
+    assert cli.main(["plan", "--model", "nowhere", "--devices", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_plan_on_the_command_line(hf_models, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PRISM_JAX_CACHE", str(tmp_path))
+    directory = str(hf_models("gpt2_lm")[1])
+    argv = ["plan", "--model", directory, "--devices", "2", "--bandwidth", "unlimited",
+            "--limit", "2", "--seq-len", "16", "--max-ppl-rise", "50%"]  # fmt: skip
+    assert cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "perplexity" and out["choice"]["status"] == "chosen"
+    assert {r["devices"] for r in out["candidates"]} == {1, 2}
+    assert (tmp_path / "calibration.json").exists()
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "choice:" in text and "one device" in text
