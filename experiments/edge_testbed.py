@@ -21,7 +21,8 @@ the plain bridge of `testbed_net.network`.
 Latency: wall time on node 0 of one compiled inference (outputs left on their devices), median
 of `--repeats`, all nodes released together by a barrier. Wire bytes: each node's `tx_bytes`
 counter (IP packets: the TUN device carries no Ethernet header) over the timed repeats.
-The latency model (`testbed_model.py`) is fitted on N = 2 and checked at N = 4 (and 8).
+The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
+collective cost fitted on N = 2 and predicts N = 4 (and 8).
 Writes experiments/results/edge_testbed_v2.{json,md,png}.
 """
 
@@ -96,17 +97,14 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list
     return [{**extra, **r} for r in rows], {**extra, **relay}
 
 
-def make_plan(spec: str, cfg):
-    """`single`, `voltage`, `paper:CR` (fixed segments, f32) or `best:CR:WIRE`
-    (`Plan.best(CR, cfg, wire=WIRE)`)."""
+def config_of(name: str):
+    """The ModelConfig of a model name (the SmolLM2 GGUF's is its preset's)."""
     import prism_jax as pj
 
-    kind, *rest = spec.split(":")
-    if kind in ("single", "voltage"):
-        return pj.Plan(strategy=kind)
-    if kind == "paper":
-        return pj.Plan(cr=int(rest[0]))
-    return pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
+    if name == "tiny":
+        return pj.BertConfig(vocab_size=64, width=32, depth=2, heads=2, mlp_width=64,
+                             act="gelu", ln_eps=1e-12, max_positions=64)  # fmt: skip
+    return pj.PRESETS[name]()
 
 
 def _model(name: str):
@@ -116,12 +114,7 @@ def _model(name: str):
         from prism_jax.data import sources
 
         return pj.load_pretrained(sources.smollm2_gguf())
-    if name == "tiny":
-        cfg = pj.BertConfig(vocab_size=64, width=32, depth=2, heads=2, mlp_width=64, act="gelu",
-                            ln_eps=1e-12, max_positions=64)  # fmt: skip
-    else:
-        cfg = pj.PRESETS[name]()
-    return pj.init(cfg, seed=0)  # the same weights on every node
+    return pj.init(config_of(name), seed=0)  # the same weights on every node
 
 
 def node_main(args) -> None:
@@ -150,7 +143,7 @@ def node_main(args) -> None:
     control, ack = Path(args.control), Path(args.ack)
     links, seq, rows = json.loads(args.links), 0, []
     for spec in args.plans.split(","):
-        plan = make_plan(spec, cfg)
+        plan = testbed_model.make_plan(spec, cfg)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
         else:
@@ -178,7 +171,6 @@ def node_main(args) -> None:
                 "wire_bytes_per_node": float(np.mean(wire)),
                 "closed_form_bytes_per_node": cost.bytes_closed_form(
                     cfg, plan, devices=n, seq_len=args.seq_len),
-                "layer_flops": cost.flops_closed_form(cfg, plan, devices=n, seq_len=args.seq_len),
                 "collectives": 0 if n == 1 else cfg.depth,  # one all-gather a layer (cost.lower)
             })  # fmt: skip
     if args.rank == 0:
@@ -288,7 +280,7 @@ def main(argv=None):
             got, relay = run_cluster(cfg, model, t, n)
             rows, relays = rows + got, relays + [relay]
             print(f"{model} N={n}: {time.monotonic() - start:.0f} s", flush=True)
-    preds = testbed_model.predictions(rows)
+    preds = testbed_model.predictions(rows, config_of)
     shared = not Path("/tmp/run34.done").exists()
     text = testbed_model.report(cfg, link, rows, relays, preds, shared=shared)
     print(text)

@@ -1,63 +1,67 @@
 """The edge testbed's latency model, its tables and its plot (`edge_testbed.py`).
 
-Model of one inference at N nodes on a link of `rate` and one-way `delay`:
-
-    compute(N)            one device's measured time under the node's quota x the plan's
-                          per-device share of the layers' FLOPs (`cost.flops_closed_form`)
-  + k x (N - 1) x delay   k all-gathers (one a layer), each a ring of N - 1 rounds
-  + (N - 1) x B x 8 / rate  B: the bytes one node contributes (`cost.bytes_closed_form`); a
-                          ring all-gather sends the N - 1 other blocks through every uplink
-  + k x overhead          the runtime's own cost per collective, fitted on N = 2 per plan
-
-Fitted on the N = 2 cells, it predicts every other N.
+The model is `prism_jax.latency.predict` (the planner's): compute (one device's time measured
+under the node's quota x the plan's per-device share of the layers' FLOPs) + depth x (N - 1)
+x the one-way delay (a ring all-gather a layer) + (N - 1) x the bytes a node sends x 8 / rate
++ depth x a collective's own cost. That cost is fitted per model and plan on the N = 2 cells
+(the mean residual per collective; it may come out negative where the model overestimates),
+and the rest of the cells are predicted with it.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 
-def predict(compute_s, *, nodes, collectives, bytes_per_node, rate_mbit, delay_ms, overhead_s):
-    """Seconds per inference (see the module's docstring); rate None: no limit."""
-    rounds = collectives * (nodes - 1) * delay_ms / 1000
-    transfer = (nodes - 1) * bytes_per_node * 8 / (rate_mbit * 1e6) if rate_mbit else 0.0
-    return compute_s + rounds + transfer + collectives * overhead_s
+def make_plan(spec: str, cfg):
+    """`single`, `voltage`, `paper:CR` (fixed segments, f32) or `best:CR:WIRE`
+    (`Plan.best(CR, cfg, wire=WIRE)`)."""
+    import prism_jax as pj
+
+    kind, *rest = spec.split(":")
+    if kind in ("single", "voltage"):
+        return pj.Plan(strategy=kind)
+    if kind == "paper":
+        return pj.Plan(cr=int(rest[0]))
+    return pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
 
 
 def _single(rows, model, nodes) -> dict:
     return next(r for r in rows if (r["model"], r["nodes"], r["plan"]) == (model, nodes, "single"))
 
 
-def _compute(rows, r) -> float:
-    single = _single(rows, r["model"], r["nodes"])
-    return single["latency_s"] * r["layer_flops"] / single["layer_flops"]
+def estimate(rows: list[dict], r: dict, cfg, overhead_s: float):
+    """`latency.predict` for row `r` (one device's time: the `single` row of r's cluster),
+    with no collective cost; returns (estimate, total with `overhead_s` a collective)."""
+    from prism_jax import latency
+
+    rate = r["rate_mbit"] * 1e6 if r["rate_mbit"] else math.inf
+    link = latency.Link(rate, r["delay_ms"] / 1000)
+    profile = latency.Profile(_single(rows, r["model"], r["nodes"])["latency_s"])
+    est = latency.predict(cfg, make_plan(r["plan"], cfg), devices=r["nodes"],
+                          seq_len=r["seq_len"], link=link, profile=profile)  # fmt: skip
+    return est, est.total + cfg.depth * overhead_s
 
 
-def predictions(rows: list[dict]) -> list[dict]:
-    """Per distributed row: the model's prediction, its overhead fitted on the N = 2 rows of
-    the same model and plan."""
-
-    def args(r):
-        keys = ("nodes", "collectives", "rate_mbit", "delay_ms")
-        return {k: r[k] for k in keys} | {"bytes_per_node": r["closed_form_bytes_per_node"]}
-
+def predictions(rows: list[dict], config_of) -> list[dict]:
+    """Per distributed row: the model's prediction, the collective cost fitted on the N = 2
+    rows of the same model and plan. `config_of(model name)`: its ModelConfig."""
     out = []
     for r in rows:
-        if r["strategy"] == "single":
-            continue
         fit = [v for v in rows if (v["model"], v["plan"], v["nodes"]) == (r["model"], r["plan"], 2)]
-        if not fit:
+        if r["strategy"] == "single" or not fit:
             continue
+        cfg = config_of(r["model"])
         overhead = statistics.mean(
-            (v["latency_s"] - predict(_compute(rows, v), **args(v), overhead_s=0.0))
-            / v["collectives"]
-            for v in fit
+            (v["latency_s"] - estimate(rows, v, cfg, 0.0)[1]) / cfg.depth for v in fit
         )
-        predicted = predict(_compute(rows, r), **args(r), overhead_s=overhead)
+        est, predicted = estimate(rows, r, cfg, overhead)
         out.append({"model": r["model"], "nodes": r["nodes"], "rate_mbit": r["rate_mbit"],
                     "delay_ms": r["delay_ms"], "plan": r["plan"], "overhead_s": overhead,
-                    "compute_s": _compute(rows, r), "predicted_s": predicted,
+                    "compute_s": est.compute, "rounds_s": est.rounds,
+                    "transfer_s": est.transfer, "predicted_s": predicted,
                     "measured_s": r["latency_s"], "fitted": r["nodes"] == 2,
                     "error": predicted / r["latency_s"] - 1})  # fmt: skip
     return out
@@ -153,15 +157,16 @@ def grid_markdown(rows: list[dict]) -> str:
 
 def prediction_markdown(preds: list[dict]) -> str:
     lines = [
-        "| model | N | Mbit/s | delay (ms) | plan | compute (s) | overhead/collective (ms) | "
-        "predicted (s) | measured (s) | error | within 15 % |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| model | N | Mbit/s | delay (ms) | plan | compute (s) | rounds (s) | transfer (s) | "
+        "overhead/collective (ms) | predicted (s) | measured (s) | error | within 15 % |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in preds:
         within = "fitted" if p["fitted"] else ("yes" if abs(p["error"]) <= 0.15 else "**no**")
         lines.append(
             f"| {p['model']} | {p['nodes']} | {p['rate_mbit']} | {p['delay_ms']:g} | "
-            f"{p['plan']} | {p['compute_s']:.3f} | {p['overhead_s'] * 1e3:.2f} | "
+            f"{p['plan']} | {p['compute_s']:.3f} | {p['rounds_s']:.3f} | {p['transfer_s']:.3f} | "
+            f"{p['overhead_s'] * 1e3:.2f} | "
             f"{p['predicted_s']:.3f} | {p['measured_s']:.3f} | {p['error']:+.1%} | {within} |"
         )
     return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ SUBNET = "10.213.0"  # node i is SUBNET.(i + 1); node 0 hosts the coordinator
 BRIDGE_NS = "prism-bridge"
 ROUTER_NS = "prism-router"
 CGROUP = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
-PERIOD_US = 100_000
+PERIOD_US = 10_000  # 10 ms: a throttled node waits at most this long, not 100 ms
 
 
 def usable() -> bool:
