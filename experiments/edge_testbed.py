@@ -93,8 +93,11 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list
                                      groups=groups)  # fmt: skip
     relay = json.loads(Path(files["stats"]).read_text())
     extra = {"model": model, "seq_len": seq_len, "nodes": nodes,
-             "quota_cores": quota / testbed_net.PERIOD_US}  # fmt: skip
-    return [{**extra, **r} for r in rows], {**extra, **relay}
+             "quota_cores": quota / testbed_net.PERIOD_US, "cfs_quota_us": quota,
+             "cfs_period_us": testbed_net.PERIOD_US}  # fmt: skip
+    single = next(r["latency_s"] for r in rows if r["strategy"] == "single")
+    rows = [{**extra, **r, "speedup": single / r["latency_s"]} for r in rows]
+    return rows, {**extra, **relay}
 
 
 def config_of(name: str):
