@@ -282,16 +282,22 @@ def main(argv=None):
             start = time.monotonic()
             got, relay = run_cluster(cfg, model, t, n)
             rows, relays = rows + got, relays + [relay]
+            relay["load_average_after"] = os.getloadavg()  # the machine's other work, if any
             print(f"{model} N={n}: {time.monotonic() - start:.0f} s", flush=True)
+            write(args, cfg, link, rows, relays)  # after every cluster: a cut run keeps its cells
+    print(write(args, cfg, link, rows, relays))
+
+
+def write(args, cfg: Config, link: dict, rows: list[dict], relays: list[dict]) -> str:
+    """edge_testbed_v2.{json,md,png} of the cells so far; returns the Markdown."""
     preds = testbed_model.predictions(rows, config_of)
-    shared = not Path("/tmp/run34.done").exists()
-    text = testbed_model.report(cfg, link, rows, relays, preds, shared=shared)
-    print(text)
+    text = testbed_model.report(cfg, link, rows, relays, preds)
     heading = "# Edge testbed v2: N nodes under a CPU quota, a link with rate and latency\n\n"
     record = {"config": dataclasses.asdict(cfg), "probe": link, "rows": rows,
-              "relays": relays, "predictions": preds, "machine_shared": shared}  # fmt: skip
+              "relays": relays, "predictions": preds}  # fmt: skip
     common.save(args, "edge_testbed_v2", record, heading + text,
                 lambda png: testbed_model.plot(rows, png))  # fmt: skip
+    return text
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and the rest of the cells are predicted with it.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -172,12 +173,13 @@ def prediction_markdown(preds: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(cfg, link, rows, relays, preds, *, shared: bool) -> str:
+def report(cfg, link, rows, relays, preds) -> str:
+    loads = ", ".join(f"{r['model']} N={r['nodes']}: {r['load_average_after'][0]:.1f}"
+                      for r in relays if "load_average_after" in r)  # fmt: skip
     note = (
-        "**The machine was shared** (another engineer's long job ran on the same 2 cores "
-        "during this grid): the quotas are caps, not guarantees.\n\n"
-        if shared
-        else ""
+        f"Load average (1 min) on the {os.cpu_count()} cores after each cluster: {loads} "
+        "(the nodes' own share is at most the cores; more is other work on the machine, "
+        "and the quotas are caps, not guarantees).\n\n"
     )
     wrong = [p for p in preds if not p["fitted"] and abs(p["error"]) > 0.15]
     tally = f"{len(wrong)} of {sum(not p['fitted'] for p in preds)} predicted cells off by > 15 %"
