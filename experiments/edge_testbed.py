@@ -255,6 +255,7 @@ def main(argv=None):
     parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: 10)")
     parser.add_argument("--delays", type=_delays, help="one-way ms,... (default: 0,1,5)")
     parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
+    parser.add_argument("--report", help="re-render the tables of an earlier run's JSON")
     common.add_out(parser)
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
     for flag, kind in [("--rank", int), ("--model", str), ("--seq-len", int), ("--plans", str),
@@ -265,6 +266,8 @@ def main(argv=None):
     if args.node:
         args.nodes = args.nodes[0]
         return node_main(args)
+    if args.report:
+        return rerender(args)
     if not usable():
         print("| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces "
               "and cgroups; skipped |")  # fmt: skip
@@ -288,16 +291,28 @@ def main(argv=None):
     print(write(args, cfg, link, rows, relays))
 
 
-def write(args, cfg: Config, link: dict, rows: list[dict], relays: list[dict]) -> str:
-    """edge_testbed_v2.{json,md,png} of the cells so far; returns the Markdown."""
+def write(args, cfg: Config | dict, link: dict, rows: list[dict], relays: list[dict],
+          earlier: dict | None = None) -> str:  # fmt: skip
+    """edge_testbed_v2.{json,md,png} of the cells so far (`earlier`: the provenance of the
+    run that measured them, when re-rendered); returns the Markdown."""
     preds = testbed_model.predictions(rows, config_of)
     text = testbed_model.report(cfg, link, rows, relays, preds)
     heading = "# Edge testbed v2: N nodes under a CPU quota, a link with rate and latency\n\n"
-    record = {"config": dataclasses.asdict(cfg), "probe": link, "rows": rows,
-              "relays": relays, "predictions": preds}  # fmt: skip
+    config = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    record = {"config": config, "probe": link, "rows": rows, "relays": relays,
+              "predictions": preds, **(earlier or {})}  # fmt: skip
     common.save(args, "edge_testbed_v2", record, heading + text,
                 lambda png: testbed_model.plot(rows, png))  # fmt: skip
     return text
+
+
+def rerender(args) -> None:
+    """The tables, model and plot again from an earlier run's JSON (`--report`): nothing is
+    measured; the measuring run's provenance is kept under "earlier_runs"."""
+    record = json.loads(Path(args.report).read_text())
+    earlier = {k: record[k] for k in ("provenance", "earlier_runs") if k in record}
+    print(write(args, record["config"], record["probe"], record["rows"], record["relays"],
+                earlier))  # fmt: skip
 
 
 if __name__ == "__main__":
