@@ -230,7 +230,7 @@ KINDS = [
     ("bench_speed", bench_speed),
     ("bench_train_attention", bench_train_attention),
     ("edge_testbed", edge_testbed),
-    ("edge_testbed_v2", edge_testbed_v2),
+    ("edge_testbed_v2.*", edge_testbed_v2),
     ("finefood_model", finefood_model),
     ("gpt2_cloze_all", gpt2_cloze_all),
     ("overlap_probe", overlap_probe),
