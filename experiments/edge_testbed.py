@@ -91,13 +91,21 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list
         net = testbed_net.relay_network(nodes, {**files, **first})
         rows = testbed_net.run_nodes(__file__, nodes, None, argv, cfg.timeout, net=net,
                                      groups=groups)  # fmt: skip
-    relay = json.loads(Path(files["stats"]).read_text())
+    relay = relay_stats(files)
     extra = {"model": model, "seq_len": seq_len, "nodes": nodes,
              "quota_cores": quota / testbed_net.PERIOD_US, "cfs_quota_us": quota,
              "cfs_period_us": testbed_net.PERIOD_US}  # fmt: skip
     single = next(r["latency_s"] for r in rows if r["strategy"] == "single")
     rows = [{**extra, **r, "speedup": single / r["latency_s"]} for r in rows]
     return rows, {**extra, **relay}
+
+
+def relay_stats(files: dict) -> dict:
+    """The relay's statistics of a finished cluster; its control files removed."""
+    stats = json.loads(Path(files["stats"]).read_text())
+    for path in files.values():
+        Path(path).unlink(missing_ok=True)
+    return stats
 
 
 def config_of(name: str):
@@ -198,7 +206,7 @@ def probe(cfg: Config) -> dict:
             got = testbed_probe.probe(names, f"{SUBNET}.2", count=cfg.probe_count,
                                       mbytes=mbytes if big else None)  # fmt: skip
             out["relay"].append({"rate_mbit": rate, "delay_ms": delay, **got})
-    out["relay_stats"] = json.loads(Path(files["stats"]).read_text())
+    out["relay_stats"] = relay_stats(files)
     return out
 
 
