@@ -1,29 +1,29 @@
-"""A bandwidth-limited edge network on one machine: latency and bytes on the wire.
+"""An edge network on one machine: N weak nodes, a slow link with latency, time per inference.
 
-Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 15 minutes)
-Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: a tiny model, 2 nodes,
-          one bandwidth; without root it says so and exits 0, as the test suite expects)
+Command:  sudo .venv/bin/python experiments/edge_testbed.py      (root; about 25 minutes)
+Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: the link probe, a tiny
+          model at N = 2 and 4, two delays; without root it says so and exits 0, as the test
+          suite expects)
 
-Each edge node is one OS process in its own Linux network namespace, joined to the others by a
-bridge and rate-limited on its uplink with `tc qdisc tbf` whose burst is about one millisecond
-of the line rate (`testbed_net`): a layer's message leaves at the set rate, not at the veth's
-line speed from a full bucket. Each node is pinned to its own core (`os.sched_setaffinity`), so
-N = 2 nodes on this 2-core machine are two honest devices and `single` (node 0's run) is one
-device on one core. The nodes form a `jax.distributed` cluster (gloo over TCP) and run `single`,
-`voltage` and `prism` (CR in {4, 16, 64}) for the bert-base (T = 256) and vit-base (T = 197)
-presets with N = 2, at 10, 50 and 100 Mbit/s and unlimited.
+Nodes: one OS process each, in its own Linux network namespace, with one CPU device, under a
+CPU quota of its own (`testbed_net.cpu_groups`, cgroup v1): the machine's cores shared out, at
+most a core a node (N = 2 on 2 cores: a core each, also pinned to it; N = 4: half a core;
+N = 8: a quarter). `single`, the one-device baseline, is node 0's run under the same quota,
+so the speed-up is that of N such devices over one of them.
 
-Latency: wall time on node 0 of one compiled inference (inputs placed, outputs left on their
-devices), median of `--repeats` after a warm-up, all nodes released together by a barrier.
-Wire bytes: each node's `tx_bytes` counter over the timed repeats, per inference, beside the
-bytes the program's collectives send (cost.collective_bytes).
+Link: every node's uplink is its TUN device into the delay relay (`testbed_relay.py`): tbf at
+the rate (burst about 1 ms of it), then the relay holds each packet for the one-way delay
+before handing it to the destination node. The link is changed while the cluster runs, so
+each program is compiled once and timed under every (rate, delay). `testbed_probe.py` checks
+the link first: TCP round trips of 16 bytes (2 x delay expected) and bulk throughput, against
+the plain bridge of `testbed_net.network`.
 
-A model of latency, checked against the N = 2 measurements and extended to N = 4 and 8 on
-separate cores: compute = (one device's measured time) x (the plan's per-device FLOPs / one
-device's, from the compiled programs) + the per-inference overhead of the collectives
-measured at N = 2 unlimited; transfer = (N - 1) x (bytes one node's collectives send) x 8 /
-rate (gloo's all-gather sends a node's block to each other node over its uplink).
-Writes experiments/results/edge_testbed.*.
+Latency: wall time on node 0 of one compiled inference (outputs left on their devices), median
+of `--repeats`, all nodes released together by a barrier. Wire bytes: each node's `tx_bytes`
+counter (IP packets: the TUN device carries no Ethernet header) over the timed repeats.
+The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
+collective cost fitted on N = 2 and predicts N = 4 (and 8).
+Writes experiments/results/edge_testbed_v2.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,61 +38,98 @@ import time
 from pathlib import Path
 
 import common
-from testbed_net import SUBNET, burst_bytes, run_nodes, usable
+import testbed_model
+import testbed_net
+import testbed_probe
+from testbed_net import SUBNET, usable
+from testbed_relay import set_link
+
+PLANS = {  # per model: what each cluster runs ("paper:CR", "best:CR:WIRE"; see `make_plan`)
+    "bert-base": ("single", "voltage", "paper:16", "best:16:int8", "best:64:int8"),
+    "smollm2-135m": ("single", "voltage", "paper:16", "best:4:int8", "best:16:int8",
+                     "best:4:int4", "best:16:int4"),
+    "tiny": ("single", "voltage", "paper:4", "best:4:int8"),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    models: tuple[tuple[str, int], ...] = (("bert-base", 256), ("vit-base-patch16-224", 197))
-    nodes: tuple[int, ...] = (2,)
-    rates_mbit: tuple[int | None, ...] = (10, 50, 100, None)  # None: unlimited
-    crs: tuple[int, ...] = (4, 16, 64)
-    predict_nodes: tuple[int, ...] = (2, 4, 8)
+    models: tuple[tuple[str, int], ...] = (("bert-base", 256), ("smollm2-135m", 512))
+    nodes: tuple[int, ...] = (2, 4)
+    rates_mbit: tuple[int | None, ...] = (10,)
+    delays_ms: tuple[float, ...] = (0, 1, 5)
+    voltage_nodes: tuple[int, ...] = (2,)  # voltage's megabytes at 10 Mbit/s: N = 2 only
     repeats: int = 3
-    timeout: float = 900
+    timeout: float = 1500
+    probe_delays_ms: tuple[float, ...] = (0, 1, 5, 20)
+    probe_count: int = 20
 
 
-SMOKE = Config(
-    models=(("tiny", 32),), nodes=(2,), rates_mbit=(50,), crs=(4,), repeats=1, timeout=180,
-    predict_nodes=(2,),
-)  # fmt: skip
+SMOKE = Config(models=(("tiny", 32),), nodes=(2, 4), rates_mbit=(50,), delays_ms=(0, 5),
+               repeats=1, timeout=300, probe_delays_ms=(0, 5), probe_count=5)  # fmt: skip
 
 
-def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int, rate: int | None) -> dict:
-    """One cluster: every plan for one (model, N, rate); node 0 writes the results."""
+def link_files(tag: str) -> dict:
+    return {
+        k: f"/tmp/prism-link-{os.getpid()}-{tag}.{k}" for k in ("control", "ack", "ready", "stats")
+    }
+
+
+def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list[dict], dict]:
+    """One cluster: every plan of `model` at N = `nodes` under every link; node 0's rows
+    and the relay's statistics."""
+    quota = testbed_net.quota_us(nodes, os.cpu_count())
+    files = link_files(f"{model}-{nodes}")
+    links = [(r, d) for r in cfg.rates_mbit for d in cfg.delays_ms]
+    plans = [p for p in PLANS[model] if p != "voltage" or nodes in cfg.voltage_nodes]
     argv = ["--nodes", str(nodes), "--model", model, "--seq-len", str(seq_len),
-            "--crs", ",".join(map(str, cfg.crs)), "--repeats", str(cfg.repeats),
-            "--timeout", str(cfg.timeout)]  # fmt: skip
-    rows = run_nodes(__file__, nodes, rate, argv, cfg.timeout)
-    burst = burst_bytes(rate) if rate else None
-    return [
-        {"model": model, "seq_len": seq_len, "nodes": nodes, "rate_mbit": rate,
-         "burst_bytes": burst, **r}
-        for r in rows
-    ]  # fmt: skip
+            "--plans", ",".join(plans), "--links", json.dumps(links),
+            "--repeats", str(cfg.repeats), "--timeout", str(cfg.timeout),
+            "--control", files["control"], "--ack", files["ack"]]  # fmt: skip
+    first = {"rate_mbit": links[0][0], "delay_ms": links[0][1]}
+    with testbed_net.cpu_groups(nodes, quota) as groups:
+        net = testbed_net.relay_network(nodes, {**files, **first})
+        rows = testbed_net.run_nodes(__file__, nodes, None, argv, cfg.timeout, net=net,
+                                     groups=groups)  # fmt: skip
+    relay = relay_stats(files)
+    extra = {"model": model, "seq_len": seq_len, "nodes": nodes,
+             "quota_cores": quota / testbed_net.PERIOD_US, "cfs_quota_us": quota,
+             "cfs_period_us": testbed_net.PERIOD_US}  # fmt: skip
+    single = next(r["latency_s"] for r in rows if r["strategy"] == "single")
+    rows = [{**extra, **r, "speedup": single / r["latency_s"]} for r in rows]
+    return rows, {**extra, **relay}
+
+
+def relay_stats(files: dict) -> dict:
+    """The relay's statistics of a finished cluster; its control files removed."""
+    stats = json.loads(Path(files["stats"]).read_text())
+    for path in files.values():
+        Path(path).unlink(missing_ok=True)
+    return stats
+
+
+def config_of(name: str):
+    """The ModelConfig of a model name (the SmolLM2 GGUF's is its preset's)."""
+    import prism_jax as pj
+
+    if name == "tiny":
+        return pj.BertConfig(vocab_size=64, width=32, depth=2, heads=2, mlp_width=64,
+                             act="gelu", ln_eps=1e-12, max_positions=64)  # fmt: skip
+    return pj.PRESETS[name]()
 
 
 def _model(name: str):
     import prism_jax as pj
 
-    if name == "tiny":
-        cfg = pj.BertConfig(
-            vocab_size=64,
-            width=32,
-            depth=2,
-            heads=2,
-            mlp_width=64,
-            act="gelu",
-            ln_eps=1e-12,
-            max_positions=64,
-        )
-    else:
-        cfg = pj.PRESETS[name]()
-    return pj.init(cfg, seed=0)  # the same weights on every node
+    if name == "smollm2-135m":  # real weights, as the issue asks
+        from prism_jax.data import sources
+
+        return pj.load_pretrained(sources.smollm2_gguf())
+    return pj.init(config_of(name), seed=0)  # the same weights on every node
 
 
 def node_main(args) -> None:
-    """One node: join, then time every plan; node 0 writes the rows."""
+    """One node: join, time `single` once, then every plan under every link."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -101,178 +138,76 @@ def node_main(args) -> None:
     from prism_jax import cluster, cost
     from prism_jax.partition import place, program, shard_inputs
 
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[args.rank % len(cores)]})  # one core per node
+    if args.nodes == 2:  # a core each: pinned as well as limited
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[args.rank % len(cores)]})
     cluster.watchdog(args.rank, args.timeout)
     cluster.initialize(
-        args.rank, args.nodes, f"{SUBNET}.1:29517", bind=f"{SUBNET}.1", timeout_s=120
+        args.rank, args.nodes, f"{SUBNET}.1:29517", bind=f"{SUBNET}.1", timeout_s=300
     )
     model = _model(args.model)
     cfg = model.config
-    if cfg.family == "vit":
-        s = cfg.image_size
-        batch = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, s, s))}
-    else:
-        batch = {
-            "input_ids": np.random.default_rng(0).integers(1, cfg.vocab_size, (1, args.seq_len))
-        }
-    inputs, valid = model.prepare(batch)
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (1, args.seq_len))
+    inputs, valid = model.prepare({"input_ids": ids})
     mesh = pj.edge_mesh(args.nodes)
-    plans = [pj.Plan(strategy="single"), pj.Plan(strategy="voltage")]
-    plans += [pj.Plan(cr=cr) for cr in args.crs]
     counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
-    rows = []
-    for plan in plans:
+    control, ack = Path(args.control), Path(args.ack)
+    links, seq, rows = json.loads(args.links), 0, []
+    for spec in args.plans.split(","):
+        plan = testbed_model.make_plan(spec, cfg)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
         else:
             fn = program(model.graphdef, cfg, plan, mesh)
             call_args = (place(model, mesh), *shard_inputs(inputs, valid, mesh))
         jax.block_until_ready(fn(*call_args))  # compile + warm-up
-        times = []
-        multihost_utils.sync_global_devices("before")
-        sent = int(counter.read_text())
-        for i in range(args.repeats):
-            multihost_utils.sync_global_devices(f"go{i}")
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*call_args))
-            times.append(time.perf_counter() - start)
-        sent = (int(counter.read_text()) - sent) / args.repeats
-        wire = multihost_utils.process_allgather(np.array([sent]))
-        lowered = cost.lower(cfg, plan, devices=args.nodes, seq_len=valid.shape[1])
-        rows.append(
-            {
-                "strategy": plan.strategy,
-                "cr": plan.cr,
-                "latency_s": float(np.median(times)),
+        for rate, delay in links[:1] if plan.strategy == "single" else links:
+            seq += 1
+            if args.rank == 0:
+                set_link(control, ack, seq, rate, delay)
+            multihost_utils.sync_global_devices(f"link{seq}")
+            sent, times = int(counter.read_text()), []
+            for i in range(args.repeats):
+                multihost_utils.sync_global_devices(f"go{seq}-{i}")
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*call_args))
+                times.append(time.perf_counter() - start)
+            sent = (int(counter.read_text()) - sent) / args.repeats
+            wire = multihost_utils.process_allgather(np.array([sent]))
+            n = 1 if plan.strategy == "single" else args.nodes
+            rows.append({
+                "plan": spec, "strategy": plan.strategy, "cr": plan.cr, "wire": plan.wire,
+                "rate_mbit": None if n == 1 else rate, "delay_ms": None if n == 1 else delay,
+                "latency_s": float(np.median(times)), "times_s": times,
                 "wire_bytes_per_node": float(np.mean(wire)),
-                "collective_bytes_per_node": cost.collective_bytes(lowered.as_text())[0],
-            }
-        )
+                "closed_form_bytes_per_node": cost.bytes_closed_form(
+                    cfg, plan, devices=n, seq_len=args.seq_len),
+                "collectives": 0 if n == 1 else cfg.depth,  # one all-gather a layer (cost.lower)
+            })  # fmt: skip
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(rows))
 
 
-def predictions(rows: list[dict], cfg: Config) -> list[dict]:
-    """The latency model of the docstring: fitted on the N = 2 runs without a limit (the
-    fastest rate when all are limited, its transfer time taken off), predicted for
-    every N of `cfg.predict_nodes`, plan and rate (beside the measurement where there is one)."""
-    import prism_jax as pj
-    from prism_jax import cost
-
-    out = []
-    fit = None if None in cfg.rates_mbit else max(cfg.rates_mbit)  # unlimited, else the fastest
-    for model, t in cfg.models:
-        mine = [r for r in rows if r["model"] == model and r["nodes"] == 2]
-        mine = [r for r in mine if r["rate_mbit"] == fit]
-        single = next(r["latency_s"] for r in mine if r["strategy"] == "single")
-        model_cfg = _model(model).config
-        for plan in [pj.Plan(strategy="voltage")] + [pj.Plan(cr=cr) for cr in cfg.crs]:
-            name = plan.strategy if plan.strategy != "prism" else f"prism CR={plan.cr}"
-            key = (plan.strategy, plan.cr)
-
-            def share(n, plan=plan, model_cfg=model_cfg, t=t):  # per-device FLOPs / one device's
-                return 1 - cost.measure(model_cfg, plan, devices=n, seq_len=t).compute_reduction
-
-            def transfer(n, rate, plan=plan, model_cfg=model_cfg, t=t):
-                sent = cost.bytes_closed_form(model_cfg, plan, devices=n, seq_len=t)
-                return (n - 1) * sent * 8 / (rate * 1e6) if rate else 0.0
-
-            at2 = next(r for r in mine if (r["strategy"], r["cr"]) == key)["latency_s"]
-            overhead = at2 - transfer(2, fit) - single * share(2)  # the collectives' own cost
-            for n in cfg.predict_nodes:
-                compute = single * share(n) + overhead
-                for rate in cfg.rates_mbit:
-                    measured = next(
-                        (r["latency_s"] for r in rows if (r["model"], r["nodes"], r["rate_mbit"])
-                         == (model, n, rate) and (r["strategy"], r["cr"]) == key), None,
-                    )  # fmt: skip
-                    predicted = compute + transfer(n, rate)
-                    out.append({"model": model, "nodes": n, "rate_mbit": rate, "plan": name,
-                                "predicted_s": predicted, "measured_s": measured,
-                                "single_s": single,
-                                "speedup_predicted": single / predicted})  # fmt: skip
+def probe(cfg: Config) -> dict:
+    """The link checked (N = 2): RTTs per delay over the relay and over the plain bridge, the
+    relay's throughput unlimited and at the fastest rate, with the relay's statistics."""
+    files = link_files("probe")
+    out = {"relay": [], "bridge": None}
+    with testbed_net.network(2, None) as names:
+        out["bridge"] = testbed_probe.probe(names, f"{SUBNET}.2", count=cfg.probe_count,
+                                            mbytes=None)  # fmt: skip
+    fastest = max(r or 0 for r in cfg.rates_mbit) or None
+    links = [(None, d) for d in cfg.probe_delays_ms] + [(fastest, 0), (fastest, 5)]
+    with testbed_net.relay_network(2, {**files, "rate_mbit": None, "delay_ms": 0}) as names:
+        for seq, (rate, delay) in enumerate(links, 1):
+            set_link(Path(files["control"]), Path(files["ack"]), seq, rate, delay)
+            mbytes = 30 if rate is None and delay == 0 else (rate or 100) * 0.25
+            big = delay == 0 or rate is not None
+            got = testbed_probe.probe(names, f"{SUBNET}.2", count=cfg.probe_count,
+                                      mbytes=mbytes if big else None)  # fmt: skip
+            out["relay"].append({"rate_mbit": rate, "delay_ms": delay, **got})
+    out["relay_stats"] = relay_stats(files)
     return out
-
-
-def prediction_markdown(preds: list[dict]) -> str:
-    lines = [
-        "| model | N | Mbit/s | plan | predicted (s) | measured (s) | speed-up over one device "
-        "(predicted) |",
-        "|---|---:|---:|---|---:|---:|---:|",
-    ]
-    for p in preds:
-        measured = f"{p['measured_s']:.3f}" if p["measured_s"] is not None else "-"
-        lines.append(
-            f"| {p['model']} | {p['nodes']} | {p['rate_mbit'] or 'unlimited'} | {p['plan']} | "
-            f"{p['predicted_s']:.3f} | {measured} | {p['speedup_predicted']:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| model | N | Mbit/s | plan | latency (s) | wire bytes/node | collective bytes/node "
-        "| wire / collective | latency vs voltage | speed-up over one device |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def beside(r, strategy):  # the row of `strategy` in r's cluster (model, N, rate)
-        cluster = (r["model"], r["nodes"], r["rate_mbit"])
-        return next(
-            v for v in rows
-            if (v["model"], v["nodes"], v["rate_mbit"]) == cluster and v["strategy"] == strategy
-        )  # fmt: skip
-
-    for r in rows:
-        voltage, single = beside(r, "voltage"), beside(r, "single")
-        plan = r["strategy"] if r["strategy"] != "prism" else f"prism CR={r['cr']}"
-        ratio = (
-            r["wire_bytes_per_node"] / r["collective_bytes_per_node"]
-            if r["collective_bytes_per_node"]
-            else float("nan")
-        )
-        lines.append(
-            f"| {r['model']} | {r['nodes']} | {r['rate_mbit'] or 'unlimited'} | {plan} "
-            f"| {r['latency_s']:.3f} | {r['wire_bytes_per_node']:,.0f} | "
-            f"{r['collective_bytes_per_node']:,} | {ratio:.2f} | "
-            f"{r['latency_s'] / voltage['latency_s']:.2f} | "
-            f"{single['latency_s'] / r['latency_s']:.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = sorted({(r["model"], r["nodes"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
-    for ax, (model, n) in zip(axes[0], groups, strict=True):
-        sel = [r for r in rows if (r["model"], r["nodes"]) == (model, n)]
-        rates = sorted({r["rate_mbit"] or 10**4 for r in sel})
-        for plan in sorted({(r["strategy"], r["cr"]) for r in sel}):
-            ys = [
-                next(
-                    r["latency_s"]
-                    for r in sel
-                    if (r["strategy"], r["cr"]) == plan and (r["rate_mbit"] or 10**4) == rate
-                )
-                for rate in rates
-            ]
-            label = plan[0] if plan[0] != "prism" else f"prism CR={plan[1]}"
-            ax.plot(rates, ys, "o-", label=label)
-        ax.set_xscale("log")
-        ax.set_xticks(rates, [str(r) if r < 10**4 else "unl." for r in rates])
-        ax.set_title(f"{model}, N={n}")
-        ax.set_xlabel("uplink (Mbit/s)")
-        ax.set_ylabel("latency per inference (s)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:
@@ -296,13 +231,23 @@ def _rates(text: str) -> tuple[int | None, ...]:
     return tuple(None if p == "unlimited" else _positive_ints(p)[0] for p in text.split(","))
 
 
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, comma-separated: {text!r}")
+    return values
+
+
 def _models(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for item in text.split(","):
         name, _, t = item.partition(":")
-        if name not in ("tiny", "bert-base", "vit-base-patch16-224") or not t.isdigit():
+        if name not in PLANS or not t.isdigit():
             raise argparse.ArgumentTypeError(
-                f"expected NAME:T with NAME tiny, bert-base or vit-base-patch16-224: {item!r}"
+                f"expected NAME:T with NAME one of {', '.join(PLANS)}: {item!r}"
             )
         out.append((name, int(t)))
     return tuple(out)
@@ -312,49 +257,70 @@ def main(argv=None):
     from prism_jax.cli.parser import Parser
 
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, one rate")
+    parser.add_argument("--smoke", action="store_true", help="the probe and a tiny model")
     parser.add_argument("--models", type=_models, help="NAME:T,... (default: every model)")
-    parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: all)")
-    parser.add_argument("--crs", type=_positive_ints, help="prism CRs, comma-separated")
+    parser.add_argument("--nodes", type=_positive_ints, help="N,... (default: 2,4)")
+    parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: 10)")
+    parser.add_argument("--delays", type=_delays, help="one-way ms,... (default: 0,1,5)")
     parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
+    parser.add_argument("--report", help="re-render the tables of an earlier run's JSON")
     common.add_out(parser)
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
-    for flag, kind in [("--rank", int), ("--nodes", int), ("--model", str), ("--seq-len", int),
-                       ("--timeout", float), ("--result", str)]:  # fmt: skip
+    for flag, kind in [("--rank", int), ("--model", str), ("--seq-len", int), ("--plans", str),
+                       ("--links", str), ("--timeout", float), ("--result", str),
+                       ("--control", str), ("--ack", str)]:  # fmt: skip
         parser.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.node:
+        args.nodes = args.nodes[0]
         return node_main(args)
+    if args.report:
+        return rerender(args)
     if not usable():
-        print(
-            "| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces; skipped |"
-        )
+        print("| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces "
+              "and cgroups; skipped |")  # fmt: skip
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
-    chosen = {"models": args.models, "rates_mbit": args.rates, "crs": args.crs,
-              "repeats": args.repeats}  # fmt: skip
+    chosen = {"models": args.models, "nodes": args.nodes, "rates_mbit": args.rates,
+              "delays_ms": args.delays, "repeats": args.repeats}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
-    from prism_jax.cli import emulate_devices
+    link = probe(cfg)
+    print(testbed_model.probe_markdown(link), flush=True)
+    rows, relays = [], []
+    for model, t in cfg.models:
+        for n in cfg.nodes:
+            start = time.monotonic()
+            got, relay = run_cluster(cfg, model, t, n)
+            rows, relays = rows + got, relays + [relay]
+            relay["load_average_after"] = os.getloadavg()  # the machine's other work, if any
+            print(f"{model} N={n}: {time.monotonic() - start:.0f} s", flush=True)
+            write(args, cfg, link, rows, relays)  # after every cluster: a cut run keeps its cells
+    print(write(args, cfg, link, rows, relays))
 
-    emulate_devices(max(cfg.predict_nodes))  # the model's FLOPs: programs for every N here
-    from tqdm.auto import tqdm
 
-    jobs = [(m, t, n, r) for m, t in cfg.models for n in cfg.nodes for r in cfg.rates_mbit]
-    rows = []
-    for model, t, n, rate in tqdm(jobs, desc="clusters"):
-        rows += run_cluster(cfg, model, t, n, rate)
-    preds = predictions(rows, cfg)
-    text = (
-        "Each node pinned to its own core; tbf burst about 1 ms of the line rate "
-        "(`burst_bytes` in the JSON rows).\n\n" + markdown(rows)
-        + "\n## Latency model (fitted at N = 2 without a limit; see the docstring)\n\n"
-        + prediction_markdown(preds)
-    )  # fmt: skip
-    print(text)
-    heading = "# Edge testbed: namespaces, tbf-limited uplinks, one process per node\n\n"
-    record = {"rows": rows, "predictions": preds}
-    common.save(args, "edge_testbed", record, heading + text, lambda png: plot(rows, png))
+def write(args, cfg: Config | dict, link: dict, rows: list[dict], relays: list[dict],
+          earlier: dict | None = None) -> str:  # fmt: skip
+    """edge_testbed_v2.{json,md,png} of the cells so far (`earlier`: the provenance of the
+    run that measured them, when re-rendered); returns the Markdown."""
+    preds = testbed_model.predictions(rows, config_of)
+    text = testbed_model.report(cfg, link, rows, relays, preds)
+    heading = "# Edge testbed v2: N nodes under a CPU quota, a link with rate and latency\n\n"
+    config = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    record = {"config": config, "probe": link, "rows": rows, "relays": relays,
+              "predictions": preds, **(earlier or {})}  # fmt: skip
+    common.save(args, "edge_testbed_v2", record, heading + text,
+                lambda png: testbed_model.plot(rows, png))  # fmt: skip
+    return text
+
+
+def rerender(args) -> None:
+    """The tables, model and plot again from an earlier run's JSON (`--report`): nothing is
+    measured; the measuring run's provenance is kept under "earlier_runs"."""
+    record = json.loads(Path(args.report).read_text())
+    earlier = {k: record[k] for k in ("provenance", "earlier_runs") if k in record}
+    print(write(args, record["config"], record["probe"], record["rows"], record["relays"],
+                earlier))  # fmt: skip
 
 
 if __name__ == "__main__":

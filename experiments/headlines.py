@@ -89,6 +89,14 @@ def edge_testbed(record) -> str:
     return "prism CR = 16 at 10 Mbit/s, N = 2, speed-up over one device: " + ", ".join(cells)
 
 
+def edge_testbed_v2(record) -> str:
+    rows = record["rows"]
+    best = max((r for r in rows if r["strategy"] != "single"), key=lambda r: r["speedup"])
+    return (f"fastest cell: {best['model']} N = {best['nodes']} {best['plan']} at "
+            f"{best['rate_mbit']} Mbit/s, {best['delay_ms']:g} ms: {best['speedup']:.2f}x "
+            "one device under the same CPU quota")  # fmt: skip
+
+
 def finefood_model(record) -> str:
     last = record["evals"][-1]
     return f"test accuracy {100 * last['test_accuracy']:.1f} % after {last['step']} steps"
@@ -222,6 +230,7 @@ KINDS = [
     ("bench_speed", bench_speed),
     ("bench_train_attention", bench_train_attention),
     ("edge_testbed", edge_testbed),
+    ("edge_testbed_v2.*", edge_testbed_v2),
     ("finefood_model", finefood_model),
     ("gpt2_cloze_all", gpt2_cloze_all),
     ("overlap_probe", overlap_probe),

@@ -43,7 +43,8 @@ SLOW = {
 }
 # Modules the scripts share, and the index of their results (index.py, headlines.py): not
 # experiments.
-HELPERS = {"common.py", "provenance.py", "testbed_net.py", "index.py", "headlines.py"}
+HELPERS = {"common.py", "provenance.py", "index.py", "headlines.py", "testbed_net.py",
+           "testbed_relay.py", "testbed_probe.py", "testbed_model.py"}  # fmt: skip
 SCRIPTS = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.py"))
@@ -265,8 +266,8 @@ def test_experiment_flags_refuse_numbers_out_of_range(argv, message, monkeypatch
 
 
 def test_edge_testbed_subset_flags(monkeypatch):
-    """`edge_testbed.py --models/--rates/--crs/--repeats` parse into its Config's fields;
-    anything else is a usage error."""
+    """`edge_testbed.py --models/--nodes/--rates/--delays/--repeats` parse into its Config's
+    fields; anything else is a usage error."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "experiments"))
     import argparse
 
@@ -274,6 +275,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
 
     assert edge_testbed._rates("10,unlimited,50") == (10, None, 50)
     assert edge_testbed._models("bert-base:256,tiny:32") == (("bert-base", 256), ("tiny", 32))
+    assert edge_testbed._models("smollm2-135m:512") == (("smollm2-135m", 512),)
+    assert edge_testbed._delays("0,1.5,20") == (0.0, 1.5, 20.0)
     assert edge_testbed._positive_ints("4,16") == (4, 16)
     assert edge_testbed._positive_int("3") == 3
     for parse, text in [
@@ -283,6 +286,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (edge_testbed._models, "bert-base"),
         (edge_testbed._positive_ints, "4,-1"),
         (edge_testbed._positive_int, "2,3"),
+        (edge_testbed._delays, "-1"),
+        (edge_testbed._delays, "5,slow"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
