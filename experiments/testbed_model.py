@@ -75,8 +75,8 @@ def predictions(rows: list[dict], config_of) -> list[dict]:
 
 
 def rounds(rows: list[dict]) -> list[dict]:
-    """Rounds per collective seen on the wire: the slope of latency against the delay, per
-    collective, beside the ring's N - 1."""
+    """One-way delays per collective seen on the wire: the slope of latency against the
+    delay, per collective, beside the model's 2 (N - 1) (a round trip a step)."""
     out = []
     keys = dict.fromkeys(
         (r["model"], r["nodes"], r["plan"], r["rate_mbit"])

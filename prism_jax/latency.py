@@ -7,12 +7,15 @@
   at speed 1) x the plan's per-device matmul FLOPs / one device's (`cost.flops_closed_form`),
   divided by the slowest node's speed (every layer waits for its collective, so the slowest
   node sets the pace; `single` runs on the fastest node);
-- rounds: depth x (N - 1) x the link's one-way latency (a ring all-gather takes N - 1 steps
-  per layer, one collective per layer);
+- rounds: depth x (N - 1) x a round trip (2 x the link's one-way latency): one collective
+  per layer, and each of an all-gather's N - 1 steps waits a round trip on gloo over TCP
+  (measured: latency rises by about 2 (N - 1) one-way delays a layer between 0 and 20 ms,
+  experiments/results/edge_testbed_v2.md; a one-way ring step would be half of it);
 - transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
   bandwidth (each node's uplink carries its block to every other node);
 - overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
-  N = 2 runs; 0 by default).
+  N = 2 runs: 18-33 ms a layer for the prism plans on the testbed, `COLLECTIVE_S` the
+  paper plan's; 0 by default in a `Profile`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from prism_jax.errors import PrismError
 from prism_jax.plan import Plan
 
 _BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+# A collective's own cost a layer, fitted on the testbed's N = 2 cells for the paper's plan
+# (bert-base 18.0 ms, SmolLM2 19.8 ms; experiments/results/edge_testbed_v2.json): what the
+# planner assumes when it is not told.
+COLLECTIVE_S = 0.02
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 
@@ -121,7 +128,7 @@ def predict(cfg, plan: Plan, *, devices: int, seq_len: int, link: Link, profile:
     if n == 1:
         return Estimate(compute, 0.0, 0.0, 0.0)
     sent = cost.bytes_closed_form(cfg, plan, devices=n, seq_len=seq_len, batch=batch)
-    rounds = cfg.depth * (n - 1) * link.latency
+    rounds = cfg.depth * (n - 1) * 2 * link.latency
     transfer = (n - 1) * sent * 8 / link.bandwidth
     return Estimate(compute, rounds, transfer, cfg.depth * profile.collective_s)
 

@@ -204,6 +204,7 @@ def plan_for(
     limit: int | None = None,
     seq_len: int | None = None,
     profile: latency_model.Profile | None = None,
+    collective_s: float = latency_model.COLLECTIVE_S,
     cache_dir=None,
     progress=None,
 ) -> Choice:
@@ -212,7 +213,9 @@ def plan_for(
     model's own kind of data, `DATASETS`) is within the budget: `max_loss` points of accuracy
     (0.01 = 1 point) or, for a language model, `max_ppl_rise` relative perplexity (0.10 =
     +10 %). `node_speed`: each node's speed relative to this host (default all 1); `profile`:
-    a `latency.Profile` instead of timing the model here. `progress`: a tqdm-like bar.
+    a `latency.Profile` instead of timing the model here; `collective_s`: a collective's own
+    cost a layer (default: the testbed's, `latency.COLLECTIVE_S`). `progress`: a tqdm-like
+    bar.
     Returns a `Choice`: a `Plan` that also says its `devices` and the `candidates` weighed.
     """
     from prism_jax.evaluation import tasks
@@ -233,7 +236,7 @@ def plan_for(
         speeds = tuple(node_speed) if node_speed else ()
         latency_model.Profile(1.0, node_speed=speeds).speeds(n)  # checked before the timing
         single = latency_model.profile_single(model, example_batch(cfg, t))
-        profile = latency_model.Profile(single, node_speed=speeds)
+        profile = latency_model.Profile(single, collective_s, speeds)
     calib = Calibration(model, task, dataset=dataset, limit=limit, cache_dir=cache_dir)
     budget = max_ppl_rise if task.metric == "perplexity" else max_loss
     cands = candidates(cfg, devices=n, seq_len=t, link=link, profile=profile)

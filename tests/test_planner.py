@@ -22,7 +22,7 @@ def test_latency_terms_are_the_stated_model():
     )
     sent = cost.bytes_closed_form(BERT, plan, devices=4, seq_len=256)
     assert got.compute == pytest.approx(2.0 * share / 0.5)  # the slowest node sets the pace
-    assert got.rounds == pytest.approx(12 * 3 * 0.005)  # depth x (N - 1) x latency
+    assert got.rounds == pytest.approx(12 * 3 * 2 * 0.005)  # depth x (N - 1) x round trip
     assert got.transfer == pytest.approx(3 * sent * 8 / 10e6)
     assert got.overhead == pytest.approx(12 * 0.001)
     assert got.total == pytest.approx(sum(got))
@@ -138,8 +138,10 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
 def test_plan_on_the_command_line(hf_models, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PRISM_JAX_CACHE", str(tmp_path))
     directory = str(hf_models("gpt2_lm")[1])
+    capsys.readouterr()  # what building the model printed
     argv = ["plan", "--model", directory, "--devices", "2", "--bandwidth", "unlimited",
-            "--limit", "2", "--seq-len", "16", "--max-ppl-rise", "50%"]  # fmt: skip
+            "--limit", "2", "--seq-len", "16", "--max-ppl-rise", "50%",
+            "--collective-ms", "0"]  # fmt: skip
     assert cli.main([*argv, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["metric"] == "perplexity" and out["choice"]["status"] == "chosen"
@@ -153,8 +155,9 @@ def test_plan_on_the_command_line(hf_models, monkeypatch, tmp_path, capsys):
 def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PRISM_JAX_CACHE", str(tmp_path))
     directory = str(hf_models("gpt2_lm")[1])
+    capsys.readouterr()  # what building the model printed
     base = ["--model", directory, "--devices", "2", "--plan", "auto", "--json"]
-    fast = ["--bandwidth", "unlimited", "--max-ppl-rise", "50%"]
+    fast = ["--bandwidth", "unlimited", "--max-ppl-rise", "50%", "--collective-ms", "0"]
     assert (
         cli.main(["generate", *base, *fast, "--prompt", "good tea", "--max-new-tokens", "2"]) == 0
     )
@@ -181,6 +184,7 @@ def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):
 )
 def test_bad_plan_auto_is_one_line(hf_models, flags, message, capsys):
     directory = str(hf_models("gpt2_lm")[1])
+    capsys.readouterr()  # what building the model printed
     assert cli.main(["infer", "--model", directory, "--text", "tea", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

@@ -69,8 +69,8 @@ def _row(nodes, plan, latency=0.0, *, delay=0.0):
 
 def test_latency_model_fits_overhead_on_two_and_predicts_four(testbed, monkeypatch):
     """The collective cost is fitted on N = 2 (the fitted cells then have no error) and the
-    N = 4 prediction is compute share x one device's time + depth x 3 delays + 3 x bytes /
-    rate + the fitted cost, from the closed forms."""
+    N = 4 prediction is compute share x one device's time + depth x 3 round trips + 3 x
+    bytes / rate + the fitted cost, from the closed forms."""
     _, _, model = testbed
     import edge_testbed
 
@@ -90,11 +90,12 @@ def test_latency_model_fits_overhead_on_two_and_predicts_four(testbed, monkeypat
     share = cost.flops_closed_form(cfg, plan, devices=4, seq_len=32)
     share /= cost.flops_closed_form(cfg, single, devices=1, seq_len=32)
     sent = cost.bytes_closed_form(cfg, plan, devices=4, seq_len=32)
-    want = 2.0 * share + cfg.depth * 3 * 0.005 + 3 * sent * 8 / 10e6 + cfg.depth * 0.002
+    want = 2.0 * share + cfg.depth * 3 * 2 * 0.005 + 3 * sent * 8 / 10e6 + cfg.depth * 0.002
     assert four["predicted_s"] == pytest.approx(want) and four["error"] == pytest.approx(want - 1)
     for r in rows:
         r["collectives"] = cfg.depth
-    assert model.rounds(rows[:3])[0]["rounds_per_collective"] == pytest.approx(1.0)
+    # one-way delays a collective at N = 2: a round trip
+    assert model.rounds(rows[:3])[0]["rounds_per_collective"] == pytest.approx(2.0)
 
 
 def test_relay_and_quota_smoke(testbed, tmp_path):

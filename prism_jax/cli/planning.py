@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from prism_jax import latency
-from prism_jax.cli.values import positive_int
+from prism_jax.cli.values import nonnegative_float, positive_int
 from prism_jax.errors import PrismError
 
 
@@ -65,6 +65,12 @@ def link_args(p, *, required: bool = True) -> None:
     )
     p.add_argument(
         "--node-speed", type=speeds, default=None, help="speed of each node against this host"
+    )
+    p.add_argument(
+        "--collective-ms",
+        type=nonnegative_float,
+        default=latency.COLLECTIVE_S * 1000,
+        help="a collective's own cost a layer, ms (default: gloo over TCP on the testbed)",
     )
     p.add_argument(
         "--max-loss", type=percent(1), default=0.01, help="accuracy points a classifier may lose"
@@ -157,6 +163,7 @@ def _plan_for(args, model):
             node_speed=args.node_speed,
             max_loss=args.max_loss,
             max_ppl_rise=args.max_ppl_rise,
+            collective_s=args.collective_ms / 1000,
             progress=bar,
             **data,
         )

@@ -74,7 +74,7 @@ def utf8_text(text: str) -> str:
 
 
 def nonnegative_float(text: str) -> float:
-    return _number(float, text, "a number >= 0", lambda v: v >= 0)
+    return _number(float, text, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
 
 
 FLOAT32_MAX = 3.4028234663852886e38
