@@ -35,6 +35,7 @@ SLOW = {
     "table_generation.py",
     "table_gpt2.py",
     "table_llama.py",
+    "table_planner.py",
     "table_sink.py",
     "table_vit.py",
     "table_wire.py",
@@ -66,6 +67,7 @@ RESULTS = {
     "table_sink.py",
     "table_vit.py",
     "table_wire.py",
+    "table_planner.py",
     "robust_finetune.py",
 }
 MODELS = {"train_gpt2.py", "train_vit.py"}

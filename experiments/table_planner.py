@@ -1,0 +1,162 @@
+"""The planner against the testbed: in every measured cell, the plan it picks, that plan's
+measured latency, the best measured plan within the same budget, and the paper's static CR = 16.
+
+Command:  .venv/bin/python experiments/table_planner.py          (minutes: the calibrations)
+Smoke:    .venv/bin/python experiments/table_planner.py --smoke  (2 layers, 2 short rows)
+
+Reads the testbed's record (`edge_testbed.py`, default results/edge_testbed_v2.json): per cell
+(model, N, Mbit/s, one-way delay) the plans it timed under the nodes' CPU quota, and the latency
+model's prediction of each (`prism_jax.latency.predict`, one device's time measured under the
+same quota, a collective's cost fitted on N = 2). Accuracy is calibrated here the way
+`pj.plan_for` does it (`planner.Calibration`: the perplexity's rise on held-out Wikipedia rows
+at the cell's T, cached). In each cell the planner weighs the measured plans alone, fastest
+predicted first (`planner.choose`), within `--budget`; it is scored on what was measured: its
+choice's latency against the fastest measured plan within budget, and against the paper's
+fixed CR = 16 (`paper:16`), within budget or not. Language models only (the testbed's BERT runs
+random weights: timing, no accuracy). Writes results/table_planner.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import common
+
+MODELS = {"smollm2-135m": "SmolLM2"}
+
+
+@dataclasses.dataclass
+class Config:
+    smoke: bool = common.setting(False, "2 layers, 2 rows of 32 tokens, one cell")
+    testbed: str = common.setting(
+        str(common.RESULTS / "edge_testbed_v2.json"), "the testbed's results (JSON)"
+    )
+    rows: int = common.setting(8, "calibration rows (held-out Wikipedia)")
+    budget: float = common.setting(0.10, "perplexity rise allowed (0.10 = +10 %)")
+    out: str | None = common.output(None, "results folder")
+
+
+def cells(record: dict) -> dict:
+    """(model, N, Mbit/s, delay) -> {plan spec: row, with the prediction}, for LM models."""
+    predicted = {(p["model"], p["nodes"], p["rate_mbit"], p["delay_ms"], p["plan"]): p
+                 for p in record["predictions"]}  # fmt: skip
+    out = {}
+    for r in record["rows"]:
+        if r["model"] not in MODELS or r["strategy"] in ("single", "voltage"):
+            continue
+        key = (r["model"], r["nodes"], r["rate_mbit"], r["delay_ms"])
+        single = next(s for s in record["rows"] if (s["model"], s["nodes"], s["strategy"])
+                      == (r["model"], r["nodes"], "single"))  # fmt: skip
+        out.setdefault(key, {"single": {**single, "predicted_s": single["latency_s"]}})
+        out[key][r["plan"]] = {**r, "predicted_s": predicted[(*key, r["plan"])]["predicted_s"]}
+    return out
+
+
+def decide(cell: dict, loss_of, budget: float, cfg) -> dict:
+    """The planner on one cell's measured plans; beside it the best measured within budget
+    and the paper's CR = 16."""
+    from testbed_model import make_plan
+
+    from prism_jax import latency, planner
+
+    cands = {}
+    for spec, r in cell.items():
+        n, kind = (1, "single") if spec == "single" else (r["nodes"], spec.split(":")[0])
+        est = latency.Estimate(r["predicted_s"], 0.0, 0.0, 0.0)  # the model's total
+        cands[spec] = planner.Candidate(n, make_plan(spec, cfg), kind, est, 0)
+    order = sorted(cands, key=lambda s: cands[s].estimate.total)
+    weighed = planner.choose([cands[s] for s in order], loss_of, budget)
+    choice = next(s for s, c in zip(order, weighed, strict=True) if c.status == "chosen")
+    losses = {s: 0.0 if s == "single" else loss_of(c) for s, c in cands.items()}
+    best = min((s for s in cell if losses[s] <= budget), key=lambda s: cell[s]["latency_s"])
+    paper = cell.get("paper:16", {})
+    return {"choice": choice, "choice_s": cell[choice]["latency_s"], "best": best,
+            "best_s": cell[best]["latency_s"], "single_s": cell["single"]["latency_s"],
+            "paper16_s": paper.get("latency_s"), "paper16_loss": losses.get("paper:16"),
+            "losses": losses, "measured_s": {s: r["latency_s"] for s, r in cell.items()},
+            "predicted_s": {s: r["predicted_s"] for s, r in cell.items()}}  # fmt: skip
+
+
+def main(argv=None):
+    args = common.parse(Config, __doc__, argv)
+    path = Path(args.testbed)
+    if not path.is_file():
+        print(f"table_planner.py: no testbed record at {path} (run edge_testbed.py)")
+        return 0
+    record = json.loads(path.read_text())
+    import prism_jax as pj
+    from prism_jax import planner
+    from prism_jax.data import sources
+    from prism_jax.evaluation import tasks
+
+    model = pj.load_pretrained(sources.smollm2_gguf())
+    if args.smoke:
+        model = common.first_layers(model, 2)
+    found = cells(record)
+    if args.smoke:
+        found = dict(list(found.items())[:1])
+    out = []
+    for (name, n, rate, delay), cell in found.items():
+        t = 32 if args.smoke else cell["single"]["seq_len"]
+        rows = 2 if args.smoke else args.rows
+        task = tasks.load(model, "wikipedia_leads", limit=rows, max_length=t)
+        cache = common.HERE.parent / "artifacts" / "calibration"
+        calib = planner.Calibration(model, task, dataset="wikipedia_leads", limit=rows,
+                                    cache_dir=cache)  # fmt: skip
+        got = decide(cell, calib.loss, args.budget, model.config)
+        out.append({"model": MODELS[name], "nodes": n, "rate_mbit": rate, "delay_ms": delay,
+                    "seq_len": t, **got})  # fmt: skip
+        print(out[-1], flush=True)
+    result = {"budget": args.budget, "testbed": str(path), "cells": out}
+    text = markdown(result)
+    print(text)
+    common.save(args, "table_planner", result, text, lambda png: plot(result, png))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"### The planner on the testbed's cells (perplexity budget +{result['budget']:.0%})",
+        "",
+        "| model | N | Mbit/s | delay (ms) | planner's choice | its latency (s) | best within "
+        "budget | its latency (s) | choice / best | paper CR = 16 (s, ppl) | cut against it |",
+        "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for c in result["cells"]:
+        p16 = c["paper16_s"]
+        paper = "-" if p16 is None else f"{p16:.2f}, {c['paper16_loss']:+.1%}"
+        cut = "-" if p16 is None else f"{1 - c['choice_s'] / p16:.0%}"
+        lines.append(
+            f"| {c['model']} | {c['nodes']} | {c['rate_mbit'] or 'unlimited'} | "
+            f"{c['delay_ms']:g} | {c['choice']} | {c['choice_s']:.2f} | {c['best']} | "
+            f"{c['best_s']:.2f} | {c['choice_s'] / c['best_s']:.2f} | {paper} | {cut} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> None:
+    """Per cell: the choice's measured latency against the best within budget's."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    best = [c["best_s"] for c in result["cells"]]
+    chosen = [c["choice_s"] for c in result["cells"]]
+    ax.scatter(best, chosen, label="planner's choice")
+    paper = [(c["best_s"], c["paper16_s"]) for c in result["cells"] if c["paper16_s"]]
+    if paper:
+        ax.scatter(*zip(*paper, strict=True), marker="x", label="paper CR = 16")
+    top = max(chosen + best + [p for _, p in paper]) * 1.1
+    ax.plot([0, top], [0, top], color="black", linestyle=":", label="= best")
+    ax.plot([0, top], [0, 1.1 * top], color="grey", linestyle="--", label="+10 %")
+    ax.set(xlabel="best measured within budget (s)", ylabel="measured latency (s)",
+           xlim=(0, top), ylim=(0, top), title="planner vs best, per testbed cell")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    common.run_script(main)
