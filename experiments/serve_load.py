@@ -65,12 +65,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, devices: int, cr: int, compressor: str):
-    """A `prism-jax serve` subprocess, ready; (process, base url, model name)."""
+def start(model: str, devices: int, cr: int, compressor: str, extra=()):
+    """A `prism-jax serve` subprocess, ready; (process, base url, model name). `extra`: more
+    flags of `serve`."""
     port = _free_port()
     argv = [sys.executable, "-m", "prism_jax.cli", "serve", "--model", model, "--port",
             str(port), "--devices", str(devices), "--cr", str(cr), "--compressor", compressor,
-            "--max-batch", "16"]  # fmt: skip
+            "--max-batch", "16", *extra]  # fmt: skip
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)

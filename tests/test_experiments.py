@@ -31,6 +31,7 @@ SLOW = {
     "profile_attention.py",
     "robust_finetune.py",
     "serve_load.py",
+    "serve_restart.py",
     "table_bert.py",
     "table_generation.py",
     "table_gpt2.py",
@@ -68,6 +69,7 @@ RESULTS = {
     "table_vit.py",
     "table_wire.py",
     "table_planner.py",
+    "serve_restart.py",
     "robust_finetune.py",
 }
 MODELS = {"train_gpt2.py", "train_vit.py"}
