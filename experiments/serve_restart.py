@@ -6,7 +6,7 @@ Smoke:    .venv/bin/python experiments/serve_restart.py --smoke  (the GPT-2 task
 For the model as given (the GGUF file) and converted once to a HF directory (`prism-jax
 convert`), a server is started twice on N devices with one `--compilation-cache` directory:
 first empty (cold), then holding what the first run compiled (warm). Per run: seconds from the
-process's start to `/health` answering (ready) and to the first greedy chat answer (16 new
+process's start to `/health` answering (ready) and to the first greedy completion (16 new
 tokens). Writes experiments/results/serve_restart.{json,md}.
 """
 
@@ -39,14 +39,13 @@ def first_answer(model: str, devices: int, cache: Path) -> dict:
     ready = time.perf_counter() - tic
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=600)
-        messages = [{"role": "user", "content": "What is the capital of France?"}]
-        got = client.chat.completions.create(model=name, messages=messages, max_tokens=16,
-                                             temperature=0)  # fmt: skip
+        got = client.completions.create(model=name, prompt="The capital of France is",
+                                        max_tokens=16, temperature=0)  # fmt: skip
         answered = time.perf_counter() - tic
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {"ready_s": ready, "first_answer_s": answered, "text": got.choices[0].message.content}
+    return {"ready_s": ready, "first_answer_s": answered, "text": got.choices[0].text}
 
 
 def main(argv=None):
@@ -70,7 +69,7 @@ def main(argv=None):
                 print(rows[-1], flush=True)
     lines = [
         f"`prism-jax serve` to its first answer ({Path(given).name}, N = {devices}, one "
-        "greedy chat request of 16 tokens)",
+        "greedy completion of 16 tokens)",
         "",
         "| model | compilation cache | ready (s) | first answer (s) |",
         "|---|---|---:|---:|",
