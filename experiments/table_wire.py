@@ -19,6 +19,7 @@ device, a line per wire).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import common
@@ -77,8 +78,23 @@ def tasks_of(args):
             print(f"BERT classifier: no model at {CLASSIFIER} (make finefood-model): skipped")
 
 
+def _bad_flag(args) -> str | None:
+    """The first comma-separated flag holding an item it does not take, said as an error."""
+    rules = (("--wires", args.wires, WIRES.__contains__),
+             ("--models", args.models, MODELS.__contains__),
+             ("--crs", args.crs, lambda x: x.isdigit() and int(x) >= 1))  # fmt: skip
+    for flag, given, ok in rules:
+        if not all(map(ok, given.split(","))):
+            return f"argument {flag}: {given!r}"
+    return None
+
+
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
+    bad = _bad_flag(args)
+    if bad:  # before anything loads
+        print(f"table_wire.py: error: {bad}", file=sys.stderr)
+        return 2
     crs = [16] if args.smoke else [int(c) for c in args.crs.split(",")]
     import prism_jax as pj
     from prism_jax import cost

@@ -14,7 +14,7 @@
 - transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
   bandwidth (each node's uplink carries its block to every other node);
 - overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
-  N = 2 runs: 18-33 ms a layer for the prism plans on the testbed, `COLLECTIVE_S` the
+  N = 2 runs: 11-27 ms a layer for the prism plans on the testbed, `COLLECTIVE_S` the
   paper plan's; 0 by default in a `Profile`).
 """
 
@@ -32,9 +32,9 @@ from prism_jax.plan import Plan
 
 _BITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 # A collective's own cost a layer, fitted on the testbed's N = 2 cells for the paper's plan
-# (bert-base 18.0 ms, SmolLM2 19.8 ms; experiments/results/edge_testbed_v2.json): what the
+# (bert-base 11.5 ms, SmolLM2 13.3 ms; experiments/results/edge_testbed_v2.json): what the
 # planner assumes when it is not told.
-COLLECTIVE_S = 0.02
+COLLECTIVE_S = 0.012
 _SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from prism_jax import cost
+from prism_jax import checks, cost
 from prism_jax import latency as latency_model
 from prism_jax.errors import PrismError
 from prism_jax.plan import WIRES, Plan
@@ -220,16 +220,16 @@ def plan_for(
     """
     from prism_jax.evaluation import tasks
 
-    n = _positive(devices, "devices")
+    n = checks.integer("devices", devices, 1)
     link = latency_model.Link.parse(bandwidth, latency)
     _fraction(max_loss, "max_loss", 1)
     _fraction(max_ppl_rise, "max_ppl_rise", 100)
     cfg = model.config
     k = kind(cfg)
     dataset = dataset or DATASETS[k]
-    limit = _positive(limit, "limit") if limit is not None else LIMITS[k]
+    limit = checks.integer("limit", limit, 1) if limit is not None else LIMITS[k]
     if seq_len is not None:
-        _positive(seq_len, "seq_len")
+        checks.integer("seq_len", seq_len, 1)
     task = tasks.load(model, dataset, limit=limit, max_length=seq_len or _default_length(cfg, k))
     t = task.seq_len
     if profile is None:
@@ -253,15 +253,6 @@ def _default_length(cfg, k: str) -> int | None:
 
 def _fields(plan: Plan) -> dict:
     return {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
-
-
-def _positive(value, name: str) -> int:
-    from prism_jax.checks import as_int
-
-    count = as_int(value)
-    if count is None or count < 1:
-        raise PrismError(f"{name} must be an integer >= 1, got {value!r}")
-    return count
 
 
 def _fraction(value, name: str, high: float) -> None:

@@ -322,6 +322,12 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["table_compress.py", "--models", "vit", "foo"], "argument --models: invalid choice"),
         (["table_generation.py", "--compressors", "paper,best"], "--compressors: expected"),
         (["table_generation.py", "--compressors", "paper,paper"], "--compressors: expected"),
+        (["table_sink.py", "--sinks", "0"], "--sinks '0': integers >= 1"),
+        (["table_sink.py", "--compressors", "paper;best"], "unknown compressors ['best']"),
+        (["table_sink.py", "--model", "bert"], "--model 'bert': smollm2 or gpt2"),
+        (["table_wire.py", "--wires", "f32,int2"], "argument --wires: 'f32,int2'"),
+        (["table_wire.py", "--models", "vit,resnet"], "argument --models: 'vit,resnet'"),
+        (["table_wire.py", "--crs", "4,0"], "argument --crs: '4,0'"),
     ],
 )
 def test_experiment_bad_flags_are_one_line_and_exit_2(argv, message):

@@ -127,6 +127,7 @@ def test_calibrations_are_cached_by_model_and_data(cache):
         (["--bandwidth", "10mbit", "--latency", "5 fortnights"], "latency"),
         (["--bandwidth", "10mbit", "--max-loss", "200%"], "--max-loss"),
         (["--bandwidth", "10mbit", "--node-speed", "1,0"], "--node-speed"),
+        (["--bandwidth", "10mbit", "--collective-ms", "-1"], "--collective-ms"),
     ],
 )
 def test_bad_plan_flags_are_one_line(flags, message, capsys):
