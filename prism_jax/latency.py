@@ -93,6 +93,15 @@ class Profile:
         if any(not s > 0 for s in self.node_speed):
             raise PrismError(f"node speeds must be > 0, got {self.node_speed}")
 
+    @classmethod
+    def from_measured(cls, measured: dict, *, latency: float = 0.0) -> Profile:
+        """The profile `measure_nodes` measured: node 0's time for the model, each node's
+        speed against node 0, and a collective's own cost: the measured all-gather round less
+        the 2 (N - 1) one-way delays that `predict` adds for the stated `latency`."""
+        nodes = len(measured["node_s"])
+        own = max(measured["round_s"] - 2 * (nodes - 1) * latency, 0.0)
+        return cls(measured["single_s"], own, tuple(measured["node_speed"]))
+
     def speeds(self, devices: int) -> tuple[float, ...]:
         """The speeds of the first `devices` nodes (the fastest first when some are chosen)."""
         if not self.node_speed:
@@ -146,3 +155,41 @@ def profile_single(model, batch: dict, *, repeats: int = 3) -> float:
         infer(model, batch, plan=plan)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def measure_nodes(model, batch: dict, *, repeats: int = 5, probe_bytes: int = 1 << 20) -> dict:
+    """What `plan --profile` measures across the nodes of a running `jax.distributed` cluster
+    (every node calls it; every node returns the same dict):
+
+    - `node_s`: each node's time for `batch` on its own device (`profile_single`), `single_s`
+      node 0's, and `node_speed` each node's speed against node 0;
+    - `round_s`: one all-gather of 4 bytes a node, the median of `repeats` after a warm-up
+      (the slowest node's): the link's round trips and the collective's own cost together;
+    - `bandwidth`: bits per second that an all-gather of `probe_bytes` a node adds over that,
+      (N - 1) x probe_bytes x 8 / the extra seconds (None when it adds none measurable).
+    """
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    def gathered(values) -> np.ndarray:  # (nodes, len(values))
+        return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.float32)))
+
+    def timed(x) -> float:
+        multihost_utils.process_allgather(x)  # compiles
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            multihost_utils.process_allgather(x)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    node_s = [float(t) for t in gathered([profile_single(model, batch)]).ravel()]
+    small = timed(np.zeros(1, np.float32))
+    big = timed(np.zeros(max(probe_bytes // 4, 1), np.float32))
+    small, big = (float(v) for v in gathered([small, big]).max(axis=0))
+    extra = big - small
+    nodes = len(node_s)
+    bandwidth = (nodes - 1) * probe_bytes * 8 / extra if extra > 0 else None
+    return {"single_s": node_s[0], "node_s": node_s,
+            "node_speed": [node_s[0] / t for t in node_s], "round_s": small,
+            "bandwidth": bandwidth}  # fmt: skip

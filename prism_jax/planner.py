@@ -230,7 +230,7 @@ def plan_for(
     limit = checks.integer("limit", limit, 1) if limit is not None else LIMITS[k]
     if seq_len is not None:
         checks.integer("seq_len", seq_len, 1)
-    task = tasks.load(model, dataset, limit=limit, max_length=seq_len or _default_length(cfg, k))
+    task = tasks.load(model, dataset, limit=limit, max_length=seq_len or default_length(cfg))
     t = task.seq_len
     if profile is None:
         speeds = tuple(node_speed) if node_speed else ()
@@ -246,9 +246,9 @@ def plan_for(
                   exact=calib.exact, calibrations=calib.runs, candidates=weighed)  # fmt: skip
 
 
-def _default_length(cfg, k: str) -> int | None:
-    """Text: 256 tokens, or the model's positions when fewer; images: the model's own."""
-    return None if k == "vit" else min(256, cfg.max_positions)
+def default_length(cfg) -> int | None:
+    """Text: 256 tokens, or the model's positions when fewer; images: None (the model's own)."""
+    return None if kind(cfg) == "vit" else min(256, cfg.max_positions)
 
 
 def _fields(plan: Plan) -> dict:

@@ -191,11 +191,127 @@ def test_bad_plan_auto_is_one_line(hf_models, flags, message, capsys):
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_plan_auto_is_refused_across_nodes(capsys):
-    argv = ["launch", "--nodes", "2", "--", "infer", "--model", "m", "--plan", "auto",
-            "--bandwidth", "10mbit", "--text", "tea"]  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["node", "--rank", "0", "--nodes", "2", "--coordinator", "127.0.0.1:1", "--", "infer",
+          "--model", "m", "--plan", "auto", "--bandwidth", "10mbit", "--text", "tea"],
+         "--plan auto plans once for every node: run it under `prism-jax launch`"),
+        (["launch", "--nodes", "2", "--", "infer", "--model", "m", "--plan", "auto", "--text",
+          "tea"], "--plan auto needs the link"),
+        (["launch", "--nodes", "2", "--", "plan", "--model", "m", "--bandwidth", "1mbit"],
+         "plan runs across nodes only to measure them: add --profile"),
+        (["plan", "--model", "m", "--devices", "2", "--bandwidth", "1mbit", "--profile"],
+         "--profile measures the nodes and the link between them: run `prism-jax launch"),
+        (["plan", "--model", "m", "--devices", "2"], "plan needs the link: --bandwidth"),
+        (["plan", "--model", "m", "--bandwidth", "1mbit"], "plan needs --devices N"),
+        (["launch", "--nodes", "2", "--", "plan", "--model", "m", "--profile", "--node-speed",
+          "1,2"], "--profile measures what --node-speed states; drop --node-speed"),
+    ],
+)  # fmt: skip
+def test_planning_across_nodes_refuses_in_one_line(argv, message, capsys):
+    """Checked before a model loads or a node starts."""
     assert cli.main(argv) == 2
-    assert "--plan auto runs on one machine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(("command", "preset"), [("infer", "bert-base"), ("eval", "gpt2"),
+                                                ("generate", "smollm2-135m")])  # fmt: skip
+def test_flags_name_every_candidate_plan(command, preset):
+    """What `launch --plan auto` passes to the nodes is the plan the planner chose."""
+    from prism_jax.cli.parser import build_parser, plan_of
+    from prism_jax.cli.planning import flags
+
+    cfg = pj.PRESETS[preset]()
+    link, profile = latency.Link.parse("10mbit"), latency.Profile(1.0)
+    source = {"infer": ["--text", "tea"], "eval": [], "generate": ["--prompt", "tea"]}[command]
+    plans = planner.candidates(cfg, devices=3, seq_len=64, link=link, profile=profile)
+    assert len(plans) > 40
+    for c in plans:
+        args = build_parser().parse_args([command, "--model", "m", *source,
+                                          *flags(c.plan, command)])  # fmt: skip
+        cr = args.cr[0] if command == "eval" else None
+        got = plan_of(args, cr, cfg)
+        if c.plan.strategy == "single" and command == "eval":
+            assert got == pj.Plan(cr=1)  # prism at CR 1 on one device: the exact model
+        else:
+            assert got == c.plan, (command, c.plan)
+
+
+def test_profile_from_measured_takes_the_stated_round_trips_out():
+    measured = {"single_s": 2.0, "node_s": [2.0, 4.0, 1.0], "node_speed": [1.0, 0.5, 2.0],
+                "round_s": 0.030, "bandwidth": 1e6}  # fmt: skip
+    got = latency.Profile.from_measured(measured, latency=0.005)
+    assert got == latency.Profile(2.0, collective_s=0.030 - 2 * 2 * 0.005,
+                                  node_speed=(1.0, 0.5, 2.0))  # fmt: skip
+    assert latency.Profile.from_measured(measured, latency=0.02).collective_s == 0.0
+
+
+def _launched(*command, **env):
+    from tests.test_cluster import _launch
+
+    done = _launch(2, 120, *command, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout), done.stderr
+
+
+def test_launch_plan_auto_starts_the_choice(hf_models, tmp_path):
+    """The launcher plans once; the nodes it starts run the choice, on its devices."""
+    directory = hf_models("gpt2_lm")[1]
+    common = ["--model", directory, "--plan", "auto", "--max-ppl-rise", "50%", "--json"]
+    out, err = _launched(
+        "infer",
+        *common,
+        "--text",
+        "good tea and more",
+        "--bandwidth",
+        "unlimited",
+        "--collective-ms",
+        "0",
+        PRISM_JAX_CACHE=str(tmp_path),
+    )
+    named = re.search(r"--plan auto: the nodes run infer (.*)", err).group(1).split()
+    assert out["devices"] == 2 and out["plan"]["strategy"] == "prism"
+    assert named[named.index("--cr") + 1] == str(out["plan"]["cr"])
+    assert named[named.index("--wire") + 1] == out["plan"]["wire"]
+    out, err = _launched(
+        "infer", *common, "--text", "tea", "--bandwidth", "100bit", PRISM_JAX_CACHE=str(tmp_path)
+    )
+    assert out["devices"] == 1 and out["plan"]["strategy"] == "single"
+    assert "--plan auto: the nodes run infer --strategy single" in err
+
+
+def test_plan_profile_measures_the_nodes(hf_models, tmp_path):
+    """`launch -- plan --profile`: each node's time and the link's all-gathers, measured, are
+    the profile the candidates are predicted with."""
+    directory = hf_models("gpt2_lm")[1]
+    out, _ = _launched(
+        "plan",
+        "--model",
+        directory,
+        "--profile",
+        "--limit",
+        "2",
+        "--seq-len",
+        "16",
+        "--max-ppl-rise",
+        "50%",
+        "--json",
+        PRISM_JAX_CACHE=str(tmp_path),
+    )
+    m = out["profile"]
+    assert len(m["node_s"]) == 2 and m["single_s"] == m["node_s"][0] > 0
+    assert m["node_speed"] == pytest.approx([m["node_s"][0] / t for t in m["node_s"]])
+    assert m["round_s"] > 0 and (m["bandwidth"] is None or m["bandwidth"] > 0)
+    depth = pj.load_pretrained(str(directory)).config.depth
+    for row in out["candidates"]:
+        terms = row["terms_s"]
+        if row["devices"] == 1:
+            assert terms["compute"] == pytest.approx(m["single_s"] / max(m["node_speed"]))
+        else:  # --latency 0: the measured round is the collective's own cost
+            assert terms["overhead"] == pytest.approx(depth * m["round_s"])
+            assert terms["rounds"] == 0
 
 
 @pytest.mark.parametrize(

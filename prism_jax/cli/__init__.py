@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_runtime()
     if command == "node":
         emulate_devices(1, exact=True)  # one device per process
+    elif command == "launch":
+        emulate_devices(args.nodes)  # what `--plan auto` calibrates on; nothing else runs here
     else:
-        emulate_devices(getattr(args, "devices", 1))
+        emulate_devices(getattr(args, "devices", None) or 1)
     from prism_jax.cli import commands, printing  # starts JAX: after the devices are set up
 
     try:

@@ -319,25 +319,40 @@ def _rest(args) -> list[str]:
     return args.rest[1:] if args.rest[:1] == ["--"] else args.rest
 
 
-ACROSS_NODES = ("infer", "cost", "eval", "generate", "serve")  # what `node` and `launch` run
+ACROSS_NODES = (
+    "infer",
+    "cost",
+    "eval",
+    "generate",
+    "serve",
+    "plan",
+)  # what `node` and `launch` run
 
 
-def _inner(args) -> argparse.Namespace:
-    """The command a node runs, with --devices set to the number of nodes."""
+def _inner(args, *, launcher: bool = False) -> argparse.Namespace:
+    """The command a node runs, with --devices set to the number of nodes (`launcher`: the
+    command as `launch` reads it, where `--plan auto` may plan once for every node)."""
     rest = _rest(args)
     name = rest[0] if rest else ""
     if name not in ACROSS_NODES:
         given = f"{name} does not run across nodes; " if name in RUNNERS else ""
         raise PrismError(
             f"{given}give the command to run after the options: "
-            "infer ..., cost ..., eval ... or generate ..., or serve ..."
+            "infer ..., cost ..., eval ..., generate ..., serve ... or plan --profile ..."
         )
     inner = build_parser().parse_args(rest)
-    if getattr(inner, "plan", None) == "auto":  # each node would calibrate on its own
-        raise PrismError(
-            "--plan auto runs on one machine: run `prism-jax plan` (or --plan auto on one "
-            "machine) and give the nodes its choice's flags"
-        )
+    if name == "plan" and not inner.profile:
+        raise PrismError("plan runs across nodes only to measure them: add --profile")
+    if name == "plan":
+        inner.devices = inner.devices or args.nodes
+        planning.check_flags(inner, nodes=args.nodes)
+    if getattr(inner, "plan", None) == "auto":
+        if not launcher:  # each node would calibrate on its own
+            raise PrismError(
+                "--plan auto plans once for every node: run it under `prism-jax launch`, or "
+                "run `prism-jax plan` and give the nodes its choice's flags"
+            )
+        planning.chosen(inner)  # the link given, no flag the planner sets
     if "--devices" in rest and inner.devices != args.nodes:
         raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
     inner.devices = args.nodes
@@ -365,11 +380,12 @@ def _run_node(args):
 
 
 def _run_launch(args):
-    _inner(args)  # check the command here, before starting any process
-    serving = _rest(args)[:1] == ["serve"]  # runs until stopped: no deadline for a result
-    return cluster.launch(
-        args.nodes, _rest(args), timeout_s=args.timeout, port=args.port, deadline=not serving
-    )
+    inner = _inner(args, launcher=True)  # check the command here, before starting any process
+    nodes, rest = args.nodes, _rest(args)
+    if getattr(inner, "plan", None) == "auto":
+        nodes, rest = planning.for_launch(inner, rest)
+    serving = rest[:1] == ["serve"]  # runs until stopped: no deadline for a result
+    return cluster.launch(nodes, rest, timeout_s=args.timeout, port=args.port, deadline=not serving)
 
 
 RUNNERS = {

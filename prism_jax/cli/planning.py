@@ -1,10 +1,21 @@
 """`prism-jax plan`: the planner (`prism_jax.planner`) on the command line. Its flags are
-checked at parse time (one line, exit code 2); the table of candidates is its output."""
+checked at parse time (one line, exit code 2); the table of candidates is its output.
+
+Across nodes (`prism-jax launch|node ... -- plan --profile`), every node times the model and
+the nodes time the link's all-gathers (`latency.measure_nodes`); node 0 then plans with that
+profile, calibrating on emulated devices in a child process (a node holds one device). And
+`launch ... --plan auto` plans once, in the launcher, and starts the choice's devices with its
+flags (`for_launch`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 from prism_jax import latency
 from prism_jax.cli.values import nonnegative_float, positive_int
@@ -69,8 +80,9 @@ def link_args(p, *, required: bool = True) -> None:
     p.add_argument(
         "--collective-ms",
         type=nonnegative_float,
-        default=latency.COLLECTIVE_S * 1000,
-        help="a collective's own cost a layer, ms (default: gloo over TCP on the testbed)",
+        default=None,
+        help="a collective's own cost a layer, ms (default: gloo over TCP on the testbed, "
+        f"{latency.COLLECTIVE_S * 1000:g})",
     )
     p.add_argument(
         "--max-loss", type=percent(1), default=0.01, help="accuracy points a classifier may lose"
@@ -90,8 +102,18 @@ def add_parser(sub) -> None:
         "and the choice.",
     )
     p.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
-    p.add_argument("--devices", type=positive_int, required=True, help="edge devices at most")
-    link_args(p)
+    p.add_argument(
+        "--devices", type=positive_int, default=None, help="edge devices at most (under "
+        "launch/node: the nodes)"
+    )  # fmt: skip
+    link_args(p, required=False)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="under launch/node: measure each node's speed and the link's all-gathers (and "
+        "its bandwidth, without --bandwidth) instead of timing this host",
+    )
+    p.add_argument("--measured", default=None, help=argparse.SUPPRESS)  # node 0's child
     p.add_argument("--dataset", default=None, help="calibration data (default: the model's)")
     p.add_argument("--limit", type=positive_int, default=None, help="calibration examples")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens (default 256)")
@@ -139,21 +161,51 @@ def auto(args, model) -> None:
           file=sys.stderr)  # fmt: skip
 
 
-def run(args) -> dict:
+def run(args) -> dict | int:
+    import jax
+
     import prism_jax as pj
 
+    check_flags(args, nodes=jax.process_count())
     model = pj.load_pretrained(args.model)
-    return summary(_plan_for(args, model), args.model)
+    if args.profile:
+        return _profiled(args, model)
+    measured = json.loads(args.measured) if args.measured else None
+    result = summary(_plan_for(args, model, measured), args.model)
+    return result | ({"profile": measured} if measured else {})
 
 
-def _plan_for(args, model):
+def check_flags(args, *, nodes: int) -> None:
+    """What `plan` needs given, checked before a model loads (or, under launch, a node starts)."""
+    if args.devices is None:
+        raise PrismError("plan needs --devices N (the edge devices it may use)")
+    if args.profile and nodes == 1:
+        raise PrismError(
+            "--profile measures the nodes and the link between them: run `prism-jax launch "
+            "--nodes N -- plan --profile ...` (or `prism-jax node ... -- plan --profile ...`)"
+        )
+    if args.profile and (args.node_speed or args.collective_ms is not None):
+        given = "--node-speed" if args.node_speed else "--collective-ms"
+        raise PrismError(f"--profile measures what {given} states; drop {given}")
+    if args.bandwidth is None and not args.profile:
+        raise PrismError("plan needs the link: --bandwidth (or --profile under launch to measure)")
+
+
+def _plan_for(args, model, measured: dict | None = None):
     """`planner.plan_for` with the command line's link, budget and (`plan`) data flags, and a
-    progress bar while it calibrates."""
+    progress bar while it calibrates; `measured`: a profile measured across nodes
+    (`latency.measure_nodes`) instead of timing this host."""
     from tqdm import tqdm
 
     from prism_jax import planner
 
     data = {k: getattr(args, k) for k in ("dataset", "limit", "seq_len") if hasattr(args, k)}
+    collective_ms = (
+        latency.COLLECTIVE_S * 1000 if args.collective_ms is None else args.collective_ms
+    )
+    profile = None
+    if measured is not None:
+        profile = latency.Profile.from_measured(measured, latency=args.latency)
     with tqdm(desc="calibrating", unit="plan", disable=args.json, leave=False) as bar:
         return planner.plan_for(
             model,
@@ -163,10 +215,107 @@ def _plan_for(args, model):
             node_speed=args.node_speed,
             max_loss=args.max_loss,
             max_ppl_rise=args.max_ppl_rise,
-            collective_s=args.collective_ms / 1000,
+            collective_s=collective_ms / 1000,
+            profile=profile,
             progress=bar,
             **data,
         )
+
+
+def _profiled(args, model) -> dict | int:
+    """`plan --profile` on a node: measure with the others, then node 0 plans with what was
+    measured (in a child process with `--devices` emulated devices to calibrate on) while the
+    others wait for it; they return 0 (node 0 prints the result)."""
+    import jax
+
+    from prism_jax import planner
+
+    cfg = model.config
+    seq_len = args.seq_len or planner.default_length(cfg) or 0
+    measured = latency.measure_nodes(model, planner.example_batch(cfg, seq_len))
+    if args.bandwidth is None:
+        args.bandwidth = measured["bandwidth"] or float("inf")
+    done = "prism_jax/plan/done"
+    if jax.process_index() != 0:
+        _client().blocking_key_value_get(done, 2**31 - 1)  # node 0's watchdog bounds it
+        return 0
+    try:
+        return _plan_in_child(args, measured)
+    finally:
+        _client().key_value_set(done, "1")
+
+
+def _client():
+    from jax._src import distributed  # the running jax.distributed cluster's client
+
+    return distributed.global_state.client
+
+
+def _plan_in_child(args, measured: dict) -> dict:
+    from prism_jax.cli import emulate_devices
+
+    argv = [sys.executable, "-m", "prism_jax.cli", "plan", "--model", args.model,
+            "--devices", str(args.devices), "--bandwidth", _rate(args.bandwidth),
+            "--latency", f"{args.latency!r}s", "--max-loss", repr(args.max_loss),
+            "--max-ppl-rise", repr(args.max_ppl_rise), "--json",
+            "--measured", json.dumps(measured)]  # fmt: skip
+    for flag in ("dataset", "limit", "seq_len"):
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    saved = dict(os.environ)
+    try:
+        emulate_devices(args.devices, exact=True)  # for the child, which starts JAX anew
+        env = dict(os.environ)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise PrismError(f"the planner on node 0 failed (exit code {done.returncode})")
+    return json.loads(done.stdout)
+
+
+def _rate(bits: float) -> str:
+    return "unlimited" if bits == float("inf") else repr(float(bits))
+
+
+def flags(plan, command: str) -> list[str]:
+    """The command-line flags that name `plan` for `command` (what the nodes run after
+    `launch ... --plan auto`); eval has no --strategy: one device is CR = 1 there, the exact
+    model."""
+    if plan.strategy == "single":
+        return ["--cr", "1"] if command == "eval" else ["--strategy", "single"]
+    named = {"cr": plan.cr, "logit-bias": plan.logit_bias, "exchange": plan.exchange,
+             "grouping": plan.grouping, "kmeans-iters": plan.kmeans_iters,
+             "salient": plan.salient, "sink": plan.sink, "wire": plan.wire}  # fmt: skip
+    named = [token for k, v in named.items() for token in ("--" + k, str(v))]
+    return named + (["--value-tilt"] if plan.value_tilt else [])
+
+
+def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
+    """`launch ... --plan auto`: the planner runs here, once (the launcher emulates the
+    devices it calibrates on); returns how many nodes to start and the command they run: the
+    choice's flags in place of `--plan auto` and `--devices`."""
+    import prism_jax as pj
+
+    model = pj.load_pretrained(inner.model)
+    auto(inner, model)
+    named = flags(inner.choice, inner.command)
+    print(f"--plan auto: the nodes run {inner.command} {' '.join(named)}", file=sys.stderr)
+    return inner.choice.devices, _without(rest, ("--plan", "--devices")) + named
+
+
+def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`argv` without the options `names` and their values (`--name v` or `--name=v`)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in names:
+            skip = True
+        elif not token.startswith(tuple(n + "=" for n in names)):
+            out.append(token)
+    return out
 
 
 def summary(choice, model: str) -> dict:
@@ -191,6 +340,12 @@ def summary(choice, model: str) -> dict:
 
 
 def show(r: dict) -> None:
+    if r.get("profile"):
+        m = r["profile"]
+        rate = "unmeasurable" if m["bandwidth"] is None else f"{m['bandwidth'] / 1e6:,.1f} Mbit/s"
+        speeds = ", ".join(f"{v:.2f}" for v in m["node_speed"])
+        print(f"measured on {len(m['node_s'])} nodes: speed against node 0 {speeds}; an "
+              f"all-gather round {m['round_s'] * 1000:.2f} ms; bandwidth {rate}")  # fmt: skip
     print(f"{r['model']}: {r['metric']} exact {r['exact']:.4g}; candidates, fastest first")
     print(f"{'N':>2} {'plan':<34} {'predicted':>10} {'speed-up':>8} {'bytes/dev':>11} "
           f"{'loss':>8}  status")  # fmt: skip
