@@ -46,6 +46,9 @@ COMPRESSORS = (
     "sink + prism+",
     "sink + tail + tilt, int4",
     "sink + prism+, int4",
+    "sink + tail + tilt, int4h",
+    "sink + tail, int4h",
+    "sink + balanced, int4h",
 )
 
 
@@ -71,7 +74,7 @@ def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
         return pj.Plan(cr=cr)
     if name == "prism+":
         return pj.Plan.best(cr)
-    kw = dict(grouping="balanced" if name == "sink + balanced" else "tail", sink=sink)
+    kw = dict(grouping="balanced" if name.startswith("sink + balanced") else "tail", sink=sink)
     if "prism+" in name:
         kw = dict(grouping="kmeans", salient=1, value_tilt=True, sink=sink)
     if "tilt" in name:

@@ -68,14 +68,14 @@ WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int4: `group_bytes`
 
 def group_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """Bytes one group sends under prism (DESIGN.md sections 1d and 3): its W means at the
-    wire's width (int4: ceil(W / 2) bytes), with the integer wires a float32 scale per vector
+    wire's width (int4, int4h: ceil(W / 2) bytes), with the integer wires a float32 scale per vector
     (one for hidden, 2*H_kv for kv), its count (int32) and its tilt statistics (float32 each,
     `tilt_stats`)."""
     w = exchange_width(cfg, plan)
     words = 1 + tilt_stats(cfg, plan)  # 4-byte words: the count, the tilt's statistics
-    if plan.wire in ("int8", "int4"):
+    if plan.wire in ("int8", "int4", "int4h"):
         words += 1 if plan.for_model(cfg).exchange == "hidden" else 2 * cfg.kv_heads
-    if plan.wire == "int4":
+    if plan.wire in ("int4", "int4h"):
         return -(-w // 2) + 4 * words
     return w * WIRE_BYTES[plan.wire] + 4 * words
 

@@ -7,7 +7,8 @@ The one place that decides what a device sends, as one pipeline per layer (`shar
 2. payload: each group becomes a row of means, its count and extra statistics
    (`compress.group_means`);
 3. wire: the rows are encoded for the wire (`encode`: float32, bfloat16, int8 or packed int4
-   with a scale per vector, DESIGN.md 1d; counts and statistics as exact 4-byte words beside them),
+   with a scale per vector, DESIGN.md 1d, int4h after a Hadamard rotation; counts and statistics
+   as exact 4-byte words beside them),
    gathered over the mesh axis (the layer's only collective) and decoded;
 4. remote rows: the other N-1 devices' rows, with the mask, logit bias and tilt statistics
    that go with them.
@@ -21,6 +22,7 @@ values) and get the remote rows back; off the mesh nothing is exchanged. Static 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -107,14 +109,40 @@ def segment_means(a: jax.Array, valid: jax.Array, cr: int) -> tuple[jax.Array, j
 
 # --- the wire ------------------------------------------------------------------------------
 
-WIRE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8, "int4": jnp.int8}
+WIRE_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "int8": jnp.int8, "int4": jnp.int8,
+               "int4h": jnp.int8}  # fmt: skip
 # The integer wires' largest code: symmetric, q in [-LEVELS, LEVELS].
-LEVELS = {"int8": 127, "int4": 7}
+LEVELS = {"int8": 127, "int4": 7, "int4h": 7}
+PACKED = ("int4", "int4h")  # two codes a byte
+ROTATED = ("int4h",)  # each vector turned by `rotate` before it is quantized
 
 
 def wire_width(width: int, wire: str) -> int:
     """How many elements of the wire's dtype carry `width` means: int4 packs two a byte."""
-    return -(-width // 2) if wire == "int4" else width
+    return -(-width // 2) if wire in PACKED else width
+
+
+def rotate(x: jax.Array, vectors: int) -> jax.Array:
+    """The int4h wire's turn of each of the `vectors` equal vectors of `x` `[..., W]`: in
+    blocks of b, the largest power of two that divides a vector's length, y = x H_b / sqrt(b)
+    with H_b the Sylvester Hadamard matrix (H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]]), by
+    log2(b) butterflies, in float32. H_b / sqrt(b) is orthonormal and symmetric, so `rotate` is
+    its own inverse: the sender turns, the receiver turns back what it dequantized. It spreads
+    a vector's outlier channels over the block, so one scale per vector fits every code (the
+    QuaRot observation; measured on SmolLM2's keys and values, EXPERIMENTS in the README)."""
+    w = x.shape[-1] // vectors
+    b = w & -w
+    if b == 1:
+        return x.astype(jnp.float32)
+    y = x.astype(jnp.float32)
+    shape = y.shape
+    h = 1
+    while h < b:  # pairs (i, i + h) inside each run of 2h: (a + c, a - c)
+        runs = y.reshape(*shape[:-1], -1, 2, h)
+        a, c = runs[..., 0, :], runs[..., 1, :]
+        y = jnp.stack([a + c, a - c], axis=-2).reshape(shape)
+        h *= 2
+    return y * jnp.float32(1 / math.sqrt(b))
 
 
 def quantize(x: jax.Array, vectors: int, levels: int = 127) -> tuple[jax.Array, jax.Array]:
@@ -180,8 +208,9 @@ def encode(means, counts, stats=None, *, wire: str = "f32", vectors: int = 1) ->
     if stats is not None:
         words.append(lax.bitcast_convert_type(stats.astype(jnp.float32), jnp.int32))
     if wire in LEVELS:
+        means = rotate(means, vectors) if wire in ROTATED else means
         means, scales = quantize(means, vectors, LEVELS[wire])
-        means = pack4(means) if wire == "int4" else means
+        means = pack4(means) if wire in PACKED else means
         words.insert(0, lax.bitcast_convert_type(scales, jnp.int32))
     parts = [means.astype(dtype), _as_words(jnp.concatenate(words, axis=-1), dtype)]
     return jnp.concatenate(parts, axis=-1)
@@ -194,9 +223,10 @@ def decode(rows: jax.Array, width: int, *, wire: str = "f32", vectors: int = 1):
     words = _from_words(rows[..., carried:], jnp.int32)
     means = rows[..., :carried]
     if wire in LEVELS:
-        means = unpack4(means, width) if wire == "int4" else means
+        means = unpack4(means, width) if wire in PACKED else means
         scales = lax.bitcast_convert_type(words[..., :vectors], jnp.float32)
         means, words = dequantize(means, scales), words[..., vectors:]
+        means = rotate(means, vectors) if wire in ROTATED else means
     stats = lax.bitcast_convert_type(words[..., 1:], jnp.float32) if words.shape[-1] > 1 else None
     return means.astype(jnp.float32), words[..., 0], stats
 

@@ -18,7 +18,7 @@ EXCHANGES = ("auto", "hidden", "kv")
 # equal-size runs of valid tokens, or k-means in key space started from those.
 GROUPINGS = ("segments", "balanced", "kmeans", "tail")
 # What the means travel as (DESIGN.md section 1d), whatever the model computes in.
-WIRES = ("f32", "bf16", "int8", "int4")
+WIRES = ("f32", "bf16", "int8", "int4", "int4h")
 
 
 # The fields that say how a device compresses what it sends (prism only).
@@ -55,8 +55,9 @@ class Plan:
         holds them (at most V - 1 of them: DESIGN.md section 1c). Not with `segments`.
       wire: what the means travel as, whatever the model computes in (DESIGN.md section 1d):
         `f32`, `bf16`, `int8` (symmetric, a float32 scale per vector: per KV head and K or
-        V with the kv exchange, the whole vector for hidden), or `int4` (the same rule with
-        codes in [-7, 7], packed two a byte). Counts and the tilt's
+        V with the kv exchange, the whole vector for hidden), `int4` (the same rule with
+        codes in [-7, 7], packed two a byte), or `int4h` (int4 after a Hadamard rotation of
+        each vector, `exchange.rotate`; the receiver turns it back). Counts and the tilt's
         statistics travel exact (4-byte words) on every wire.
     """
 

@@ -2,7 +2,8 @@
 link, the nodes and the user's data.
 
 Candidates: one device alone; on N' = 2..N devices, every CR of `CRS` up to a device's tokens,
-the paper's segments (float32) and the model's best compressor (`Plan.best`) on every wire.
+the paper's segments (float32) and the model's best compressor (`Plan.best`) on every wire of
+`WIRES`.
 Each is predicted by `latency.predict`. Then, fastest first, candidates are calibrated (the
 task metric on the user's data against the exact model) until one is within the accuracy
 budget: that one is the choice (one device is exact, so there always is one). A candidate is
@@ -27,10 +28,12 @@ import numpy as np
 from prism_jax import checks, cost
 from prism_jax import latency as latency_model
 from prism_jax.errors import PrismError
-from prism_jax.plan import WIRES, Plan
+from prism_jax.plan import Plan
 
 CRS = (2, 4, 8, 16, 32, 64)
-_BITS = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4}
+# The wires weighed: int4h, not int4 (the same bytes, and more accurate wherever measured).
+WIRES = ("f32", "bf16", "int8", "int4h")
+_BITS = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4, "int4h": 4}
 # The default calibration set per kind of model, and how much of it (rows of text for a
 # language model, examples for a classifier).
 DATASETS = {"lm": "wikipedia_leads", "vit": "fashion_mnist_local", "text": "fine_food_reviews"}

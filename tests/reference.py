@@ -213,21 +213,34 @@ def _groups(block, valid, keys, cr, compressor):
 def _wire(mean, wire, vectors):
     """What arrives of a group's mean (DESIGN.md 1d): float32, bfloat16, or int8 (int4) with
     a float32 scale s = max|x| / m per vector, m = 127 (7) (1 for a zero vector, or one whose
-    s would be subnormal: XLA:CPU flushes those), q = round(x / s) clipped to [-m, m]."""
+    s would be subnormal: XLA:CPU flushes those), q = round(x / s) clipped to [-m, m]; int4h:
+    int4 of the vector turned by `hadamard`, turned back."""
     x = mean.astype(np.float32)
     if wire == "bf16":
         import ml_dtypes
 
         return x.astype(ml_dtypes.bfloat16).astype(np.float64)
-    if wire in ("int8", "int4"):
+    if wire in ("int8", "int4", "int4h"):
         m = np.float32(127 if wire == "int8" else 7)
         out = []
         for block in np.split(x, vectors):
+            turn = hadamard(len(block)) if wire == "int4h" else np.eye(len(block))
+            block = (block.astype(np.float64) @ turn).astype(np.float32)
             s = np.abs(block).max() / m
             s = s if s >= np.finfo(np.float32).tiny else np.float32(1)
-            out.append(np.clip(np.round(block / s), -m, m) * np.float64(s))
+            out.append((np.clip(np.round(block / s), -m, m) * np.float64(s)) @ turn)
         return np.concatenate(out)
     return x.astype(np.float64)
+
+
+def hadamard(w):
+    """The int4h wire's turn of a vector of length `w`: block-diagonal Sylvester Hadamard
+    matrices H_b / sqrt(b), b the largest power of two dividing w (orthonormal, symmetric)."""
+    b = w & -w
+    h = np.ones((1, 1))
+    while len(h) < b:
+        h = np.block([[h, h], [h, -h]])
+    return np.kron(np.eye(w // b), h / np.sqrt(b))
 
 
 def _keys_for_device(a, valid, p, blocks, strategy, cr, logit_bias, causal, extra=None):

@@ -117,6 +117,8 @@ WIRE_CASES = [  # DESIGN.md 1d: what arrives is what the NumPy rule sends
     ("llama_lm", 3, dict(cr=1, wire="int4")),  # codes in [-7, 7], two a byte
     ("bert_cls", 3, dict(cr=2, wire="int4", grouping="balanced", salient=1)),
     ("llama_lm", 2, dict(cr=3, wire="int4", grouping="tail", sink=2, value_tilt=True)),
+    ("llama_lm", 3, dict(cr=1, wire="int4h")),  # int4 of each vector turned by a Hadamard
+    ("gpt2_lm", 2, dict(cr=2, wire="int4h", grouping="tail", sink=1, value_tilt=True)),
 ]
 
 
@@ -292,7 +294,7 @@ def test_sink_on_the_command_line(hf_models, capsys):
 def test_wire_on_the_command_line(hf_models, capsys):
     directory = str(hf_models("bert_cls")[1])
     base = ["infer", "--model", directory, "--devices", "2", "--text", "good tea"]
-    for wire in ("int8", "int4"):
+    for wire in ("int8", "int4", "int4h"):
         assert cli.main([*base, "--cr", "4", "--wire", wire, "--json"]) == 0
         assert f'"wire": "{wire}"' in capsys.readouterr().out
     for bad, message in (

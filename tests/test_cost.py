@@ -78,7 +78,7 @@ def test_measured_bytes_equal_closed_form(family, t, n, cr, dtype, strategy):
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
-@pytest.mark.parametrize("wire", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("wire", ["bf16", "int8", "int4", "int4h"])
 @pytest.mark.parametrize("kw", [{}, dict(exchange="kv"), dict(grouping="kmeans", value_tilt=True)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_wire_bytes_equal_closed_form(family, wire, kw, dtype):

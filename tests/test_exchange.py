@@ -7,6 +7,7 @@ import pytest
 
 import prism_jax as pj
 from prism_jax import exchange
+from tests import reference
 
 
 @pytest.mark.parametrize(("l", "cr"), [(7, 1), (7, 3), (8, 4), (5, 8), (12, 5)])
@@ -108,13 +109,13 @@ def test_segment_means_allocate_nothing_for_a_cr_beyond_l(rng):
     assert "1099511627776" not in jaxpr and "f32[2,5,4]" in jaxpr
 
 
-@pytest.mark.parametrize("wire", ["f32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("wire", ["f32", "bf16", "int8", "int4", "int4h"])
 def test_counts_and_stats_travel_exactly_on_every_wire(wire, rng):
     means = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
     counts = jnp.asarray([[0, 1, 301], [255, 257, 2**20 + 1]], jnp.int32)
-    size = {"f32": 4, "bf16": 2, "int8": 1, "int4": 1}[wire]
-    carried = {"f32": 6, "bf16": 6, "int8": 6, "int4": 3}[wire]  # int4: two a byte
-    scales = 2 if wire in ("int8", "int4") else 0  # a float32 scale per vector, 2 vectors here
+    size = {"f32": 4, "bf16": 2, "int8": 1, "int4": 1, "int4h": 1}[wire]
+    carried = {"f32": 6, "bf16": 6, "int8": 6, "int4": 3, "int4h": 3}[wire]  # two a byte
+    scales = 0 if wire in ("f32", "bf16") else 2  # a float32 scale per vector, 2 vectors here
     rows = exchange.encode(means, counts, wire=wire, vectors=2)
     assert rows.dtype == exchange.WIRE_DTYPES[wire]
     assert rows.shape[-1] * size == carried * size + 4 * (scales + 1)
@@ -210,3 +211,35 @@ def test_int4_packs_two_codes_a_byte_low_nibble_first(width, rng):
     want = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).view(np.int8)
     np.testing.assert_array_equal(packed, want)
     np.testing.assert_array_equal(exchange.unpack4(jnp.asarray(packed), width), codes)
+
+
+@pytest.mark.parametrize(("width", "vectors"), [(64, 1), (128, 2), (12, 3), (768, 1), (14, 2)])
+def test_rotate_is_the_block_hadamard_and_its_own_inverse(width, vectors, rng):
+    """int4h's turn: per vector, blocks of the largest power of two dividing its length (64,
+    64, 4, 256, 1) times H_b / sqrt(b), against NumPy's Sylvester matrices; applied twice it
+    gives the vector back."""
+    x = rng.standard_normal((2, 3, width)).astype(np.float32)
+    got = np.asarray(exchange.rotate(jnp.asarray(x), vectors))
+    turn = reference.hadamard(width // vectors)
+    want = np.concatenate([b @ turn for b in np.split(x.astype(np.float64), vectors, -1)], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    back = np.asarray(exchange.rotate(jnp.asarray(got), vectors))
+    np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5)
+
+
+def test_int4h_arrives_as_the_numpy_rule_and_spreads_an_outlier(rng):
+    """What arrives on int4h is the reference's int4 of the turned vector, turned back; with
+    one outlier channel, int4 leaves the others almost nothing and int4h far less error."""
+    x = rng.standard_normal((4, 5, 128)).astype(np.float32)
+    x[..., 7] *= 40  # an outlier channel, as in a language model's keys
+    counts = jnp.ones((4, 5), jnp.int32)
+    got = {
+        wire: np.asarray(exchange.decode(exchange.encode(jnp.asarray(x), counts, wire=wire,
+                                                         vectors=2), 128, wire=wire,
+                                         vectors=2)[0])
+        for wire in ("int4", "int4h")
+    }  # fmt: skip
+    want = np.stack([reference._wire(v, "int4h", 2) for v in x.reshape(-1, 128)])
+    np.testing.assert_allclose(got["int4h"].reshape(-1, 128), want, rtol=1e-4, atol=1e-4)
+    error = {w: np.square(g - x)[..., np.arange(128) != 7].mean() for w, g in got.items()}
+    assert error["int4h"] < error["int4"] / 4, error

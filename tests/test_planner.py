@@ -63,7 +63,7 @@ def test_choose_calibrates_fastest_first_and_skips_dominated():
     link, profile = latency.Link.parse("10mbit", "1ms"), latency.Profile(1.0)
     cands = planner.candidates(BERT, devices=4, seq_len=256, link=link, profile=profile)
     assert [c.estimate.total for c in cands] == sorted(c.estimate.total for c in cands)
-    bits = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4}
+    bits = {"f32": 32, "bf16": 16, "int8": 8, "int4h": 4}
     asked = []
 
     def loss(c):

@@ -82,7 +82,8 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = Fa
         "--wire",
         default="f32",
         choices=WIRES,
-        help="what the means travel as (default f32; int8: a float32 scale per vector)",
+        help="what the means travel as (default f32; int8, int4: a float32 scale per vector; "
+        "int4h: int4 after a Hadamard rotation of each vector)",
     )
     c.add_argument("--kmeans-iters", type=positive_int, default=None, help="k-means iterations")
     c.add_argument(
