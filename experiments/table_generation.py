@@ -28,7 +28,7 @@ import sys
 import common
 
 MODELS = {"SmolLM2-135M": None, "GPT-2 task model": common.HERE / "models" / "gpt2-wikipedia"}
-COMPRESSORS = ("paper", "prism+", "lm+", "lm+ int8", "lm+ int4")
+COMPRESSORS = ("paper", "prism+", "lm+", "lm+ int8", "lm+ int4", "lm+ int4h", "lm+ int4h V")
 
 
 @dataclasses.dataclass
@@ -66,9 +66,10 @@ def compressors_of(text: str) -> list[str] | None:
 def plan_of(compressor: str, cr: int, model=None, *, devices: int = 1, seq_len: int = 1):
     """paper: segment means; prism+: `Plan.best` of an encoder (k-means, salient, tilt);
     lm+: `Plan.best` of the model (a causal LM: the sink, tail groups, tilt); lm+ int8 and
-    lm+ int4: the same on that wire at the smallest CR whose bytes per device (at `devices`,
-    `seq_len`) are at most the paper's float32 segments' at CR (about 3.7 and 6.6 times the
-    vectors)."""
+    lm+ int4, lm+ int4h: the same on that wire at the smallest CR whose bytes per device (at
+    `devices`, `seq_len`) are at most the paper's float32 segments' at CR (about 3.7 and 6.6
+    times the vectors); lm+ int4h V: with one sink token, the most groups within those bytes
+    (`planner.fill`)."""
     import prism_jax as pj
     from prism_jax import cost
 
@@ -79,6 +80,11 @@ def plan_of(compressor: str, cr: int, model=None, *, devices: int = 1, seq_len: 
     if compressor.startswith("lm+ "):
         shape = dict(devices=devices, seq_len=seq_len)
         budget = cost.bytes_closed_form(model.config, pj.Plan(cr=cr), **shape)
+        if compressor.endswith(" V"):
+            from prism_jax import planner
+
+            best = pj.Plan.best(1, model, wire=compressor[4:-2], sink=1)
+            return planner.fill(model.config, best, budget, **shape)
         for smaller in range(1, cr + 1):
             plan = pj.Plan.best(smaller, model, wire=compressor[4:])
             if cost.bytes_closed_form(model.config, plan, **shape) <= budget:

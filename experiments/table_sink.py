@@ -62,11 +62,17 @@ class Config:
     compressors: str = common.setting(";".join(COMPRESSORS[:7]), "compressors, separated by ;")
     sinks: str = common.setting("4", "sink tokens sent exactly, comma-separated")
     model: str = common.setting("smollm2", "smollm2, or gpt2 (the GPT-2 task model)")
+    fill: str = common.setting(
+        "cr",
+        "how an integer wire spends the budget: cr (the smallest CR within it) or groups "
+        "(the most groups within it, Plan(groups=V))",
+    )
     out: str | None = common.output(None, "results folder")
 
 
-def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
-    """The plan of compressor `name` within the bytes of the paper's float32 plan at `cr`."""
+def plan_for(name: str, cr: int, sink: int, cfg, local_len: int, fill: str = "cr"):
+    """The plan of compressor `name` within the bytes of the paper's float32 plan at `cr`
+    (`fill`: on an integer wire, the smallest CR within them, or the most groups)."""
     import prism_jax as pj
     from prism_jax import cost
 
@@ -83,6 +89,11 @@ def plan_for(name: str, cr: int, sink: int, cfg, local_len: int):
     if wire == "f32":
         return pj.Plan(cr=cr, **kw)
     budget = cost.group_bytes(cfg, pj.Plan(cr=cr)) * pj.Plan(cr=cr).segments(local_len)
+    if fill == "groups":  # per layer and row: the closed form at one device's L, N = 1 apart
+        from prism_jax import planner
+
+        shape = dict(devices=2, seq_len=2 * local_len)
+        return planner.fill(cfg, pj.Plan(wire=wire, **kw), budget * cfg.depth, **shape)
     for smaller in range(1, cr + 1):  # the most vectors that fit the budget
         plan = pj.Plan(cr=smaller, wire=wire, **kw)
         if cost.group_bytes(cfg, plan) * plan.segments(local_len) <= budget:
@@ -96,6 +107,9 @@ def main(argv=None):
     unknown = sorted(set(names) - set(COMPRESSORS))
     if unknown:  # before the model loads
         print(f"table_sink.py: error: unknown compressors {unknown}", file=sys.stderr)
+        return 2
+    if args.fill not in ("cr", "groups"):
+        print(f"table_sink.py: error: --fill {args.fill!r}: cr or groups", file=sys.stderr)
         return 2
     sinks = [int(s) for s in args.sinks.split(",") if s.strip().isdigit() and int(s) >= 1]
     if len(sinks) != len(args.sinks.split(",")):
@@ -128,7 +142,7 @@ def main(argv=None):
         for cr, sink, name in itertools.product(crs, sinks, names):
             if sink != sinks[0] and "sink" not in name:
                 continue  # the same plan again
-            plan = plan_for(name, cr, sink, model.config, local)
+            plan = plan_for(name, cr, sink, model.config, local, args.fill)
             shape = dict(devices=n, seq_len=seq_len, batch=1)
             sent = cost.bytes_closed_form(model.config, plan, **shape)
             assert sent == cost.measured_bytes(model.config, plan, **shape), plan
@@ -167,7 +181,8 @@ def markdown(record: dict) -> str:
     for c in record["cells"]:
         p = c["plan"]
         extras = " salient" * p["salient"] + " tilt" * p["value_tilt"]
-        plan = f"CR={p['cr']} {p['grouping']}{extras} sink={p['sink']} {p['wire']}"
+        size = f"V={p['groups']}" if p.get("groups") else f"CR={p['cr']}"
+        plan = f"{size} {p['grouping']}{extras} sink={p['sink']} {p['wire']}"
         lines.append(
             f"| {c['devices']} | {c['budget_cr']} | {c['compressor']} | {plan} | "
             f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} | "

@@ -22,7 +22,7 @@ WIRES = ("f32", "bf16", "int8", "int4", "int4h")
 
 
 # The fields that say how a device compresses what it sends (prism only).
-COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt", "sink", "wire")
+COMPRESSOR = ("cr", "grouping", "kmeans_iters", "salient", "value_tilt", "sink", "wire", "groups")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
@@ -59,6 +59,9 @@ class Plan:
         codes in [-7, 7], packed two a byte), or `int4h` (int4 after a Hadamard rotation of
         each vector, `exchange.rotate`; the receiver turns it back). Counts and the tilt's
         statistics travel exact (4-byte words) on every wire.
+      groups: V, the groups a device sends per layer (at most its L tokens), in place of
+        ceil(L / CR): a byte budget filled exactly rather than in whole CRs (0: from `cr`;
+        with cr = 1 and not with `segments`).
     """
 
     strategy: str = "prism"
@@ -71,6 +74,7 @@ class Plan:
     value_tilt: bool = False
     sink: int = 0
     wire: str = "f32"
+    groups: int = 0
 
     def __post_init__(self):
         _choice("strategy", self.strategy, STRATEGIES)
@@ -83,6 +87,7 @@ class Plan:
             ("kmeans_iters", 1, 1000),
             ("salient", 0, 1),
             ("sink", 0, 2**20),
+            ("groups", 0, 2**20),
         ):
             value = as_int(getattr(self, name))
             if value is None or value < low or (high is not None and value > high):
@@ -98,6 +103,15 @@ class Plan:
                     f"grouping='segments' (the paper's fixed runs of CR positions) has no room "
                     f"for exact tokens: use grouping='balanced' or 'kmeans' with {name}"
                 )
+        if self.groups and self.grouping == "segments":
+            raise PrismError(
+                "groups: the paper's segments are fixed runs of CR positions; give groups with "
+                "grouping='balanced', 'kmeans' or 'tail'"
+            )
+        if self.groups and self.cr != 1:
+            raise PrismError(
+                f"cr={self.cr} and groups={self.groups}: give one of them (groups sets V itself)"
+            )
         if self.strategy != "prism":  # nothing is compressed: compressor settings would not apply
             changed = [
                 f.name
@@ -123,6 +137,13 @@ class Plan:
         return cls(cr=cr, **{"grouping": "kmeans", "salient": 1, "value_tilt": True} | kw)
 
     @property
+    def lossless(self) -> bool:
+        """Whether every device sees the others' tokens as computed (single, voltage, or prism
+        at CR = 1 without `groups` on the float32 wire): where its tokens sit, and so padding,
+        changes no answer."""
+        return self.strategy != "prism" or (self.cr == 1 and not self.groups and self.wire == "f32")
+
+    @property
     def paper(self) -> bool:
         """Whether what a device sends is the paper's: fixed segments, nothing more."""
         return self.grouping == "segments" and not self.value_tilt
@@ -144,5 +165,8 @@ class Plan:
         return dataclasses.replace(self, exchange=cheaper)
 
     def segments(self, local_len: int) -> int:
-        """S = ceil(L / CR), the number of segment means one device sends per layer."""
+        """V, the number of groups one device sends per layer: ceil(L / CR), or `groups` (at
+        most L) when it is set."""
+        if self.groups:
+            return min(self.groups, local_len)
         return math.ceil(local_len / self.cr)

@@ -95,6 +95,21 @@ def _candidate(cfg, n, plan, compressor, link, profile, shape) -> Candidate:
     return Candidate(n, plan, compressor, estimate, sent)
 
 
+def fill(cfg, plan: Plan, budget: int, *, devices: int, seq_len: int, batch: int = 1) -> Plan:
+    """`plan` (prism, not `segments`) with the most groups a device can send within `budget`
+    bytes per inference: `Plan(groups=V, cr=1)`, a byte budget filled exactly rather than in
+    whole CRs (every token alone, groups=0, when they all fit)."""
+    if plan.strategy != "prism" or plan.grouping == "segments":
+        raise PrismError("fill needs a prism plan whose grouping is not 'segments'")
+    local = cost.local_len(seq_len, devices)
+    one = dataclasses.replace(plan, cr=1, groups=1)
+    each = cost.bytes_closed_form(cfg, one, devices=devices, seq_len=seq_len, batch=batch)
+    v = min(int(budget) // each, local) if each else local
+    if v < 1:
+        raise PrismError(f"a budget of {budget} bytes holds no group ({each} bytes each)")
+    return dataclasses.replace(plan, cr=1, groups=0 if v >= local else v)
+
+
 def _dominated(c: Candidate, failed: list[Candidate]) -> bool:
     return any(
         f.compressor == c.compressor

@@ -171,7 +171,8 @@ def _groups(block, valid, keys, cr, compressor):
     1c: the row's first `sink` valid tokens that the device holds, at most V - 1, go alone;
     the rest are grouped as 1b states for the V - e groups left)."""
     size = block.stop - block.start
-    v = math.ceil(size / cr)
+    groups = (compressor or {}).get("groups")
+    v = min(groups, size) if groups else math.ceil(size / cr)
     if not compressor or compressor["paper_positions"]:
         return [
             np.arange(block.start + s * cr, block.start + min((s + 1) * cr, size)) for s in range(v)
@@ -362,6 +363,7 @@ def forward(
     value_tilt=False,
     sink=0,
     wire="f32",
+    groups=0,
 ):
     """NumPy reference outputs: last_hidden_state [B, T, D], and logits / pooler_output.
 
@@ -371,7 +373,8 @@ def forward(
       last_extra: the last `last_extra` tokens of the batch are appended to the last
         device's block (generation: tokens decoded after a prefill of the others).
       grouping, salient, kmeans_iters, value_tilt: the compressor of DESIGN.md section 1b;
-        sink: the sink tokens sent exactly (section 1c); wire: what the means travel as (1d).
+        sink: the sink tokens sent exactly (section 1c); wire: what the means travel as (1d);
+        groups: V per device in place of ceil(L / CR).
     """
     family = cfg.model_type
     exchange = exchange or ("kv" if family == "llama" else "hidden")
@@ -394,6 +397,7 @@ def forward(
     compressor = dict(
         grouping=grouping, salient=salient, kmeans_iters=kmeans_iters, value_tilt=value_tilt,
         sink=sink, paper_positions=grouping == "segments" and not salient and not sink,
+        groups=groups,
     )  # fmt: skip
     plan = dict(blocks=blocks, strategy=strategy, cr=cr, logit_bias=logit_bias, exchange=exchange,
                 compressor=compressor, wire=wire)  # fmt: skip

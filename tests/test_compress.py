@@ -1,6 +1,8 @@
 """Content-aware groups (DESIGN.md section 1b): the rules one by one, the whole compressor
 against the NumPy reference, exactness at CR = 1, bytes, and refusals."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,6 +129,47 @@ def test_wire_matches_numpy_reference(name, n, kw, hf_models, rng):
     _matches_reference(name, n, kw, hf_models, rng)
 
 
+GROUPS_CASES = [  # Plan(groups=V): V groups a device in place of ceil(L / CR)
+    ("llama_lm", 3, dict(groups=4, grouping="tail", sink=1, wire="int4h"), True),
+    ("bert_cls", 2, dict(groups=3, grouping="kmeans", salient=1, value_tilt=True), True),
+    ("gpt2_lm", 2, dict(groups=20, grouping="balanced"), False),  # V = L: every token alone
+]
+
+
+@pytest.mark.parametrize(("name", "n", "kw", "changes"), GROUPS_CASES)
+def test_groups_match_numpy_reference(name, n, kw, changes, hf_models, rng):
+    _matches_reference(name, n, kw, hf_models, rng, changes=changes)
+
+
+def test_groups_set_v_and_its_bytes():
+    cfg = pj.PRESETS["smollm2-135m"]()
+    plan = pj.Plan(groups=53, grouping="tail", sink=1, value_tilt=True, wire="int4h")
+    assert plan.segments(128) == 53 and plan.segments(40) == 40
+    lowered = cost.lower(cfg, plan, devices=2, seq_len=256, batch=1)
+    measured, _ = cost.collective_bytes(lowered.as_text())
+    assert (
+        measured
+        == cost.bytes_closed_form(cfg, plan, devices=2, seq_len=256)
+        == (cfg.depth * 53 * (192 + 4 * (1 + 3 + 6)))
+    )  # ceil(384 / 2) code bytes, count + 3 tilt words + 6 scales
+    assert not plan.lossless and pj.Plan().lossless and pj.Plan(strategy="voltage").lossless
+    assert not pj.Plan(wire="int8").lossless and not pj.Plan(cr=2).lossless
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(groups=4), "groups: the paper's segments are fixed runs"),
+        (dict(groups=4, cr=2, grouping="tail"), "cr=2 and groups=4: give one of them"),
+        (dict(groups=-1, grouping="tail"), "groups must be an integer in [0, 1048576]"),
+        (dict(groups=4, grouping="tail", strategy="voltage"), "grouping, groups set, but"),
+    ],
+)
+def test_bad_groups_name_the_field(kw, message):
+    with pytest.raises(pj.PrismError, match=re.escape(message)):
+        pj.Plan(**kw)
+
+
 def test_sink_at_cr1_is_exact_and_zero_is_the_plain_plan(hf_models, rng):
     model = pj.load_pretrained(hf_models("llama_lm")[1])
     batch = tiny.random_batch("llama_lm", rng, tokens=11)
@@ -171,7 +214,7 @@ def _matches_reference(name, n, kw, hf_models, rng, *, left=False, changes=True)
     want = reference.forward(torch_model.config, directory, batch, n=n, **kw)["last_hidden_state"]
     valid = batch["attention_mask"].astype(bool) if "attention_mask" in batch else ...
     np.testing.assert_allclose(out[valid], want[valid], atol=ATOL_LAYER * model.config.depth)
-    paper = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=kw["cr"]))
+    paper = pj.infer(model, batch, mesh=pj.edge_mesh(n), plan=pj.Plan(cr=kw.get("cr", 1)))
     moved = np.abs(out - paper["last_hidden_state"])[valid].max()
     assert moved > 1e-3 if changes else moved < ATOL_LAYER * model.config.depth
 
@@ -297,9 +340,13 @@ def test_wire_on_the_command_line(hf_models, capsys):
     for wire in ("int8", "int4", "int4h"):
         assert cli.main([*base, "--cr", "4", "--wire", wire, "--json"]) == 0
         assert f'"wire": "{wire}"' in capsys.readouterr().out
+    assert cli.main([*base, "--groups", "3", "--grouping", "tail", "--json"]) == 0
+    assert '"groups": 3' in capsys.readouterr().out
     for bad, message in (
         (["--cr", "4", "--wire", "int2"], "invalid choice: 'int2'"),
         (["--strategy", "voltage", "--wire", "int8"], "wire set, but compressor settings"),
+        (["--groups", "3"], "groups: the paper's segments are fixed runs"),
+        (["--groups", "0", "--grouping", "tail"], "--groups: "),
     ):
         assert cli.main([*base, *bad]) == 2
         err = capsys.readouterr().err

@@ -87,6 +87,13 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = Fa
     )
     c.add_argument("--kmeans-iters", type=positive_int, default=None, help="k-means iterations")
     c.add_argument(
+        "--groups",
+        type=positive_int,
+        default=None,
+        help="V groups a device sends per layer instead of ceil(L / CR) (fills a byte budget; "
+        "with --cr 1, not with --grouping segments)",
+    )
+    c.add_argument(
         "--value-tilt", action="store_true", help="send each group's spread; tilt its value"
     )
     if auto:
@@ -395,7 +402,7 @@ def plan_of(args, cr: int | None = None, cfg=None) -> Plan:
         return planning.chosen(args)
     chosen = {
         k: getattr(args, k)
-        for k in ("grouping", "salient", "kmeans_iters", "sink")
+        for k in ("grouping", "salient", "kmeans_iters", "sink", "groups")
         if getattr(args, k) is not None
     }
     if args.value_tilt:

@@ -123,7 +123,8 @@ def add_parser(sub) -> None:
 # The flags `--plan auto` chooses itself, with the values that mean "not given".
 _CHOSEN = {"cr": (1, [1, 2, 4, 8, 16]), "compressor": ("paper",), "grouping": (None,),
            "salient": (None,), "sink": (None,), "wire": ("f32",), "kmeans_iters": (None,),
-           "value_tilt": (False,), "strategy": ("prism",), "exchange": ("auto",)}  # fmt: skip
+           "value_tilt": (False,), "strategy": ("prism",), "exchange": ("auto",),
+           "groups": (None,)}  # fmt: skip
 
 
 def chosen(args):
@@ -288,6 +289,8 @@ def flags(plan, command: str) -> list[str]:
     named = {"cr": plan.cr, "logit-bias": plan.logit_bias, "exchange": plan.exchange,
              "grouping": plan.grouping, "kmeans-iters": plan.kmeans_iters,
              "salient": plan.salient, "sink": plan.sink, "wire": plan.wire}  # fmt: skip
+    if plan.groups:
+        named["groups"] = plan.groups
     named = [token for k, v in named.items() for token in ("--" + k, str(v))]
     return named + (["--value-tilt"] if plan.value_tilt else [])
 

@@ -5,8 +5,8 @@ project's own code (`generation.run` for text, `pj.infer` for embeddings). Jobs 
 only with jobs of the same key: the same padded prompt length (its bucket); sampled text with
 the same temperature and top_p and no seed; a seeded job alone (a sampled row's random numbers
 depend on the batch's shape, so a seed gives what `pj.generate` gives that prompt alone).
-Prompt lengths are bucketed to powers of two for exact plans (CR = 1, voltage, single:
-padding changes no answer) and to the plan's own
+Prompt lengths are bucketed to powers of two for exact plans (`Plan.lossless`: CR = 1 on the
+float32 wire, voltage, single: padding changes no answer) and to the plan's own
 padding (a multiple of N) otherwise, so that at CR > 1 each prompt lands on the devices and
 groups it would alone.
 """
@@ -83,7 +83,7 @@ class Engine:
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
         cfg = model.config
         self.causal = cfg.head == "lm" and cfg.causal
-        self.exact = plan.strategy in ("single", "voltage") or plan.cr == 1 or devices == 1
+        self.exact = plan.lossless or devices == 1
         self.ends = generation._end_ids(model, True)
         self._waiting: collections.deque[Job] = collections.deque()
         self._admitted = 0  # jobs waiting or running
