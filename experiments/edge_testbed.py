@@ -44,10 +44,11 @@ import testbed_probe
 from testbed_net import SUBNET, usable
 from testbed_relay import set_link
 
-PLANS = {  # per model: what each cluster runs ("paper:CR", "best:CR:WIRE"; see `make_plan`)
+PLANS = {  # per model: what each cluster runs ("paper:CR", "best:CR:WIRE", "fill:CR:WIRE";
+    # see `testbed_model.make_plan`)
     "bert-base": ("single", "voltage", "paper:16", "best:16:int8", "best:64:int8"),
     "smollm2-135m": ("single", "voltage", "paper:16", "best:4:int8", "best:16:int8",
-                     "best:4:int4", "best:16:int4"),
+                     "best:4:int4", "best:16:int4", "fill:16:int4h", "fill:64:int4h"),
     "tiny": ("single", "voltage", "paper:4", "best:4:int8"),
 }  # fmt: skip
 
@@ -154,7 +155,7 @@ def node_main(args) -> None:
     control, ack = Path(args.control), Path(args.ack)
     links, seq, rows = json.loads(args.links), 0, []
     for spec in args.plans.split(","):
-        plan = testbed_model.make_plan(spec, cfg)
+        plan = testbed_model.make_plan(spec, cfg, devices=args.nodes, seq_len=args.seq_len)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
         else:

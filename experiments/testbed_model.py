@@ -16,16 +16,23 @@ import statistics
 from pathlib import Path
 
 
-def make_plan(spec: str, cfg):
-    """`single`, `voltage`, `paper:CR` (fixed segments, f32) or `best:CR:WIRE`
-    (`Plan.best(CR, cfg, wire=WIRE)`)."""
+def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
+    """`single`, `voltage`, `paper:CR` (fixed segments, f32), `best:CR:WIRE`
+    (`Plan.best(CR, cfg, wire=WIRE)`) or `fill:CR:WIRE` (`Plan.best` with one sink token on
+    WIRE, as many groups as fit the bytes of `paper:CR` at `devices` and `seq_len`:
+    `planner.fill`)."""
     import prism_jax as pj
+    from prism_jax import cost, planner
 
     kind, *rest = spec.split(":")
     if kind in ("single", "voltage"):
         return pj.Plan(strategy=kind)
     if kind == "paper":
         return pj.Plan(cr=int(rest[0]))
+    if kind == "fill":
+        shape = dict(devices=devices, seq_len=seq_len)
+        budget = cost.bytes_closed_form(cfg, pj.Plan(cr=int(rest[0])), **shape)
+        return planner.fill(cfg, pj.Plan.best(1, cfg, wire=rest[1], sink=1), budget, **shape)
     return pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
 
 
@@ -41,7 +48,8 @@ def estimate(rows: list[dict], r: dict, cfg, overhead_s: float):
     rate = r["rate_mbit"] * 1e6 if r["rate_mbit"] else math.inf
     link = latency.Link(rate, r["delay_ms"] / 1000)
     profile = latency.Profile(_single(rows, r["model"], r["nodes"])["latency_s"])
-    est = latency.predict(cfg, make_plan(r["plan"], cfg), devices=r["nodes"],
+    plan = make_plan(r["plan"], cfg, devices=r["nodes"], seq_len=r["seq_len"])
+    est = latency.predict(cfg, plan, devices=r["nodes"],
                           seq_len=r["seq_len"], link=link, profile=profile)  # fmt: skip
     return est, est.total + cfg.depth * overhead_s
 
