@@ -24,7 +24,7 @@ from pathlib import Path
 
 import common
 
-WIRES = ("f32", "bf16", "int8", "int4")
+WIRES = ("f32", "bf16", "int8", "int4", "int4h")
 MODELS = ("vit", "gpt2", "minilm", "smollm2", "bert")
 CLASSIFIER = common.HERE.parent / "artifacts" / "minilm-finefood"
 

@@ -337,3 +337,20 @@ def test_serve_takes_plan_auto_flags(capsys):
     assert cli.main(["serve", "--model", "nowhere", "--plan", "auto"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plan auto needs the link" in err, err
+
+
+def test_fill_takes_the_most_groups_within_the_budget():
+    cfg = pj.PRESETS["smollm2-135m"]()
+    shape = dict(devices=4, seq_len=256)
+    budget = cost.bytes_closed_form(cfg, pj.Plan(cr=16), **shape)
+    best = pj.Plan.best(1, cfg, wire="int4h", sink=1)
+    got = planner.fill(cfg, best, budget, **shape)
+    assert got.groups > 64 / 16 and got.cr == 1
+    assert cost.bytes_closed_form(cfg, got, **shape) <= budget
+    more = dataclasses.replace(got, groups=got.groups + 1)
+    assert cost.bytes_closed_form(cfg, more, **shape) > budget
+    assert planner.fill(cfg, best, 10**9, **shape).groups == 0  # every token alone fits
+    with pytest.raises(pj.PrismError, match="holds no group"):
+        planner.fill(cfg, best, 10, **shape)
+    with pytest.raises(pj.PrismError, match="not 'segments'"):
+        planner.fill(cfg, pj.Plan(), budget, **shape)

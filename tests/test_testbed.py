@@ -120,3 +120,27 @@ def test_relay_and_quota_smoke(testbed, tmp_path):
     assert fast["rtt_median_s"] < 0.002, fast
     assert time.monotonic() - start < 30
     assert not any(f"prism-n{i}" in os.listdir("/var/run/netns") for i in range(2))
+
+
+def test_plan_specs(testbed):
+    """`make_plan`: what each testbed spec runs; `fill:CR:WIRE` the most groups of the causal
+    best (one sink token) within `paper:CR`'s bytes at the cell's N and T."""
+    import prism_jax as pj
+    from prism_jax import cost
+
+    *_, model = testbed
+    cfg = pj.PRESETS["smollm2-135m"]()
+    assert model.make_plan("single", cfg) == pj.Plan(strategy="single")
+    assert model.make_plan("paper:16", cfg) == pj.Plan(cr=16)
+    assert model.make_plan("best:4:int8", cfg) == pj.Plan.best(4, cfg, wire="int8")
+    got = model.make_plan("fill:16:int4h", cfg, devices=4, seq_len=512)
+    assert (got.wire, got.sink, got.grouping, got.cr) == ("int4h", 1, "tail", 1)
+    shape = dict(devices=4, seq_len=512)
+    paper = cost.bytes_closed_form(cfg, pj.Plan(cr=16), **shape)
+    assert (
+        cost.bytes_closed_form(cfg, got, **shape)
+        <= paper
+        < cost.bytes_closed_form(
+            cfg, pj.Plan(**{**got.__dict__, "groups": got.groups + 1}), **shape
+        )
+    )
