@@ -64,6 +64,7 @@ class Config:
     timeout: float = 1500
     probe_delays_ms: tuple[float, ...] = (0, 1, 5, 20)
     probe_count: int = 20
+    plans: tuple[str, ...] | None = None  # None: each model's PLANS
 
 
 SMOKE = Config(models=(("tiny", 32),), nodes=(2, 4), rates_mbit=(50,), delays_ms=(0, 5),
@@ -82,7 +83,7 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list
     quota = testbed_net.quota_us(nodes, os.cpu_count())
     files = link_files(f"{model}-{nodes}")
     links = [(r, d) for r in cfg.rates_mbit for d in cfg.delays_ms]
-    plans = [p for p in PLANS[model] if p != "voltage" or nodes in cfg.voltage_nodes]
+    plans = [p for p in cfg.plans or PLANS[model] if p != "voltage" or nodes in cfg.voltage_nodes]
     argv = ["--nodes", str(nodes), "--model", model, "--seq-len", str(seq_len),
             "--plans", ",".join(plans), "--links", json.dumps(links),
             "--repeats", str(cfg.repeats), "--timeout", str(cfg.timeout),
@@ -154,7 +155,7 @@ def node_main(args) -> None:
     counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
     control, ack = Path(args.control), Path(args.ack)
     links, seq, rows = json.loads(args.links), 0, []
-    for spec in args.plans.split(","):
+    for spec in args.plans:
         plan = testbed_model.make_plan(spec, cfg, devices=args.nodes, seq_len=args.seq_len)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
@@ -242,6 +243,26 @@ def _delays(text: str) -> tuple[float, ...]:
     return values
 
 
+def _plans(text: str) -> tuple[str, ...]:
+    """single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, comma-separated."""
+    from prism_jax.plan import WIRES
+
+    out = tuple(text.split(","))
+    for spec in out:
+        kind, *rest = spec.split(":")
+        ok = (kind in ("single", "voltage") and not rest) or (
+            kind == "paper" and len(rest) == 1 and rest[0].isdigit() and int(rest[0]) >= 1
+        ) or (kind in ("best", "fill") and len(rest) == 2 and rest[0].isdigit()
+              and int(rest[0]) >= 1 and rest[1] in WIRES)  # fmt: skip
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"expected single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE: {spec!r}"
+            )
+    if "single" not in out:
+        raise argparse.ArgumentTypeError(f"the plans need single, the baseline: {text!r}")
+    return out
+
+
 def _models(text: str) -> tuple[tuple[str, int], ...]:
     out = []
     for item in text.split(","):
@@ -264,10 +285,11 @@ def main(argv=None):
     parser.add_argument("--rates", type=_rates, help="Mbit/s,... or unlimited (default: 10)")
     parser.add_argument("--delays", type=_delays, help="one-way ms,... (default: 0,1,5)")
     parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
+    parser.add_argument("--plans", type=_plans, help="plans each cluster runs (default: PLANS)")
     parser.add_argument("--report", help="re-render the tables of an earlier run's JSON")
     common.add_out(parser)
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
-    for flag, kind in [("--rank", int), ("--model", str), ("--seq-len", int), ("--plans", str),
+    for flag, kind in [("--rank", int), ("--model", str), ("--seq-len", int),
                        ("--links", str), ("--timeout", float), ("--result", str),
                        ("--control", str), ("--ack", str)]:  # fmt: skip
         parser.add_argument(flag, type=kind, help=argparse.SUPPRESS)
@@ -283,7 +305,7 @@ def main(argv=None):
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
     chosen = {"models": args.models, "nodes": args.nodes, "rates_mbit": args.rates,
-              "delays_ms": args.delays, "repeats": args.repeats}  # fmt: skip
+              "delays_ms": args.delays, "repeats": args.repeats, "plans": args.plans}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     link = probe(cfg)
