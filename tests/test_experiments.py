@@ -326,6 +326,8 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (["table_sink.py", "--compressors", "paper;best"], "unknown compressors ['best']"),
         (["table_sink.py", "--model", "bert"], "--model 'bert': smollm2 or gpt2"),
         (["table_sink.py", "--fill", "cr2"], "--fill 'cr2': cr or groups"),
+        (["edge_testbed.py", "--plans", "paper:16"], "the plans need single, the baseline"),
+        (["edge_testbed.py", "--plans", "single,fill:16:int9"], "expected single, voltage"),
         (["table_wire.py", "--wires", "f32,int2"], "argument --wires: 'f32,int2'"),
         (["table_wire.py", "--models", "vit,resnet"], "argument --models: 'vit,resnet'"),
         (["table_wire.py", "--crs", "4,0"], "argument --crs: '4,0'"),
