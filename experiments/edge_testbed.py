@@ -338,12 +338,17 @@ def write(args, cfg: Config | dict, link: dict, rows: list[dict], relays: list[d
 
 
 def rerender(args) -> None:
-    """The tables, model and plot again from an earlier run's JSON (`--report`): nothing is
-    measured; the measuring run's provenance is kept under "earlier_runs"."""
-    record = json.loads(Path(args.report).read_text())
-    earlier = {k: record[k] for k in ("provenance", "earlier_runs") if k in record}
-    print(write(args, record["config"], record["probe"], record["rows"], record["relays"],
-                earlier))  # fmt: skip
+    """The tables, model and plot again from earlier runs' JSON (`--report A.json[,B.json]`):
+    nothing is measured; their rows are pooled (the latency model fitted on N = 2 of one run
+    predicts N = 8 of another), the first run's config and probe head the record, and every
+    measuring run's provenance is kept under "earlier_runs"."""
+    records = [json.loads(Path(p).read_text()) for p in args.report.split(",")]
+    runs = [run for r in records for run in r.get("earlier_runs", []) + [r["provenance"]]]
+    config = {**records[0]["config"],
+              "nodes": sorted({n for r in records for n in r["config"]["nodes"]})}  # fmt: skip
+    rows = [row for r in records for row in r["rows"]]
+    relays = [relay for r in records for relay in r["relays"]]
+    print(write(args, config, records[0]["probe"], rows, relays, {"earlier_runs": runs}))
 
 
 if __name__ == "__main__":
