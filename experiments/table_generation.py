@@ -222,7 +222,7 @@ def plot(results, path, new_tokens: int = 32) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for i, n in enumerate(sorted({r["devices"] for r in results})):
-            styles = ("-", "--", ":", "-.", (0, (5, 1)))
+            styles = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1)))
             for compressor, style in zip(COMPRESSORS, styles, strict=True):
                 pts = [(r["cr"], 100 * r["token_agreement"]) for r in results
                        if r["model"] == name and r["devices"] == n
