@@ -62,6 +62,10 @@ class Config:
     compressors: str = common.setting(";".join(COMPRESSORS[:7]), "compressors, separated by ;")
     sinks: str = common.setting("4", "sink tokens sent exactly, comma-separated")
     model: str = common.setting("smollm2", "smollm2, or gpt2 (the GPT-2 task model)")
+    questions: int = common.setting(
+        0, "cloze questions (wikipedia_cloze, 10 options) scored per cell (0: none)", minimum=0
+    )
+    cloze_len: int = common.setting(128, "tokens per cloze candidate (context left-truncated)")
     fill: str = common.setting(
         "cr",
         "how an integer wire spends the budget: cr (the smallest CR within it) or groups "
@@ -136,6 +140,12 @@ def main(argv=None):
     exact_logp = metrics.token_logprobs(model, ids)
     exact = float(np.exp(-exact_logp.mean()))
     print(f"exact perplexity {exact:.3f} on {task.examples} rows of {seq_len} tokens")
+    cloze = None
+    if args.questions:  # each candidate its own row of cloze_len tokens; same budgets
+        cloze = tasks.load(model, "wikipedia_cloze", limit=args.questions,
+                           max_length=args.cloze_len)  # fmt: skip
+        cloze_exact = float(cloze.score(None, pj.Plan(strategy="single")))
+        print(f"exact cloze accuracy {cloze_exact:.3f} on {cloze.examples} questions")
     cells = []
     for n in devices:
         mesh, local = pj.edge_mesh(n), cost.local_len(seq_len, n)
@@ -154,11 +164,20 @@ def main(argv=None):
                           "perplexity": value, "over_exact": value / exact,
                           "per_device": per_device(logp, n),
                           "exact_per_device": per_device(exact_logp, n)})  # fmt: skip
+            if cloze is not None:
+                short = cost.local_len(cloze.seq_len, n)
+                asked = plan_for(name, cr, sink, model.config, short, args.fill)
+                cells[-1] |= {"cloze": float(cloze.score(mesh, asked)),
+                              "cloze_plan": dataclasses.asdict(asked)}  # fmt: skip
             print(f"N={n} CR={cr:>3} s={plan.sink} {name:<24} {value:8.2f} "
-                  f"({value / exact - 1:+.1%}) {sent:,} bytes")  # fmt: skip
+                  f"({value / exact - 1:+.1%}) {sent:,} bytes "
+                  + (f"cloze {cells[-1]['cloze']:.3f}" if cloze else ""))  # fmt: skip
     name = "GPT-2 task model" if args.model == "gpt2" else "SmolLM2"
     record = {"model": name, "exact": exact, "rows": task.examples, "seq_len": seq_len,
               "sinks": sinks, "cells": cells}  # fmt: skip
+    if cloze is not None:
+        record |= {"cloze_exact": cloze_exact, "cloze_questions": cloze.examples,
+                   "cloze_len": cloze.seq_len}  # fmt: skip
     text = markdown(record)
     print(text)
     common.save(args, "table_sink", record, text, lambda png: plot(record, png))
@@ -175,9 +194,14 @@ def markdown(record: dict) -> str:
         + ").",
         "",
         "| N | budget (paper CR) | compressor | plan | bytes/device | perplexity | vs exact "
-        "| per device |",
-        "|---:|---:|---|---|---:|---:|---:|---|",
+        "| per device |" + (" cloze |" if "cloze_exact" in record else ""),
+        "|---:|---:|---|---|---:|---:|---:|---|" + ("---:|" if "cloze_exact" in record else ""),
     ]
+    if "cloze_exact" in record:
+        lines.insert(2, f"Cloze: {record['cloze_questions']} `wikipedia_cloze` questions, 10 "
+                        f"options of {record['cloze_len']} tokens, exact "
+                        f"{record['cloze_exact']:.1%}; the plan within the same budget at "
+                        "that length.\n")  # fmt: skip
     for c in record["cells"]:
         p = c["plan"]
         extras = " salient" * p["salient"] + " tilt" * p["value_tilt"]
@@ -188,6 +212,7 @@ def markdown(record: dict) -> str:
             f"{c['bytes_per_device']:,} | {c['perplexity']:.2f} | {c['over_exact'] - 1:+.1%} | "
             + " / ".join(f"{v:.1f}" for v in c["per_device"])
             + " |"
+            + (f" {c['cloze']:.1%} |" if "cloze" in c else "")
         )
     return "\n".join(lines) + "\n"
 
