@@ -103,15 +103,6 @@ class Plan:
                     f"grouping='segments' (the paper's fixed runs of CR positions) has no room "
                     f"for exact tokens: use grouping='balanced' or 'kmeans' with {name}"
                 )
-        if self.groups and self.grouping == "segments":
-            raise PrismError(
-                "groups: the paper's segments are fixed runs of CR positions; give groups with "
-                "grouping='balanced', 'kmeans' or 'tail'"
-            )
-        if self.groups and self.cr != 1:
-            raise PrismError(
-                f"cr={self.cr} and groups={self.groups}: give one of them (groups sets V itself)"
-            )
         if self.strategy != "prism":  # nothing is compressed: compressor settings would not apply
             changed = [
                 f.name
@@ -123,6 +114,15 @@ class Plan:
                     f"{', '.join(changed)} set, but compressor settings apply only to "
                     f"strategy='prism', not {self.strategy!r}"
                 )
+        if self.groups and self.grouping == "segments":
+            raise PrismError(
+                "groups: the paper's segments are fixed runs of CR positions; give groups with "
+                "grouping='balanced', 'kmeans' or 'tail'"
+            )
+        if self.groups and self.cr != 1:
+            raise PrismError(
+                f"cr={self.cr} and groups={self.groups}: give one of them (groups sets V itself)"
+            )
 
     @classmethod
     def best(cls, cr: int, model=None, **kw) -> Plan:

@@ -101,6 +101,9 @@ def fill(cfg, plan: Plan, budget: int, *, devices: int, seq_len: int, batch: int
     whole CRs (every token alone, groups=0, when they all fit)."""
     if plan.strategy != "prism" or plan.grouping == "segments":
         raise PrismError("fill needs a prism plan whose grouping is not 'segments'")
+    budget = checks.integer("budget", budget, 0)
+    devices = checks.integer("devices", devices, 2)
+    seq_len = checks.integer("seq_len", seq_len, devices)
     local = cost.local_len(seq_len, devices)
     one = dataclasses.replace(plan, cr=1, groups=1)
     each = cost.bytes_closed_form(cfg, one, devices=devices, seq_len=seq_len, batch=batch)

@@ -163,6 +163,7 @@ def test_groups_set_v_and_its_bytes():
         (dict(groups=4, cr=2, grouping="tail"), "cr=2 and groups=4: give one of them"),
         (dict(groups=-1, grouping="tail"), "groups must be an integer in [0, 1048576]"),
         (dict(groups=4, grouping="tail", strategy="voltage"), "grouping, groups set, but"),
+        (dict(groups=4, strategy="voltage"), "groups set, but compressor settings apply"),
     ],
 )
 def test_bad_groups_name_the_field(kw, message):

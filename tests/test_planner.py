@@ -166,6 +166,9 @@ def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):
     out = json.loads(captured.out)
     assert out["devices"] == 2 and out["plan"]["strategy"] == "prism"
     assert re.search(r"--plan auto: (paper|best) CR=\d+ .* on 2 device\(s\)", captured.err)
+    assert cli.main(["infer", *base, *fast, "--text", "tea"]) == 0  # fewer tokens than devices
+    out = json.loads(capsys.readouterr().out)
+    assert out["devices"] == 1
     slow = ["--bandwidth", "100bit", "--latency", "20ms"]
     assert cli.main(["infer", *base, *slow, "--text", "good tea"]) == 0
     captured = capsys.readouterr()
@@ -205,6 +208,10 @@ def test_bad_plan_auto_is_one_line(hf_models, flags, message, capsys):
          "--profile measures the nodes and the link between them: run `prism-jax launch"),
         (["plan", "--model", "m", "--devices", "2"], "plan needs the link: --bandwidth"),
         (["plan", "--model", "m", "--bandwidth", "1mbit"], "plan needs --devices N"),
+        (["plan", "--model", "m", "--bandwidth", "1mbit", "--devices", "4", "--node-speed",
+          "1,1"], "--node-speed names 2 nodes, fewer than --devices 4"),
+        (["infer", "--model", "m", "--text", "t", "--plan", "auto", "--bandwidth", "1mbit",
+          "--devices", "3", "--node-speed", "1,1"], "--node-speed names 2 nodes"),
         (["launch", "--nodes", "2", "--", "plan", "--model", "m", "--profile", "--node-speed",
           "1,2"], "--profile measures what --node-speed states; drop --node-speed"),
     ],
@@ -354,3 +361,11 @@ def test_fill_takes_the_most_groups_within_the_budget():
         planner.fill(cfg, best, 10, **shape)
     with pytest.raises(pj.PrismError, match="not 'segments'"):
         planner.fill(cfg, pj.Plan(), budget, **shape)
+    for bad, message in ((float("nan"), "budget must be"), (1000.5, "budget must be"),
+                         (None, "budget must be"), (True, "budget must be")):  # fmt: skip
+        with pytest.raises(pj.PrismError, match=message):
+            planner.fill(cfg, best, bad, **shape)
+    with pytest.raises(pj.PrismError, match="seq_len must be an integer >= 4"):
+        planner.fill(cfg, best, budget, devices=4, seq_len=2)
+    with pytest.raises(pj.PrismError, match="devices must be an integer >= 2"):
+        planner.fill(cfg, best, budget, devices=0, seq_len=256)

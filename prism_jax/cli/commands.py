@@ -113,9 +113,10 @@ def _run_infer(args) -> dict:
     plan = plan_of(args)
     save = writable_file(args.save) if args.save is not None else None
     model = pj.load_pretrained(args.model)
-    planning.auto(args, model)  # --plan auto: the planner's devices and plan
-    plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     batch = _make_batch(model, args)
+    tokens = np.asarray(next(iter(batch.values()))).shape[-1] if args.text else None
+    planning.auto(args, model, tokens=tokens)  # --plan auto: the planner's devices and plan
+    plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     mesh = pj.edge_mesh(args.devices)
     out = _check_finite(pj.infer(model, batch, mesh=mesh, plan=plan))
     if save and jax.process_index() == 0:  # in a cluster every node holds the gathered outputs

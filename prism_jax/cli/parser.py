@@ -90,8 +90,8 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = Fa
         "--groups",
         type=positive_int,
         default=None,
-        help="V groups a device sends per layer instead of ceil(L / CR) (fills a byte budget; "
-        "with --cr 1, not with --grouping segments)",
+        help="V groups a device sends per layer instead of ceil(L / CR) (with --cr 1, not with "
+        "--grouping segments; in Python `planner.fill` finds the most within a byte budget)",
     )
     c.add_argument(
         "--value-tilt", action="store_true", help="send each group's spread; tilt its value"
@@ -370,7 +370,9 @@ def _cluster(sub, name: str, text: str) -> None:
         "rest",
         nargs=argparse.REMAINDER,
         metavar="COMMAND ...",
-        help="infer ... | cost ... | eval ... | generate ... | serve ... (node 0 serves HTTP)",
+        help="infer ... | cost ... | eval ... | generate ... | serve ... (node 0 serves HTTP) | "
+        "plan --profile ... (measure the nodes); with --plan auto, launch plans once and starts "
+        "the choice's nodes (maybe fewer than --nodes)",
     )
     p.set_defaults(json=False)
 

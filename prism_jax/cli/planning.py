@@ -85,10 +85,16 @@ def link_args(p, *, required: bool = True) -> None:
         f"{latency.COLLECTIVE_S * 1000:g})",
     )
     p.add_argument(
-        "--max-loss", type=percent(1), default=0.01, help="accuracy points a classifier may lose"
+        "--max-loss",
+        type=percent(1),
+        default=0.01,
+        help="accuracy points a classifier may lose (default 1%%)",
     )
     p.add_argument(
-        "--max-ppl-rise", type=percent(100), default=0.10, help="a language model's perplexity"
+        "--max-ppl-rise",
+        type=percent(100),
+        default=0.10,
+        help="how much a language model's perplexity may rise (default 10%%)",
     )
 
 
@@ -140,18 +146,27 @@ def chosen(args):
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise PrismError(f"--plan auto chooses the plan itself; drop {flags}")
+    _check_speeds(args)
     return Plan()
 
 
-def auto(args, model) -> None:
-    """With `--plan auto`: run the planner for `model` and the link flags, and make its choice
-    the plan (`chosen`) and `args.devices` (at most the devices asked for); say which on
-    stderr. Nothing without it."""
-    import sys
+def _check_speeds(args) -> None:
+    speeds = getattr(args, "node_speed", None)
+    if speeds and args.devices is not None and len(speeds) < args.devices:
+        raise PrismError(
+            f"--node-speed names {len(speeds)} nodes, fewer than --devices {args.devices}"
+        )
 
+
+def auto(args, model, *, tokens: int | None = None) -> None:
+    """With `--plan auto`: run the planner for `model` and the link flags, and make its choice
+    the plan (`chosen`) and `args.devices` (at most the devices asked for, and at most the
+    input's `tokens` when known); say which on stderr. Nothing without it."""
     if getattr(args, "plan", None) != "auto":
         return
     chosen(args)  # the flags, checked
+    if tokens is not None:
+        args.devices = max(1, min(args.devices, tokens))
     args.choice = _plan_for(args, model)
     args.devices = args.choice.devices
     if isinstance(args.cr, list):  # eval: the chosen CR alone
@@ -168,6 +183,8 @@ def run(args) -> dict | int:
     import prism_jax as pj
 
     check_flags(args, nodes=jax.process_count())
+    if args.measured:  # node 0's child: it ends with node 0
+        _end_with(int(os.environ.get(_PARENT, os.getppid())))
     model = pj.load_pretrained(args.model)
     if args.profile:
         return _profiled(args, model)
@@ -178,13 +195,15 @@ def run(args) -> dict | int:
 
 def check_flags(args, *, nodes: int) -> None:
     """What `plan` needs given, checked before a model loads (or, under launch, a node starts)."""
-    if args.devices is None:
-        raise PrismError("plan needs --devices N (the edge devices it may use)")
     if args.profile and nodes == 1:
         raise PrismError(
             "--profile measures the nodes and the link between them: run `prism-jax launch "
-            "--nodes N -- plan --profile ...` (or `prism-jax node ... -- plan --profile ...`)"
+            "--nodes N -- plan --profile ...` (or, on each machine, `prism-jax node --rank R "
+            "--nodes N --coordinator HOST:PORT plan --profile ...`)"
         )
+    if args.devices is None:
+        raise PrismError("plan needs --devices N (the edge devices it may use)")
+    _check_speeds(args)
     if args.profile and (args.node_speed or args.collective_ms is not None):
         given = "--node-speed" if args.node_speed else "--collective-ms"
         raise PrismError(f"--profile measures what {given} states; drop {given}")
@@ -234,6 +253,8 @@ def _profiled(args, model) -> dict | int:
     cfg = model.config
     seq_len = args.seq_len or planner.default_length(cfg) or 0
     measured = latency.measure_nodes(model, planner.example_batch(cfg, seq_len))
+    given = args.bandwidth
+    measured["given_bandwidth"] = None if given in (None, float("inf")) else given
     if args.bandwidth is None:
         args.bandwidth = measured["bandwidth"] or float("inf")
     done = "prism_jax/plan/done"
@@ -244,6 +265,22 @@ def _profiled(args, model) -> dict | int:
         return _plan_in_child(args, measured)
     finally:
         _client().key_value_set(done, "1")
+
+
+_PARENT = "PRISM_JAX_PLANNER_PARENT"  # node 0's pid, for its planner child
+
+
+def _end_with(parent: int) -> None:
+    """End this process (exit 3) once `parent` has gone (it is then no longer our parent)."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _client():
@@ -266,7 +303,7 @@ def _plan_in_child(args, measured: dict) -> dict:
     saved = dict(os.environ)
     try:
         emulate_devices(args.devices, exact=True)  # for the child, which starts JAX anew
-        env = dict(os.environ)
+        env = dict(os.environ) | {_PARENT: str(os.getpid())}
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -346,6 +383,8 @@ def show(r: dict) -> None:
     if r.get("profile"):
         m = r["profile"]
         rate = "unmeasurable" if m["bandwidth"] is None else f"{m['bandwidth'] / 1e6:,.1f} Mbit/s"
+        if m.get("given_bandwidth"):
+            rate += f" (planned with the given {m['given_bandwidth'] / 1e6:,.1f} Mbit/s)"
         speeds = ", ".join(f"{v:.2f}" for v in m["node_speed"])
         print(f"measured on {len(m['node_s'])} nodes: speed against node 0 {speeds}; an "
               f"all-gather round {m['round_s'] * 1000:.2f} ms; bandwidth {rate}")  # fmt: skip
