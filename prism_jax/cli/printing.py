@@ -22,10 +22,17 @@ def to_json(result: dict) -> str:
         raise PrismError("the result holds NaN or inf, which JSON cannot carry") from None
 
 
+def _plan_name(p: dict) -> str:
+    """`prism CR=8`, `prism V=26 int4h`: the strategy, the group count and a non-f32 wire."""
+    size = f"V={p['groups']}" if p.get("groups") else f"CR={p['cr']}"
+    wire = "" if p.get("wire", "f32") == "f32" else f" {p['wire']}"
+    return f"{p['strategy']} {size}{wire}"
+
+
 def _print_infer(r: dict) -> None:
     p = r["plan"]
     print(
-        f"{r['family']} ({r['head']}) on {r['devices']} devices, {p['strategy']} CR={p['cr']} "
+        f"{r['family']} ({r['head']}) on {r['devices']} devices, {_plan_name(p)} "
         f"logit_bias={p['logit_bias']}: batch {r['batch']} x {r['tokens']} tokens"
     )
     print(f"bytes sent per device: {r['bytes_per_device']:,} (voltage: {r['bytes_voltage']:,})")
@@ -137,7 +144,7 @@ def _print_generate(r: dict) -> None:
             print(f"{prompt!r} -> {text!r}")
     p = r["plan"]
     print(
-        f"{p['strategy']} CR={p['cr']} on {r['devices']} devices ({p['exchange']} exchange): "
+        f"{_plan_name(p)} on {r['devices']} devices ({p['exchange']} exchange): "
         f"{r['new_tokens']} new tokens, prefill {r['prefill_seconds']:.2f} s sending "
         f"{r['prefill_bytes_per_device']:,} bytes per device, then "
         f"{r['decode_tokens_per_second']:.1f} tokens/s sending none; cache {r['cache_bytes']:,} "
