@@ -343,6 +343,8 @@ def test_wire_on_the_command_line(hf_models, capsys):
         assert f'"wire": "{wire}"' in capsys.readouterr().out
     assert cli.main([*base, "--groups", "3", "--grouping", "tail", "--json"]) == 0
     assert '"groups": 3' in capsys.readouterr().out
+    assert cli.main([*base, "--groups", "3", "--grouping", "tail", "--wire", "int4h"]) == 0
+    assert "prism V=3 int4h" in capsys.readouterr().out  # not "CR=1": it compresses
     for bad, message in (
         (["--cr", "4", "--wire", "int2"], "invalid choice: 'int2'"),
         (["--strategy", "voltage", "--wire", "int8"], "wire set, but compressor settings"),
