@@ -339,7 +339,11 @@ def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
     import prism_jax as pj
 
     model = pj.load_pretrained(inner.model)
-    auto(inner, model)
+    tokens = None
+    if getattr(inner, "text", None) and model.tokenizer is not None:  # infer: its own length
+        batch = model.tokenizer(inner.text, max_length=inner.max_length)
+        tokens = len(batch["input_ids"][0])
+    auto(inner, model, tokens=tokens)
     named = flags(inner.choice, inner.command)
     print(f"--plan auto: the nodes run {inner.command} {' '.join(named)}", file=sys.stderr)
     return inner.choice.devices, _without(rest, ("--plan", "--devices")) + named
