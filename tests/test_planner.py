@@ -151,6 +151,7 @@ def test_plan_on_the_command_line(hf_models, monkeypatch, tmp_path, capsys):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "choice:" in text and "one device" in text
+    assert re.search(r"run it: --devices \d --(strategy single|cr \d+ .* --wire \w+)", text)
 
 
 def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):

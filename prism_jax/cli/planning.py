@@ -379,6 +379,7 @@ def summary(choice, model: str) -> dict:
         for c in choice.candidates
     ]
     chosen = next(r for r in rows if r["status"] == "chosen")
+    chosen["flags"] = flags(choice.chosen.plan, "infer")  # what `node` runs for it
     return {"model": model, "metric": choice.metric, "exact": choice.exact, "choice": chosen,
             "candidates": rows}  # fmt: skip
 
@@ -403,6 +404,7 @@ def show(r: dict) -> None:
     c = r["choice"]
     print(f"choice: {_name(c)} on {c['devices']} device(s), predicted {c['predicted_s']:.3f} s "
           f"({c['speedup']:.2f}x one device)")  # fmt: skip
+    print(f"run it: --devices {c['devices']} {' '.join(c['flags'])} (or --plan auto)")
 
 
 def _name(row: dict) -> str:
