@@ -31,7 +31,7 @@ from prism_jax.errors import PrismError
 from prism_jax.plan import Plan
 
 CRS = (2, 4, 8, 16, 32, 64)
-# The wires weighed: int4h, not int4 (the same bytes, and more accurate wherever measured).
+# The wires weighed: int4h, not int4 (the same bytes; as accurate or more wherever measured).
 WIRES = ("f32", "bf16", "int8", "int4h")
 _BITS = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4, "int4h": 4}
 # The default calibration set per kind of model, and how much of it (rows of text for a
