@@ -284,7 +284,7 @@ CASES = {
     "launch finetune": (
         lambda d: ["launch", "--nodes", "2", *_finetune(d)],
         "finetune does not run across nodes; give the command to run after the options: "
-        "infer ..., cost ..., eval ... or generate ...",
+        "infer ..., cost ..., eval ..., generate ..., serve ... or plan --profile ...",
     ),
     # generation ids: tampered generation_config.json, ids outside the vocabulary
     "generation_config eos a string": (
