@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import checks, models
+from prism_jax import checks, exchange, models
 from prism_jax.checkpoints import hf, safetensors
 from prism_jax.configs import PRESETS, ModelConfig
 from prism_jax.errors import PrismError
@@ -63,21 +63,17 @@ def bytes_closed_form(
     return cfg.depth * batch * plan.segments(l) * group_bytes(cfg, plan)
 
 
-WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int4: `group_bytes`
-
-
 def group_bytes(cfg: ModelConfig, plan: Plan) -> int:
     """Bytes one group sends under prism (DESIGN.md sections 1d and 3): its W means at the
-    wire's width (int4, int4h: ceil(W / 2) bytes), with the integer wires a float32 scale per vector
-    (one for hidden, 2*H_kv for kv), its count (int32) and its tilt statistics (float32 each,
-    `tilt_stats`)."""
+    wire's width (`exchange.wire_width`: int4 and int4h ceil(W / 2) bytes), with the integer
+    wires a float32 scale per vector (one for hidden, 2*H_kv for kv), its count (int32) and
+    its tilt statistics (float32 each, `tilt_stats`)."""
     w = exchange_width(cfg, plan)
     words = 1 + tilt_stats(cfg, plan)  # 4-byte words: the count, the tilt's statistics
-    if plan.wire in ("int8", "int4", "int4h"):
+    if plan.wire in exchange.LEVELS:
         words += 1 if plan.for_model(cfg).exchange == "hidden" else 2 * cfg.kv_heads
-    if plan.wire in ("int4", "int4h"):
-        return -(-w // 2) + 4 * words
-    return w * WIRE_BYTES[plan.wire] + 4 * words
+    size = jnp.dtype(exchange.WIRE_DTYPES[plan.wire]).itemsize
+    return exchange.wire_width(w, plan.wire) * size + 4 * words
 
 
 def tilt_stats(cfg: ModelConfig, plan: Plan) -> int:

@@ -114,7 +114,7 @@ def _run_infer(args) -> dict:
     save = writable_file(args.save) if args.save is not None else None
     model = pj.load_pretrained(args.model)
     batch = _make_batch(model, args)
-    tokens = np.asarray(next(iter(batch.values()))).shape[-1] if args.text else None
+    tokens = np.shape(batch["input_ids"])[-1] if args.text else None
     planning.auto(args, model, tokens=tokens)  # --plan auto: the planner's devices and plan
     plan = plan_of(args, cfg=model.config)  # `--compressor prism+` is the model's best
     mesh = pj.edge_mesh(args.devices)

@@ -336,13 +336,15 @@ def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
     """`launch ... --plan auto`: the planner runs here, once (the launcher emulates the
     devices it calibrates on); returns how many nodes to start and the command they run: the
     choice's flags in place of `--plan auto` and `--devices`."""
+    import numpy as np
+
     import prism_jax as pj
 
     model = pj.load_pretrained(inner.model)
     tokens = None
     if getattr(inner, "text", None) and model.tokenizer is not None:  # infer: its own length
         batch = model.tokenizer(inner.text, max_length=inner.max_length)
-        tokens = len(batch["input_ids"][0])
+        tokens = np.shape(batch["input_ids"])[-1]
     auto(inner, model, tokens=tokens)
     named = flags(inner.choice, inner.command)
     print(f"--plan auto: the nodes run {inner.command} {' '.join(named)}", file=sys.stderr)
