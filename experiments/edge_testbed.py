@@ -18,9 +18,10 @@ each program is compiled once and timed under every (rate, delay). `testbed_prob
 the link first: TCP round trips of 16 bytes (2 x delay expected) and bulk throughput, against
 the plain bridge of `testbed_net.network`.
 
-Latency: wall time on node 0 of one compiled inference (outputs left on their devices), median
-of `--repeats`, all nodes released together by a barrier. Wire bytes: each node's `tx_bytes`
-counter (IP packets: the TUN device carries no Ethernet header) over the timed repeats.
+Latency: wall time of one compiled inference (outputs left on their devices) until its last
+node is done (`single`: node 0's), median of `--repeats`, all nodes released together by a
+barrier. Wire bytes: each node's `tx_bytes` counter (IP packets: the TUN device carries no
+Ethernet header) over the timed repeats.
 The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
 collective cost fitted on N = 2 and predicts N = 4 (and 8).
 Writes experiments/results/edge_testbed_v2.{json,md,png}.
@@ -176,6 +177,10 @@ def node_main(args) -> None:
                 times.append(time.perf_counter() - start)
             sent = (int(counter.read_text()) - sent) / args.repeats
             wire = multihost_utils.process_allgather(np.array([sent]))
+            # done when its last node is (a causal stream's node 0 is first); `single` runs
+            # on every node at once, node 0's time is its
+            every = multihost_utils.process_allgather(np.array(times))
+            times = times if plan.strategy == "single" else every.max(axis=0).tolist()
             n = 1 if plan.strategy == "single" else args.nodes
             rows.append({
                 "plan": spec, "strategy": plan.strategy, "cr": plan.cr, "wire": plan.wire,

@@ -20,20 +20,26 @@ def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
     """`single`, `voltage`, `paper:CR` (fixed segments, f32), `best:CR:WIRE`
     (`Plan.best(CR, cfg, wire=WIRE)`) or `fill:CR:WIRE` (`Plan.best` with one sink token on
     WIRE, as many groups as fit the bytes of `paper:CR` at `devices` and `seq_len`:
-    `planner.fill`)."""
+    `planner.fill`); `@TRANSPORT` after any but `single` sets the plan's transport
+    (`paper:16@stream`; default all_gather)."""
+    import dataclasses
+
     import prism_jax as pj
     from prism_jax import cost, planner
 
+    spec, _, transport = spec.partition("@")
     kind, *rest = spec.split(":")
     if kind in ("single", "voltage"):
-        return pj.Plan(strategy=kind)
-    if kind == "paper":
-        return pj.Plan(cr=int(rest[0]))
-    if kind == "fill":
+        plan = pj.Plan(strategy=kind)
+    elif kind == "paper":
+        plan = pj.Plan(cr=int(rest[0]))
+    elif kind == "fill":
         shape = dict(devices=devices, seq_len=seq_len)
         budget = cost.bytes_closed_form(cfg, pj.Plan(cr=int(rest[0])), **shape)
-        return planner.fill(cfg, pj.Plan.best(1, cfg, wire=rest[1], sink=1), budget, **shape)
-    return pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
+        plan = planner.fill(cfg, pj.Plan.best(1, cfg, wire=rest[1], sink=1), budget, **shape)
+    else:
+        plan = pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
+    return dataclasses.replace(plan, transport=transport) if transport else plan
 
 
 def _single(rows, model, nodes) -> dict:

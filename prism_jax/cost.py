@@ -118,6 +118,7 @@ _COLLECTIVES = re.compile(
     r'"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|collective_permute|'
     r'collective_broadcast)"'
 )
+_SPLIT_COUNT = re.compile(r"split_count = (\d+)")
 _SIGNATURE = re.compile(r":\s*\((tensor<[^>]*>(?:,\s*tensor<[^>]*>)*)\)\s*->")
 _TENSOR = re.compile(r"tensor<((?:\d+x)*)([a-z]+\d*)>")
 _DTYPE_BYTES = {
@@ -135,8 +136,10 @@ _DTYPE_BYTES = {
 
 
 def collective_bytes(stablehlo: str) -> tuple[int, list[tuple[str, int]]]:
-    """Bytes one device sends through the collectives of a lowered (per-device) program:
-    the operand of each collective, in its logical dtype. Returns (total, [(op, bytes)])."""
+    """Bytes one device sends each other device through the collectives of a lowered
+    (per-device) program: the operand of each collective, in its logical dtype (an
+    all-to-all's, one of its `split_count` parts: what each peer gets, as an all-gather's
+    block). Returns (total, [(op, bytes)])."""
     ops = []
     for match in _COLLECTIVES.finditer(stablehlo):
         signature = _SIGNATURE.search(stablehlo, match.end())
@@ -144,6 +147,8 @@ def collective_bytes(stablehlo: str) -> tuple[int, list[tuple[str, int]]]:
         for dims, dtype in _TENSOR.findall(signature.group(1)):
             count = math.prod(int(d) for d in dims.split("x") if d)
             size += count * _DTYPE_BYTES[dtype]
+        if match.group(1) == "all_to_all":
+            size //= int(_SPLIT_COUNT.search(stablehlo, match.end(), signature.start()).group(1))
         ops.append((match.group(1), size))
     return sum(size for _, size in ops), ops
 

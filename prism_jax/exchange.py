@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prism_jax import compress
+from prism_jax import compress, stream
 from prism_jax.plan import Plan
 
 
@@ -319,11 +319,29 @@ def _others(ex: Exchange, local: Local, every: jax.Array) -> jax.Array:
     return jnp.roll(every, -local.device, axis=1)[:, 1:]
 
 
-def _gather_others(ex: Exchange, local: Local, rows: jax.Array):
-    """All-gather `[B, V, C]` rows over the axis (the layer's only collective) and keep the
-    other devices': `[B, (N-1)*V, C]`, and the source device of each row `[(N-1)*V]`."""
+def gather(rows: jax.Array, ex: Exchange, local: Local) -> jax.Array:
+    """Every device's `[B, V, C]` rows, `[B, N, V, C]` in device order, as the plan's
+    `transport` moves them: an `all_gather`; an `all_to_all` of the rows repeated once per
+    device (the same bytes leave each device; gloo, JAX's CPU collectives, runs its
+    all-gather as a ring of N - 1 steps, each a round trip on the link, and its all-to-all
+    as one step with every transfer posted at once: experiments/results/
+    collective_probe.md); or the `stream` (a causal model's later devices' rows are zero
+    there: nobody sends them, the mask hides them)."""
+    transport = ex.plan.transport
+    if transport == "all_gather":
+        return lax.all_gather(rows, ex.axis_name, axis=1)
+    if transport == "stream":
+        return stream.gather(rows, local.device, ex.devices, ex.causal)
     b, v, c = rows.shape
-    every = lax.all_gather(rows, ex.axis_name, axis=1)  # [B, N, V, C]
+    repeated = jnp.broadcast_to(rows[:, None], (b, ex.devices, v, c))
+    return lax.all_to_all(repeated, ex.axis_name, split_axis=1, concat_axis=1, tiled=True)
+
+
+def _gather_others(ex: Exchange, local: Local, rows: jax.Array):
+    """Gather `[B, V, C]` rows over the axis (the layer's only exchange, `gather`) and keep
+    the other devices': `[B, (N-1)*V, C]`, and the source device of each row `[(N-1)*V]`."""
+    b, v, c = rows.shape
+    every = gather(rows, ex, local)  # [B, N, V, C]
     others = _others(ex, local, every).reshape(b, (ex.devices - 1) * v, c)
     source = (local.device + 1 + jnp.arange(ex.devices - 1)) % ex.devices
     return others, jnp.repeat(source, v)

@@ -7,10 +7,12 @@
   at speed 1) x the plan's per-device matmul FLOPs / one device's (`cost.flops_closed_form`),
   divided by the slowest node's speed (every layer waits for its collective, so the slowest
   node sets the pace; `single` runs on the fastest node);
-- rounds: depth x (N - 1) x a round trip (2 x the link's one-way latency): one collective
-  per layer, and each of an all-gather's N - 1 steps waits a round trip on gloo over TCP
-  (measured: latency rises by about 2 (N - 1) one-way delays a layer between 0 and 20 ms,
-  experiments/results/edge_testbed_v2.md; a one-way ring step would be half of it);
+- rounds: depth x steps x a round trip (2 x the link's one-way latency): one collective per
+  layer, and each step of it waits a round trip on gloo over TCP (a transfer starts once the
+  receiver has said it is ready); an all-gather is a ring of N - 1 steps, the exchange's
+  all-to-all (`Plan(collective="all_to_all")`) one (measured: experiments/results/
+  collective_probe.md, and edge_testbed_v2.md: about 2 (N - 1) one-way delays a layer for the
+  all-gather between 0 and 20 ms);
 - transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
   bandwidth (each node's uplink carries its block to every other node);
 - overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
@@ -137,9 +139,21 @@ def predict(cfg, plan: Plan, *, devices: int, seq_len: int, link: Link, profile:
     if n == 1:
         return Estimate(compute, 0.0, 0.0, 0.0)
     sent = cost.bytes_closed_form(cfg, plan, devices=n, seq_len=seq_len, batch=batch)
-    rounds = cfg.depth * (n - 1) * 2 * link.latency
+    rounds = waits(cfg, plan, n, link.latency)
     transfer = (n - 1) * sent * 8 / link.bandwidth
     return Estimate(compute, rounds, transfer, cfg.depth * profile.collective_s)
+
+
+def waits(cfg, plan: Plan, devices: int, latency: float) -> float:
+    """Seconds an inference waits on the link's latency: per layer, a round trip for each
+    step of the exchange (a ring all-gather's N - 1, an all-to-all's one: its N - 1 transfers
+    posted at once); the stream waits for no receiver: one one-way delay a layer for an
+    encoder, and for a causal model the N - 1 delays by which the last device runs behind the
+    first, once."""
+    if plan.transport == "stream":
+        return ((devices - 1) if cfg.causal else cfg.depth) * latency
+    steps = 1 if plan.transport == "all_to_all" else devices - 1
+    return cfg.depth * steps * 2 * latency
 
 
 def profile_single(model, batch: dict, *, repeats: int = 3) -> float:

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prism_jax import checks, exchange
+from prism_jax import checks, exchange, stream
 from prism_jax.checks import as_int
 from prism_jax.configs import ModelConfig
 from prism_jax.errors import PrismError
@@ -68,6 +68,8 @@ def spread(per_device, cfg: ModelConfig, plan: Plan, mesh: Mesh | None, *, out_s
     if plan.strategy == "single":  # split over a mesh, each device would see only its tokens
         raise PrismError("strategy 'single' runs on one device: call it without a mesh")
     ex = exchange.Exchange(plan, AXIS, mesh.shape[AXIS], cfg.causal)
+    if plan.transport == "stream" and ex.active:
+        stream.connect(mesh)  # every node builds its program here: they meet
     return jax.jit(
         jax.shard_map(
             functools.partial(per_device, ex=ex),

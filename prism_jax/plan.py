@@ -19,6 +19,10 @@ EXCHANGES = ("auto", "hidden", "kv")
 GROUPINGS = ("segments", "balanced", "kmeans", "tail")
 # What the means travel as (DESIGN.md section 1d), whatever the model computes in.
 WIRES = ("f32", "bf16", "int8", "int4", "int4h")
+# How a layer's exchange travels (the same values every way): the all-gather of DESIGN.md, an
+# all-to-all that reaches every device in one step (`exchange.gather`), or the nodes' own
+# connections, sent at once and waited for only where needed (`stream.py`).
+TRANSPORTS = ("all_gather", "all_to_all", "stream")
 
 
 # The fields that say how a device compresses what it sends (prism only).
@@ -62,6 +66,11 @@ class Plan:
       groups: V, the groups a device sends per layer (at most its L tokens), in place of
         ceil(L / CR): a byte budget filled exactly rather than in whole CRs (0: from `cr`;
         with cr = 1 and not with `segments`).
+      transport: how a layer's exchange reaches the other devices, the same values every
+        way: `all_gather` (DESIGN.md; on gloo, JAX's CPU collectives, a ring of N - 1 steps,
+        each a round trip), `all_to_all` (one step), or `stream` (the nodes' own TCP
+        connections: sent as soon as computed, a causal model's only forward; one process per
+        device, `stream.py`). The runtime's choice, not the compressor's: no output changes.
     """
 
     strategy: str = "prism"
@@ -75,6 +84,7 @@ class Plan:
     sink: int = 0
     wire: str = "f32"
     groups: int = 0
+    transport: str = "all_gather"
 
     def __post_init__(self):
         _choice("strategy", self.strategy, STRATEGIES)
@@ -82,6 +92,7 @@ class Plan:
         _choice("exchange", self.exchange, EXCHANGES)
         _choice("grouping", self.grouping, GROUPINGS)
         _choice("wire", self.wire, WIRES)
+        _choice("transport", self.transport, TRANSPORTS)
         for name, low, high in (
             ("cr", 1, None),
             ("kmeans_iters", 1, 1000),
@@ -114,6 +125,8 @@ class Plan:
                     f"{', '.join(changed)} set, but compressor settings apply only to "
                     f"strategy='prism', not {self.strategy!r}"
                 )
+        if self.strategy == "single" and self.transport != "all_gather":
+            raise PrismError("transport: strategy='single' runs on one device, nothing travels")
         if self.groups and self.grouping == "segments":
             raise PrismError(
                 "groups: the paper's segments are fixed runs of CR positions; give groups with "

@@ -164,7 +164,9 @@ class Calibration:
             return {}  # none yet, or unreadable: calibrate again
 
     def score(self, devices: int, plan: Plan) -> float:
-        key = {**self.base, "devices": devices, "plan": dataclasses.asdict(plan)}
+        fields = dataclasses.asdict(plan)
+        del fields["transport"]  # how it travels changes no output
+        key = {**self.base, "devices": devices, "plan": fields}
         key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         if key not in self.entries:
             from prism_jax.partition import edge_mesh

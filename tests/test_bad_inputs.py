@@ -381,6 +381,15 @@ CASES = {
         "argument --seed: an integer in [0, 2**63 - 1] expected",
     ),
     "finetune seed -1": (lambda d: [*_finetune(d), "--seed", "-1"], "argument --seed"),
+    # the stream transport needs one process per device
+    "infer --transport stream on one machine": (
+        lambda d: _infer(d, "--transport", "stream", "--cr", "2"),
+        "--transport stream runs on a cluster of one process per device",
+    ),
+    "single with --transport all_to_all": (
+        lambda d: _infer(d, "--strategy", "single", "--transport", "all_to_all"),
+        "transport: strategy='single' runs on one device",
+    ),
     # saving, distillation, prompts
     "save to an empty name": (lambda d: _infer(d, "--save", ""), "give a file name to write to"),
     "distill 1e308 (inf in float32)": (

@@ -43,14 +43,17 @@ def _env(**extra):
 
 
 @pytest.mark.parametrize(
-    ("name", "nodes", "strategy", "cr"),
+    ("name", "nodes", "strategy", "cr", "transport"),
     [
-        ("bert_cls", 3, "prism", 3),
-        pytest.param("gpt2_lm", 4, "prism", 2, marks=pytest.mark.slow),  # 4 processes, 2 cores
-        ("gpt2_lm", 2, "voltage", 1),
+        ("bert_cls", 3, "prism", 3, "all_gather"),
+        pytest.param("gpt2_lm", 4, "prism", 2, "all_gather", marks=pytest.mark.slow),
+        ("gpt2_lm", 2, "voltage", 1, "all_gather"),
+        ("gpt2_lm", 3, "prism", 2, "stream"),  # causal: each node sends only forward
+        ("bert_cls", 2, "prism", 3, "stream"),  # an encoder: both ways
     ],
 )
-def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, tmp_path):
+def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, transport, hf_models,
+                                          tmp_path):  # fmt: skip
     directory = hf_models(name)[1]
     saved = tmp_path / "out.npz"
     done = _launch(
@@ -63,6 +66,8 @@ def test_cluster_matches_emulated_devices(name, nodes, strategy, cr, hf_models, 
         strategy,
         "--cr",
         cr,
+        "--transport",
+        transport,
         "--text",
         TEXT,
         "--save",

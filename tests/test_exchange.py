@@ -243,3 +243,77 @@ def test_int4h_arrives_as_the_numpy_rule_and_spreads_an_outlier(rng):
     np.testing.assert_allclose(got["int4h"].reshape(-1, 128), want, rtol=1e-4, atol=1e-4)
     error = {w: np.square(g - x)[..., np.arange(128) != 7].mean() for w, g in got.items()}
     assert error["int4h"] < error["int4"] / 4, error
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "kw"),
+    [
+        ("llama_lm", 3, dict(cr=2, grouping="tail", sink=1, value_tilt=True, wire="int4h")),
+        ("bert_cls", 4, dict(strategy="voltage")),
+    ],
+)
+def test_all_to_all_exchange_equals_the_all_gather(name, n, kw, hf_models, rng):
+    """`Plan(transport="all_to_all")`: one all-to-all a layer in place of the all-gather,
+    each device's block sent once to every other (the same bytes), the same outputs."""
+    from prism_jax import cost
+    from tests import tiny
+
+    model = pj.load_pretrained(hf_models(name)[1])
+    batch = tiny.random_batch(name, rng, tokens=17)
+    mesh, plan = pj.edge_mesh(n), pj.Plan(transport="all_to_all", **kw)
+    got = pj.infer(model, batch, mesh=mesh, plan=plan)
+    want = pj.infer(model, batch, mesh=mesh, plan=pj.Plan(**kw))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    cfg, shape = model.config, dict(devices=n, seq_len=17, batch=2)
+    sent, ops = cost.collective_bytes(cost.lower(cfg, plan, **shape).as_text())
+    assert [op for op, _ in ops] == ["all_to_all"] * cfg.depth
+    assert sent == cost.bytes_closed_form(cfg, plan, **shape) > 0
+
+
+def test_gather_puts_every_device_block_in_device_order():
+    n = 4
+    mesh = pj.edge_mesh(n)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.arange(n * 6.0).reshape(1, n * 2, 3)  # device p holds rows 2p, 2p + 1
+    x = jax.device_put(x, NamedSharding(mesh, P(None, "edge")))
+
+    def per_device(rows):
+        out = []
+        for transport in ("all_gather", "all_to_all"):
+            ex = exchange.Exchange(pj.Plan(cr=2, transport=transport), "edge", n, causal=False)
+            local = exchange.local_view(ex, jnp.ones((1, n * 2), bool))
+            out.append(exchange.gather(rows, ex, local)[None])
+        return tuple(out)
+
+    out = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(None, "edge"),
+                                out_specs=P("edge")))(x)  # fmt: skip
+    want = np.broadcast_to(np.asarray(x).reshape(1, 1, n, 2, 3), (n, 1, n, 2, 3))
+    for got in out:
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(transport="ring"), "unknown transport 'ring'"),
+        (dict(strategy="single", transport="all_to_all"), "transport: strategy='single'"),
+    ],
+)
+def test_bad_transport_names_the_field(kw, message):
+    import re
+
+    with pytest.raises(pj.PrismError, match=re.escape(message)):
+        pj.Plan(**kw)
+
+
+def test_stream_on_emulated_devices_is_refused(hf_models, rng):
+    """The stream needs one process per device (`launch`, `node`; the cluster tests run it)."""
+    from tests import tiny
+
+    model = pj.load_pretrained(hf_models("gpt2_lm")[1])
+    batch = tiny.random_batch("gpt2_lm", rng, tokens=9)
+    with pytest.raises(pj.PrismError, match="transport 'stream' runs on a cluster of one process"):
+        pj.infer(model, batch, mesh=pj.edge_mesh(2), plan=pj.Plan(cr=2, transport="stream"))

@@ -23,6 +23,7 @@ from tests.conftest import FAST_COMPILE
 SLOW = {
     "edge_testbed.py",
     "overlap_probe.py",
+    "collective_probe.py",
     "bench_compile.py",
     "bench_forward.py",
     "bench_llama.py",
@@ -96,7 +97,8 @@ def test_smoke(script, tmp_path, tfds_dir):
         },  # fmt: skip
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    if script in ("edge_testbed.py", "overlap_probe.py") and "skipped" in done.stdout:  # not root
+    testbed = ("edge_testbed.py", "overlap_probe.py", "collective_probe.py")
+    if script in testbed and "skipped" in done.stdout:  # not root
         pytest.skip(done.stdout.strip(" |\n"))
     if script in RESULTS:
         written = sorted(out.glob("*.json"))

@@ -68,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed in one line
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     command = args.command
+    if command not in ("node", "launch") and getattr(args, "transport", None) == "stream":
+        print(
+            f"prism-jax {command}: error: --transport stream runs on a cluster of one process "
+            f"per device: prism-jax launch --nodes N -- {command} ... (or node); emulated "
+            "devices use all_gather or all_to_all",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     _quiet_runtime()
     if command == "node":
         emulate_devices(1, exact=True)  # one device per process

@@ -21,7 +21,15 @@ from prism_jax.cli.values import (
     utf8_text,
 )
 from prism_jax.data.tfds_builders import LOCAL
-from prism_jax.plan import EXCHANGES, GROUPINGS, LOGIT_BIASES, STRATEGIES, WIRES, Plan
+from prism_jax.plan import (
+    EXCHANGES,
+    GROUPINGS,
+    LOGIT_BIASES,
+    STRATEGIES,
+    TRANSPORTS,
+    WIRES,
+    Plan,
+)
 
 EXIT_USAGE = 2
 
@@ -56,6 +64,14 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = Fa
         choices=EXCHANGES,
         help="what travels: attention-input means (hidden) or key/value means (kv); auto: "
         "the cheaper exact one, kv for rotary models",
+    )
+    p.add_argument(
+        "--transport",
+        default="all_gather",
+        choices=TRANSPORTS,
+        help="how a layer's exchange travels, the same values every way: all_gather (a ring of "
+        "N - 1 steps on gloo), all_to_all (one step), stream (the nodes' own connections, "
+        "sent at once; one process per device: launch or node)",
     )
     c = p.add_argument_group("compressor (DESIGN.md 1b, 1c; default: the paper's segments)")
     c.add_argument(
@@ -415,6 +431,7 @@ def plan_of(args, cr: int | None = None, cfg=None) -> Plan:
         cr=args.cr if cr is None else cr,
         logit_bias=args.logit_bias,
         exchange=args.exchange,
+        transport=args.transport,
     )
     if args.compressor == "prism+":
         return Plan.best(model=cfg, **fields | chosen)

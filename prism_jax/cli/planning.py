@@ -328,6 +328,8 @@ def flags(plan, command: str) -> list[str]:
              "salient": plan.salient, "sink": plan.sink, "wire": plan.wire}  # fmt: skip
     if plan.groups:
         named["groups"] = plan.groups
+    if plan.transport != "all_gather":
+        named["transport"] = plan.transport
     named = [token for k, v in named.items() for token in ("--" + k, str(v))]
     return named + (["--value-tilt"] if plan.value_tilt else [])
 

@@ -1,0 +1,189 @@
+"""The exchange on the nodes' own TCP connections: sent at once, waited for only where needed
+(`Plan(transport="stream")`, a cluster of one process per device).
+
+Under JAX's CPU collectives (gloo over TCP) a block moves only once its receiver has said it
+is ready, so each step of a layer's exchange costs a round trip, and every device waits at
+every layer for the slowest (experiments/results/collective_probe.md). Here every node keeps a
+connection to every other, with a thread that takes in whatever arrives: a device hands its
+layer's block to a sending thread as soon as it is computed and goes on; it waits only for
+the blocks it needs. A causal model's device needs only the earlier devices' (the
+partition-aware mask hides the later ones', DESIGN.md section 1), so it sends only forward:
+device 0 never waits, and device p runs behind device 0 by the delays of the links before it,
+once, not at every layer. An encoder's device needs every other device's block, one one-way
+delay a layer.
+
+Frames on a connection: a header (exchange number, source node, payload bytes; network byte
+order) and the block's bytes. The i-th exchange of every node is the same layer of the same
+inference: every node runs the same program.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import struct
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import io_callback
+
+from prism_jax.errors import PrismError
+
+_HEADER = struct.Struct("!QII")  # exchange number, source node, payload bytes
+_KEY = "prism_jax/stream/{}"
+TIMEOUT_S = 600.0  # how long a node waits for a block before it gives up
+
+
+class Stream:
+    """This node's connections to the other nodes of a running `jax.distributed` cluster."""
+
+    def __init__(self, rank: int, nodes: int, *, timeout_s: float = TIMEOUT_S):
+        self.rank, self.nodes, self.timeout_s = rank, nodes, timeout_s
+        self.count = 0  # exchanges this node has made
+        self.arrived: dict[tuple[int, int], bytes] = {}  # (exchange, source) -> block
+        self.failed: str | None = None
+        self.ready = threading.Condition()
+        self.outboxes = {q: queue.Queue() for q in range(nodes) if q != rank}
+        self._connect()
+
+    def _connect(self) -> None:
+        """Listen, publish the address on the coordination service, connect to every other
+        node (one connection each way), and start the threads."""
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        listener = socket.create_server((_own_address(), 0))
+        host, port = listener.getsockname()[:2]
+        client.key_value_set(_KEY.format(self.rank), f"{host}:{port}")
+        timeout_ms = int(self.timeout_s * 1000)
+        for q in self.outboxes:
+            host, port = client.blocking_key_value_get(_KEY.format(q), timeout_ms).rsplit(":", 1)
+            conn = socket.create_connection((host, int(port)), timeout=self.timeout_s)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(struct.pack("!I", self.rank))
+            conn.settimeout(None)
+            threading.Thread(target=self._send, args=(q, conn), daemon=True).start()
+        listener.settimeout(self.timeout_s)
+        for _ in self.outboxes:
+            conn, _ = listener.accept()
+            conn.settimeout(None)
+            source = struct.unpack("!I", _read(conn, 4))[0]
+            threading.Thread(target=self._receive, args=(source, conn), daemon=True).start()
+        listener.close()
+
+    def _send(self, q: int, conn: socket.socket) -> None:
+        while True:
+            frame = self.outboxes[q].get()
+            try:
+                conn.sendall(frame)
+            except OSError as e:
+                self._fail(f"node {self.rank}: sending to node {q} failed ({e})")
+                return
+
+    def _receive(self, source: int, conn: socket.socket) -> None:
+        while True:
+            try:
+                number, sender, size = _HEADER.unpack(_read(conn, _HEADER.size))
+                block = _read(conn, size)
+            except OSError as e:
+                self._fail(f"node {self.rank}: the connection from node {source} ended ({e})")
+                return
+            with self.ready:
+                self.arrived[number, sender] = block
+                self.ready.notify_all()
+
+    def _fail(self, why: str) -> None:
+        with self.ready:
+            self.failed = self.failed or why
+            self.ready.notify_all()
+
+    def exchange(self, block: np.ndarray, send_to, receive_from) -> np.ndarray:
+        """Send `block` to the nodes `send_to`; return `[N, *block.shape]`: every node's
+        block in node order, this node's own, those of `receive_from` once they arrive, zeros
+        for the rest."""
+        number = self.count
+        self.count += 1
+        block = np.ascontiguousarray(block)
+        payload = block.tobytes()
+        for q in send_to:
+            self.outboxes[q].put(_HEADER.pack(number, self.rank, len(payload)) + payload)
+        every = np.zeros((self.nodes, *block.shape), block.dtype)
+        every[self.rank] = block
+        wanted = [(number, q) for q in receive_from]
+        with self.ready:
+            done = self.ready.wait_for(
+                lambda: self.failed or all(k in self.arrived for k in wanted), self.timeout_s
+            )
+            if self.failed or not done:
+                missing = [q for n, q in wanted if (n, q) not in self.arrived]
+                raise PrismError(self.failed or f"node {self.rank}: no block from nodes "
+                                 f"{missing} within {self.timeout_s:g} s")  # fmt: skip
+            got = [self.arrived.pop(k) for k in wanted]
+        for q, data in zip(receive_from, got, strict=True):
+            every[q] = np.frombuffer(data, block.dtype).reshape(block.shape)
+        return every
+
+
+_STREAM: Stream | None = None
+
+
+def connect(mesh) -> Stream:
+    """This process's `Stream`, made on first use: every node of the cluster calls it at the
+    same point (when it builds a program with `transport="stream"`). The mesh must hold one
+    device per process, every process of the cluster."""
+    global _STREAM
+    devices = mesh.devices.ravel()
+    owners = [d.process_index for d in devices]
+    if sorted(owners) != list(range(jax.process_count())) or len(set(owners)) != len(owners):
+        raise PrismError(
+            "transport 'stream' runs on a cluster of one process per device (prism-jax launch "
+            "or node); on emulated devices in one process use 'all_gather' or 'all_to_all'"
+        )
+    if owners != list(range(len(owners))):
+        raise PrismError("transport 'stream': the mesh must hold node p's device at place p")
+    if _STREAM is None:
+        _STREAM = Stream(jax.process_index(), jax.process_count())
+    return _STREAM
+
+
+def gather(rows: jax.Array, device, devices: int, causal: bool) -> jax.Array:
+    """`[B, N, V, C]`: every device's `[B, V, C]` rows in device order, by the stream (inside
+    the program: a host callback). Causal: only the earlier devices' rows (the others zero)."""
+
+    def host(block, p):
+        p = int(p)
+        later, others = range(p + 1, devices), [q for q in range(devices) if q != p]
+        if causal:
+            every = _STREAM.exchange(block, later, range(p))
+        else:
+            every = _STREAM.exchange(block, others, others)
+        return np.moveaxis(every, 0, 1)  # [B, N, V, C]
+
+    b, v, c = rows.shape
+    out = jax.ShapeDtypeStruct((b, devices, v, c), rows.dtype)
+    return io_callback(host, out, rows, device)
+
+
+def _read(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return bytes(data)
+
+
+def _own_address() -> str:
+    """The address this node reaches the coordinator from (its interface on the cluster's
+    network; loopback when the cluster is one machine)."""
+    from jax._src import distributed
+
+    host = distributed.global_state.coordinator_address.rsplit(":", 1)[0]
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host, 9))  # no packet is sent: this only picks the route
+        return probe.getsockname()[0]
+    finally:
+        probe.close()
