@@ -7,14 +7,18 @@
   at speed 1) x the plan's per-device matmul FLOPs / one device's (`cost.flops_closed_form`),
   divided by the slowest node's speed (every layer waits for its collective, so the slowest
   node sets the pace; `single` runs on the fastest node);
-- rounds: depth x steps x a round trip (2 x the link's one-way latency): one collective per
-  layer, and each step of it waits a round trip on gloo over TCP (a transfer starts once the
-  receiver has said it is ready); an all-gather is a ring of N - 1 steps, the exchange's
-  all-to-all (`Plan(collective="all_to_all")`) one (measured: experiments/results/
-  collective_probe.md, and edge_testbed_v2.md: about 2 (N - 1) one-way delays a layer for the
-  all-gather between 0 and 20 ms);
+- rounds: what the link's one-way latency costs (`waits`), by the plan's transport: on gloo
+  over TCP a transfer starts once the receiver has said it is ready, so each step of a
+  collective waits a round trip: depth x (N - 1) round trips for the all-gather (a ring),
+  depth x 1 for the all-to-all; the stream waits for no receiver: depth one-way delays for an
+  encoder, N - 1 for a causal model (its pipeline's fill, once). Measured in
+  experiments/results/collective_probe.md (2.99 and 6.89 round trips a layer for the
+  all-gather at N = 4 and 8, 1.00 and 0.99 for the all-to-all, 0.49 and 0.40 for the stream,
+  0.01 and 0.07 for the causal stream, 20 ms);
 - transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
-  bandwidth (each node's uplink carries its block to every other node);
+  bandwidth (each node's uplink carries its block to every other node; a causal model's
+  first node to every later one); on the stream a causal model's blocks travel while the
+  next layer is computed: only the last layer's share, and what exceeds the compute, adds;
 - overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
   N = 2 runs: 11-27 ms a layer for the prism plans on the testbed, `COLLECTIVE_S` the
   paper plan's; 0 by default in a `Profile`).
@@ -141,6 +145,10 @@ def predict(cfg, plan: Plan, *, devices: int, seq_len: int, link: Link, profile:
     sent = cost.bytes_closed_form(cfg, plan, devices=n, seq_len=seq_len, batch=batch)
     rounds = waits(cfg, plan, n, link.latency)
     transfer = (n - 1) * sent * 8 / link.bandwidth
+    if plan.transport == "stream" and cfg.causal:
+        # sent as computed: the uplink carries a layer's blocks while the next is computed,
+        # so only the last layer's, and what the uplink cannot keep up with, adds
+        transfer = max(transfer - compute, 0.0) + transfer / cfg.depth
     return Estimate(compute, rounds, transfer, cfg.depth * profile.collective_s)
 
 
