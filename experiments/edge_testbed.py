@@ -249,19 +249,23 @@ def _delays(text: str) -> tuple[float, ...]:
 
 
 def _plans(text: str) -> tuple[str, ...]:
-    """single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, comma-separated."""
-    from prism_jax.plan import WIRES
+    """single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, each but single with an
+    optional @TRANSPORT, comma-separated."""
+    from prism_jax.plan import TRANSPORTS, WIRES
 
     out = tuple(text.split(","))
     for spec in out:
-        kind, *rest = spec.split(":")
+        base, at, transport = spec.partition("@")
+        kind, *rest = base.split(":")
         ok = (kind in ("single", "voltage") and not rest) or (
             kind == "paper" and len(rest) == 1 and rest[0].isdigit() and int(rest[0]) >= 1
         ) or (kind in ("best", "fill") and len(rest) == 2 and rest[0].isdigit()
               and int(rest[0]) >= 1 and rest[1] in WIRES)  # fmt: skip
+        ok = ok and (not at or (transport in TRANSPORTS and kind != "single"))
         if not ok:
             raise argparse.ArgumentTypeError(
-                f"expected single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE: {spec!r}"
+                "expected single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, each but "
+                f"single with an optional @TRANSPORT ({', '.join(TRANSPORTS)}): {spec!r}"
             )
     if "single" not in out:
         raise argparse.ArgumentTypeError(f"the plans need single, the baseline: {text!r}")
