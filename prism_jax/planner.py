@@ -28,7 +28,7 @@ import numpy as np
 from prism_jax import checks, cost
 from prism_jax import latency as latency_model
 from prism_jax.errors import PrismError
-from prism_jax.plan import Plan
+from prism_jax.plan import TRANSPORTS, Plan
 
 CRS = (2, 4, 8, 16, 32, 64)
 # The wires weighed: int4h, not int4 (the same bytes; as accurate or more wherever measured).
@@ -75,17 +75,23 @@ def kind(cfg) -> str:
     return "vit" if cfg.family == "vit" else "text"
 
 
-def candidates(cfg, *, devices: int, seq_len: int, link, profile) -> list[Candidate]:
-    """Every plan the planner weighs, fastest predicted first."""
+def candidates(cfg, *, devices: int, seq_len: int, link, profile,
+               transports=TRANSPORTS) -> list[Candidate]:  # fmt: skip
+    """Every plan the planner weighs, fastest predicted first; each on the fastest of
+    `transports` (how it travels changes no output, so only its latency is weighed)."""
     shape = dict(seq_len=seq_len)
     out = [_candidate(cfg, 1, Plan(strategy="single"), "single", link, profile, shape)]
     for n in range(2, devices + 1):
         local = cost.local_len(seq_len, n)
         for cr in (c for c in CRS if c <= local):
-            out.append(_candidate(cfg, n, Plan(cr=cr), "paper", link, profile, shape))
-            for wire in WIRES:
-                plan = Plan.best(cr, cfg, wire=wire)
-                out.append(_candidate(cfg, n, plan, "best", link, profile, shape))
+            plans = [("paper", Plan(cr=cr))]
+            plans += [("best", Plan.best(cr, cfg, wire=wire)) for wire in WIRES]
+            for compressor, plan in plans:
+                out.append(min(
+                    (_candidate(cfg, n, dataclasses.replace(plan, transport=t), compressor,
+                                link, profile, shape) for t in transports),
+                    key=lambda c: c.estimate.total,
+                ))  # fmt: skip
     return sorted(out, key=lambda c: (c.estimate.total, -_BITS[c.plan.wire], c.devices))
 
 
@@ -228,6 +234,7 @@ def plan_for(
     seq_len: int | None = None,
     profile: latency_model.Profile | None = None,
     collective_s: float = latency_model.COLLECTIVE_S,
+    transports=TRANSPORTS,
     cache_dir=None,
     progress=None,
 ) -> Choice:
@@ -237,8 +244,9 @@ def plan_for(
     (0.01 = 1 point) or, for a language model, `max_ppl_rise` relative perplexity (0.10 =
     +10 %). `node_speed`: each node's speed relative to this host (default all 1); `profile`:
     a `latency.Profile` instead of timing the model here; `collective_s`: a collective's own
-    cost a layer (default: the testbed's, `latency.COLLECTIVE_S`). `progress`: a tqdm-like
-    bar.
+    cost a layer (default: the testbed's, `latency.COLLECTIVE_S`); `transports`: how the
+    exchange may travel (`Plan.transport`; leave out "stream" where the devices share one
+    process). `progress`: a tqdm-like bar.
     Returns a `Choice`: a `Plan` that also says its `devices` and the `candidates` weighed.
     """
     from prism_jax.evaluation import tasks
@@ -262,7 +270,10 @@ def plan_for(
         profile = latency_model.Profile(single, collective_s, speeds)
     calib = Calibration(model, task, dataset=dataset, limit=limit, cache_dir=cache_dir)
     budget = max_ppl_rise if task.metric == "perplexity" else max_loss
-    cands = candidates(cfg, devices=n, seq_len=t, link=link, profile=profile)
+    if not transports or any(t not in TRANSPORTS for t in transports):
+        raise PrismError(f"transports must name some of {TRANSPORTS}, got {transports!r}")
+    cands = candidates(cfg, devices=n, seq_len=t, link=link, profile=profile,
+                       transports=tuple(transports))  # fmt: skip
     weighed = tuple(choose(cands, calib.loss, budget, progress))
     best = next(c for c in weighed if c.status == "chosen")
     return Choice(**_fields(best.plan), devices=best.devices, metric=task.metric,

@@ -31,6 +31,35 @@ def test_latency_terms_are_the_stated_model():
     assert alone == (2.0, 0.0, 0.0, 0.0)  # on the fastest node, nothing sent
 
 
+def test_latency_rounds_by_transport():
+    """The link's latency by transport (experiments/results/collective_probe.md): a round trip
+    per step, N - 1 steps for the all-gather, one for the all-to-all; the stream waits for no
+    receiver: a one-way delay a layer for an encoder; a causal model's pipeline fills once
+    and its blocks travel while the next layer computes."""
+    smol = pj.PRESETS["smollm2-135m"]()
+    link, profile = latency.Link.parse("10mbit", "5ms"), latency.Profile(4.0)
+    shape = dict(devices=4, seq_len=512, link=link, profile=profile)
+
+    def estimate(cfg, transport):
+        return latency.predict(cfg, pj.Plan(cr=16, transport=transport), **shape)
+
+    assert estimate(BERT, "all_to_all").rounds == pytest.approx(12 * 1 * 2 * 0.005)
+    assert estimate(BERT, "stream").rounds == pytest.approx(12 * 0.005)
+    ring, stream = estimate(smol, "all_gather"), estimate(smol, "stream")
+    assert ring.rounds == pytest.approx(30 * 3 * 2 * 0.005)
+    assert stream.rounds == pytest.approx(3 * 0.005)  # the last device's lag, once
+    assert stream.compute == ring.compute and stream.transfer < ring.transfer / 10
+    assert stream.transfer == pytest.approx(
+        max(ring.transfer - ring.compute, 0) + ring.transfer / 30
+    )
+    # the planner puts each plan on its fastest transport among those allowed
+    cands = planner.candidates(smol, devices=4, seq_len=512, link=link, profile=profile)
+    assert {c.plan.transport for c in cands if c.devices > 2} == {"stream"}
+    one = planner.candidates(smol, devices=4, seq_len=512, link=link, profile=profile,
+                             transports=("all_gather", "all_to_all"))  # fmt: skip
+    assert {c.plan.transport for c in one if c.devices > 2} == {"all_to_all"}
+
+
 @pytest.mark.parametrize(
     ("text", "bits"),
     [("10mbit", 10e6), ("50Mbit/s", 50e6), ("500kbit", 5e5), ("1gbit", 1e9), ("unlimited", None)],

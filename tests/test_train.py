@@ -235,6 +235,7 @@ def test_finetune_cli_under_prism_exports(hf_models, tmp_path, capsys):
     assert "up to step 3, past steps=2" in line and "Traceback" not in line
 
 
+@pytest.mark.slow  # 40 s; the CLI's training is test_finetune_cli_under_prism_exports
 def test_finetune_cli_lm_and_images(hf_models, tmp_path, capsys):
     """`finetune` trains an LM on text (perplexity) and a ViT on images (accuracy) under prism."""
     import json
@@ -437,6 +438,7 @@ def test_distillation_pulls_toward_the_exact_starting_model(hf_models, rng):
         ("bert_cls", pj.Plan(strategy="single"), None),
     ],
 )
+@pytest.mark.slow  # 30 s each; the tiled core's VJP against dense: test_attention
 def test_training_through_the_tiled_core_equals_training_through_dense(
     name, plan, n, hf_models, rng, monkeypatch
 ):

@@ -20,6 +20,11 @@ import sys
 from prism_jax import latency
 from prism_jax.cli.values import nonnegative_float, positive_int
 from prism_jax.errors import PrismError
+from prism_jax.plan import TRANSPORTS
+
+# How the exchange may travel where the devices are emulated in one process (`infer --plan
+# auto`): not the stream, which needs a process per device.
+ONE_PROCESS = ("all_gather", "all_to_all")
 
 
 def _unit(parse):
@@ -130,7 +135,7 @@ def add_parser(sub) -> None:
 _CHOSEN = {"cr": (1, [1, 2, 4, 8, 16]), "compressor": ("paper",), "grouping": (None,),
            "salient": (None,), "sink": (None,), "wire": ("f32",), "kmeans_iters": (None,),
            "value_tilt": (False,), "strategy": ("prism",), "exchange": ("auto",),
-           "groups": (None,)}  # fmt: skip
+           "groups": (None,), "transport": ("all_gather",)}  # fmt: skip
 
 
 def chosen(args):
@@ -158,16 +163,17 @@ def _check_speeds(args) -> None:
         )
 
 
-def auto(args, model, *, tokens: int | None = None) -> None:
+def auto(args, model, *, tokens: int | None = None, nodes: bool = False) -> None:
     """With `--plan auto`: run the planner for `model` and the link flags, and make its choice
     the plan (`chosen`) and `args.devices` (at most the devices asked for, and at most the
-    input's `tokens` when known); say which on stderr. Nothing without it."""
+    input's `tokens` when known); say which on stderr. Nothing without it. `nodes`: the plan
+    runs on a cluster of one process per device (launch), where the stream may carry it."""
     if getattr(args, "plan", None) != "auto":
         return
     chosen(args)  # the flags, checked
     if tokens is not None:
         args.devices = max(1, min(args.devices, tokens))
-    args.choice = _plan_for(args, model)
+    args.choice = _plan_for(args, model, transports=TRANSPORTS if nodes else ONE_PROCESS)
     args.devices = args.choice.devices
     if isinstance(args.cr, list):  # eval: the chosen CR alone
         args.cr = [args.choice.cr]
@@ -211,10 +217,11 @@ def check_flags(args, *, nodes: int) -> None:
         raise PrismError("plan needs the link: --bandwidth (or --profile under launch to measure)")
 
 
-def _plan_for(args, model, measured: dict | None = None):
+def _plan_for(args, model, measured: dict | None = None, *, transports=TRANSPORTS):
     """`planner.plan_for` with the command line's link, budget and (`plan`) data flags, and a
     progress bar while it calibrates; `measured`: a profile measured across nodes
-    (`latency.measure_nodes`) instead of timing this host."""
+    (`latency.measure_nodes`) instead of timing this host; `transports`: how the exchange may
+    travel."""
     from tqdm import tqdm
 
     from prism_jax import planner
@@ -237,6 +244,7 @@ def _plan_for(args, model, measured: dict | None = None):
             max_ppl_rise=args.max_ppl_rise,
             collective_s=collective_ms / 1000,
             profile=profile,
+            transports=transports,
             progress=bar,
             **data,
         )
@@ -347,7 +355,7 @@ def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
     if getattr(inner, "text", None) and model.tokenizer is not None:  # infer: its own length
         batch = model.tokenizer(inner.text, max_length=inner.max_length)
         tokens = np.shape(batch["input_ids"])[-1]
-    auto(inner, model, tokens=tokens)
+    auto(inner, model, tokens=tokens, nodes=True)
     named = flags(inner.choice, inner.command)
     print(f"--plan auto: the nodes run {inner.command} {' '.join(named)}", file=sys.stderr)
     return inner.choice.devices, _without(rest, ("--plan", "--devices")) + named

@@ -23,10 +23,12 @@ def to_json(result: dict) -> str:
 
 
 def _plan_name(p: dict) -> str:
-    """`prism CR=8`, `prism V=26 int4h`: the strategy, the group count and a non-f32 wire."""
+    """`prism CR=8`, `prism V=26 int4h stream`: the strategy, the group count, a non-f32
+    wire and a transport other than the all-gather."""
     size = f"V={p['groups']}" if p.get("groups") else f"CR={p['cr']}"
     wire = "" if p.get("wire", "f32") == "f32" else f" {p['wire']}"
-    return f"{p['strategy']} {size}{wire}"
+    way = "" if p.get("transport", "all_gather") == "all_gather" else f" {p['transport']}"
+    return f"{p['strategy']} {size}{wire}{way}"
 
 
 def _print_infer(r: dict) -> None:
