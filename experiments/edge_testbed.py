@@ -20,8 +20,9 @@ the plain bridge of `testbed_net.network`.
 
 Latency: wall time of one compiled inference (outputs left on their devices) until its last
 node is done (`single`: node 0's), median of `--repeats`, all nodes released together by a
-barrier. Wire bytes: each node's `tx_bytes` counter (IP packets: the TUN device carries no
-Ethernet header) over the timed repeats.
+barrier; `single` is timed first and again after the last plan (its median over both: what
+shares the machine drifts during a run). Wire bytes: each node's `tx_bytes` counter (IP
+packets: the TUN device carries no Ethernet header) over the timed repeats.
 The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
 collective cost fitted on N = 2 and predicts N = 4 (and 8).
 Writes experiments/results/edge_testbed_v2.{json,md,png}.
@@ -156,7 +157,8 @@ def node_main(args) -> None:
     counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
     control, ack = Path(args.control), Path(args.ack)
     links, seq, rows = json.loads(args.links), 0, []
-    for spec in args.plans:
+    # one device is timed first and again last: its time drifts with what shares the machine
+    for spec in (*args.plans, "single"):
         plan = testbed_model.make_plan(spec, cfg, devices=args.nodes, seq_len=args.seq_len)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
@@ -182,6 +184,11 @@ def node_main(args) -> None:
             every = multihost_utils.process_allgather(np.array(times))
             times = times if plan.strategy == "single" else every.max(axis=0).tolist()
             n = 1 if plan.strategy == "single" else args.nodes
+            first = next((r for r in rows if r["plan"] == spec), None)
+            if first is not None:  # single, again: one row of both runs
+                first["times_s"] += times
+                first["latency_s"] = float(np.median(first["times_s"]))
+                continue
             rows.append({
                 "plan": spec, "strategy": plan.strategy, "cr": plan.cr, "wire": plan.wire,
                 "rate_mbit": None if n == 1 else rate, "delay_ms": None if n == 1 else delay,

@@ -715,6 +715,7 @@ def test_unreadable_files_are_one_line(name, dirs, monkeypatch, capsys):
         return real(file, *args, **kw)
 
     _prepared(dirs)
+    capsys.readouterr()  # what preparing the data printed, when this worker did it first
     monkeypatch.setattr(builtins, "open", guarded)
     monkeypatch.setattr(io, "open", guarded)
     code = cli.main([*_finetune(dirs), "--checkpoint-dir", str(dirs["tmp"] / "ck")])

@@ -212,8 +212,15 @@ def test_plan_auto_runs_the_choice(hf_models, monkeypatch, tmp_path, capsys):
     [
         (["--plan", "auto"], "--plan auto needs the link"),
         (["--plan", "auto", "--bandwidth", "1mbit", "--cr", "4"], "drop --cr"),
+        (["--plan", "auto", "--bandwidth", "1mbit", "--cr", "1"], "drop --cr"),  # the default's
+        (
+            ["--plan", "auto", "--bandwidth", "1mbit", "--transport", "all_to_all"],
+            "drop --transport",
+        ),  # fmt: skip
         (["--plan", "auto", "--bandwidth", "1mbit", "--wire", "int8"], "drop --wire"),
         (["--plan", "manual"], "invalid choice: 'manual'"),
+        (["--bandwidth", "1mbit", "--latency", "5ms"], "--bandwidth, --latency: the planner's"),
+        (["--max-ppl-rise", "0.05"], "--max-ppl-rise: the planner's flags apply only with"),
     ],
 )
 def test_bad_plan_auto_is_one_line(hf_models, flags, message, capsys):

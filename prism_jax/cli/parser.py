@@ -40,6 +40,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, and `--cr` left out takes its default here, with `cr_given` saying
+        whether it was given (`--plan auto` refuses a given one, the default's value too)."""
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "cr_default", None) is not None and not hasattr(ns, "cr_given"):
+            ns.cr_given = ns.cr is not None
+            ns.cr = ns.cr_default if ns.cr is None else ns.cr
+        return ns, rest
+
 
 def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = False) -> None:
     p.add_argument(
@@ -49,13 +58,13 @@ def _plan_args(p: argparse.ArgumentParser, *, crs: bool = False, auto: bool = Fa
         p.add_argument(
             "--cr",
             type=compression_rates,
-            default=[1, 2, 4, 8, 16],
+            default=None,
             help="compression rates, comma-separated (default 1,2,4,8,16)",
         )
+        p.set_defaults(cr_default=[1, 2, 4, 8, 16])
     else:
-        p.add_argument(
-            "--cr", type=positive_int, default=1, help="compression rate (segment length)"
-        )
+        p.add_argument("--cr", type=positive_int, default=None, help="compression rate (default 1)")
+        p.set_defaults(cr_default=1)
         p.add_argument("--strategy", default="prism", choices=STRATEGIES)
     p.add_argument("--logit-bias", default="log_count", choices=LOGIT_BIASES)
     p.add_argument(
@@ -418,6 +427,7 @@ def plan_of(args, cr: int | None = None, cfg=None) -> Plan:
     """
     if getattr(args, "plan", None) == "auto":
         return planning.chosen(args)
+    planning.check_unplanned(args)
     chosen = {
         k: getattr(args, k)
         for k in ("grouping", "salient", "kmeans_iters", "sink", "groups")

@@ -132,7 +132,7 @@ def add_parser(sub) -> None:
 
 
 # The flags `--plan auto` chooses itself, with the values that mean "not given".
-_CHOSEN = {"cr": (1, [1, 2, 4, 8, 16]), "compressor": ("paper",), "grouping": (None,),
+_CHOSEN = {"compressor": ("paper",), "grouping": (None,),
            "salient": (None,), "sink": (None,), "wire": ("f32",), "kmeans_iters": (None,),
            "value_tilt": (False,), "strategy": ("prism",), "exchange": ("auto",),
            "groups": (None,), "transport": ("all_gather",)}  # fmt: skip
@@ -148,11 +148,28 @@ def chosen(args):
     if args.bandwidth is None:
         raise PrismError("--plan auto needs the link: --bandwidth (and --latency)")
     given = [k for k, default in _CHOSEN.items() if getattr(args, k, default[0]) not in default]
+    given = ["cr"] * bool(getattr(args, "cr_given", False)) + given
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise PrismError(f"--plan auto chooses the plan itself; drop {flags}")
     _check_speeds(args)
     return Plan()
+
+
+# The planner's flags with the values that mean "not given": without --plan auto they would
+# change nothing, so giving them is refused.
+_PLANNER_FLAGS = {"bandwidth": None, "latency": 0.0, "node_speed": None, "collective_ms": None,
+                  "max_loss": 0.01, "max_ppl_rise": 0.10}  # fmt: skip
+
+
+def check_unplanned(args) -> None:
+    """Without `--plan auto`, no planner flag (a link, node speeds, a budget) may be given."""
+    if getattr(args, "plan", None) == "auto" or not hasattr(args, "bandwidth"):
+        return
+    given = [k for k, v in _PLANNER_FLAGS.items() if getattr(args, k, v) != v]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise PrismError(f"{flags}: the planner's flags apply only with --plan auto")
 
 
 def _check_speeds(args) -> None:
@@ -345,7 +362,7 @@ def flags(plan, command: str) -> list[str]:
 def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
     """`launch ... --plan auto`: the planner runs here, once (the launcher emulates the
     devices it calibrates on); returns how many nodes to start and the command they run: the
-    choice's flags in place of `--plan auto` and `--devices`."""
+    choice's flags in place of `--plan auto`, `--devices` and the planner's flags."""
     import numpy as np
 
     import prism_jax as pj
@@ -358,7 +375,8 @@ def for_launch(inner, rest: list[str]) -> tuple[int, list[str]]:
     auto(inner, model, tokens=tokens, nodes=True)
     named = flags(inner.choice, inner.command)
     print(f"--plan auto: the nodes run {inner.command} {' '.join(named)}", file=sys.stderr)
-    return inner.choice.devices, _without(rest, ("--plan", "--devices")) + named
+    planner_flags = tuple("--" + k.replace("_", "-") for k in _PLANNER_FLAGS)
+    return inner.choice.devices, _without(rest, ("--plan", "--devices", *planner_flags)) + named
 
 
 def _without(argv: list[str], names: tuple[str, ...]) -> list[str]:
