@@ -184,8 +184,8 @@ def node_main(args) -> None:
             every = multihost_utils.process_allgather(np.array(times))
             times = times if plan.strategy == "single" else every.max(axis=0).tolist()
             n = 1 if plan.strategy == "single" else args.nodes
-            first = next((r for r in rows if r["plan"] == spec), None)
-            if first is not None:  # single, again: one row of both runs
+            first = next((r for r in rows if r["strategy"] == "single"), None)
+            if plan.strategy == "single" and first is not None:  # again: one row of both
                 first["times_s"] += times
                 first["latency_s"] = float(np.median(first["times_s"]))
                 continue
