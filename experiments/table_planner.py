@@ -39,7 +39,8 @@ class Config:
 
 
 def cells(record: dict) -> dict:
-    """(model, N, Mbit/s, delay) -> {plan spec: row, with the prediction}, for LM models."""
+    """(model, N, Mbit/s, delay) -> {plan spec: row, with the prediction}, for LM models; a
+    plan the latency model has no prediction for (not timed at N = 2) is left out."""
     predicted = {(p["model"], p["nodes"], p["rate_mbit"], p["delay_ms"], p["plan"]): p
                  for p in record["predictions"]}  # fmt: skip
     out = {}
@@ -50,6 +51,9 @@ def cells(record: dict) -> dict:
         single = next(s for s in record["rows"] if (s["model"], s["nodes"], s["strategy"])
                       == (r["model"], r["nodes"], "single"))  # fmt: skip
         out.setdefault(key, {"single": {**single, "predicted_s": single["latency_s"]}})
+        if (*key, r["plan"]) not in predicted:  # not timed at N = 2: nothing to fit it on
+            print(f"table_planner.py: {r['plan']} at N = {r['nodes']} has no prediction; left out")
+            continue
         out[key][r["plan"]] = {**r, "predicted_s": predicted[(*key, r["plan"])]["predicted_s"]}
     return out
 
