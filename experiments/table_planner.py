@@ -63,14 +63,15 @@ def decide(cell: dict, loss_of, budget: float, cfg) -> dict:
     and the paper's CR = 16."""
     from testbed_model import make_plan
 
-    from prism_jax import latency, planner
+    from prism_jax import cost, latency, planner
 
     cands = {}
     for spec, r in cell.items():
         n, kind = (1, "single") if spec == "single" else (r["nodes"], spec.split(":")[0])
         est = latency.Estimate(r["predicted_s"], 0.0, 0.0, 0.0)  # the model's total
         plan = make_plan(spec, cfg, devices=r["nodes"], seq_len=r["seq_len"])
-        cands[spec] = planner.Candidate(n, plan, kind, est, 0)
+        tokens = cost.local_len(r["seq_len"], n)
+        cands[spec] = planner.Candidate(n, plan, kind, est, 0, tokens=tokens)
     order = sorted(cands, key=lambda s: cands[s].estimate.total)
     weighed = planner.choose([cands[s] for s in order], loss_of, budget)
     choice = next(s for s, c in zip(order, weighed, strict=True) if c.status == "chosen")

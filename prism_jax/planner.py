@@ -8,9 +8,10 @@ Each is predicted by `latency.predict`. Then, fastest first, candidates are cali
 task metric on the user's data against the exact model) until one is within the accuracy
 budget: that one is the choice (one device is exact, so there always is one). A candidate is
 not calibrated when one already over the budget dominates it (the same compressor, no more
-devices, a CR no larger, a wire at least as wide): fewer vectors, narrower codes and more
-boundaries are assumed to lose no less. Calibrations are cached on disk by model, data, device
-count and plan, so a second call with the same inputs runs none.
+devices, at least as many groups per token, a wire at least as wide): fewer vectors, narrower
+codes and more boundaries are assumed to lose no less. Calibrations are cached on disk by
+model, data, device count and plan (not its transport: the same outputs), so a second call
+with the same inputs runs none.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class Candidate:
     bytes_per_device: int
     loss: float | None = None  # None: not calibrated
     status: str = "not needed"  # chosen | within budget | over budget | dominated | not needed
+    tokens: int = 0  # a device's tokens L (0: not known, the plan's CR says the rate)
+
+    @property
+    def rate(self) -> float:
+        """Groups a device sends per token it holds: V / L (1 / CR without `tokens`)."""
+        if self.tokens:
+            return self.plan.segments(self.tokens) / self.tokens
+        return 1 / self.plan.cr
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,7 +107,9 @@ def candidates(cfg, *, devices: int, seq_len: int, link, profile,
 def _candidate(cfg, n, plan, compressor, link, profile, shape) -> Candidate:
     estimate = latency_model.predict(cfg, plan, devices=n, link=link, profile=profile, **shape)
     sent = cost.bytes_closed_form(cfg, plan, devices=n, **shape) if n > 1 else 0
-    return Candidate(n, plan, compressor, estimate, sent)
+    return Candidate(
+        n, plan, compressor, estimate, sent, tokens=cost.local_len(shape["seq_len"], n)
+    )
 
 
 def fill(cfg, plan: Plan, budget: int, *, devices: int, seq_len: int, batch: int = 1) -> Plan:
@@ -120,10 +131,12 @@ def fill(cfg, plan: Plan, budget: int, *, devices: int, seq_len: int, batch: int
 
 
 def _dominated(c: Candidate, failed: list[Candidate]) -> bool:
+    """Whether a candidate over the budget compresses no more than `c` does: the same
+    compressor, no more devices, at least as many groups per token, a wire as wide."""
     return any(
         f.compressor == c.compressor
         and f.devices <= c.devices
-        and f.plan.cr <= c.plan.cr
+        and f.rate >= c.rate
         and _BITS[f.plan.wire] >= _BITS[c.plan.wire]
         for f in failed
     )

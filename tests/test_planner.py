@@ -110,6 +110,21 @@ def test_choose_calibrates_fastest_first_and_skips_dominated():
             assert c not in asked[: len(out)] and planner._dominated(c, failed)
 
 
+def test_a_failed_plan_dominates_only_plans_that_send_less():
+    """Groups per token, not the CR: a filled plan (`groups`, cr = 1) over the budget does not
+    rule out one with more groups, and does rule out one with fewer."""
+    est = latency.Estimate(1.0, 0.0, 0.0, 0.0)
+
+    def cand(groups, devices=4):
+        plan = pj.Plan(groups=groups, grouping="tail", sink=1, wire="int4h")
+        return planner.Candidate(devices, plan, "fill", est, 0, tokens=128)
+
+    failed = [cand(53)]
+    assert not planner._dominated(cand(106), failed)  # twice the groups: calibrate it
+    assert planner._dominated(cand(26), failed) and planner._dominated(cand(53, 8), failed)
+    assert cand(64).rate == 0.5 and pj.Plan(cr=4).segments(128) / 128 == 0.25
+
+
 @pytest.fixture
 def cache(tmp_path):
     return tmp_path / "cache"
