@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from prism_jax import handshake
+from prism_jax import handshake, stream
 from prism_jax.errors import PrismError
 
 # Test hook: a node whose rank is named here kills itself once the cluster has formed.
@@ -119,7 +119,8 @@ def fail_fast(rank: int, nodes: int, *, beat_s: float = 0.5, stale_s: float = 5.
     """While the body runs, a peer that dies ends this node within seconds: one line naming
     it on stderr and exit code 3, instead of a traceback and a wait for the runtime's
     heartbeat timeout. Peers stamp a counter in the coordination service every `beat_s`; one
-    whose stamp stands still for `stale_s`, or a failed collective, means a lost peer."""
+    whose stamp stands still for `stale_s`, a failed collective, or an exchange of the stream
+    (`stream.lost`) that lost its peer, means a lost peer."""
     done = threading.Event()
     thread = threading.Thread(
         target=_watch_peers, args=(rank, nodes, beat_s, stale_s, done), daemon=True
@@ -130,6 +131,8 @@ def fail_fast(rank: int, nodes: int, *, beat_s: float = 0.5, stale_s: float = 5.
     except PrismError:
         raise
     except Exception as e:  # noqa: BLE001 - the runtime raises bare XlaRuntimeErrors
+        if stream.lost() is not None:  # the stream's own error, inside the runtime's
+            _lost(rank, stream.lost())
         text = " ".join(str(e).split())
         if "gloo" not in text.lower() and "distributed" not in text.lower():
             raise

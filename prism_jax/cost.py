@@ -370,7 +370,11 @@ def by_depth(cfg: ModelConfig, count: Callable[[ModelConfig], tuple]) -> tuple:
 
 def _program_counts(cfg: ModelConfig, plan: Plan, *, flops: bool, **shape) -> tuple[int, float]:
     """(bytes one device sends, its FLOPs, or 0 without `flops`) of the straight program,
-    each depth `by_depth` needs lowered once (and compiled only for the FLOPs)."""
+    each depth `by_depth` needs lowered once (and compiled only for the FLOPs). The stream's
+    blocks leave by a host callback, no collective: it is counted as the all-gather that sends
+    the same block to each peer (and does the same work)."""
+    if plan.transport == "stream":
+        plan = dataclasses.replace(plan, transport="all_gather")
 
     def count(c: ModelConfig) -> tuple[int, float]:
         lowered = lower(c, plan, **shape)

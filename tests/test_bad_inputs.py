@@ -386,6 +386,33 @@ CASES = {
         lambda d: _infer(d, "--transport", "stream", "--cr", "2"),
         "--transport stream runs on a cluster of one process per device",
     ),
+    "launch single with --transport stream": (  # refused before any node starts
+        lambda d: [
+            "launch",
+            "--nodes",
+            "2",
+            "--",
+            *_infer(d, "--strategy", "single", "--transport", "stream"),
+        ],
+        "prism-jax launch: error: transport: strategy='single' runs on one device",
+    ),
+    "node eval with a sink on segments": (  # refused before it waits for the other node
+        lambda d: [
+            *_node("127.0.0.1:1"),
+            "--timeout",
+            "5",
+            "--",
+            "eval",
+            "--model",
+            str(d["bert_cls"]),
+            "--cr",
+            "1,4",
+            "--sink",
+            "2",
+        ],
+        "prism-jax node: error: grouping='segments' (the paper's fixed runs of CR positions) "
+        "has no room for exact tokens",
+    ),
     "single with --transport all_to_all": (
         lambda d: _infer(d, "--strategy", "single", "--transport", "all_to_all"),
         "transport: strategy='single' runs on one device",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import prism_jax as pj
-from prism_jax import cli, cluster, handshake
+from prism_jax import cli, cluster, handshake, stream
 from tests.conftest import ATOL_MODEL, FAST_COMPILE
 
 TEXT = "the tea was good and the food was very good but the box was bad again"
@@ -131,6 +131,36 @@ def test_node_killed_mid_run(hf_models):
         assert procs[rank].returncode == 3, errors[rank][-500:]
         assert errors[rank].strip().splitlines() == [
             f"prism-jax node {rank}: error: lost node 1 (silent for 5 s) during the run"
+        ]
+
+
+def test_node_killed_mid_stream(hf_models):
+    """A node that dies inside the stream's exchange: the others, waiting for its block, end
+    at once (not at the stream's 600 s timeout, nor with a traceback and a runtime abort)."""
+    start = time.monotonic()
+    port = cluster.free_port()
+    procs = [
+        subprocess.Popen(
+            f"{sys.executable} -m prism_jax.cli node --rank {r} --nodes 3 --coordinator "
+            f"127.0.0.1:{port} --timeout 60 infer --model {hf_models('bert_cls')[1]} --cr 3 "
+            "--transport stream".split()
+            + ["--text", TEXT],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(**{stream.DIE_MID_RUN: "1"}),
+        )
+        for r in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[1].returncode == -9  # the node that was killed, at its second exchange
+    assert time.monotonic() - start < 40  # the watchdog would take 60 s
+    for rank in (0, 2):  # the survivors: an encoder waits for every other node's block
+        assert procs[rank].returncode == 3, errors[rank][-500:]
+        said = [line for line in errors[rank].splitlines() if not line.startswith("[Gloo]")]
+        assert said == [
+            f"prism-jax node {rank}: error: lost node 1 (its stream connection ended: closed) "
+            "during the run"
         ]
 
 

@@ -122,6 +122,17 @@ def test_single_and_one_device_send_nothing():
         assert cost.bytes_closed_form(cfg, plan, devices=n, seq_len=16) == 0
 
 
+@pytest.mark.parametrize("transport", ["all_to_all", "stream"])
+def test_every_transport_sends_the_all_gathers_bytes(transport):
+    """The stream's blocks leave by a host callback, no collective the program shows (and
+    it runs only on a cluster): it is counted as the all-gather of the same blocks."""
+    cfg, shape = SMALL["gpt2"], dict(devices=3, seq_len=24, batch=2)
+    want = cost.measured_bytes(cfg, pj.Plan(cr=2), **shape)
+    assert cost.measured_bytes(cfg, pj.Plan(cr=2, transport=transport), **shape) == want > 0
+    report = cost.measure(cfg, pj.Plan(cr=2, transport=transport), **shape)
+    assert report.bytes_sent == report.bytes_closed_form == want
+
+
 @pytest.mark.parametrize(
     ("family", "plan", "n"),
     [

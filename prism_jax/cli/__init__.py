@@ -46,9 +46,13 @@ def _quiet_runtime() -> None:
     """Keep stderr to our one line: library log records (orbax logs through absl) stay out,
     and so do asyncio's "Task exception was never retrieved" records of a failed orbax
     restore's other read tasks (when they are collected is a race: the test saw them once in
-    three runs), and the restore's late callbacks into its closed event loop are dropped."""
+    three runs), nor JAX's record of a failed host callback, and the restore's late callbacks
+    into its closed event loop are dropped."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # A failed host callback (the stream's exchange, a lost peer) is logged with a traceback
+    # before its error reaches `cluster.fail_fast`, which reports it in one line.
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
     default = sys.unraisablehook
 
     def hook(unraisable):

@@ -354,6 +354,8 @@ def _inner(args, *, launcher: bool = False) -> argparse.Namespace:
                 "run `prism-jax plan` and give the nodes its choice's flags"
             )
         planning.chosen(inner)  # the link given, no flag the planner sets
+    elif name != "plan":  # the plan's flags: before any node starts (or waits for the others)
+        plan_of(inner, inner.cr[0] if name == "eval" else None)
     if "--devices" in rest and inner.devices != args.nodes:
         raise PrismError(f"--devices {inner.devices} differs from --nodes {args.nodes}")
     inner.devices = args.nodes
