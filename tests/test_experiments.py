@@ -19,12 +19,15 @@ from tests.conftest import FAST_COMPILE
 # So are the smokes that take 10-40 s each and whose parts the unit tests cover (`make slow`
 # runs them), to keep the CI suite well under 15 minutes on 2 cores: the attention cores and
 # their gradients (test_attention), scanned layers (test_partition), training (test_train),
-# generation (test_generation), the ViT grid (table_compress's smoke, test_tasks).
+# generation (test_generation), the ViT grid (table_compress's smoke, test_tasks), evaluation
+# on the device (bench_eval's parts: test_tasks) and the GPU benchmark (on CPU here).
 SLOW = {
     "edge_testbed.py",
     "overlap_probe.py",
     "collective_probe.py",
     "bench_compile.py",
+    "bench_eval.py",
+    "bench_gpu.py",
     "bench_forward.py",
     "bench_llama.py",
     "bench_speed.py",
@@ -489,6 +492,7 @@ def test_probe_tilt_turns_queries_back_as_the_model_does(monkeypatch):
     np.testing.assert_allclose(probe_tilt._turned_back(q, positions, 1e4), want, atol=1e-5)
 
 
+@pytest.mark.slow  # 20-30 s, most of it preparing the split
 def test_robust_finetune_refuses_more_test_examples_than_the_split_has(tmp_path, tfds_dir):
     """Asking for more test examples than there are: one line, exit 2, nothing trained."""
     script = Path(__file__).parents[1] / "experiments" / "robust_finetune.py"

@@ -326,6 +326,7 @@ def test_a_checkpoint_directory_serves_one_run_at_a_time(tmp_path, hf_models, rn
     assert len(run.losses) == 1  # free again once the holder closed
 
 
+@pytest.mark.slow  # 20-25 s: two training processes
 def test_two_processes_on_one_checkpoint_directory(tmp_path, hf_models):
     """Two fine-tunes started together on one directory: one trains, the other is refused
     with one line naming the holder, and no orbax traceback."""
