@@ -164,12 +164,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds a cluster may take")
     common.add_out(parser)
     parser.add_argument("--smoke", action="store_true", help="N = 2 and 3, one delay")
-    for hidden in ("--node", "--rank", "--result", "--control", "--ack"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS, action="store_true"
-                            if hidden == "--node" else "store")  # fmt: skip
+    parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    for hidden in ("--result", "--control", "--ack"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.node:
-        args.rank, args.nodes = int(args.rank), args.nodes[0]
+    if args.node:  # one cluster's size
+        args.nodes = args.nodes[0]
         return node_main(args)
     if min(args.layers, args.bytes, args.repeats, *args.nodes) < 1 or min(args.nodes) < 2:
         parser.error("--layers, --bytes and --repeats must be >= 1, --nodes >= 2")
