@@ -49,6 +49,7 @@ from testbed_relay import set_link
 PLANS = {  # per model: what each cluster runs ("paper:CR", "best:CR:WIRE", "fill:CR:WIRE";
     # see `testbed_model.make_plan`)
     "bert-base": ("single", "voltage", "paper:16", "best:16:int8", "best:64:int8"),
+    "vit-base-patch16-224": ("single", "voltage", "paper:16", "best:16:int8", "best:64:int8"),
     "smollm2-135m": ("single", "voltage", "paper:16", "best:4:int8", "best:16:int8",
                      "best:4:int4", "best:16:int4", "fill:16:int4h", "fill:64:int4h"),
     "tiny": ("single", "voltage", "paper:4", "best:4:int8"),
@@ -129,7 +130,21 @@ def _model(name: str):
         from prism_jax.data import sources
 
         return pj.load_pretrained(sources.smollm2_gguf())
-    return pj.init(config_of(name), seed=0)  # the same weights on every node
+    # bert-base and ViT-B/16: no such weights offline (DESIGN.md section 4); random ones, the
+    # same on every node, cost the same time
+    return pj.init(config_of(name), seed=0)
+
+
+def _inputs(model, seq_len: int):
+    """One random example: token ids of length `seq_len`, or an image (a ViT: its tokens are
+    its patches and the CLS token, `seq_len` checked against them by `_models`)."""
+    import numpy as np
+
+    cfg, rng = model.config, np.random.default_rng(0)
+    if cfg.family == "vit":
+        shape = (1, cfg.channels, cfg.image_size, cfg.image_size)
+        return model.prepare({"pixel_values": rng.standard_normal(shape, np.float32)})
+    return model.prepare({"input_ids": rng.integers(1, cfg.vocab_size, (1, seq_len))})
 
 
 def node_main(args) -> None:
@@ -151,8 +166,7 @@ def node_main(args) -> None:
     )
     model = _model(args.model)
     cfg = model.config
-    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (1, args.seq_len))
-    inputs, valid = model.prepare({"input_ids": ids})
+    inputs, valid = _inputs(model, args.seq_len)
     mesh = pj.edge_mesh(args.nodes)
     counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
     control, ack = Path(args.control), Path(args.ack)
@@ -280,12 +294,17 @@ def _plans(text: str) -> tuple[str, ...]:
 
 
 def _models(text: str) -> tuple[tuple[str, int], ...]:
+    """NAME:T,... (a ViT's T is its patches and the CLS token: NAME alone, or that T)."""
     out = []
     for item in text.split(","):
         name, _, t = item.partition(":")
-        if name not in PLANS or not t.isdigit():
+        vit = name in PLANS and name.startswith("vit")
+        fixed = config_of(name).max_positions if vit else None
+        t = t or (str(fixed) if vit else "")
+        if name not in PLANS or not t.isdigit() or (fixed and int(t) != fixed):
             raise argparse.ArgumentTypeError(
-                f"expected NAME:T with NAME one of {', '.join(PLANS)}: {item!r}"
+                f"expected NAME:T with NAME one of {', '.join(PLANS)} (a ViT: NAME or "
+                f"NAME:its tokens): {item!r}"
             )
         out.append((name, int(t)))
     return tuple(out)

@@ -285,6 +285,9 @@ def test_edge_testbed_subset_flags(monkeypatch):
     assert edge_testbed._rates("10,unlimited,50") == (10, None, 50)
     assert edge_testbed._models("bert-base:256,tiny:32") == (("bert-base", 256), ("tiny", 32))
     assert edge_testbed._models("smollm2-135m:512") == (("smollm2-135m", 512),)
+    vit = (("vit-base-patch16-224", 197),)  # its patches and the CLS token
+    assert edge_testbed._models("vit-base-patch16-224") == vit
+    assert edge_testbed._models("vit-base-patch16-224:197") == vit
     assert edge_testbed._delays("0,1.5,20") == (0.0, 1.5, 20.0)
     assert edge_testbed._positive_ints("4,16") == (4, 16)
     assert edge_testbed._positive_int("3") == 3
@@ -297,6 +300,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (edge_testbed._rates, "0"),
         (edge_testbed._models, "gpt2:256"),
         (edge_testbed._models, "bert-base"),
+        (edge_testbed._models, "vit-base-patch16-224:256"),
         (edge_testbed._positive_ints, "4,-1"),
         (edge_testbed._positive_int, "2,3"),
         (edge_testbed._delays, "-1"),
