@@ -13,7 +13,11 @@ at the cell's T, cached). In each cell the planner weighs the measured plans alo
 predicted first (`planner.choose`), within `--budget`; it is scored on what was measured: its
 choice's latency against the fastest measured plan within budget, and against the paper's
 fixed CR = 16 (`paper:16`), within budget or not. Language models only (the testbed's BERT runs
-random weights: timing, no accuracy). Writes results/table_planner.{json,md,png}.
+random weights: timing, no accuracy). Writes results/table_planner.{json,md,png} and
+table_planner_frontier.png: per N and link, every measured plan's speed-up over one device
+against its perplexity rise, the budget, and issue #35's targets where it sets one.
+`--report results/.../table_planner.json` draws the tables and plots again from an earlier
+run's record (nothing calibrated or measured).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 import common
 
 MODELS = {"smollm2-135m": "SmolLM2"}
+# issue #35's speed-ups over one device at 10 Mbit/s within +10 % perplexity: (N, ms) -> x
+TARGETS = {(2, 5.0): 1.6, (4, 5.0): 2.0, (4, 1.0): 2.64}
 
 
 @dataclasses.dataclass
@@ -36,6 +42,7 @@ class Config:
     rows: int = common.setting(8, "calibration rows (held-out Wikipedia)")
     budget: float = common.setting(0.10, "perplexity rise allowed (0.10 = +10 %)")
     out: str | None = common.output(None, "results folder")
+    report: str | None = common.setting(None, "an earlier run's table_planner.json to draw again")
 
 
 def cells(record: dict) -> dict:
@@ -87,6 +94,8 @@ def decide(cell: dict, loss_of, budget: float, cfg) -> dict:
 
 def main(argv=None):
     args = common.parse(Config, __doc__, argv)
+    if args.report:
+        return rerender(args)
     path = Path(args.testbed)
     if not path.is_file():
         print(f"table_planner.py: no testbed record at {path} (run edge_testbed.py)")
@@ -116,9 +125,29 @@ def main(argv=None):
                     "seq_len": t, **got})  # fmt: skip
         print(out[-1], flush=True)
     result = {"budget": args.budget, "testbed": str(path), "cells": out}
+    save(args, result)
+    return 0
+
+
+def save(args, result: dict) -> None:
     text = markdown(result)
     print(text)
     common.save(args, "table_planner", result, text, lambda png: plot(result, png))
+    folder = common.results_dir(args)
+    if folder is not None:
+        frontier(result, folder / "table_planner_frontier.png")
+
+
+def rerender(args) -> int:
+    """The Markdown and plots of an earlier run's record; its provenance kept as an earlier
+    run's. Writes beside it unless `--out` says where."""
+    path = Path(args.report)
+    if not path.is_file():
+        print(f"table_planner.py: no record at {path}")
+        return 2
+    result = json.loads(path.read_text())
+    result["earlier_runs"] = result.pop("earlier_runs", []) + [result.pop("provenance")]
+    save(dataclasses.replace(args, out=args.out or str(path.parent)), result)
     return 0
 
 
@@ -161,6 +190,56 @@ def plot(result: dict, path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frontier(result: dict, path) -> None:
+    """Per N (rows) and link (columns): each measured plan's speed-up over one device against
+    its perplexity rise (symlog), the budget, one device's 1.0x, the planner's choice ringed
+    and the issue's target where it sets one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    nodes = sorted({c["nodes"] for c in cells})
+    links = sorted({(c["rate_mbit"] or 0, c["delay_ms"]) for c in cells})
+    fig, axes = plt.subplots(len(nodes), len(links), figsize=(4.2 * len(links),
+                             3.4 * len(nodes)), squeeze=False)  # fmt: skip
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for c in cells:
+        ax = axes[nodes.index(c["nodes"])][links.index((c["rate_mbit"] or 0, c["delay_ms"]))]
+        ax.set_visible(True)
+        for spec, seconds in c["measured_s"].items():
+            x, y = 100 * c["losses"][spec], c["single_s"] / seconds
+            ax.scatter(x, y, s=18, color="C1" if spec.startswith("paper") else "C0")
+            ax.annotate(spec, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            if spec == c["choice"]:
+                ax.scatter(x, y, s=110, facecolors="none", edgecolors="C3", label="choice")
+        ax.axvline(100 * result["budget"], color="grey", ls="--", lw=0.8, label="budget")
+        ax.axhline(1.0, color="black", ls=":", lw=0.8, label="one device")
+        target = TARGETS.get((c["nodes"], c["delay_ms"])) if c["rate_mbit"] == 10 else None
+        if target:
+            ax.axhline(target, color="C2", ls="-.", lw=1, label="target (#35)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(-0.3, 3 * max(100 * v for v in c["losses"].values()))
+        top = max(c["single_s"] / s for s in c["measured_s"].values())
+        ax.set_ylim(0.5 if c["paper16_s"] and c["single_s"] / c["paper16_s"] < 0.9 else 0.9,
+                    1.12 * max(top, target or 0))  # fmt: skip
+        ax.set(xlabel="perplexity rise (%)", ylabel="speed-up over one device",
+               title=f"{c['model']} N = {c['nodes']}, {c['rate_mbit'] or 'unlimited'} Mbit/s, "
+               f"{c['delay_ms']:g} ms")  # fmt: skip
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles),
+               fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

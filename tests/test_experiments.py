@@ -274,6 +274,31 @@ def test_experiment_flags_refuse_numbers_out_of_range(argv, message, monkeypatch
     assert line.endswith(message)
 
 
+def test_table_planner_report_draws_the_frontier_again(tmp_path):
+    """`table_planner.py --report` re-renders an earlier record: its table, the frontier plot
+    (one panel per N and link), and its provenance kept as an earlier run's."""
+    root = Path(__file__).parents[1]
+    cell = {"model": "SmolLM2", "nodes": 4, "rate_mbit": 10, "delay_ms": 1.0, "seq_len": 512,
+            "choice": "fill:12:int4h@stream", "choice_s": 2.0, "best": "fill:12:int4h@stream",
+            "best_s": 2.0, "single_s": 5.0, "paper16_s": 2.5, "paper16_loss": 0.75,
+            "losses": {"single": 0.0, "paper:16": 0.75, "fill:12:int4h@stream": 0.05},
+            "measured_s": {"single": 5.0, "paper:16": 2.5, "fill:12:int4h@stream": 2.0},
+            "predicted_s": {"single": 5.0, "paper:16": 2.4,
+                            "fill:12:int4h@stream": 2.1}}  # fmt: skip
+    before = {"provenance": {"command": "earlier"}, "budget": 0.1, "testbed": "t.json",
+              "cells": [cell, {**cell, "nodes": 2, "delay_ms": 5.0}]}  # fmt: skip
+    (tmp_path / "table_planner.json").write_text(json.dumps(before))
+    script = root / "experiments" / "table_planner.py"
+    done = subprocess.run([sys.executable, str(script), "--report",
+                           str(tmp_path / "table_planner.json"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "o" / "table_planner.json").read_text())
+    assert record["earlier_runs"] == [{"command": "earlier"}] and record["cells"] == before["cells"]
+    assert "| SmolLM2 | 4 | 10 | 1 | fill:12:int4h@stream | 2.00 |" in done.stdout
+    assert (tmp_path / "o" / "table_planner_frontier.png").stat().st_size > 10_000
+
+
 def test_edge_testbed_subset_flags(monkeypatch):
     """`edge_testbed.py --models/--nodes/--rates/--delays/--repeats` parse into its Config's
     fields; anything else is a usage error."""
