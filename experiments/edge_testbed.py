@@ -19,10 +19,13 @@ the link first: TCP round trips of 16 bytes (2 x delay expected) and bulk throug
 the plain bridge of `testbed_net.network`.
 
 Latency: wall time of one compiled inference (outputs left on their devices) until its last
-node is done (`single`: node 0's), median of `--repeats`, all nodes released together by a
-barrier; `single` is timed first and again after the last plan (its median over both: what
-shares the machine drifts during a run). Wire bytes: each node's `tx_bytes` counter (IP
-packets: the TUN device carries no Ethernet header) over the timed repeats.
+node is done (`single`: node 0's), median of `--repeats` rounds, all nodes released together
+by a barrier before each. Every plan, `single` too, runs once a round, in turn, so that a
+drift in what shares the machine during a run reaches every plan alike: `speedup` is one
+device's median over every round against the plan's median, `speedup_paired` the median
+over rounds of single's time against the plan's in the same round. Wire bytes: each node's
+`tx_bytes` counter (IP packets: the TUN device carries no Ethernet header) over the timed
+runs.
 The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
 collective cost fitted on N = 2 and predicts N = 4 (and 8).
 Writes experiments/results/edge_testbed_v2.{json,md,png}.
@@ -148,7 +151,7 @@ def _inputs(model, seq_len: int):
 
 
 def node_main(args) -> None:
-    """One node: join, time `single` once, then every plan under every link."""
+    """One node: join, compile every plan, then time them round by round under every link."""
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -170,9 +173,9 @@ def node_main(args) -> None:
     mesh = pj.edge_mesh(args.nodes)
     counter = Path("/sys/class/net/eth0/statistics/tx_bytes")
     control, ack = Path(args.control), Path(args.ack)
-    links, seq, rows = json.loads(args.links), 0, []
-    # one device is timed first and again last: its time drifts with what shares the machine
-    for spec in (*args.plans, "single"):
+    links = json.loads(args.links)
+    programs = []  # (spec, plan, compiled program, its arguments)
+    for spec in args.plans:
         plan = testbed_model.make_plan(spec, cfg, devices=args.nodes, seq_len=args.seq_len)
         if plan.strategy == "single":
             fn, call_args = program(model.graphdef, cfg, plan, None), (model.params, inputs, valid)
@@ -180,38 +183,50 @@ def node_main(args) -> None:
             fn = program(model.graphdef, cfg, plan, mesh)
             call_args = (place(model, mesh), *shard_inputs(inputs, valid, mesh))
         jax.block_until_ready(fn(*call_args))  # compile + warm-up
-        for rate, delay in links[:1] if plan.strategy == "single" else links:
-            seq += 1
-            if args.rank == 0:
-                set_link(control, ack, seq, rate, delay)
-            multihost_utils.sync_global_devices(f"link{seq}")
-            sent, times = int(counter.read_text()), []
-            for i in range(args.repeats):
-                multihost_utils.sync_global_devices(f"go{seq}-{i}")
+        programs.append((spec, plan, fn, call_args))
+    # Round by round: every plan (single too) once a round, so that a drift in what shares the
+    # machine reaches every plan alike, and each plan's speed-up is also taken against single
+    # in the same round.
+    times = {(spec, k): [] for spec in args.plans for k in range(len(links))}
+    sent = dict.fromkeys(times, 0)
+    for k, (rate, delay) in enumerate(links):
+        if args.rank == 0:
+            set_link(control, ack, k + 1, rate, delay)
+        multihost_utils.sync_global_devices(f"link{k}")
+        for i in range(args.repeats):
+            for spec, _, fn, call_args in programs:
+                multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
+                before = int(counter.read_text())
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
-                times.append(time.perf_counter() - start)
-            sent = (int(counter.read_text()) - sent) / args.repeats
-            wire = multihost_utils.process_allgather(np.array([sent]))
+                times[spec, k].append(time.perf_counter() - start)
+                sent[spec, k] += int(counter.read_text()) - before
+    rows, single = [], []
+    for k, (rate, delay) in enumerate(links):
+        for spec, plan, _, _ in programs:
+            wire = multihost_utils.process_allgather(np.array([sent[spec, k] / args.repeats]))
             # done when its last node is (a causal stream's node 0 is first); `single` runs
             # on every node at once, node 0's time is its
-            every = multihost_utils.process_allgather(np.array(times))
-            times = times if plan.strategy == "single" else every.max(axis=0).tolist()
-            n = 1 if plan.strategy == "single" else args.nodes
-            first = next((r for r in rows if r["strategy"] == "single"), None)
-            if plan.strategy == "single" and first is not None:  # again: one row of both
-                first["times_s"] += times
-                first["latency_s"] = float(np.median(first["times_s"]))
+            every = multihost_utils.process_allgather(np.array(times[spec, k]))
+            took = times[spec, k] if plan.strategy == "single" else every.max(axis=0).tolist()
+            if plan.strategy == "single":  # one row, every round of every link
+                single += took
                 continue
+            paired = [s / t for s, t in zip(times["single", k], took, strict=True)]
             rows.append({
                 "plan": spec, "strategy": plan.strategy, "cr": plan.cr, "wire": plan.wire,
-                "rate_mbit": None if n == 1 else rate, "delay_ms": None if n == 1 else delay,
-                "latency_s": float(np.median(times)), "times_s": times,
+                "rate_mbit": rate, "delay_ms": delay,
+                "latency_s": float(np.median(took)), "times_s": took,
+                "speedup_paired": float(np.median(paired)),
                 "wire_bytes_per_node": float(np.mean(wire)),
                 "closed_form_bytes_per_node": cost.bytes_closed_form(
-                    cfg, plan, devices=n, seq_len=args.seq_len),
-                "collectives": 0 if n == 1 else cfg.depth,  # one all-gather a layer (cost.lower)
+                    cfg, plan, devices=args.nodes, seq_len=args.seq_len),
+                "collectives": cfg.depth,  # one exchange a layer (cost.lower)
             })  # fmt: skip
+    rows.insert(0, {"plan": "single", "strategy": "single", "cr": 1, "wire": "f32",
+                    "rate_mbit": None, "delay_ms": None, "latency_s": float(np.median(single)),
+                    "times_s": single, "wire_bytes_per_node": 0.0,
+                    "closed_form_bytes_per_node": 0, "collectives": 0})  # fmt: skip
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(rows))
 

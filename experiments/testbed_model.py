@@ -161,16 +161,17 @@ def _late_markdown(relays: list[dict]) -> str:
 def grid_markdown(rows: list[dict]) -> str:
     lines = [
         "| model | N | CPU quota (cores/node) | Mbit/s | delay (ms) | plan | latency (s) | "
-        "speed-up over one device | wire bytes/node | (N-1) x closed form |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "speed-up over one device | paired by round | wire bytes/node | (N-1) x closed form |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         single = _single(rows, r["model"], r["nodes"])["latency_s"]
         link = ("-", "-") if r["strategy"] == "single" else (r["rate_mbit"], f"{r['delay_ms']:g}")
+        paired = f"{r['speedup_paired']:.2f}x" if "speedup_paired" in r else "-"  # (earlier runs)
         lines.append(
             f"| {r['model']} | {r['nodes']} | {r['quota_cores']:g} | {link[0]} | {link[1]} | "
             f"{r['plan']} | {r['latency_s']:.3f} | {single / r['latency_s']:.2f}x | "
-            f"{r['wire_bytes_per_node']:,.0f} | "
+            f"{paired} | {r['wire_bytes_per_node']:,.0f} | "
             f"{(r['nodes'] - 1) * r['closed_form_bytes_per_node']:,} |"
         )
     return "\n".join(lines) + "\n"
