@@ -285,8 +285,8 @@ def _delays(text: str) -> tuple[float, ...]:
 
 
 def _plans(text: str) -> tuple[str, ...]:
-    """single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, each but single with an
-    optional @TRANSPORT, comma-separated."""
+    """single, voltage, paper:CR, best:CR:WIRE[:notilt] or fill:CR:WIRE[:notilt], each but
+    single with an optional @TRANSPORT, comma-separated."""
     from prism_jax.plan import TRANSPORTS, WIRES
 
     out = tuple(text.split(","))
@@ -295,12 +295,14 @@ def _plans(text: str) -> tuple[str, ...]:
         kind, *rest = base.split(":")
         ok = (kind in ("single", "voltage") and not rest) or (
             kind == "paper" and len(rest) == 1 and rest[0].isdigit() and int(rest[0]) >= 1
-        ) or (kind in ("best", "fill") and len(rest) == 2 and rest[0].isdigit()
-              and int(rest[0]) >= 1 and rest[1] in WIRES)  # fmt: skip
+        ) or (kind in ("best", "fill") and len(rest) in (2, 3) and rest[0].isdigit()
+              and int(rest[0]) >= 1 and rest[1] in WIRES and rest[2:] in ([], ["notilt"])
+              )  # fmt: skip
         ok = ok and (not at or (transport in TRANSPORTS and kind != "single"))
         if not ok:
             raise argparse.ArgumentTypeError(
-                "expected single, voltage, paper:CR, best:CR:WIRE or fill:CR:WIRE, each but "
+                "expected single, voltage, paper:CR, best:CR:WIRE[:notilt] or "
+                "fill:CR:WIRE[:notilt], each but "
                 f"single with an optional @TRANSPORT ({', '.join(TRANSPORTS)}): {spec!r}"
             )
     if "single" not in out:

@@ -20,7 +20,8 @@ def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
     """`single`, `voltage`, `paper:CR` (fixed segments, f32), `best:CR:WIRE`
     (`Plan.best(CR, cfg, wire=WIRE)`) or `fill:CR:WIRE` (`Plan.best` with one sink token on
     WIRE, as many groups as fit the bytes of `paper:CR` at `devices` and `seq_len`:
-    `planner.fill`); `@TRANSPORT` after any but `single` sets the plan's transport
+    `planner.fill`); `:notilt` after best's or fill's WIRE drops the value tilt (its words go
+    to more groups in a fill); `@TRANSPORT` after any but `single` sets the plan's transport
     (`paper:16@stream`; default all_gather)."""
     import dataclasses
 
@@ -29,6 +30,7 @@ def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
 
     spec, _, transport = spec.partition("@")
     kind, *rest = spec.split(":")
+    tilt = rest[2:] != ["notilt"]
     if kind in ("single", "voltage"):
         plan = pj.Plan(strategy=kind)
     elif kind == "paper":
@@ -36,9 +38,12 @@ def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
     elif kind == "fill":
         shape = dict(devices=devices, seq_len=seq_len)
         budget = cost.bytes_closed_form(cfg, pj.Plan(cr=int(rest[0])), **shape)
-        plan = planner.fill(cfg, pj.Plan.best(1, cfg, wire=rest[1], sink=1), budget, **shape)
+        best = pj.Plan.best(1, cfg, wire=rest[1], sink=1)
+        best = best if tilt else dataclasses.replace(best, value_tilt=False)
+        plan = planner.fill(cfg, best, budget, **shape)
     else:
         plan = pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
+        plan = plan if tilt else dataclasses.replace(plan, value_tilt=False)
     return dataclasses.replace(plan, transport=transport) if transport else plan
 
 

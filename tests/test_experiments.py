@@ -316,11 +316,12 @@ def test_edge_testbed_subset_flags(monkeypatch):
     assert edge_testbed._delays("0,1.5,20") == (0.0, 1.5, 20.0)
     assert edge_testbed._positive_ints("4,16") == (4, 16)
     assert edge_testbed._positive_int("3") == 3
-    plans = "single,paper:16@stream,fill:16:int4h@all_to_all"
+    plans = "single,paper:16@stream,fill:16:int4h@all_to_all,fill:16:int4h:notilt@stream"
     assert edge_testbed._plans(plans) == tuple(plans.split(","))
     for parse, text in [
         (edge_testbed._plans, "single,paper:16@ring"),
         (edge_testbed._plans, "single@stream,paper:16"),
+        (edge_testbed._plans, "single,fill:16:int4h:flat"),
         (edge_testbed._rates, "10,fast"),
         (edge_testbed._rates, "0"),
         (edge_testbed._models, "gpt2:256"),

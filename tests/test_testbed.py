@@ -144,3 +144,10 @@ def test_plan_specs(testbed):
             cfg, pj.Plan(**{**got.__dict__, "groups": got.groups + 1}), **shape
         )
     )
+    flat = model.make_plan("fill:16:int4h:notilt", cfg, devices=4, seq_len=512)
+    assert not flat.value_tilt and got.value_tilt
+    assert flat.groups > got.groups  # the tilt's words buy groups
+    assert cost.bytes_closed_form(cfg, flat, **shape) <= paper
+    assert model.make_plan("best:4:int8:notilt", cfg) == pj.Plan(
+        **{**pj.Plan.best(4, cfg, wire="int8").__dict__, "value_tilt": False}
+    )
