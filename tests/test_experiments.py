@@ -63,6 +63,7 @@ SCRIPTS = [
 # this run's provenance.
 RESULTS = {
     "probe_tilt.py",
+    "profile_plans.py",
     "table_bert.py",
     "table_compress.py",
     "table_cost.py",
