@@ -17,8 +17,10 @@
   0.01 and 0.07 for the causal stream, 20 ms);
 - transfer: (N - 1) x the bytes a device sends per inference (`cost.bytes_closed_form`) x 8 /
   bandwidth (each node's uplink carries its block to every other node; a causal model's
-  first node to every later one); on the stream a causal model's blocks travel while the
-  next layer is computed: only the last layer's share, and what exceeds the compute, adds;
+  first node to every later one); on the stream a causal model's busiest uplink carries
+  the blocks `stream.routes` gives it (relayed: N = 4 two, N = 8 four), and they travel
+  while the next layer is computed: only the last layer's share, and what exceeds the
+  compute, adds;
 - overhead: depth x `Profile.collective_s`, a collective's own fixed cost (fitted on measured
   N = 2 runs: 11-27 ms a layer for the prism plans on the testbed, `COLLECTIVE_S` the
   paper plan's; 0 by default in a `Profile`).
@@ -26,6 +28,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -146,8 +149,13 @@ def predict(cfg, plan: Plan, *, devices: int, seq_len: int, link: Link, profile:
     rounds = waits(cfg, plan, n, link.latency)
     transfer = (n - 1) * sent * 8 / link.bandwidth
     if plan.transport == "stream" and cfg.causal:
-        # sent as computed: the uplink carries a layer's blocks while the next is computed,
-        # so only the last layer's, and what the uplink cannot keep up with, adds
+        # relayed, the busiest uplink carries fewer than N - 1 blocks; sent as computed, a
+        # layer's blocks travel while the next is computed, so only the last layer's, and
+        # what the uplink cannot keep up with, adds
+        from prism_jax.stream import routes
+
+        busiest = max(collections.Counter(routes(n).values()).values())
+        transfer = busiest * sent * 8 / link.bandwidth
         transfer = max(transfer - compute, 0.0) + transfer / cfg.depth
     return Estimate(compute, rounds, transfer, cfg.depth * profile.collective_s)
 

@@ -12,9 +12,15 @@ device 0 never waits, and device p runs behind device 0 by the delays of the lin
 once, not at every layer. An encoder's device needs every other device's block, one one-way
 delay a layer.
 
-Frames on a connection: a header (exchange number, source node, payload bytes; network byte
-order) and the block's bytes. The i-th exchange of every node is the same layer of the same
-inference: every node runs the same program.
+On a causal stream the blocks are relayed where that lightens the busiest uplink (`routes`):
+device 0's block goes to every later device, so sent directly its uplink carries N - 1 copies
+a layer; a device between can take it in and pass it on as it arrives (N = 4: at most two
+blocks a layer on any uplink instead of three).
+
+Frames on a connection: a header (exchange number, source node, payload bytes, the nodes the
+receiver passes the frame on to as a bit mask; network byte order) and the block's bytes. The
+i-th exchange of every node is the same layer of the same inference: every node runs the
+same program.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from jax.experimental import io_callback
 
 from prism_jax.errors import PrismError
 
-_HEADER = struct.Struct("!QII")  # exchange number, source node, payload bytes
+_HEADER = struct.Struct("!QIII")  # exchange number, source node, payload bytes, pass-on mask
 _KEY = "prism_jax/stream/{}"
 TIMEOUT_S = 600.0  # how long a node waits for a block before it gives up
 # Test hook: a node whose rank is named here kills itself at its second exchange (mid-run).
@@ -89,11 +95,13 @@ class Stream:
     def _receive(self, source: int, conn: socket.socket) -> None:
         while True:
             try:
-                number, sender, size = _HEADER.unpack(_read(conn, _HEADER.size))
+                number, sender, size, onward = _HEADER.unpack(_read(conn, _HEADER.size))
                 block = _read(conn, size)
             except OSError as e:
                 self._gone(source, f"its stream connection ended: {e}")
                 return
+            for q in _bits(onward):  # relayed as it arrives, before this node needs it
+                self.outboxes[q].put(_HEADER.pack(number, sender, size, 0) + block)
             with self.ready:
                 self.arrived[number, sender] = block
                 self.ready.notify_all()
@@ -103,10 +111,12 @@ class Stream:
             self.gone.setdefault(q, why)
             self.ready.notify_all()
 
-    def exchange(self, block: np.ndarray, send_to, receive_from) -> np.ndarray:
-        """Send `block` to the nodes `send_to`; return `[N, *block.shape]`: every node's
-        block in node order, this node's own, those of `receive_from` once they arrive, zeros
-        for the rest."""
+    def exchange(self, block: np.ndarray, send_to, receive_from, onward=None, via=None):
+        """Send `block` to the nodes `send_to` (`onward[q]`: the nodes q passes it on to);
+        return `[N, *block.shape]`: every node's block in node order, this node's own, those
+        of `receive_from` once they arrive, zeros for the rest. `via[s]`: the node that
+        relays s's block here (lost with it)."""
+        onward, via = onward or {}, via or {}
         number = self.count
         self.count += 1
         if number == 1 and os.environ.get(DIE_MID_RUN) == str(self.rank):
@@ -114,20 +124,24 @@ class Stream:
         block = np.ascontiguousarray(block)
         payload = block.tobytes()
         for q in send_to:
-            self.outboxes[q].put(_HEADER.pack(number, self.rank, len(payload)) + payload)
+            mask = sum(1 << d for d in onward.get(q, ()))
+            self.outboxes[q].put(_HEADER.pack(number, self.rank, len(payload), mask) + payload)
         every = np.zeros((self.nodes, *block.shape), block.dtype)
         every[self.rank] = block
         wanted = [(number, q) for q in receive_from]
         with self.ready:
             # A block that came before its sender's connection closed still counts: a peer
             # that sent its last block and ended is no failure of this exchange.
+            # q's block is lost with q, or with the node that relays it here
+            def ends(q):
+                return [e for e in (q, via.get(q, q)) if e in self.gone]
+
             self.ready.wait_for(
-                lambda: all(k in self.arrived or k[1] in self.gone for k in wanted),
-                self.timeout_s,
+                lambda: all(k in self.arrived or ends(k[1]) for k in wanted), self.timeout_s
             )
             missing = [q for n, q in wanted if (n, q) not in self.arrived]
             if missing:
-                q = next((q for q in missing if q in self.gone), missing[0])
+                q = next((e for q in missing for e in ends(q)), missing[0])
                 why = self.gone.get(q, f"no block within {self.timeout_s:g} s")
                 self.failed = f"node {q} ({why})"
                 raise PrismError(f"node {self.rank}: lost {self.failed}")
@@ -166,22 +180,52 @@ def connect(mesh) -> Stream:
     return _STREAM
 
 
+def routes(devices: int) -> dict[tuple[int, int], int]:
+    """Who sends device s's block to each later device d on a causal stream: `(s, d) -> v`,
+    v = s itself or a device between them that has the block from s directly and passes it on.
+    Greedy over (d, s) in order, each to whichever of them has sent fewest blocks a layer so
+    far (ties: s, no extra hop); kept only where the busiest uplink carries fewer blocks a layer
+    than sending directly would (N - 1, device 0's): N = 4 two instead of three."""
+    via, load = {}, [0] * devices
+    for d in range(1, devices):
+        for s in range(d):
+            senders = [s] + [v for v in range(s + 1, d) if via[s, v] == s]
+            v = min(senders, key=lambda v: (load[v], v != s))
+            via[s, d], load[v] = v, load[v] + 1
+    if max(load) >= devices - 1:
+        return {(s, d): s for d in range(devices) for s in range(d)}
+    return via
+
+
 def gather(rows: jax.Array, device, devices: int, causal: bool) -> jax.Array:
     """`[B, N, V, C]`: every device's `[B, V, C]` rows in device order, by the stream (inside
-    the program: a host callback). Causal: only the earlier devices' rows (the others zero)."""
+    the program: a host callback). Causal: only the earlier devices' rows (the others zero),
+    relayed along `routes`."""
+    via = routes(devices) if causal else {}
 
     def host(block, p):
-        p = int(p)
-        later, others = range(p + 1, devices), [q for q in range(devices) if q != p]
-        if causal:
-            every = _STREAM.exchange(block, later, range(p))
-        else:
-            every = _STREAM.exchange(block, others, others)
+        every = exchange_as(_STREAM, block, int(p), devices, via if causal else None)
         return np.moveaxis(every, 0, 1)  # [B, N, V, C]
 
     b, v, c = rows.shape
     out = jax.ShapeDtypeStruct((b, devices, v, c), rows.dtype)
     return io_callback(host, out, rows, device)
+
+
+def exchange_as(node: Stream, block: np.ndarray, p: int, devices: int, via=None) -> np.ndarray:
+    """Device p's exchange on `node`: `[N, ...]` as `Stream.exchange` returns it. `via`: the
+    causal `routes` (p sends forward, directly or through a relay, and waits for the earlier
+    devices); None: an encoder's, to and from every other device."""
+    later, others = range(p + 1, devices), [q for q in range(devices) if q != p]
+    if via is None:
+        return node.exchange(block, others, others)
+    direct = [d for d in later if via[p, d] == p]
+    onward = {q: [d for d in later if via[p, d] == q != p] for q in direct}
+    return node.exchange(block, direct, range(p), onward, {s: via[s, p] for s in range(p)})
+
+
+def _bits(mask: int) -> list[int]:
+    return [q for q in range(mask.bit_length()) if mask >> q & 1]
 
 
 def _read(conn: socket.socket, size: int) -> bytes:

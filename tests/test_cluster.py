@@ -48,7 +48,7 @@ def _env(**extra):
         ("bert_cls", 3, "prism", 3, "all_gather"),
         pytest.param("gpt2_lm", 4, "prism", 2, "all_gather", marks=pytest.mark.slow),
         ("gpt2_lm", 2, "voltage", 1, "all_gather"),
-        ("gpt2_lm", 3, "prism", 2, "stream"),  # causal: each node sends only forward
+        ("gpt2_lm", 4, "prism", 2, "stream"),  # causal: forward only, two blocks relayed
         ("bert_cls", 2, "prism", 3, "stream"),  # an encoder: both ways
     ],
 )

@@ -68,7 +68,7 @@ def _gone(s: stream.Stream) -> None:
 def test_a_block_sent_before_the_peer_ended_counts(peer):
     s, to, _ = peer
     theirs = np.arange(6, dtype=np.float32).reshape(2, 3)
-    to.sendall(struct.pack("!QII", 0, 1, theirs.nbytes) + theirs.tobytes())
+    to.sendall(struct.pack("!QIII", 0, 1, theirs.nbytes, 0) + theirs.tobytes())
     to.close()  # node 1 sent its last block and ended
     _gone(s)
     mine = np.ones((2, 3), np.float32)
@@ -93,3 +93,83 @@ def test_a_block_that_never_comes(peer):
     s.timeout_s = 0.3
     with pytest.raises(pj.PrismError, match=r"^node 0: lost node 1 \(no block within 0.3 s\)$"):
         s.exchange(np.ones(4, np.float32), [1], [1])
+
+
+@pytest.mark.parametrize("devices", [4, 5, 8])
+def test_routes_lighten_the_busiest_uplink(devices):
+    """Every later device gets each block once, from its source or from a device between that
+    has it from the source directly; no uplink carries more blocks a layer than it must
+    (N = 4: two, not device 0's three)."""
+    via = stream.routes(devices)
+    assert set(via) == {(s, d) for d in range(devices) for s in range(d)}
+    load = [0] * devices
+    for (s, d), v in via.items():
+        assert v == s or (s < v < d and via[s, v] == s)
+        load[v] += 1
+    assert max(load) < devices - 1 and max(load) == {4: 2, 5: 3, 8: 4}[devices]
+    assert stream.routes(3) == {(0, 1): 0, (0, 2): 0, (1, 2): 1}  # no uplink to lighten
+
+
+@pytest.fixture
+def four(monkeypatch):
+    """Four `Stream`s in this process, joined over loopback through a stand-in store."""
+    from jax._src import distributed
+
+    state = types.SimpleNamespace(client=_Store(), coordinator_address="127.0.0.1:1")
+    monkeypatch.setattr(distributed, "global_state", state)
+    nodes = {}
+    threads = [threading.Thread(target=lambda r=r: nodes.update({r: stream.Stream(r, 4,
+               timeout_s=5)})) for r in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return [nodes[r] for r in range(4)]
+
+
+def _causal_round(nodes, rounds=2):
+    """Every node's causal exchange at once, as the program calls it; what each got."""
+    via, got = stream.routes(4), {}
+
+    def run(p):
+        for i in range(rounds):
+            block = np.full((2, 3), 10 * i + p, np.float32)
+            got[p, i] = stream.exchange_as(nodes[p], block, p, 4, via)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    return got
+
+
+def test_relayed_blocks_arrive_whole_and_in_their_exchange(four):
+    sent = [0] * 4
+    for p, node in enumerate(four):  # frames this node's uplink carries, its relays included
+        for box in node.outboxes.values():
+            put = box.put
+            box.put = lambda frame, put=put, p=p: (sent.__setitem__(p, sent[p] + 1), put(frame))
+    got = _causal_round(four)
+    for (p, i), every in got.items():
+        want = np.zeros((4, 2, 3), np.float32)
+        want[: p + 1] = (10 * i + np.arange(p + 1))[:, None, None]  # its own and the earlier
+        np.testing.assert_array_equal(every, want)
+    assert sent == [4, 4, 4, 0]  # two blocks a layer on each uplink (direct: 6, 4, 2, 0)
+
+
+def test_a_relay_lost_ends_the_wait_for_what_it_relays(four):
+    """Device 2 gets device 0's block through device 1: device 1 gone, device 2's wait for it
+    ends at once, naming device 1."""
+    via = stream.routes(4)
+    assert via[0, 2] == 1
+    for box in four[1].outboxes.values():  # device 1 sends its own block, relays nothing
+        put = box.put
+        box.put = lambda frame, put=put: None if frame[8:12] == b"\0\0\0\0" else put(frame)
+    stream.exchange_as(four[0], np.zeros(3, np.float32), 0, 4, via)
+    stream.exchange_as(four[1], np.ones(3, np.float32), 1, 4, via)
+    threading.Timer(0.3, lambda: four[2]._gone(1, "its stream connection ended: closed")).start()
+    start = time.monotonic()
+    with pytest.raises(pj.PrismError, match=r"^node 2: lost node 1 \(its stream connection"):
+        stream.exchange_as(four[2], np.zeros(3, np.float32), 2, 4, via)
+    assert time.monotonic() - start < 4  # not the 5 s timeout
