@@ -12,7 +12,7 @@ same quota, a collective's cost fitted on N = 2). Accuracy is calibrated here th
 held-out Wikipedia rows at the cell's T (`--budget`); the encoders, points of accuracy lost
 (`--accuracy-budget`) by the task model of the same family, since the testbed times bert-base
 and ViT-B/16 on random weights (no such trained weights offline): the fine-food classifier
-(`make finefood-model`, all-MiniLM-L6-v2, 128 tokens; skipped until built) and the
+(`make finefood-model`, all-MiniLM-L6-v2; skipped until built) and the
 Fashion-MNIST ViT (`experiments/models`), each at its own length, the same plan. In each cell
 the planner weighs the measured plans alone, fastest predicted first (`planner.choose`),
 within budget; it is scored on what was measured: its choice's latency against the fastest
