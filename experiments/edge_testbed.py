@@ -24,8 +24,9 @@ by a barrier before each. Every plan, `single` too, runs once a round, in turn, 
 drift in what shares the machine during a run reaches every plan alike: `speedup` is one
 device's median over every round against the plan's median, `speedup_paired` the median
 over rounds of single's time against the plan's in the same round. Wire bytes: each node's
-`tx_bytes` counter (IP packets: the TUN device carries no Ethernet header) over the timed
-runs.
+`tx_bytes` counter (IP packets: the TUN device carries no Ethernet header) over each timed
+run and the barrier after it (a stream's node sends on after its own part is done; the
+barrier's own few KB are counted too).
 The latency model (`prism_jax.latency.predict`, through `testbed_model.py`) gets its
 collective cost fitted on N = 2 and predicts N = 4 (and 8).
 Writes experiments/results/edge_testbed_v2.{json,md,png}.
@@ -200,6 +201,9 @@ def node_main(args) -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
+                # a stream's node sends on after its own part is done (device 0 never waits):
+                # every block has left once every node has its own
+                multihost_utils.sync_global_devices(f"done{k}-{i}-{spec}")
                 sent[spec, k] += int(counter.read_text()) - before
     rows, single = [], []
     for k, (rate, delay) in enumerate(links):

@@ -181,7 +181,8 @@ def rerender(args) -> int:
         print(f"table_planner.py: no record at {path}")
         return 2
     result = json.loads(path.read_text())
-    result["earlier_runs"] = result.pop("earlier_runs", []) + [result.pop("provenance")]
+    earlier = [result.pop("provenance")] if "provenance" in result else []
+    result["earlier_runs"] = result.pop("earlier_runs", []) + earlier
     save(dataclasses.replace(args, out=args.out or str(path.parent)), result)
     return 0
 

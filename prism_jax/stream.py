@@ -38,7 +38,7 @@ from jax.experimental import io_callback
 
 from prism_jax.errors import PrismError
 
-_HEADER = struct.Struct("!QIII")  # exchange number, source node, payload bytes, pass-on mask
+_HEADER = struct.Struct("!QIIQ")  # exchange number, source node, payload bytes, pass-on mask
 _KEY = "prism_jax/stream/{}"
 TIMEOUT_S = 600.0  # how long a node waits for a block before it gives up
 # Test hook: a node whose rank is named here kills itself at its second exchange (mid-run).
@@ -132,9 +132,10 @@ class Stream:
         with self.ready:
             # A block that came before its sender's connection closed still counts: a peer
             # that sent its last block and ended is no failure of this exchange.
-            # q's block is lost with q, or with the node that relays it here
+            # q's block is lost with q, or, relayed, with its relay (q may end normally before
+            # the relay's copy arrives; a q that died fails its relay, which then ends)
             def ends(q):
-                return [e for e in (q, via.get(q, q)) if e in self.gone]
+                return [e for e in (via.get(q, q),) if e in self.gone]
 
             self.ready.wait_for(
                 lambda: all(k in self.arrived or ends(k[1]) for k in wanted), self.timeout_s
@@ -185,16 +186,18 @@ def routes(devices: int) -> dict[tuple[int, int], int]:
     v = s itself or a device between them that has the block from s directly and passes it on.
     Greedy over (d, s) in order, each to whichever of them has sent fewest blocks a layer so
     far (ties: s, no extra hop); kept only where the busiest uplink carries fewer blocks a layer
-    than sending directly would (N - 1, device 0's): N = 4 two instead of three."""
+    than sending directly would (N - 1, device 0's): N = 4 two instead of three. Past 64
+    devices (the frame's pass-on mask) every block goes directly."""
+    direct = {(s, d): s for d in range(devices) for s in range(d)}
+    if devices > 64:  # the pass-on mask is 64 bits
+        return direct
     via, load = {}, [0] * devices
     for d in range(1, devices):
         for s in range(d):
             senders = [s] + [v for v in range(s + 1, d) if via[s, v] == s]
             v = min(senders, key=lambda v: (load[v], v != s))
             via[s, d], load[v] = v, load[v] + 1
-    if max(load) >= devices - 1:
-        return {(s, d): s for d in range(devices) for s in range(d)}
-    return via
+    return direct if max(load) >= devices - 1 else via
 
 
 def gather(rows: jax.Array, device, devices: int, causal: bool) -> jax.Array:

@@ -68,7 +68,7 @@ def _gone(s: stream.Stream) -> None:
 def test_a_block_sent_before_the_peer_ended_counts(peer):
     s, to, _ = peer
     theirs = np.arange(6, dtype=np.float32).reshape(2, 3)
-    to.sendall(struct.pack("!QIII", 0, 1, theirs.nbytes, 0) + theirs.tobytes())
+    to.sendall(struct.pack("!QIIQ", 0, 1, theirs.nbytes, 0) + theirs.tobytes())
     to.close()  # node 1 sent its last block and ended
     _gone(s)
     mine = np.ones((2, 3), np.float32)
@@ -108,6 +108,7 @@ def test_routes_lighten_the_busiest_uplink(devices):
         load[v] += 1
     assert max(load) < devices - 1 and max(load) == {4: 2, 5: 3, 8: 4}[devices]
     assert stream.routes(3) == {(0, 1): 0, (0, 2): 0, (1, 2): 1}  # no uplink to lighten
+    assert set(stream.routes(65).values()) == set(range(64))  # past the mask: direct
 
 
 @pytest.fixture
