@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 
 import common
 
@@ -44,15 +43,12 @@ class Config:
 
 
 def _timed(fn, args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after a compiling first call."""
     import jax
 
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    from prism_jax.evaluation.timing import timed
+
+    return timed(lambda: jax.block_until_ready(fn(*args)), repeats=repeats)[1]
 
 
 def profile(name: str, model, seq_len: int, nodes: int, plans, repeats: int) -> list[dict]:

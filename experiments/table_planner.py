@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import common
@@ -178,7 +179,7 @@ def rerender(args) -> int:
     run's. Writes beside it unless `--out` says where."""
     path = Path(args.report)
     if not path.is_file():
-        print(f"table_planner.py: no record at {path}")
+        print(f"table_planner.py: error: no record at {path}", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
     earlier = [result.pop("provenance")] if "provenance" in result else []

@@ -35,15 +35,15 @@ def make_plan(spec: str, cfg, *, devices: int = 2, seq_len: int = 512):
         plan = pj.Plan(strategy=kind)
     elif kind == "paper":
         plan = pj.Plan(cr=int(rest[0]))
-    elif kind == "fill":
-        shape = dict(devices=devices, seq_len=seq_len)
-        budget = cost.bytes_closed_form(cfg, pj.Plan(cr=int(rest[0])), **shape)
-        best = pj.Plan.best(1, cfg, wire=rest[1], sink=1)
-        best = best if tilt else dataclasses.replace(best, value_tilt=False)
-        plan = planner.fill(cfg, best, budget, **shape)
-    else:
-        plan = pj.Plan.best(int(rest[0]), cfg, wire=rest[1])
+    else:  # best, fill
+        fill = kind == "fill"
+        plan = pj.Plan.best(1 if fill else int(rest[0]), cfg, wire=rest[1],
+                            **({"sink": 1} if fill else {}))  # fmt: skip
         plan = plan if tilt else dataclasses.replace(plan, value_tilt=False)
+        if fill:
+            shape = dict(devices=devices, seq_len=seq_len)
+            budget = cost.bytes_closed_form(cfg, pj.Plan(cr=int(rest[0])), **shape)
+            plan = planner.fill(cfg, plan, budget, **shape)
     return dataclasses.replace(plan, transport=transport) if transport else plan
 
 

@@ -131,18 +131,18 @@ class Stream:
         wanted = [(number, q) for q in receive_from]
         with self.ready:
             # A block that came before its sender's connection closed still counts: a peer
-            # that sent its last block and ended is no failure of this exchange.
-            # q's block is lost with q, or, relayed, with its relay (q may end normally before
-            # the relay's copy arrives; a q that died fails its relay, which then ends)
-            def ends(q):
-                return [e for e in (via.get(q, q),) if e in self.gone]
+            # that sent its last block and ended is no failure of this exchange. A relayed
+            # block is lost with its relay, not its source (which may end normally before the
+            # relay's copy arrives; a source that died fails its relay, which then ends).
+            def lost_with(q):
+                return via.get(q, q) in self.gone
 
             self.ready.wait_for(
-                lambda: all(k in self.arrived or ends(k[1]) for k in wanted), self.timeout_s
+                lambda: all(k in self.arrived or lost_with(k[1]) for k in wanted), self.timeout_s
             )
             missing = [q for n, q in wanted if (n, q) not in self.arrived]
             if missing:
-                q = next((e for q in missing for e in ends(q)), missing[0])
+                q = next((via.get(q, q) for q in missing if lost_with(q)), missing[0])
                 why = self.gone.get(q, f"no block within {self.timeout_s:g} s")
                 self.failed = f"node {q} ({why})"
                 raise PrismError(f"node {self.rank}: lost {self.failed}")
@@ -204,10 +204,10 @@ def gather(rows: jax.Array, device, devices: int, causal: bool) -> jax.Array:
     """`[B, N, V, C]`: every device's `[B, V, C]` rows in device order, by the stream (inside
     the program: a host callback). Causal: only the earlier devices' rows (the others zero),
     relayed along `routes`."""
-    via = routes(devices) if causal else {}
+    via = routes(devices) if causal else None
 
     def host(block, p):
-        every = exchange_as(_STREAM, block, int(p), devices, via if causal else None)
+        every = exchange_as(_STREAM, block, int(p), devices, via)
         return np.moveaxis(every, 0, 1)  # [B, N, V, C]
 
     b, v, c = rows.shape

@@ -300,6 +300,25 @@ def test_table_planner_report_draws_the_frontier_again(tmp_path):
     assert (tmp_path / "o" / "table_planner_frontier.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["table_planner.py", "--report", "no/such/table_planner.json"],
+        ["profile_plans.py", "--models", "gpt5"],
+        ["profile_plans.py", "--nodes", "2,one"],
+    ],
+)
+def test_bad_script_inputs_are_one_line(argv, tmp_path):
+    """A record that is not there, a model or device count the profile does not know: one
+    line on stderr, exit 2, before any work."""
+    script = Path(__file__).parents[1] / "experiments" / argv[0]
+    done = subprocess.run([sys.executable, str(script), *argv[1:]], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in done.stderr
+
+
 def test_edge_testbed_subset_flags(monkeypatch):
     """`edge_testbed.py --models/--nodes/--rates/--delays/--repeats` parse into its Config's
     fields; anything else is a usage error."""
