@@ -53,12 +53,14 @@ finefood-model: install
 	$(VENV)/bin/prism-jax finetune --model $(MINILM) --steps 375 --batch-size 32 --lr 1e-4 \
 		--warmup 30 --checkpoint-dir artifacts/minilm-finefood-ckpt --out artifacts/minilm-finefood \
 		--json > experiments/results/finefood_model.json.tmp
+	$(PY) experiments/provenance.py experiments/results/finefood_model.json.tmp make finefood-model
 	mv experiments/results/finefood_model.json.tmp experiments/results/finefood_model.json
 
 # The GPT-2 task model on all 272 cloze questions (exact, ~2 min).
 cloze-all: install
 	$(VENV)/bin/prism-jax eval --model experiments/models/gpt2-wikipedia --dataset wikipedia_cloze \
 		--devices 2 --cr 1 --json > experiments/results/gpt2_cloze_all.json.tmp
+	$(PY) experiments/provenance.py experiments/results/gpt2_cloze_all.json.tmp make cloze-all
 	mv experiments/results/gpt2_cloze_all.json.tmp experiments/results/gpt2_cloze_all.json
 
 # The ViT and GPT-2 task models are committed (experiments/models, < 25 MB); these retrain

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -38,6 +39,15 @@ def of_this_run() -> dict:
         },
         "packages": {"python": platform.python_version(), **_versions(PACKAGES)},
     }
+
+
+def stamp(path: Path, command: str) -> None:
+    """Put this run's provenance, with `command` for the command line, at the head of the
+    JSON record at `path` (a CLI's `--json` output, written by a Makefile target)."""
+    record = json.loads(path.read_text())
+    record = record if isinstance(record, dict) else {"rows": record}
+    head = {**of_this_run(), "command": command}
+    path.write_text(json.dumps({"provenance": head, **record}, indent=2) + "\n")
 
 
 def command(argv: list[str]) -> str:
@@ -118,3 +128,7 @@ def _versions(names) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
+
+
+if __name__ == "__main__":  # python experiments/provenance.py FILE.json COMMAND...
+    stamp(Path(sys.argv[1]), shlex.join(sys.argv[2:]))

@@ -986,3 +986,19 @@ def test_the_results_index_reads_provenance_and_headlines_and_says_when_stale(
     with pytest.raises(SystemExit) as done:
         index.main(["--results", str(tmp_path / "none")])
     assert done.value.code == 2
+
+
+def test_a_cli_record_is_stamped_with_the_make_target(tmp_path):
+    """`provenance.py FILE COMMAND...` (the Makefile's CLI-written results): the record keeps
+    its fields under this run's provenance, the command line the target's."""
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"steps": 375, "evals": [0.85]}))
+    script = Path(__file__).parents[1] / "experiments" / "provenance.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "make", "finefood-model"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(path.read_text())
+    assert record["steps"] == 375 and record["evals"] == [0.85]
+    got = record["provenance"]
+    assert got["command"] == "make finefood-model" and len(got["commit"]) == 40
+    assert got["machine"]["cores"] and got["date"] and got["packages"]["jax"]
