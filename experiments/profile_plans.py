@@ -1,6 +1,6 @@
 """What a plan costs the nodes in compute: N devices' work against one device's, per plan.
 
-Command:  .venv/bin/python experiments/profile_plans.py          (about 10 minutes, 2 cores)
+Command:  .venv/bin/python experiments/profile_plans.py          (about 7 minutes, 2 cores)
 Smoke:    .venv/bin/python experiments/profile_plans.py --smoke  (a tiny model, N = 2)
 
 The N edge devices are emulated in one process pinned to one core, so one call's wall time is
