@@ -158,7 +158,7 @@ def node_main(args) -> None:
     from jax.experimental import multihost_utils
 
     import prism_jax as pj
-    from prism_jax import cluster, cost
+    from prism_jax import cluster, cost, stream
     from prism_jax.partition import place, program, shard_inputs
 
     if args.nodes == 2:  # a core each: pinned as well as limited
@@ -190,6 +190,7 @@ def node_main(args) -> None:
     # in the same round.
     times = {(spec, k): [] for spec in args.plans for k in range(len(links))}
     sent = dict.fromkeys(times, 0)
+    spent = {key: [] for key in times}  # per run: this node's CPU, waiting, throttled seconds
     for k, (rate, delay) in enumerate(links):
         if args.rank == 0:
             set_link(control, ack, k + 1, rate, delay)
@@ -198,9 +199,12 @@ def node_main(args) -> None:
             for spec, _, fn, call_args in programs:
                 multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
                 before = int(counter.read_text())
+                usage = (time.process_time(), stream.waited(), _throttled_s())
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
+                now = (time.process_time(), stream.waited(), _throttled_s())
+                spent[spec, k].append([b - a for a, b in zip(usage, now, strict=True)])
                 # a stream's node sends on after its own part is done (device 0 never waits):
                 # every block has left once every node has its own
                 multihost_utils.sync_global_devices(f"done{k}-{i}-{spec}")
@@ -213,8 +217,14 @@ def node_main(args) -> None:
             # on every node at once, node 0's time is its
             every = multihost_utils.process_allgather(np.array(times[spec, k]))
             took = times[spec, k] if plan.strategy == "single" else every.max(axis=0).tolist()
+            # [node, (cpu, waited, throttled)]: each node's median over the rounds
+            usage = multihost_utils.process_allgather(np.median(spent[spec, k], axis=0))
+            usage = {"node_cpu_s": usage[:, 0].tolist(), "node_waited_s": usage[:, 1].tolist(),
+                     "node_throttled_s": usage[:, 2].tolist(),
+                     "node_wall_s": np.median(every, axis=1).tolist()}  # fmt: skip
             if plan.strategy == "single":  # one row, every round of every link
                 single += took
+                single_usage = usage  # (any link's: one device sends nothing)
                 continue
             paired = [s / t for s, t in zip(times["single", k], took, strict=True)]
             rows.append({
@@ -226,13 +236,28 @@ def node_main(args) -> None:
                 "closed_form_bytes_per_node": cost.bytes_closed_form(
                     cfg, plan, devices=args.nodes, seq_len=args.seq_len),
                 "collectives": cfg.depth,  # one exchange a layer (cost.lower)
+                **usage,
             })  # fmt: skip
     rows.insert(0, {"plan": "single", "strategy": "single", "cr": 1, "wire": "f32",
                     "rate_mbit": None, "delay_ms": None, "latency_s": float(np.median(single)),
                     "times_s": single, "wire_bytes_per_node": 0.0,
-                    "closed_form_bytes_per_node": 0, "collectives": 0})  # fmt: skip
+                    "closed_form_bytes_per_node": 0, "collectives": 0,
+                    **single_usage})  # fmt: skip
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(rows))
+
+
+def _throttled_s() -> float:
+    """Seconds this process's CPU cgroup (v1) has been held back by its quota so far (0
+    outside one)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            stat = testbed_net.CGROUP / path.lstrip("/") / "cpu.stat"
+            if path != "/" and stat.exists():
+                fields = dict(ln.split() for ln in stat.read_text().splitlines())
+                return int(fields["throttled_time"]) / 1e9
+    return 0.0
 
 
 def probe(cfg: Config) -> dict:

@@ -182,6 +182,38 @@ def grid_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def usage_markdown(rows: list[dict]) -> str:
+    """Per cell, each node's median over the rounds: wall time of its own part, CPU seconds
+    (every thread of its process), seconds it waited for blocks (the stream's), seconds its
+    quota held it back (the cgroup's throttled time). Empty for runs that did not record
+    them."""
+    rows = [r for r in rows if "node_cpu_s" in r]
+    if not rows:
+        return ""
+
+    def per_node(values):
+        return " / ".join(f"{v:.2f}" for v in values)
+
+    lines = [
+        "## Where each node's time went\n",
+        "Per node (node 0 / 1 / ...), medians over the rounds: its own wall time, its CPU "
+        "seconds (every thread), the seconds it waited for blocks on the stream, and the "
+        "seconds its CPU quota held it back; CPU / wall is its share of a core.\n",
+        "| model | N | Mbit/s | delay (ms) | plan | wall (s) | CPU (s) | CPU / wall | "
+        "waited (s) | throttled (s) |",
+        "|---|---:|---:|---:|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        link = ("-", "-") if r["strategy"] == "single" else (r["rate_mbit"], f"{r['delay_ms']:g}")
+        share = [c / w for c, w in zip(r["node_cpu_s"], r["node_wall_s"], strict=True)]
+        lines.append(
+            f"| {r['model']} | {r['nodes']} | {link[0]} | {link[1]} | {r['plan']} | "
+            f"{per_node(r['node_wall_s'])} | {per_node(r['node_cpu_s'])} | {per_node(share)} | "
+            f"{per_node(r['node_waited_s'])} | {per_node(r['node_throttled_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def prediction_markdown(preds: list[dict]) -> str:
     lines = [
         "| model | N | Mbit/s | delay (ms) | plan | compute (s) | rounds (s) | transfer (s) | "
@@ -216,7 +248,7 @@ def report(cfg, link, rows, relays, preds) -> str:
     tally += "last column, one device's time under this N's quota / under N = 2's)"
     return (
         note + probe_markdown(link) + "\n## Grid\n\n" + grid_markdown(rows)
-        + "\n" + _late_markdown(relays)
+        + "\n" + _late_markdown(relays) + "\n" + usage_markdown(rows)
         + "\n## Latency model (testbed_model.py; fitted on N = 2, predicting the rest)\n\n"
         + f"{tally}.\n\n" + prediction_markdown(preds)
         + "\nRounds per all-gather seen on the wire (latency slope over the delays / "

@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 
 import jax
 import numpy as np
@@ -54,6 +55,7 @@ class Stream:
         self.arrived: dict[tuple[int, int], bytes] = {}  # (exchange, source) -> block
         self.gone: dict[int, str] = {}  # node -> why its connection ended
         self.failed: str | None = None  # the peer an exchange lost: "node q (why)"
+        self.waited_s = 0.0  # time spent waiting for blocks, every exchange so far
         self.ready = threading.Condition()
         self.outboxes = {q: queue.Queue() for q in range(nodes) if q != rank}
         self._connect()
@@ -137,9 +139,11 @@ class Stream:
             def lost_with(q):
                 return via.get(q, q) in self.gone
 
+            start = time.perf_counter()
             self.ready.wait_for(
                 lambda: all(k in self.arrived or lost_with(k[1]) for k in wanted), self.timeout_s
             )
+            self.waited_s += time.perf_counter() - start
             missing = [q for n, q in wanted if (n, q) not in self.arrived]
             if missing:
                 q = next((via.get(q, q) for q in missing if lost_with(q)), missing[0])
@@ -160,6 +164,11 @@ def lost() -> str | None:
     reaches the caller as the runtime's error around the callback's, so `cluster.fail_fast`
     asks here."""
     return _STREAM.failed if _STREAM is not None else None
+
+
+def waited() -> float:
+    """Seconds this process's stream has waited for blocks so far (0 without a stream)."""
+    return _STREAM.waited_s if _STREAM is not None else 0.0
 
 
 def connect(mesh) -> Stream:
