@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -190,7 +191,8 @@ def node_main(args) -> None:
     # in the same round.
     times = {(spec, k): [] for spec in args.plans for k in range(len(links))}
     sent = dict.fromkeys(times, 0)
-    spent = {key: [] for key in times}  # per run: this node's CPU, waiting, throttled seconds
+    spent = {key: [] for key in times}  # per run: this node's CPU, waiting, throttled, GC s
+    gc.callbacks.append(_time_gc)
     for k, (rate, delay) in enumerate(links):
         if args.rank == 0:
             set_link(control, ack, k + 1, rate, delay)
@@ -199,11 +201,11 @@ def node_main(args) -> None:
             for spec, _, fn, call_args in programs:
                 multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
                 before = int(counter.read_text())
-                usage = (time.process_time(), stream.waited(), _throttled_s())
+                usage = (time.process_time(), stream.waited(), _throttled_s(), GC_S[0])
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
-                now = (time.process_time(), stream.waited(), _throttled_s())
+                now = (time.process_time(), stream.waited(), _throttled_s(), GC_S[0])
                 spent[spec, k].append([b - a for a, b in zip(usage, now, strict=True)])
                 # a stream's node sends on after its own part is done (device 0 never waits):
                 # every block has left once every node has its own
@@ -220,7 +222,7 @@ def node_main(args) -> None:
             # [node, (cpu, waited, throttled)]: each node's median over the rounds
             usage = multihost_utils.process_allgather(np.median(spent[spec, k], axis=0))
             usage = {"node_cpu_s": usage[:, 0].tolist(), "node_waited_s": usage[:, 1].tolist(),
-                     "node_throttled_s": usage[:, 2].tolist(),
+                     "node_throttled_s": usage[:, 2].tolist(), "node_gc_s": usage[:, 3].tolist(),
                      "node_wall_s": np.median(every, axis=1).tolist()}  # fmt: skip
             if plan.strategy == "single":  # one row, every round of every link
                 single += took
@@ -245,6 +247,16 @@ def node_main(args) -> None:
                     **single_usage})  # fmt: skip
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(rows))
+
+
+GC_S = [0.0, 0.0]  # seconds in Python's garbage collector so far, the current one's start
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        GC_S[1] = time.perf_counter()
+    else:
+        GC_S[0] += time.perf_counter() - GC_S[1]
 
 
 def _throttled_s() -> float:

@@ -197,11 +197,12 @@ def usage_markdown(rows: list[dict]) -> str:
     lines = [
         "## Where each node's time went\n",
         "Per node (node 0 / 1 / ...), medians over the rounds: its own wall time, its CPU "
-        "seconds (every thread), the seconds it waited for blocks on the stream, and the "
-        "seconds its CPU quota held it back; CPU / wall is its share of a core.\n",
+        "seconds (every thread), the seconds it waited for blocks on the stream, the seconds "
+        "its CPU quota held it back, and the seconds in Python's garbage collector; CPU / wall "
+        "is its share of a core.\n",
         "| model | N | Mbit/s | delay (ms) | plan | wall (s) | CPU (s) | CPU / wall | "
-        "waited (s) | throttled (s) |",
-        "|---|---:|---:|---:|---|---|---|---|---|---|",
+        "waited (s) | throttled (s) | Python GC (s) |",
+        "|---|---:|---:|---:|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         link = ("-", "-") if r["strategy"] == "single" else (r["rate_mbit"], f"{r['delay_ms']:g}")
@@ -209,7 +210,8 @@ def usage_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['nodes']} | {link[0]} | {link[1]} | {r['plan']} | "
             f"{per_node(r['node_wall_s'])} | {per_node(r['node_cpu_s'])} | {per_node(share)} | "
-            f"{per_node(r['node_waited_s'])} | {per_node(r['node_throttled_s'])} |"
+            f"{per_node(r['node_waited_s'])} | {per_node(r['node_throttled_s'])} | "
+            f"{per_node(r.get('node_gc_s', []))} |"
         )
     return "\n".join(lines) + "\n"
 
