@@ -15,7 +15,8 @@ delay a layer.
 On a causal stream the blocks are relayed where that lightens the busiest uplink (`routes`):
 device 0's block goes to every later device, so sent directly its uplink carries N - 1 copies
 a layer; a device between can take it in and pass it on as it arrives (N = 4: at most two
-blocks a layer on any uplink instead of three).
+blocks a layer on any uplink instead of three), piece by piece as the pieces come in, so the
+relay adds about one packet's time to the block's trip, not the whole block's.
 
 Frames on a connection: a header (exchange number, source node, payload bytes, the nodes the
 receiver passes the frame on to as a bit mask; network byte order) and the block's bytes. The
@@ -41,6 +42,7 @@ from prism_jax.errors import PrismError
 
 _HEADER = struct.Struct("!QIIQ")  # exchange number, source node, payload bytes, pass-on mask
 _KEY = "prism_jax/stream/{}"
+_CUT = object()  # in a relayed frame's pieces: its source's connection ended mid-frame
 TIMEOUT_S = 600.0  # how long a node waits for a block before it gives up
 # Test hook: a node whose rank is named here kills itself at its second exchange (mid-run).
 DIE_MID_RUN = "PRISM_JAX_TEST_DIE_MID_STREAM"
@@ -88,22 +90,34 @@ class Stream:
     def _send(self, q: int, conn: socket.socket) -> None:
         while True:
             frame = self.outboxes[q].get()
+            # a relayed frame is a queue of its pieces, passed on as they arrive (None: the
+            # end; _CUT: its source's connection ended mid-frame, so this one ends too)
+            pieces = iter(frame.get, None) if isinstance(frame, queue.SimpleQueue) else [frame]
             try:
-                conn.sendall(frame)
+                for piece in pieces:
+                    if piece is _CUT:
+                        conn.shutdown(socket.SHUT_RDWR)
+                        return
+                    conn.sendall(piece)
             except OSError as e:
                 self._gone(q, f"sending to it failed: {e}")
                 return
 
     def _receive(self, source: int, conn: socket.socket) -> None:
         while True:
+            pipes = []
             try:
                 number, sender, size, onward = _HEADER.unpack(_read(conn, _HEADER.size))
-                block = _read(conn, size)
+                for q in _bits(onward):  # relayed piece by piece as it arrives (cut-through)
+                    pipes.append(queue.SimpleQueue())
+                    pipes[-1].put(_HEADER.pack(number, sender, size, 0))
+                    self.outboxes[q].put(pipes[-1])
+                block = _read(conn, size, pipes)
             except OSError as e:
+                for pipe in pipes:
+                    pipe.put(_CUT)
                 self._gone(source, f"its stream connection ended: {e}")
                 return
-            for q in _bits(onward):  # relayed as it arrives, before this node needs it
-                self.outboxes[q].put(_HEADER.pack(number, sender, size, 0) + block)
             with self.ready:
                 self.arrived[number, sender] = block
                 self.ready.notify_all()
@@ -240,13 +254,19 @@ def _bits(mask: int) -> list[int]:
     return [q for q in range(mask.bit_length()) if mask >> q & 1]
 
 
-def _read(conn: socket.socket, size: int) -> bytes:
+def _read(conn: socket.socket, size: int, pipes=()) -> bytes:
+    """`size` bytes from `conn`; each piece also put on every queue of `pipes` as it arrives,
+    and None after the last."""
     data = bytearray()
     while len(data) < size:
         chunk = conn.recv(min(size - len(data), 1 << 20))
         if not chunk:
             raise ConnectionError("closed")
         data += chunk
+        for pipe in pipes:
+            pipe.put(chunk)
+    for pipe in pipes:
+        pipe.put(None)
     return bytes(data)
 
 

@@ -2,6 +2,7 @@
 connection ended counts, a lost peer ends the wait at once in one named error (the cluster
 tests run the stream itself, test_cluster.py)."""
 
+import queue
 import socket
 import struct
 import threading
@@ -166,7 +167,9 @@ def test_a_relay_lost_ends_the_wait_for_what_it_relays(four):
     assert via[0, 2] == 1
     for box in four[1].outboxes.values():  # device 1 sends its own block, relays nothing
         put = box.put
-        box.put = lambda frame, put=put: None if frame[8:12] == b"\0\0\0\0" else put(frame)
+        box.put = lambda frame, put=put: (
+            None if isinstance(frame, queue.SimpleQueue) else put(frame)
+        )
     stream.exchange_as(four[0], np.zeros(3, np.float32), 0, 4, via)
     stream.exchange_as(four[1], np.ones(3, np.float32), 1, 4, via)
     threading.Timer(0.3, lambda: four[2]._gone(1, "its stream connection ended: closed")).start()
@@ -174,3 +177,32 @@ def test_a_relay_lost_ends_the_wait_for_what_it_relays(four):
     with pytest.raises(pj.PrismError, match=r"^node 2: lost node 1 \(its stream connection"):
         stream.exchange_as(four[2], np.zeros(3, np.float32), 2, 4, via)
     assert time.monotonic() - start < 4  # not the 5 s timeout
+
+
+def test_a_relay_passes_each_piece_on_as_it_arrives():
+    """Cut-through: the first piece of a block is on its way onward before the rest of the
+    block has even been sent to the relay."""
+    a, b = socket.socketpair()
+    pipe, out = queue.SimpleQueue(), []
+    reader = threading.Thread(target=lambda: out.append(stream._read(b, 8, [pipe])))
+    reader.start()
+    a.sendall(b"abcd")
+    assert pipe.get(timeout=5) == b"abcd"  # the other half is not sent yet
+    a.sendall(b"efgh")
+    reader.join(5)
+    assert out == [b"abcdefgh"] and pipe.get(timeout=5) == b"efgh" and pipe.get() is None
+
+
+def test_a_relayed_frame_cut_at_its_source_ends_the_onward_connection(four):
+    """Device 1 relays device 0's block to device 2; device 0's connection ends mid-block:
+    device 1's connection to device 2 ends too, so device 2 is not left waiting on half a
+    frame (it then fails naming device 1, the relay of what it waited for)."""
+    pipe = queue.SimpleQueue()
+    pipe.put(stream._HEADER.pack(0, 0, 12, 0))
+    pipe.put(b"half")
+    four[1].outboxes[2].put(pipe)
+    pipe.put(stream._CUT)
+    deadline = time.monotonic() + 5
+    while 1 not in four[2].gone and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "connection ended" in four[2].gone[1]
