@@ -6,10 +6,13 @@ Smoke:    .venv/bin/python experiments/edge_testbed.py --smoke   (root: the link
           suite expects)
 
 Nodes: one OS process each, in its own Linux network namespace, with one CPU device, under a
-CPU quota of its own (`testbed_net.cpu_groups`, cgroup v1): the machine's cores shared out, at
-most a core a node (N = 2 on 2 cores: a core each, also pinned to it; N = 4: half a core;
-N = 8: a quarter). `single`, the one-device baseline, is node 0's run under the same quota,
-so the speed-up is that of N such devices over one of them.
+CPU quota of its own (`testbed_net.cpu_groups`, cgroup v1): the machine's cores less
+`--reserve-cores` (0.2: the delay relay's, which runs outside the nodes' groups and would
+otherwise take its CPU from the nodes while they exchange, never from `single`) shared out,
+at most a core a node (N = 2 on 2 cores: 0.9 core each, also pinned; N = 4: 0.45; N = 8:
+0.225). `single`, the one-device baseline, is node 0's run under the same quota, so the
+speed-up is that of N such devices over one of them. Each node's CPU seconds, waiting on the
+stream, and throttled time are recorded per run ("Where each node's time went").
 
 Link: every node's uplink is its TUN device into the delay relay (`testbed_relay.py`): tbf at
 the rate (burst about 1 ms of it), then the relay holds each packet for the one-way delay
@@ -73,6 +76,7 @@ class Config:
     probe_delays_ms: tuple[float, ...] = (0, 1, 5, 20)
     probe_count: int = 20
     plans: tuple[str, ...] | None = None  # None: each model's PLANS
+    reserve_cores: float = 0.2  # left out of the nodes' quotas for the link's relay
 
 
 SMOKE = Config(models=(("tiny", 32),), nodes=(2, 4), rates_mbit=(50,), delays_ms=(0, 5),
@@ -88,7 +92,7 @@ def link_files(tag: str) -> dict:
 def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list[dict], dict]:
     """One cluster: every plan of `model` at N = `nodes` under every link; node 0's rows
     and the relay's statistics."""
-    quota = testbed_net.quota_us(nodes, os.cpu_count())
+    quota = testbed_net.quota_us(nodes, os.cpu_count(), cfg.reserve_cores)
     files = link_files(f"{model}-{nodes}")
     links = [(r, d) for r in cfg.rates_mbit for d in cfg.delays_ms]
     plans = [p for p in cfg.plans or PLANS[model] if p != "voltage" or nodes in cfg.voltage_nodes]
@@ -104,6 +108,7 @@ def run_cluster(cfg: Config, model: str, seq_len: int, nodes: int) -> tuple[list
     relay = relay_stats(files)
     extra = {"model": model, "seq_len": seq_len, "nodes": nodes,
              "quota_cores": quota / testbed_net.PERIOD_US, "cfs_quota_us": quota,
+             "reserve_cores": cfg.reserve_cores,
              "cfs_period_us": testbed_net.PERIOD_US}  # fmt: skip
     single = next(r["latency_s"] for r in rows if r["strategy"] == "single")
     rows = [{**extra, **r, "speedup": single / r["latency_s"]} for r in rows]
@@ -201,11 +206,11 @@ def node_main(args) -> None:
             for spec, _, fn, call_args in programs:
                 multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
                 before = int(counter.read_text())
-                usage = (time.process_time(), stream.waited(), _throttled_s(), GC_S[0])
+                usage = (time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0])
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
-                now = (time.process_time(), stream.waited(), _throttled_s(), GC_S[0])
+                now = (time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0])
                 spent[spec, k].append([b - a for a, b in zip(usage, now, strict=True)])
                 # a stream's node sends on after its own part is done (device 0 never waits):
                 # every block has left once every node has its own
@@ -259,19 +264,6 @@ def _time_gc(phase: str, info: dict) -> None:
         GC_S[0] += time.perf_counter() - GC_S[1]
 
 
-def _throttled_s() -> float:
-    """Seconds this process's CPU cgroup (v1) has been held back by its quota so far (0
-    outside one)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):
-            stat = testbed_net.CGROUP / path.lstrip("/") / "cpu.stat"
-            if path != "/" and stat.exists():
-                fields = dict(ln.split() for ln in stat.read_text().splitlines())
-                return int(fields["throttled_time"]) / 1e9
-    return 0.0
-
-
 def probe(cfg: Config) -> dict:
     """The link checked (N = 2): RTTs per delay over the relay and over the plain bridge, the
     relay's throughput unlimited and at the fastest rate, with the relay's statistics."""
@@ -309,6 +301,18 @@ def _positive_int(text: str) -> int:
     if len(values) != 1:
         raise argparse.ArgumentTypeError(f"expected one integer >= 1: {text!r}")
     return values[0]
+
+
+def _reserve(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < os.cpu_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of cores in [0, {os.cpu_count()})"
+        )
+    return value
 
 
 def _rates(text: str) -> tuple[int | None, ...]:
@@ -379,6 +383,9 @@ def main(argv=None):
     parser.add_argument("--delays", type=_delays, help="one-way ms,... (default: 0,1,5)")
     parser.add_argument("--repeats", type=_positive_int, help="timed runs of each plan")
     parser.add_argument("--plans", type=_plans, help="plans each cluster runs (default: PLANS)")
+    parser.add_argument("--reserve-cores", type=_reserve, dest="reserve_cores",
+                        help="cores left out of the nodes' quotas for the link's relay "
+                             "(default 0.2; 0: the runs before 2026-12-08)")  # fmt: skip
     parser.add_argument("--report", help="re-render the tables of an earlier run's JSON")
     common.add_out(parser)
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
@@ -398,7 +405,8 @@ def main(argv=None):
         return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
     chosen = {"models": args.models, "nodes": args.nodes, "rates_mbit": args.rates,
-              "delays_ms": args.delays, "repeats": args.repeats, "plans": args.plans}  # fmt: skip
+              "delays_ms": args.delays, "repeats": args.repeats, "plans": args.plans,
+              "reserve_cores": args.reserve_cores}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     link = probe(cfg)

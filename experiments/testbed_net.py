@@ -40,12 +40,27 @@ def burst_bytes(rate_mbit: int) -> int:
     return max(1600, rate_mbit * 1_000_000 // 8 // 1000)
 
 
-def quota_us(nodes: int, cores: int) -> int:
-    """CFS quota per period of one node: the machine's `cores` shared out, at most one core
-    each (N = 2 on 2 cores: a core; N = 4: half; N = 8: a quarter)."""
-    if nodes < 1 or cores < 1:
-        raise ValueError(f"nodes and cores must be >= 1, got {nodes} and {cores}")
-    return min(PERIOD_US, PERIOD_US * cores // nodes)
+def quota_us(nodes: int, cores: int, reserve: float = 0.0) -> int:
+    """CFS quota per period of one node: the machine's `cores` less `reserve` (for the link's
+    emulation, which runs outside the nodes' groups) shared out, at most one core each (N = 2
+    on 2 cores: a core; N = 4: half; N = 8: a quarter; reserve 0.2: 0.9, 0.45, 0.225)."""
+    if nodes < 1 or cores < 1 or not 0 <= reserve < cores:
+        raise ValueError(f"nodes and cores must be >= 1 and reserve in [0, cores), got "
+                         f"{nodes}, {cores} and {reserve}")  # fmt: skip
+    return min(PERIOD_US, int(PERIOD_US * (cores - reserve)) // nodes)
+
+
+STAT_FD = "PRISM_TESTBED_CPU_STAT"  # a node's open cpu.stat of its group (its namespace's
+# /sys hides the cgroup file system)
+
+
+def throttled_s() -> float:
+    """Seconds this node's CPU group has been held back by its quota so far (0 outside one)."""
+    fd = os.environ.get(STAT_FD)
+    if fd is None:
+        return 0.0
+    text = os.pread(int(fd), 4096, 0).decode()
+    return int(dict(line.split() for line in text.splitlines())["throttled_time"]) / 1e9
 
 
 @contextlib.contextmanager
@@ -186,14 +201,18 @@ def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeou
     result.unlink(missing_ok=True)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
+    stats = [os.open(g / "cpu.stat", os.O_RDONLY) for g in groups or []]
     with net or network(nodes, rate) as names:
         procs = []
         for i, ns in enumerate(names):
             command = ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank"]
             command += [str(i), *argv, "--result", str(result)]
             join = _joiner(groups[i]) if groups else None
+            fds = stats[i : i + 1]
+            own = {**env, STAT_FD: str(fds[0])} if fds else env
             procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=join,
-                                          stderr=subprocess.PIPE, text=True, env=env))  # fmt: skip
+                                          stderr=subprocess.PIPE, text=True, pass_fds=fds,
+                                          env=own))  # fmt: skip
         try:
             errors = [p.communicate(timeout=timeout + 60)[1] for p in procs]
         finally:
@@ -201,6 +220,8 @@ def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeou
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+            for fd in stats:
+                os.close(fd)
     if any(p.returncode for p in procs):
         bad = next(i for i, p in enumerate(procs) if p.returncode)
         raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")

@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import functools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -336,6 +337,7 @@ def test_edge_testbed_subset_flags(monkeypatch):
     assert edge_testbed._delays("0,1.5,20") == (0.0, 1.5, 20.0)
     assert edge_testbed._positive_ints("4,16") == (4, 16)
     assert edge_testbed._positive_int("3") == 3
+    assert edge_testbed._reserve("0.2") == 0.2 and edge_testbed._reserve("0") == 0.0
     plans = "single,paper:16@stream,fill:16:int4h@all_to_all,fill:16:int4h:notilt@stream"
     assert edge_testbed._plans(plans) == tuple(plans.split(","))
     for parse, text in [
@@ -351,6 +353,9 @@ def test_edge_testbed_subset_flags(monkeypatch):
         (edge_testbed._positive_int, "2,3"),
         (edge_testbed._delays, "-1"),
         (edge_testbed._delays, "5,slow"),
+        (edge_testbed._reserve, "-0.1"),
+        (edge_testbed._reserve, str(os.cpu_count())),  # every core: none left for a node
+        (edge_testbed._reserve, "some"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)

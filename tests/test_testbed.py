@@ -56,8 +56,12 @@ def test_quota_shares_the_cores(testbed):
     assert net.PERIOD_US == 10_000
     assert [net.quota_us(n, 2) for n in (1, 2, 4, 8)] == [10_000, 10_000, 5_000, 2_500]
     assert net.quota_us(3, 2) == 6_666
+    # a fifth of a core left for the link's relay: 0.9, 0.45, 0.225 of a core a node
+    assert [net.quota_us(n, 2, 0.2) for n in (2, 4, 8)] == [9_000, 4_500, 2_250]
     with pytest.raises(ValueError, match="nodes and cores"):
         net.quota_us(0, 2)
+    with pytest.raises(ValueError, match="reserve"):
+        net.quota_us(4, 2, 2.0)
 
 
 def _row(nodes, plan, latency=0.0, *, delay=0.0):
