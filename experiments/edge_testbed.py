@@ -196,7 +196,7 @@ def node_main(args) -> None:
     # in the same round.
     times = {(spec, k): [] for spec in args.plans for k in range(len(links))}
     sent = dict.fromkeys(times, 0)
-    spent = {key: [] for key in times}  # per run: this node's CPU, waiting, throttled, GC s
+    spent = {key: [] for key in times}  # per run: this node's `_used`
     gc.callbacks.append(_time_gc)
     for k, (rate, delay) in enumerate(links):
         if args.rank == 0:
@@ -205,18 +205,16 @@ def node_main(args) -> None:
         for i in range(args.repeats):
             for spec, _, fn, call_args in programs:
                 multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
-                before = int(counter.read_text())
-                usage = (time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0])
+                before, used = int(counter.read_text()), _used(stream)
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
-                now = (time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0])
-                spent[spec, k].append([b - a for a, b in zip(usage, now, strict=True)])
                 # a stream's node sends on after its own part is done (device 0 never waits):
                 # every block has left once every node has its own
                 multihost_utils.sync_global_devices(f"done{k}-{i}-{spec}")
                 sent[spec, k] += int(counter.read_text()) - before
-    rows, single = [], []
+                spent[spec, k].append(_used(stream) - used)
+    rows, single, single_spent, single_every = [], [], [], []
     for k, (rate, delay) in enumerate(links):
         for spec, plan, _, _ in programs:
             wire = multihost_utils.process_allgather(np.array([sent[spec, k] / args.repeats]))
@@ -224,14 +222,10 @@ def node_main(args) -> None:
             # on every node at once, node 0's time is its
             every = multihost_utils.process_allgather(np.array(times[spec, k]))
             took = times[spec, k] if plan.strategy == "single" else every.max(axis=0).tolist()
-            # [node, (cpu, waited, throttled)]: each node's median over the rounds
-            usage = multihost_utils.process_allgather(np.median(spent[spec, k], axis=0))
-            usage = {"node_cpu_s": usage[:, 0].tolist(), "node_waited_s": usage[:, 1].tolist(),
-                     "node_throttled_s": usage[:, 2].tolist(), "node_gc_s": usage[:, 3].tolist(),
-                     "node_wall_s": np.median(every, axis=1).tolist()}  # fmt: skip
             if plan.strategy == "single":  # one row, every round of every link
                 single += took
-                single_usage = usage  # (any link's: one device sends nothing)
+                single_spent += spent[spec, k]
+                single_every.append(every)
                 continue
             paired = [s / t for s, t in zip(times["single", k], took, strict=True)]
             rows.append({
@@ -243,15 +237,36 @@ def node_main(args) -> None:
                 "closed_form_bytes_per_node": cost.bytes_closed_form(
                     cfg, plan, devices=args.nodes, seq_len=args.seq_len),
                 "collectives": cfg.depth,  # one exchange a layer (cost.lower)
-                **usage,
+                **_per_node(spent[spec, k], every),
             })  # fmt: skip
     rows.insert(0, {"plan": "single", "strategy": "single", "cr": 1, "wire": "f32",
                     "rate_mbit": None, "delay_ms": None, "latency_s": float(np.median(single)),
                     "times_s": single, "wire_bytes_per_node": 0.0,
                     "closed_form_bytes_per_node": 0, "collectives": 0,
-                    **single_usage})  # fmt: skip
+                    **_per_node(single_spent, np.concatenate(single_every, axis=1))})  # fmt: skip
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(rows))
+
+
+def _used(stream):
+    """What this node has used so far: CPU seconds (every thread), seconds waited for blocks
+    on the stream, seconds its quota held it back, seconds in Python's garbage collector."""
+    import numpy as np
+
+    return np.array([time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0]])
+
+
+def _per_node(spent: list, every) -> dict:
+    """A row's usage columns: each node's median over its runs of what `_used` took (its wall
+    time from `every`, [node, run])."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    used = multihost_utils.process_allgather(np.median(spent, axis=0))  # [node, 4]
+    names = ("node_cpu_s", "node_waited_s", "node_throttled_s", "node_gc_s")
+    return {name: used[:, i].tolist() for i, name in enumerate(names)} | {
+        "node_wall_s": np.median(every, axis=1).tolist()
+    }
 
 
 GC_S = [0.0, 0.0]  # seconds in Python's garbage collector so far, the current one's start
@@ -399,15 +414,21 @@ def main(argv=None):
         return node_main(args)
     if args.report:
         return rerender(args)
-    if not usable():
-        print("| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces "
-              "and cgroups; skipped |")  # fmt: skip
-        return 0 if args.smoke else 2
     cfg = SMOKE if args.smoke else Config()
     chosen = {"models": args.models, "nodes": args.nodes, "rates_mbit": args.rates,
               "delays_ms": args.delays, "repeats": args.repeats, "plans": args.plans,
               "reserve_cores": args.reserve_cores}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in chosen.items() if v is not None})
+    try:  # before the probe: a reserve that leaves a node less than the kernel's least quota
+        for n in cfg.nodes:
+            testbed_net.quota_us(n, os.cpu_count(), cfg.reserve_cores)
+    except ValueError as e:
+        print(f"edge_testbed.py: error: {e}", file=sys.stderr)
+        return 2
+    if not usable():
+        print("| edge_testbed needs root and iproute2 (ip, tc) to build network namespaces "
+              "and cgroups; skipped |")  # fmt: skip
+        return 0 if args.smoke else 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that namespaces are torn down
     link = probe(cfg)
     print(testbed_model.probe_markdown(link), flush=True)

@@ -185,8 +185,9 @@ def grid_markdown(rows: list[dict]) -> str:
 def usage_markdown(rows: list[dict]) -> str:
     """Per cell, each node's median over the rounds: wall time of its own part, CPU seconds
     (every thread of its process), seconds it waited for blocks (the stream's), seconds its
-    quota held it back (the cgroup's throttled time). Empty for runs that did not record
-    them."""
+    quota held it back (the cgroup's throttled time), seconds in Python's garbage collector;
+    all but the wall time counted until the barrier after the run, so that what a node sends
+    after its own part is done counts too. Empty for runs that did not record them."""
     rows = [r for r in rows if "node_cpu_s" in r]
     if not rows:
         return ""
@@ -198,8 +199,9 @@ def usage_markdown(rows: list[dict]) -> str:
         "## Where each node's time went\n",
         "Per node (node 0 / 1 / ...), medians over the rounds: its own wall time, its CPU "
         "seconds (every thread), the seconds it waited for blocks on the stream, the seconds "
-        "its CPU quota held it back, and the seconds in Python's garbage collector; CPU / wall "
-        "is its share of a core.\n",
+        "its CPU quota held it back, and the seconds in Python's garbage collector, these "
+        "four until the barrier after the run (what it sends after its own part included); "
+        "CPU / wall is its share of a core (a little high where it sent on after its part).\n",
         "| model | N | Mbit/s | delay (ms) | plan | wall (s) | CPU (s) | CPU / wall | "
         "waited (s) | throttled (s) | Python GC (s) |",
         "|---|---:|---:|---:|---|---|---|---|---|---|---|",

@@ -47,7 +47,11 @@ def quota_us(nodes: int, cores: int, reserve: float = 0.0) -> int:
     if nodes < 1 or cores < 1 or not 0 <= reserve < cores:
         raise ValueError(f"nodes and cores must be >= 1 and reserve in [0, cores), got "
                          f"{nodes}, {cores} and {reserve}")  # fmt: skip
-    return min(PERIOD_US, int(PERIOD_US * (cores - reserve)) // nodes)
+    quota = min(PERIOD_US, round(PERIOD_US * (cores - reserve)) // nodes)
+    if quota < 1000:  # the kernel's least cpu.cfs_quota_us
+        raise ValueError(f"a reserve of {reserve} cores leaves {nodes} nodes {quota} us each "
+                         f"of every {PERIOD_US} us: the least quota is 1000 us")  # fmt: skip
+    return quota
 
 
 STAT_FD = "PRISM_TESTBED_CPU_STAT"  # a node's open cpu.stat of its group (its namespace's
@@ -59,8 +63,10 @@ def throttled_s() -> float:
     fd = os.environ.get(STAT_FD)
     if fd is None:
         return 0.0
-    text = os.pread(int(fd), 4096, 0).decode()
-    return int(dict(line.split() for line in text.splitlines())["throttled_time"]) / 1e9
+    fields = dict(line.split() for line in os.pread(int(fd), 4096, 0).decode().splitlines())
+    if "throttled_time" not in fields:
+        raise RuntimeError("cpu.stat has no throttled_time: the testbed needs cgroup v1's cpu")
+    return int(fields["throttled_time"]) / 1e9
 
 
 @contextlib.contextmanager
@@ -201,8 +207,11 @@ def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeou
     result.unlink(missing_ok=True)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}  # fmt: skip
-    stats = [os.open(g / "cpu.stat", os.O_RDONLY) for g in groups or []]
-    with net or network(nodes, rate) as names:
+    with contextlib.ExitStack() as opened, net or network(nodes, rate) as names:
+        stats = []  # each node's cpu.stat, open for it to read (`throttled_s`)
+        for g in groups or []:
+            stats.append(os.open(g / "cpu.stat", os.O_RDONLY))
+            opened.callback(os.close, stats[-1])
         procs = []
         for i, ns in enumerate(names):
             command = ["ip", "netns", "exec", ns, sys.executable, script, "--node", "--rank"]
@@ -220,8 +229,6 @@ def run_nodes(script: str, nodes: int, rate: int | None, argv: list[str], timeou
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-            for fd in stats:
-                os.close(fd)
     if any(p.returncode for p in procs):
         bad = next(i for i, p in enumerate(procs) if p.returncode)
         raise RuntimeError(f"node {bad} failed:\n{errors[bad][-3000:]}")

@@ -92,14 +92,15 @@ class Stream:
             frame = self.outboxes[q].get()
             # a relayed frame is a queue of its pieces, passed on as they arrive (None: the
             # end; _CUT: its source's connection ended mid-frame, so this one ends too)
-            pieces = iter(frame.get, None) if isinstance(frame, queue.SimpleQueue) else [frame]
+            pieces = _pieces(frame) if isinstance(frame, queue.SimpleQueue) else [frame]
             try:
                 for piece in pieces:
                     if piece is _CUT:
-                        conn.shutdown(socket.SHUT_RDWR)
+                        conn.close()
                         return
                     conn.sendall(piece)
             except OSError as e:
+                conn.close()
                 self._gone(q, f"sending to it failed: {e}")
                 return
 
@@ -108,6 +109,8 @@ class Stream:
             pipes = []
             try:
                 number, sender, size, onward = _HEADER.unpack(_read(conn, _HEADER.size))
+                if onward >> self.nodes or onward >> self.rank & 1:
+                    raise ConnectionError(f"a frame to pass on to nodes {_bits(onward)}")
                 for q in _bits(onward):  # relayed piece by piece as it arrives (cut-through)
                     pipes.append(queue.SimpleQueue())
                     pipes[-1].put(_HEADER.pack(number, sender, size, 0))
@@ -248,6 +251,25 @@ def exchange_as(node: Stream, block: np.ndarray, p: int, devices: int, via=None)
     direct = [d for d in later if via[p, d] == p]
     onward = {q: [d for d in later if via[p, d] == q != p] for q in direct}
     return node.exchange(block, direct, range(p), onward, {s: via[s, p] for s in range(p)})
+
+
+def _pieces(pipe: queue.SimpleQueue):
+    """A relayed frame's pieces until its end, those that have arrived by the time one is
+    taken joined into one (a slow link's many small pieces do not cost a send each); `_CUT`
+    last if its source's connection ended mid-frame. None or `_CUT` is the last thing a pipe
+    gets."""
+    while True:
+        ready = [pipe.get()]
+        while not pipe.empty():
+            ready.append(pipe.get())
+        ended = ready[-1] is None or ready[-1] is _CUT
+        end = ready.pop() if ended else None
+        if ready:
+            yield b"".join(ready)
+        if end is _CUT:
+            yield _CUT
+        if ended:
+            return
 
 
 def _bits(mask: int) -> list[int]:

@@ -307,6 +307,7 @@ def test_table_planner_report_draws_the_frontier_again(tmp_path):
         ["table_planner.py", "--report", "no/such/table_planner.json"],
         ["profile_plans.py", "--models", "gpt5"],
         ["profile_plans.py", "--nodes", "2,one"],
+        ["edge_testbed.py", "--nodes", "8", "--reserve-cores", "1.9"],  # under 1 ms a period
     ],
 )
 def test_bad_script_inputs_are_one_line(argv, tmp_path):

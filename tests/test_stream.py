@@ -179,30 +179,62 @@ def test_a_relay_lost_ends_the_wait_for_what_it_relays(four):
     assert time.monotonic() - start < 4  # not the 5 s timeout
 
 
+def _bare(rank: int, nodes: int):
+    """A `Stream` with its queues and records but no connections: its threads are driven by
+    hand."""
+    s = stream.Stream.__new__(stream.Stream)
+    s.rank, s.nodes, s.timeout_s, s.count = rank, nodes, 5.0, 0
+    s.arrived, s.gone, s.failed, s.waited_s = {}, {}, None, 0.0
+    s.ready = threading.Condition()
+    s.outboxes = {q: queue.Queue() for q in range(nodes) if q != rank}
+    return s
+
+
 def test_a_relay_passes_each_piece_on_as_it_arrives():
-    """Cut-through: the first piece of a block is on its way onward before the rest of the
-    block has even been sent to the relay."""
-    a, b = socket.socketpair()
-    pipe, out = queue.SimpleQueue(), []
-    reader = threading.Thread(target=lambda: out.append(stream._read(b, 8, [pipe])))
-    reader.start()
-    a.sendall(b"abcd")
+    """Cut-through: device 1 takes device 0's block in and queues it for device 2 piece by
+    piece, the first piece before the rest of the block has even been sent."""
+    relay, (a, b) = _bare(1, 3), socket.socketpair()
+    threading.Thread(target=relay._receive, args=(0, b), daemon=True).start()
+    a.sendall(stream._HEADER.pack(7, 0, 8, 1 << 2) + b"abcd")
+    pipe = relay.outboxes[2].get(timeout=5)
+    assert pipe.get(timeout=5) == stream._HEADER.pack(7, 0, 8, 0)  # nothing further on
     assert pipe.get(timeout=5) == b"abcd"  # the other half is not sent yet
     a.sendall(b"efgh")
-    reader.join(5)
-    assert out == [b"abcdefgh"] and pipe.get(timeout=5) == b"efgh" and pipe.get() is None
-
-
-def test_a_relayed_frame_cut_at_its_source_ends_the_onward_connection(four):
-    """Device 1 relays device 0's block to device 2; device 0's connection ends mid-block:
-    device 1's connection to device 2 ends too, so device 2 is not left waiting on half a
-    frame (it then fails naming device 1, the relay of what it waited for)."""
-    pipe = queue.SimpleQueue()
-    pipe.put(stream._HEADER.pack(0, 0, 12, 0))
-    pipe.put(b"half")
-    four[1].outboxes[2].put(pipe)
-    pipe.put(stream._CUT)
+    assert pipe.get(timeout=5) == b"efgh" and pipe.get(timeout=5) is None
     deadline = time.monotonic() + 5
-    while 1 not in four[2].gone and time.monotonic() < deadline:
+    while (7, 0) not in relay.arrived and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert "connection ended" in four[2].gone[1]
+    assert relay.arrived[7, 0] == b"abcdefgh"  # and the relay has the block itself
+
+
+def test_a_relayed_frame_cut_at_its_source_ends_the_onward_connection():
+    """Device 0's connection ends mid-block: device 1 marks it gone and ends what it was
+    passing on to device 2 (`_CUT`), whose sending thread then closes that connection, so
+    device 2 is not left waiting on half a frame."""
+    relay, (a, b) = _bare(1, 3), socket.socketpair()
+    threading.Thread(target=relay._receive, args=(0, b), daemon=True).start()
+    a.sendall(stream._HEADER.pack(0, 0, 12, 1 << 2) + b"half")
+    a.close()
+    pipe = relay.outboxes[2].get(timeout=5)
+    assert [pipe.get(timeout=5) for _ in range(3)][1:] == [b"half", stream._CUT]
+    deadline = time.monotonic() + 5
+    while 0 not in relay.gone and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "connection ended" in relay.gone[0]
+    c, d = socket.socketpair()
+    pipe2 = queue.SimpleQueue()
+    for piece in (b"head", b"half", stream._CUT):
+        pipe2.put(piece)
+    relay.outboxes[2].put(pipe2)
+    relay._send(2, c)  # returns at the cut, the connection closed
+    assert d.recv(64) == b"headhalf" and d.recv(64) == b""
+
+
+def test_a_frame_to_pass_on_to_no_such_node_ends_its_connection():
+    relay, (a, b) = _bare(1, 3), socket.socketpair()
+    threading.Thread(target=relay._receive, args=(0, b), daemon=True).start()
+    a.sendall(stream._HEADER.pack(0, 0, 4, 1 << 5) + b"data")
+    deadline = time.monotonic() + 5
+    while 0 not in relay.gone and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "pass on to nodes [5]" in relay.gone[0]

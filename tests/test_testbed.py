@@ -62,6 +62,10 @@ def test_quota_shares_the_cores(testbed):
         net.quota_us(0, 2)
     with pytest.raises(ValueError, match="reserve"):
         net.quota_us(4, 2, 2.0)
+    assert net.quota_us(8, 2, 1.2) == 1_000  # the kernel's least quota, and no less:
+    with pytest.raises(ValueError, match="least quota is 1000 us"):
+        net.quota_us(8, 2, 1.9)
+    assert net.quota_us(2, 2, 0.37) == 8_150  # rounded, not cut: 1.63 cores / 2
 
 
 def _row(nodes, plan, latency=0.0, *, delay=0.0):
