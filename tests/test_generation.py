@@ -229,6 +229,9 @@ def test_generate_cli(hf_models, capsys):
     assert len(json.loads(capsys.readouterr().out)["ids"][0]) == 32
     assert cli.main(["generate", "--model", directory, "--prompt", "good tea"]) == 0
     assert "tokens/s" in capsys.readouterr().out
+    one = ["generate", "--model", directory, "--prompt", "good tea", "--max-new-tokens", "1"]
+    assert cli.main(one) == 0
+    assert "no decode rate (one step" in capsys.readouterr().out  # not "0.0 tokens/s"
     for bad, message in (
         (["--max-new-tokens", "0"], "argument --max-new-tokens"),
         (["--max-new-tokens", "-3"], "argument --max-new-tokens"),

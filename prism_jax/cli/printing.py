@@ -144,14 +144,14 @@ def _print_generate(r: dict) -> None:
     else:
         for prompt, text in zip(r["prompts"], r["texts"], strict=True):
             print(f"{prompt!r} -> {text!r}")
-    p = r["plan"]
+    p, rate = r["plan"], r["decode_tokens_per_second"]
+    # the first step compiles: a rate needs a second (0 in the record: none measured)
+    rate = f"{rate:.1f} tokens/s" if rate else "no decode rate (one step, which compiles)"
     print(
         f"{_plan_name(p)} on {r['devices']} devices ({p['exchange']} exchange): "
         f"{r['new_tokens']} new tokens, prefill {r['prefill_seconds']:.2f} s sending "
-        f"{r['prefill_bytes_per_device']:,} bytes per device, then "
-        f"{r['decode_tokens_per_second']:.1f} tokens/s sending none; cache {r['cache_bytes']:,} "
-        f"bytes (exact: "
-        f"{r['exact_cache_bytes']:,})"
+        f"{r['prefill_bytes_per_device']:,} bytes per device, then {rate} sending none; "
+        f"cache {r['cache_bytes']:,} bytes (exact: {r['exact_cache_bytes']:,})"
     )
     if "compare" in r:
         c = r["compare"]
