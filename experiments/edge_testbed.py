@@ -164,7 +164,7 @@ def node_main(args) -> None:
     from jax.experimental import multihost_utils
 
     import prism_jax as pj
-    from prism_jax import cluster, cost, stream
+    from prism_jax import cluster, cost
     from prism_jax.partition import place, program, shard_inputs
 
     if args.nodes == 2:  # a core each: pinned as well as limited
@@ -205,7 +205,7 @@ def node_main(args) -> None:
         for i in range(args.repeats):
             for spec, _, fn, call_args in programs:
                 multihost_utils.sync_global_devices(f"go{k}-{i}-{spec}")
-                before, used = int(counter.read_text()), _used(stream)
+                before, used = int(counter.read_text()), _used()
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*call_args))
                 times[spec, k].append(time.perf_counter() - start)
@@ -213,7 +213,7 @@ def node_main(args) -> None:
                 # every block has left once every node has its own
                 multihost_utils.sync_global_devices(f"done{k}-{i}-{spec}")
                 sent[spec, k] += int(counter.read_text()) - before
-                spent[spec, k].append(_used(stream) - used)
+                spent[spec, k].append(_used() - used)
     rows, single, single_spent, single_every = [], [], [], []
     for k, (rate, delay) in enumerate(links):
         for spec, plan, _, _ in programs:
@@ -248,10 +248,12 @@ def node_main(args) -> None:
         Path(args.result).write_text(json.dumps(rows))
 
 
-def _used(stream):
+def _used():
     """What this node has used so far: CPU seconds (every thread), seconds waited for blocks
     on the stream, seconds its quota held it back, seconds in Python's garbage collector."""
     import numpy as np
+
+    from prism_jax import stream
 
     return np.array([time.process_time(), stream.waited(), testbed_net.throttled_s(), GC_S[0]])
 
